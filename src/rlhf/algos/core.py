@@ -1,0 +1,308 @@
+"""The RLHF algorithm as pure functions of tensors (imports nothing but torch).
+
+Shapes: B = sequences, R = response tokens. ``mask`` is 1 on valid response tokens (up to and
+including EOS) and 0 after. Every function names its source:
+
+[IGPT] Ouyang et al. 2022, arXiv 2203.02155.  [N] Huang et al. 2023, "The N Implementation
+Details of RLHF with PPO".  [N+] Huang et al. 2024, arXiv 2403.17031.  [PPO] Schulman et al.
+2017, arXiv 1707.06347.  [GAE] Schulman et al. 2016, arXiv 1506.02438.  [K] Schulman 2020,
+"Approximating KL Divergence".  [MAX] Zheng et al. 2023, arXiv 2307.04964.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- masked statistics
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of x over positions where mask == 1 (0 if none)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries (Bessel-corrected by default, as in [N])."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Whiten x over the valid tokens: (x - mean) / sqrt(var + eps) [N, "advantage whitening"].
+
+    With shift_mean=False the mean is added back (reward whitening in [N] keeps the mean).
+    Masked positions are returned as 0.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+# ----------------------------------------------------------------------------- SFT / ptx
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, int]:
+    """Next-token NLL summed over labelled tokens, and their count.
+
+    logits (B, T, V), labels (B, T) aligned with the inputs (label t is the token at t); the
+    logit at t predicts label t + 1. Positions with ignore_index (prompt, padding) carry no
+    loss. Dividing by the count of the whole global batch gives the token-mean CE used for SFT
+    [IGPT §3.5] and for the PPO-ptx term [IGPT eq. 2].
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                           ignore_index=ignore_index, reduction="sum")
+    return loss, int((shift_labels != ignore_index).sum())
+
+
+# ----------------------------------------------------------------------------- reward model
+
+
+def pairwise_rm_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair loss -log sigmoid(r(x, y_w) - r(x, y_l) - margin)  [IGPT eq. 1] (margin: Llama 2).
+
+    chosen, rejected, margin: (P,) scores of P pairs. Returns (P,). Averaging over the
+    C(K, 2) pairs of a prompt, all in one batch, is the InstructGPT estimator.
+    """
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff)
+
+
+def reward_bias(reference_scores: torch.Tensor) -> float:
+    """Bias b so that reference_scores + b has mean 0 [IGPT §3.5: "normalized so that the
+    labeler demonstrations achieve a mean score of 0"]."""
+    return float(-reference_scores.float().mean())
+
+
+# ----------------------------------------------------------------------------- KL and reward
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi [K].
+
+    logprobs, ref_logprobs: (B, R) log-probs of the sampled tokens. With log r = ref - logp
+    (r = pi_ref / pi):  k1 = -log r  (unbiased, can be negative);  k2 = (log r)^2 / 2 (biased,
+    low variance);  k3 = (r - 1) - log r  (unbiased, >= 0, low variance).
+    """
+    log_r = ref_logprobs.float() - logprobs.float()
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator '{estimator}' (k1, k2 or k3)")
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last valid response token (the EOS, or the last one if cut off)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)[None, :]
+    return (positions * mask.long()).argmax(-1)
+
+
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token reward r_t = -beta * KL_t, plus the sequence score on the last valid token [N, IGPT eq. 2].
+
+    scores (B,), kl (B, R), mask (B, R). Returns (rewards (B, R), non_score_rewards (B, R)),
+    both 0 on masked positions.
+    """
+    non_score = -kl_coef * kl * mask
+    rewards = non_score.clone()
+    idx = last_token_index(mask)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), idx] += scores.to(rewards.dtype)
+    return rewards, non_score
+
+
+def clip_scores(scores: torch.Tensor, clip: float) -> torch.Tensor:
+    """Clip sequence scores to [-clip, clip] (clip <= 0: unchanged) [MAX §5.3]."""
+    return scores if clip <= 0 else scores.clamp(-clip, clip)
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation [GAE eq. 16], over the response tokens.
+
+    rewards, values, mask: (B, R). delta_t = r_t + gamma V_{t+1} - V_t;
+    A_t = sum_l (gamma lam)^l delta_{t+l}. The episode ends at the last valid token (V = 0
+    beyond it); masked positions get advantage 0. Returns (advantages, returns = A + V).
+    InstructGPT uses gamma = 1 ("no discount"); lam = 0.95 [N+].
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    last = torch.zeros_like(values[:, 0])
+    adv = torch.zeros_like(values)
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        last = last * mask[:, t]  # nothing flows back from after the end
+        adv[:, t] = last
+    returns = adv + values
+    return adv * mask, returns * mask
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+@dataclass
+class PolicyLossStats:
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float = 0.2, log_ratio_clamp: float = 20.0,
+                normalizer: float | None = None) -> tuple[torch.Tensor, PolicyLossStats]:
+    """Clipped surrogate loss [PPO eq. 7], as a loss to minimise.
+
+    L = sum_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)) / N with
+    rho_t = exp(clamp(logp - logp_old, +-log_ratio_clamp)); N = valid tokens (or `normalizer`,
+    e.g. the token count of the whole minibatch when it is split into micro-batches).
+    Stats: fraction of clipped tokens, approx-KL = mean((rho - 1) - log rho) [K, k3], mean ratio.
+    """
+    log_ratio = (logprobs - old_logprobs).clamp(-log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    per_token = torch.maximum(unclipped, clipped)
+    n = mask.sum().clamp(min=1) if normalizer is None else normalizer
+    loss = masked_sum(per_token, mask) / n
+    with torch.no_grad():
+        stats = PolicyLossStats(
+            clipfrac=masked_mean((clipped > unclipped).float(), mask),
+            approx_kl=masked_mean(ratio - 1 - log_ratio, mask),
+            ratio_mean=masked_mean(ratio, mask),
+        )
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float = 0.2, normalizer: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 1/2 max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2) [N+, N].
+
+    values, old_values, returns, mask: (B, R). Returns (loss averaged over valid tokens or
+    divided by `normalizer`, fraction of tokens where the clipped term was larger).
+    """
+    clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped - returns) ** 2
+    per_token = 0.5 * torch.maximum(loss_unclipped, loss_clipped)
+    n = mask.sum().clamp(min=1) if normalizer is None else normalizer
+    with torch.no_grad():
+        clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+    return masked_sum(per_token, mask) / n, clipfrac
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits -> (...) entropy of the softmax distribution, in nats."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ----------------------------------------------------------------------------- KL coefficient
+
+
+class FixedKLController:
+    """Constant beta (InstructGPT used 0.02; N+ 0.05)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.value = d["value"]
+
+
+class AdaptiveKLController:
+    """lm-human-preferences' controller [N]: e = clip(KL/target - 1, -0.2, 0.2);
+    beta <- beta (1 + e n_steps / horizon). Defaults there: init 0.15, target 6, horizon 10000."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.value, self.target, self.horizon = d["value"], d["target"], d["horizon"]
+
+
+# ----------------------------------------------------------------------------- reward scaling
+
+
+class RunningMoments:
+    """Running mean / std of scores, merged batch by batch (Chan et al. parallel variance);
+    dividing the score by the running std is the reward scaling of [MAX §5.3]."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-24
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        b_mean = float(x.mean())
+        b_var = float(x.var(unbiased=False))
+        delta = b_mean - self.mean
+        tot = self.count + n
+        m2 = self.var * self.count + b_var * n + delta**2 * self.count * n / tot
+        self.mean += delta * n / tot
+        self.var = m2 / tot
+        self.count = tot
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var * self.count / max(self.count - 1, 1)) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay: float) -> None:
+    """theta_ema <- decay theta_ema + (1 - decay) theta  [IGPT: EMA 0.992 of the policy]."""
+    for e, p in zip(ema_params, params):
+        e.mul_(decay).add_(p.detach().to(e.dtype), alpha=1.0 - decay)

@@ -1,0 +1,206 @@
+"""`rlhf` command line: sft | rm | ppo | pipeline | data make | sample | score | generate | chat.
+
+Training commands take a YAML recipe and dotted overrides::
+
+    rlhf sft recipes/tiny/sft.yaml --output_dir runs/sft --train.lr 3e-4
+
+Errors a user can fix (bad recipe key, bad data row, missing checkpoint, failing reward
+function) print one line and exit with status 2; nothing already written is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .data.formats import DataError
+    from .engine import RunError
+    from .models import ModelError
+    from .rewards import RewardError
+    from .tokenization import TemplateError
+
+    return ConfigError, DataError, RunError, ModelError, RewardError, TemplateError
+
+
+def _training_parser(sub, name: str, help: str):
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("--output_dir", help="run folder (beats the recipe's output_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="InstructGPT end to end: SFT -> RM -> PPO.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _training_parser(sub, "sft", "supervised fine-tuning on demonstrations (stage 1)")
+    _training_parser(sub, "rm", "pairwise-preference reward model (stage 2)")
+    _training_parser(sub, "ppo", "PPO with a KL penalty against the SFT policy (stage 3)")
+    _training_parser(sub, "pipeline", "SFT -> RM -> PPO into OUTPUT_DIR/{sft,rm,ppo}")
+
+    data = sub.add_parser("data", help="built-in verifiable task data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    make = dsub.add_parser("make", help="write SFT demos, preferences, rankings and RL prompts for a task")
+    make.add_argument("task", help="task name or comma list: sort, reverse, add, upper")
+    make.add_argument("--out", required=True, help="output folder")
+    make.add_argument("--n_sft", type=int, default=4000)
+    make.add_argument("--n_pref", type=int, default=2000)
+    make.add_argument("--n_rank", type=int, default=0, help="K-way ranking rows")
+    make.add_argument("--k", type=int, default=4, help="responses per ranking row")
+    make.add_argument("--n_rl", type=int, default=2000)
+    make.add_argument("--n_eval", type=int, default=500)
+    make.add_argument("--wrong_share", type=float, default=0.4, help="share of systematically wrong demos")
+    make.add_argument("--systematic_share", type=float, default=0.5, help="share of rejected that are the systematic error")
+    make.add_argument("--seed", type=int, default=0)
+
+    gen = sub.add_parser("generate", help="sample completions from a checkpoint")
+    gen.add_argument("checkpoint")
+    gen.add_argument("--prompts", help="JSONL file with 'prompt' rows, or a text file (one prompt a line); default stdin")
+    gen.add_argument("--out", help="write JSONL here instead of printing")
+    _sampling_args(gen)
+
+    chat = sub.add_parser("chat", help="multi-turn chat with a checkpoint through its chat template")
+    chat.add_argument("checkpoint")
+    chat.add_argument("--system", help="system message")
+    _sampling_args(chat)
+    return parser
+
+
+def _sampling_args(p) -> None:
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if rest and args.command not in ("sft", "rm", "ppo", "pipeline"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return _dispatch(args, rest)
+    except _user_errors() as e:
+        print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args, rest: list[str]) -> int:
+    from .config import load_stage_config, parse_overrides
+
+    if args.command in ("sft", "rm", "ppo", "pipeline"):
+        cfg = load_stage_config(args.command, args.recipe, parse_overrides(rest))
+        from . import stages
+
+        summary = stages.run(args.command, cfg, args.output_dir, overwrite=args.overwrite)
+        print(json.dumps(summary, indent=2, default=float))
+        return 0
+    if args.command == "data":
+        from .data.tasks import make_task_data
+
+        counts = make_task_data(args.task, args.out, n_sft=args.n_sft, n_pref=args.n_pref, n_rank=args.n_rank, k=args.k,
+                                n_rl=args.n_rl, n_eval=args.n_eval, wrong_share=args.wrong_share,
+                                systematic_share=args.systematic_share, seed=args.seed)
+        for name, n in counts.items():
+            print(f"{args.out}/{name}: {n} rows")
+        return 0
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "chat":
+        return _chat(args)
+    raise AssertionError(args.command)
+
+
+def _load_policy(path: str):
+    from .config import ModelConfig
+    from .models import disable_dropout, load_causal_lm, load_tokenizer
+
+    mc = ModelConfig(name_or_path=path)
+    tok = load_tokenizer(mc)
+    model = load_causal_lm(mc, tok)
+    disable_dropout(model)
+    model.eval()
+    return model, tok
+
+
+def _read_prompts(path: str | None) -> list:
+    from .data.formats import parse_prompt, read_rows
+
+    if path and path.endswith((".jsonl", ".json", ".parquet")):
+        return [parse_prompt(r).prompt for r in read_rows(path)]
+    lines = open(path).read().splitlines() if path else sys.stdin.read().splitlines()
+    return [[{"role": "user", "content": ln}] for ln in lines if ln.strip()]
+
+
+def _generate(args) -> int:
+    from .evaluate import sample_texts
+
+    model, tok = _load_policy(args.checkpoint)
+    prompts = _read_prompts(args.prompts)
+    texts, eos = sample_texts(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              greedy=args.greedy, top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size,
+                              seed=args.seed)
+    rows = [{"prompt": p[-1]["content"] if isinstance(p, list) else p, "completion": t, "eos": e}
+            for p, t, e in zip(prompts, texts, eos)]
+    if args.out:
+        from .data.tasks import write_jsonl
+
+        write_jsonl(args.out, rows)
+        print(f"wrote {len(rows)} completions to {args.out}")
+    else:
+        for r in rows:
+            print(json.dumps(r))
+    return 0
+
+
+def _chat(args) -> int:
+    from .evaluate import sample_texts
+
+    model, tok = _load_policy(args.checkpoint)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        (reply,), _ = sample_texts(model, tok, [history], max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, greedy=args.greedy, top_k=args.top_k,
+                                   top_p=args.top_p, seed=args.seed + len(history))
+        history.append({"role": "assistant", "content": reply})
+        print(f"assistant> {reply}" if interactive else reply, flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

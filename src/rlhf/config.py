@@ -1,0 +1,525 @@
+"""Recipes: one dataclass per stage, loaded from YAML, overridden from the command line.
+
+A recipe is YAML read with ``yaml.safe_load``. A single-stage recipe holds the fields of that
+stage's config (``SFTConfig``, ``RMConfig``, ``PPOConfig``); a pipeline recipe holds ``sft:``,
+``rm:`` and ``ppo:`` sections (plus ``seed`` / ``output_dir`` shared by all). Dotted
+overrides given on the command line (``--train.lr 3e-4``, ``--ppo.kl_coef 0.05``) beat the YAML.
+Unknown keys and wrong types are errors that name the key, so a typo costs seconds, not a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config schema (one line, names the key)."""
+
+
+# ----------------------------------------------------------------------------- shared parts
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (0 keeps RL log-probs deterministic)."""
+    target_modules: list[str] | None = None
+    """Module names to adapt; None lets peft choose for the architecture."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None
+    """Local folder or hub id of a transformers model (with init=pretrained)."""
+    init: str = "pretrained"
+    """'pretrained' loads name_or_path; 'from_config' builds random weights from `arch`."""
+    arch: dict = field(default_factory=dict)
+    """With init=from_config: `model_type` (llama, gpt2, ...) plus config kwargs."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id; default name_or_path. With from_config and None: trained here."""
+    tokenizer_vocab_size: int = 512
+    """Vocabulary size of a tokenizer trained locally on the recipe's data."""
+    gguf_file: str | None = None
+    """GGUF file name inside name_or_path (or a path to one): transformers dequantises it."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub repo. Off unless a recipe asks for it."""
+    dtype: str = "float32"
+    """Weight dtype when loading: float32, bfloat16 or float16."""
+    chat_template: str | None = None
+    """Jinja chat template to use instead of the tokenizer's (a default is set when it has none)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters through peft."""
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None
+    """Training data: a JSONL/JSON/Parquet file, a folder of them, or a hub dataset name."""
+    eval: str | None = None
+    """Held-out data in the same format; None splits `eval_split` off `train`."""
+    eval_split: float = 0.1
+    """Fraction of `train` held out for evaluation when `eval` is None."""
+    split: str = "train"
+    """Split to read from a hub dataset."""
+    max_length: int = 256
+    """Longest tokenized example (prompt + response); longer rows are an error unless skipped."""
+    max_prompt_length: int = 128
+    """Longest tokenized prompt (RM/PPO)."""
+    skip_bad_rows: bool = False
+    """Skip rows that fail validation (counted in the log) instead of stopping."""
+    max_samples: int | None = None
+    """Use only the first N training rows."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed)."""
+    max_steps: int = -1
+    """Optimizer steps; > 0 overrides epochs."""
+    batch_size: int = 32
+    """Global batch (sequences per optimizer step), the same whatever the process count."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass per process; gradient accumulation fills the global batch."""
+    lr: float = 1e-5
+    """Peak learning rate."""
+    lr_scheduler: str = "cosine"
+    """Any transformers scheduler name (linear, cosine, constant_with_warmup, ...)."""
+    warmup_ratio: float = 0.03
+    """Share of steps spent in linear warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip (<= 0 disables)."""
+    mixed_precision: str = "auto"
+    """'auto' (bf16 on a GPU that has it, else fp32), 'no', 'bf16' or 'fp16'."""
+    log_every: int = 10
+    """Optimizer steps between metrics.jsonl records."""
+    eval_every: int = 0
+    """Optimizer steps between evaluations (0: only at the end)."""
+    save_every: int = 0
+    """Optimizer steps between resumable checkpoints (0: only at the end)."""
+    save_total_limit: int = 2
+    """Resumable checkpoints kept (the oldest are deleted)."""
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass
+class SFTConfig:
+    """Stage 1: supervised fine-tuning on demonstrations (InstructGPT §3.5, 'SFT')."""
+
+    seed: int = 0
+    """Seed for data order, initialisation and sampling."""
+    output_dir: str | None = None
+    """Run folder (the CLI's --output_dir beats it)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Policy model and tokenizer."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Demonstrations: {prompt, completion} or {messages}."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
+    """Optimisation."""
+    packing: bool = False
+    """Pack several examples into each max_length row (attention is not reset between them)."""
+    gen_eval_samples: int = 256
+    """Held-out prompts sampled (T=1.0 and greedy) for gold accuracy when a gold checker exists."""
+    max_new_tokens: int = 64
+    """Generation budget for the gold evaluation."""
+
+
+@dataclass
+class RMConfig:
+    """Stage 2: pairwise-preference reward model (InstructGPT §3.5, 'RM')."""
+
+    seed: int = 0
+    """Seed."""
+    output_dir: str | None = None
+    """Run folder (the CLI's --output_dir beats it)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone: a causal LM checkpoint (the SFT output) or a sequence-classification model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preferences: {prompt, chosen, rejected}, implicit-prompt transcripts, or K-way rankings."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5))
+    """Optimisation (one epoch is the InstructGPT choice)."""
+    margin: bool = True
+    """Subtract a row's `margin` field inside the loss when present."""
+    normalize: bool = True
+    """After training, store a bias so the reference set scores mean 0 (InstructGPT)."""
+    normalize_data: str | None = None
+    """Reference set for normalisation (prompt/completion rows); None: the chosen responses."""
+    sample: SampleConfig | None = None
+    """Optionally build K-way rankings from a policy's own samples before training."""
+
+
+@dataclass
+class SampleConfig:
+    """`rlhf sample`: K samples of a policy per prompt, ranked by a judge (InstructGPT §3.4)."""
+
+    checkpoint: str | None = None
+    """Policy checkpoint to sample from."""
+    prompts: str | None = None
+    """Prompt file (rows with `prompt` and any fields the judge reads)."""
+    k: int = 4
+    """Samples per prompt (InstructGPT used K = 4..9)."""
+    judge: str | None = None
+    """Python judge 'file.py:function' or 'module:function' scoring each sample; None: gold checker."""
+    max_prompts: int | None = None
+    """Use only the first N prompts."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    max_new_tokens: int = 64
+    """Generation budget."""
+    batch_size: int = 64
+    """Prompts per generation batch."""
+    mix_with: str | None = None
+    """Preference file to append to the sampled rankings (e.g. the built-in pairs)."""
+
+
+@dataclass
+class RewardSpec:
+    fn: str
+    """Reward function 'path/file.py:function' or 'package.module:function' ('gold' = task checker)."""
+    weight: float = 1.0
+    """Weight of this function in the summed score."""
+
+
+@dataclass
+class PPOConfig:
+    """Stage 3: PPO against the reward with a KL penalty to the SFT policy (InstructGPT §3.5)."""
+
+    seed: int = 0
+    """Seed (each data-parallel rank adds its rank)."""
+    output_dir: str | None = None
+    """Run folder (the CLI's --output_dir beats it)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Policy (and reference) model: the SFT checkpoint."""
+    reward_model: str | None = None
+    """Reward-model checkpoint (the RM stage's output); None when only reward functions are used."""
+    reward_model_weight: float = 1.0
+    """Weight of the RM's (normalised) score in the summed score."""
+    reward_fns: list[RewardSpec] = field(default_factory=list)
+    """Python reward functions added to the score, each with a weight."""
+    value_init: str = "reward_model"
+    """'reward_model' (InstructGPT) or 'policy' (fresh scalar head on the policy's backbone)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts: rows with `prompt` (string or messages) plus fields reward functions read."""
+    # rollout
+    steps: int = 100
+    """PPO iterations (rollout + update)."""
+    rollout_batch_size: int = 64
+    """Prompts sampled per iteration (global)."""
+    minibatch_size: int = 16
+    """Sequences per optimizer step (global)."""
+    micro_batch_size: int = 16
+    """Sequences per forward pass per process."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch, reshuffled each time (N+: 4, InstructGPT: 1)."""
+    max_new_tokens: int = 32
+    """Response budget."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed from logits / temperature as well [N]."""
+    missing_eos_penalty: float = -1.0
+    """Score given to a response that never emits EOS [N+]; None-like 0 disables by design."""
+    penalize_missing_eos: bool = True
+    """Replace the score of EOS-less responses by missing_eos_penalty."""
+    # reward shaping / KL
+    kl_coef: float = 0.05
+    """Initial beta of the per-token KL penalty (InstructGPT 0.02, N+ 0.05)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward: k1, k2 or k3 [Schulman 2020]."""
+    adaptive_kl: bool = False
+    """Use the lm-human-preferences adaptive controller for beta."""
+    kl_target: float = 6.0
+    """Target KL (nats per sequence) of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller."""
+    reward_clip: float = 10.0
+    """Clip the score to [-c, c] (<= 0 disables) [Zheng et al. 2023]."""
+    scale_reward: str = "none"
+    """'none' or 'running_std' (divide the score by its running std) [Zheng et al. 2023]."""
+    # advantages / losses
+    gamma: float = 1.0
+    """GAE discount (InstructGPT: no discount)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten advantages over valid response tokens [N]."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards before GAE (N mentions it as optional)."""
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon."""
+    cliprange_value: float = 0.2
+    """Value clip epsilon."""
+    vf_coef: float = 0.1
+    """Value-loss coefficient [N+]."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    log_ratio_clamp: float = 20.0
+    """Clamp log pi/pi_old to +-this before exp (numerical guard)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: gamma_ptx times the LM loss on `ptx_data` (InstructGPT used 27.8)."""
+    ptx_data: str | None = None
+    """Pretraining/SFT data for PPO-ptx (prompt/completion or messages rows)."""
+    ema_decay: float = 0.0
+    """Keep an EMA of the policy weights (InstructGPT 0.992) saved as ema/ (0 disables)."""
+    # optimisation
+    lr: float = 1e-5
+    """Policy learning rate (billion-scale: ~3e-6; tiny models need more)."""
+    value_lr: float | None = None
+    """Value-model learning rate (default: lr)."""
+    lr_scheduler: str = "linear"
+    """Any transformers scheduler name; linear anneals to 0 [N+]."""
+    warmup_ratio: float = 0.0
+    """Share of optimizer steps in linear warmup."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip per model."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (1e-5 as in the reference PPO implementations)."""
+    mixed_precision: str = "auto"
+    """'auto', 'no', 'bf16' or 'fp16'."""
+    # logging / eval / checkpoints
+    log_every: int = 1
+    """Iterations between metrics.jsonl records."""
+    sample_every: int = 10
+    """Iterations between logged tables of sample completions."""
+    eval_every: int = 0
+    """Iterations between held-out evaluations (0: start and end only)."""
+    eval_samples: int = 256
+    """Held-out prompts for eval_reward / eval_kl / eval_gold_accuracy."""
+    save_every: int = 0
+    """Iterations between resumable checkpoints (0: only at the end)."""
+    save_total_limit: int = 2
+    """Resumable checkpoints kept."""
+
+
+@dataclass
+class PipelineConfig:
+    """SFT -> RM -> PPO, each stage reading the previous stage's output folder."""
+
+    seed: int = 0
+    """Seed passed to every stage that does not set its own."""
+    output_dir: str | None = None
+    """Run folder: stages write into sft/, rm/, ppo/."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Stage 1."""
+    rm: RMConfig = field(default_factory=RMConfig)
+    """Stage 2 (model defaults to the SFT output)."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """Stage 3 (policy defaults to the SFT output, reward_model to the RM output)."""
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "pipeline": PipelineConfig}
+
+
+# ----------------------------------------------------------------------------- typed loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, hints_ns: dict) -> Any:
+    """Check `value` against the annotation `tp`, converting what YAML/CLI strings need."""
+    if isinstance(tp, str):
+        tp = eval(tp, hints_ns)  # forward reference inside this module
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, hints_ns)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]", hints_ns) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls, globalns=globals())
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key, globals())
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """['--a.b', '1', '--c=x'] -> {'a.b': 1, 'c': 'x'} (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"override '{arg}' must look like --key.sub value")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '--{key}' has no value")
+            raw = args[i + 1]
+            i += 2
+        try:
+            out[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def apply_overrides(doc: dict, overrides: dict[str, Any]) -> dict:
+    """Set dotted keys in a nested dict (schema checks happen later in from_dict)."""
+    for dotted, value in overrides.items():
+        node = doc
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return doc
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys")
+    return doc
+
+
+def is_pipeline_doc(doc: dict) -> bool:
+    return any(k in doc for k in ("sft", "rm", "ppo"))
+
+
+def load_stage_config(stage: str, recipe: str | Path | None, overrides: dict[str, Any] | None = None):
+    """Load the config of `stage` from a stage recipe or from a pipeline recipe's section.
+
+    Overrides may be written relative to the stage (``train.lr``) or with the stage prefix
+    (``sft.train.lr``). In a pipeline recipe, top-level ``seed`` is inherited by the stage.
+    """
+    doc = read_yaml(recipe) if recipe else {}
+    overrides = dict(overrides or {})
+    if stage == "pipeline":
+        doc = apply_overrides(doc, overrides)
+        for name in ("sft", "rm", "ppo"):  # the top-level seed is every stage's default
+            if "seed" in doc and isinstance(doc.get(name), dict) and "seed" not in doc[name]:
+                doc[name]["seed"] = doc["seed"]
+        return from_dict(PipelineConfig, doc)
+    if is_pipeline_doc(doc):
+        section = dict(doc.get(stage) or {})
+        if "seed" in doc and "seed" not in section:
+            section["seed"] = doc["seed"]
+        unknown = set(doc) - {"sft", "rm", "ppo", "seed", "output_dir"}
+        if unknown:
+            raise ConfigError(f"unknown key '{sorted(unknown)[0]}' at the top of a pipeline recipe")
+        doc = section
+    stage_overrides = {(k[len(stage) + 1 :] if k.startswith(stage + ".") else k): v for k, v in overrides.items()}
+    doc = apply_overrides(doc, stage_overrides)
+    return from_dict(STAGES[stage], doc)
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

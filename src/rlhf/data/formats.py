@@ -1,0 +1,341 @@
+"""Loading and validating datasets for every stage.
+
+Rows come from local JSONL / JSON / Parquet files (or a folder of them) through ``datasets``, or
+from a hub dataset name (cluster recipes). JSONL is also read line by line so that a malformed
+line is reported as ``file:line``. Every row is validated against the stage's format and a bad
+row is a :class:`DataError` naming file, line and field — or, with ``skip_bad_rows``, skipped
+and counted.
+
+Formats (strings or chat message lists ``[{"role": ..., "content": ...}]``):
+
+- SFT: ``{"prompt", "completion"}`` or ``{"messages"}`` (loss on every assistant turn).
+- Preferences: ``{"prompt", "chosen", "rejected"}`` (optional ``margin``); the implicit-prompt
+  form ``{"chosen", "rejected"}`` where both are whole transcripts sharing a prefix (Anthropic HH);
+  K-way rankings ``{"prompt", "responses", "ranks" | "scores"}``.
+- Prompts (PPO / sampling / eval): ``{"prompt"}`` plus any other fields reward functions read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict]
+
+
+class DataError(ValueError):
+    """A bad dataset row; the message names file, line and field."""
+
+
+@dataclass
+class Row:
+    data: dict
+    source: str
+    line: int
+
+    def where(self, fld: str | None = None) -> str:
+        return f"{self.source}:{self.line}" + (f": field '{fld}'" if fld else "")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+_EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def read_rows(spec: str, split: str = "train") -> list[Row]:
+    """Read every row of a local file/folder or a hub dataset, keeping file and line."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in _EXTS)
+        if not files:
+            raise DataError(f"{path}: folder holds no .jsonl/.json/.parquet files")
+        return [r for p in files for r in read_rows(str(p))]
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path)
+        if path.suffix not in _EXTS:
+            raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(_EXTS[path.suffix], data_files=str(path), split="train")
+        except Exception as e:  # datasets wraps the parser's message
+            raise DataError(f"{path}: cannot be read as {path.suffix[1:]} ({str(e).splitlines()[0]})") from None
+        return [Row(dict(r), str(path), i + 1) for i, r in enumerate(ds)]
+    if spec.endswith(tuple(_EXTS)) or spec.startswith((".", "/")) or "/" not in spec:
+        raise DataError(f"{spec}: data file not found")
+    import datasets  # a hub name such as 'Anthropic/hh-rlhf'
+
+    ds = datasets.load_dataset(spec, split=split)
+    return [Row(dict(r), spec, i + 1) for i, r in enumerate(ds)]
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{i}: a row must be a JSON object")
+            rows.append(Row(obj, str(path), i))
+    return rows
+
+
+def to_dataset(rows: list[Row]):
+    """The validated rows as a `datasets.Dataset` (for users who want its tools)."""
+    import datasets
+
+    return datasets.Dataset.from_list([r.data for r in rows])
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _is_messages(v: Any) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in v)
+
+
+def _text_or_messages(row: Row, fld: str, *, required: bool = True) -> str | Messages | None:
+    if fld not in row.data or row.data[fld] is None:
+        if required:
+            raise DataError(f"{row.where(fld)}: missing")
+        return None
+    v = row.data[fld]
+    if isinstance(v, str):
+        if not v.strip():
+            raise DataError(f"{row.where(fld)}: empty string")
+        return v
+    if _is_messages(v):
+        if not v:
+            raise DataError(f"{row.where(fld)}: empty message list")
+        return v
+    raise DataError(f"{row.where(fld)}: expected a string or a list of {{role, content}} messages, "
+                    f"got {type(v).__name__}")
+
+
+def as_prompt_messages(p: str | Messages) -> Messages:
+    return [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+
+
+def as_response_messages(r: str | Messages) -> Messages:
+    return [{"role": "assistant", "content": r}] if isinstance(r, str) else list(r)
+
+
+@dataclass
+class SFTExample:
+    prompt: Messages
+    completion: Messages
+    """Assistant (and possibly further) turns; loss on assistant turns only."""
+    meta: dict = field(default_factory=dict)
+
+
+def parse_sft(row: Row) -> SFTExample:
+    d = row.data
+    if "messages" in d:
+        msgs = d["messages"]
+        if not _is_messages(msgs) or not msgs:
+            raise DataError(f"{row.where('messages')}: expected a non-empty list of {{role, content}} messages")
+        first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
+        if first is None:
+            raise DataError(f"{row.where('messages')}: no assistant message to learn from")
+        if first == 0:
+            raise DataError(f"{row.where('messages')}: conversation starts with the assistant; no prompt")
+        return SFTExample(msgs[:first], msgs[first:], _meta(d, ("messages",)))
+    if "prompt" not in d and "completion" not in d:
+        raise DataError(f"{row.where()}: expected fields 'prompt' and 'completion', or 'messages'")
+    prompt = _text_or_messages(row, "prompt")
+    completion = _text_or_messages(row, "completion")
+    return SFTExample(as_prompt_messages(prompt), as_response_messages(completion), _meta(d, ("prompt", "completion")))
+
+
+@dataclass
+class PrefGroup:
+    """All preference pairs from one prompt (a K-way ranking gives C(K,2) of them)."""
+
+    prompt: Messages | str
+    """Messages (chat-templated) or raw text (implicit-prompt transcripts)."""
+    responses: list[Messages | str]
+    pairs: list[tuple[int, int, float]]
+    """(chosen index, rejected index, margin) into `responses`."""
+    source: str = ""
+
+
+def _number(row: Row, fld: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise DataError(f"{row.where(fld)}: expected a finite number, got {v!r}")
+    return float(v)
+
+
+def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
+    """One preference row -> a PrefGroup (None if it carries no usable pair: all ties/duplicates)."""
+    stats = stats if stats is not None else {}
+    d = row.data
+    if "responses" in d:
+        return _parse_ranking(row, stats)
+    for fld in ("chosen", "rejected"):
+        if fld not in d:
+            raise DataError(f"{row.where(fld)}: missing (expected prompt/chosen/rejected or prompt/responses/ranks)")
+    margin = _number(row, "margin", d["margin"]) if d.get("margin") is not None else 0.0
+    if "prompt" in d and d["prompt"] is not None:
+        prompt = _text_or_messages(row, "prompt")
+        chosen = _text_or_messages(row, "chosen")
+        rejected = _text_or_messages(row, "rejected")
+        if isinstance(prompt, str) and (not isinstance(chosen, str) or not isinstance(rejected, str)):
+            if not (isinstance(chosen, list) and isinstance(rejected, list)):
+                raise DataError(f"{row.where('chosen')}: chosen and rejected must both be strings or both messages")
+        prompt_m = as_prompt_messages(prompt)
+        responses = [as_response_messages(chosen), as_response_messages(rejected)]
+    else:  # implicit prompt: two transcripts sharing a prefix
+        chosen = _text_or_messages(row, "chosen")
+        rejected = _text_or_messages(row, "rejected")
+        prompt_m, c, r = split_implicit_prompt(chosen, rejected, row)
+        responses = [c, r]
+    if responses[0] == responses[1]:
+        stats["duplicate_pairs"] = stats.get("duplicate_pairs", 0) + 1
+        return None
+    return PrefGroup(prompt_m, responses, [(0, 1, margin)], row.where())
+
+
+def _parse_ranking(row: Row, stats: dict) -> PrefGroup | None:
+    d = row.data
+    prompt = _text_or_messages(row, "prompt")
+    resp = d["responses"]
+    if not isinstance(resp, list) or len(resp) < 2:
+        raise DataError(f"{row.where('responses')}: expected a list of at least 2 responses")
+    responses = []
+    for i, r in enumerate(resp):
+        if not (isinstance(r, str) and r.strip()) and not (_is_messages(r) and r):
+            raise DataError(f"{row.where(f'responses[{i}]')}: expected a non-empty string or message list")
+        responses.append(as_response_messages(r))
+    if ("ranks" in d) == ("scores" in d):
+        raise DataError(f"{row.where('ranks')}: give exactly one of 'ranks' (1 = best) or 'scores' (higher = better)")
+    key = "ranks" if "ranks" in d else "scores"
+    vals = d[key]
+    if not isinstance(vals, list) or len(vals) != len(resp):
+        raise DataError(f"{row.where(key)}: expected a list of {len(resp)} numbers, one per response")
+    vals = [_number(row, f"{key}[{i}]", v) for i, v in enumerate(vals)]
+    goodness = [-v for v in vals] if key == "ranks" else vals  # higher is better
+    pairs = []
+    for i, j in combinations(range(len(responses)), 2):
+        if goodness[i] == goodness[j]:
+            stats["tied_pairs"] = stats.get("tied_pairs", 0) + 1
+            continue
+        if responses[i] == responses[j]:  # same text ranked differently: contradictory, no signal
+            stats["duplicate_pairs"] = stats.get("duplicate_pairs", 0) + 1
+            continue
+        w, l = (i, j) if goodness[i] > goodness[j] else (j, i)
+        pairs.append((w, l, 0.0))
+    if not pairs:
+        return None
+    return PrefGroup(as_prompt_messages(prompt), responses, pairs, row.where())
+
+
+def split_implicit_prompt(chosen, rejected, row: Row):
+    """Split two transcripts that share a prefix into (prompt, chosen_response, rejected_response).
+
+    Message lists: the prompt is the longest common prefix of whole messages, and must end
+    before an assistant turn. Strings (Anthropic HH style "\\n\\nHuman: ... \\n\\nAssistant: ..."):
+    the prompt runs to the end of the last "Assistant:" marker inside the common prefix, or to
+    the last whitespace in it when there is no marker; the prompt stays raw text (no template).
+    """
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0 or n == len(chosen) or n == len(rejected):
+            raise DataError(f"{row.where('chosen')}: chosen and rejected share no prompt prefix "
+                            f"or one is a prefix of the other")
+        return chosen[:n], chosen[n:], rejected[n:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        common = chosen[:n]
+        marker = common.rfind("Assistant:")
+        if marker >= 0:
+            cut = marker + len("Assistant:")
+        else:
+            cut = max(common.rfind(" "), common.rfind("\n")) + 1
+        if cut <= 0 or cut >= len(chosen) or cut >= len(rejected):
+            raise DataError(f"{row.where('chosen')}: chosen and rejected share no prompt prefix")
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    raise DataError(f"{row.where('chosen')}: chosen and rejected must both be strings or both messages")
+
+
+@dataclass
+class PromptExample:
+    prompt: Messages | str
+    meta: dict
+
+
+def parse_prompt(row: Row) -> PromptExample:
+    p = _text_or_messages(row, "prompt")
+    return PromptExample(as_prompt_messages(p), _meta(row.data, ("prompt",)))
+
+
+def _meta(d: dict, drop: tuple[str, ...]) -> dict:
+    return {k: v for k, v in d.items() if k not in drop}
+
+
+def parse_all(rows: list[Row], parser, skip_bad_rows: bool = False, what: str = "rows") -> tuple[list, dict]:
+    """Apply `parser` to every row; returns (examples, stats). Bad rows raise unless skipped."""
+    out, stats = [], {"rows": len(rows), "skipped_bad_rows": 0}
+    for row in rows:
+        try:
+            ex = parser(row, stats) if parser is parse_preference else parser(row)
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            stats["skipped_bad_rows"] += 1
+            log.warning("skipping bad row: %s", e)
+            continue
+        if ex is not None:
+            ex.where = row.where()
+            out.append(ex)
+    if stats["skipped_bad_rows"]:
+        log.warning("skipped %d bad %s", stats["skipped_bad_rows"], what)
+    if not out:
+        src = rows[0].source if rows else "dataset"
+        raise DataError(f"{src}: no usable {what}")
+    return out, stats
+
+
+def load_examples(spec: str | None, parser, *, split: str = "train", skip_bad_rows: bool = False,
+                  max_samples: int | None = None, what: str = "rows", field_name: str = "data.train"):
+    if not spec:
+        raise DataError(f"recipe: '{field_name}' is not set")
+    rows = read_rows(spec, split)
+    if not rows:
+        raise DataError(f"{spec}: empty dataset")
+    if max_samples:
+        rows = rows[:max_samples]
+    return parse_all(rows, parser, skip_bad_rows, what)
+
+
+def split_train_eval(examples: list, eval_split: float, seed: int) -> tuple[list, list]:
+    """Deterministic held-out split (same seed -> same split)."""
+    import random
+
+    if not 0 <= eval_split < 1:
+        raise DataError(f"recipe: 'data.eval_split' must be in [0, 1), got {eval_split}")
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    n_eval = int(round(len(examples) * eval_split))
+    if eval_split > 0:
+        n_eval = max(n_eval, 1)
+    ev = set(idx[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in ev], [examples[i] for i in sorted(ev)]

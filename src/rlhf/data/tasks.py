@@ -1,0 +1,261 @@
+"""Built-in verifiable tasks: synthetic data with gold checkers, so RLHF has something to show.
+
+Each task draws a random input, knows its correct answer, and knows one *systematic* mistake
+(the kind a careless labeller makes every time). `make_task_data` writes:
+
+- ``sft.jsonl``        demonstrations, a share ``wrong_share`` of them systematically wrong:
+                       SFT imitates the mix, so the sampled policy is right only part of the time;
+- ``prefs.jsonl``      preference pairs: correct response chosen, a wrong one (systematic or a
+                       random corruption) rejected — the signal the demonstrations lack;
+- ``rankings.jsonl``   K-way rankings ({prompt, responses, scores}) scored by the graded judge;
+- ``prefs_eval.jsonl`` held-out pairs for reward-model accuracy;
+- ``rl_prompts.jsonl`` prompts for PPO;
+- ``eval_prompts.jsonl`` held-out prompts (disjoint from all of the above) for gold accuracy.
+
+Every row carries ``task``, ``input`` and ``answer``, so the gold checker
+(:func:`gold_reward`) and the graded judge (:func:`judge`) work on any of them; both follow the
+reward-function protocol of :mod:`rlhf.rewards` and can be named in a recipe as
+``rlhf.data.tasks:gold_reward``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+# ----------------------------------------------------------------------------- the tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    instruction: str
+    """Prompt text before the input."""
+    draw: Callable[[random.Random], str]
+    """Random input."""
+    solve: Callable[[str], str]
+    """The correct answer."""
+    systematic_error: Callable[[str], str]
+    """The mistake the imperfect demonstrations make (differs from solve for every input)."""
+    description: str = ""
+
+    def prompt(self, x: str) -> str:
+        return f"{self.instruction} {x}"
+
+
+def _digits(n_lo: int, n_hi: int) -> Callable[[random.Random], str]:
+    def draw(rng: random.Random) -> str:
+        while True:
+            s = "".join(rng.choice("0123456789") for _ in range(rng.randint(n_lo, n_hi)))
+            if sorted(s) != sorted(s, reverse=True):  # not all equal: ascending != descending
+                return s
+
+    return draw
+
+
+def _letters(n_lo: int, n_hi: int) -> Callable[[random.Random], str]:
+    def draw(rng: random.Random) -> str:
+        while True:
+            s = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(n_lo, n_hi)))
+            if s != s[::-1]:
+                return s
+
+    return draw
+
+
+def _draw_sum(rng: random.Random) -> str:
+    while True:  # always a carry in the units, so the systematic error differs
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if a % 10 + b % 10 >= 10:
+            return f"{a}+{b}"
+
+
+def _sum_without_carry(x: str) -> str:
+    a, b = (int(v) for v in x.split("+"))
+    return str(a + b - 10)
+
+
+def _lower_shouting(x: str) -> str:
+    return x.lower()
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("sort", "Sort the digits:", _digits(5, 5), lambda x: "".join(sorted(x)),
+             lambda x: "".join(sorted(x, reverse=True)),
+             "sort 5 digits ascending; the systematic error sorts descending"),
+        Task("reverse", "Reverse:", _letters(4, 6), lambda x: x[::-1], lambda x: x,
+             "reverse 4-6 letters; the systematic error copies the input unchanged"),
+        Task("add", "Add:", _draw_sum, lambda x: str(sum(int(v) for v in x.split("+"))), _sum_without_carry,
+             "add two 2-digit numbers; the systematic error forgets the carry"),
+        Task("upper", "Answer in capitals:", _letters(3, 6), lambda x: x.upper(), _lower_shouting,
+             "format constraint: repeat the word in capitals; the systematic error ignores the format"),
+    ]
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task '{name}' (built-in tasks: {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+def corrupt(answer: str, rng: random.Random) -> str:
+    """A random non-systematic mistake: change, drop, duplicate or swap a character."""
+    alphabet = sorted(set(answer) | set("0123456789"))
+    for _ in range(100):
+        s = list(answer)
+        op = rng.choice(["change", "drop", "dup", "swap"])
+        i = rng.randrange(len(s))
+        if op == "change":
+            s[i] = rng.choice(alphabet)
+        elif op == "drop" and len(s) > 1:
+            del s[i]
+        elif op == "dup":
+            s.insert(i, s[i])
+        elif op == "swap" and len(s) > 1:
+            j = rng.randrange(len(s))
+            s[i], s[j] = s[j], s[i]
+        out = "".join(s)
+        if out != answer:
+            return out
+    return answer + answer[-1]
+
+
+# ----------------------------------------------------------------------------- checkers
+
+
+def is_correct(task: str, x: str, completion: str) -> bool:
+    return completion.strip() == get_task(task).solve(x)
+
+
+def judge_one(task: str, x: str, completion: str) -> float:
+    """Graded labeller stand-in: 1.0 iff correct, else 0.5 x string similarity to the answer."""
+    answer = get_task(task).solve(x)
+    completion = completion.strip()
+    if completion == answer:
+        return 1.0
+    return 0.5 * difflib.SequenceMatcher(None, completion, answer).ratio()
+
+
+def gold_reward(prompts: list, completions: list[str], *, task: list[str], input: list[str], **_) -> list[float]:
+    """Reward function (see rlhf.rewards.RewardFn): 1.0 for a correct answer, else 0.0."""
+    return [float(is_correct(t, x, c)) for t, x, c in zip(task, input, completions)]
+
+
+def judge(prompts: list, completions: list[str], *, task: list[str], input: list[str], **_) -> list[float]:
+    """Reward/judge function: graded score in [0, 1], 1.0 iff correct (used to rank K samples)."""
+    return [judge_one(t, x, c) for t, x, c in zip(task, input, completions)]
+
+
+def has_gold(rows: list[dict]) -> bool:
+    """True when every row names a built-in task and its input (the gold checker applies)."""
+    return bool(rows) and all(r.get("task") in TASKS and isinstance(r.get("input"), str) for r in rows)
+
+
+# ----------------------------------------------------------------------------- data files
+
+
+def make_task_data(
+    tasks: list[str] | str,
+    out: str | Path,
+    *,
+    n_sft: int = 4000,
+    n_pref: int = 2000,
+    n_rank: int = 0,
+    k: int = 4,
+    n_rl: int = 2000,
+    n_eval: int = 500,
+    wrong_share: float = 0.4,
+    systematic_share: float = 0.5,
+    seed: int = 0,
+) -> dict[str, int]:
+    """Write the task files into `out` (see the module docstring); returns row counts per file.
+
+    wrong_share: share of demonstrations with the systematic error.
+    systematic_share: share of rejected responses that are the systematic error (the rest are
+    random corruptions of the correct answer).
+    """
+    names = [tasks] if isinstance(tasks, str) else list(tasks)
+    names = [n for part in names for n in part.split(",") if n]
+    specs = [get_task(n) for n in names]
+    if not 0.0 <= wrong_share <= 1.0:
+        raise ValueError("wrong_share must be in [0, 1]")
+    rng = random.Random(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # held-out inputs first, so no other file can contain them
+    eval_inputs: set[tuple[str, str]] = set()
+    eval_rows = []
+    while len(eval_rows) < n_eval:
+        t = rng.choice(specs)
+        x = t.draw(rng)
+        if (t.name, x) in eval_inputs:
+            continue
+        eval_inputs.add((t.name, x))
+        eval_rows.append(_row(t, x))
+
+    def fresh() -> tuple[Task, str]:
+        while True:
+            t = rng.choice(specs)
+            x = t.draw(rng)
+            if (t.name, x) not in eval_inputs:
+                return t, x
+
+    sft = []
+    for _ in range(n_sft):
+        t, x = fresh()
+        wrong = rng.random() < wrong_share
+        sft.append({**_row(t, x), "completion": t.systematic_error(x) if wrong else t.solve(x),
+                    "demo_correct": not wrong})
+
+    def pair(t: Task, x: str) -> dict:
+        good = t.solve(x)
+        bad = t.systematic_error(x) if rng.random() < systematic_share else corrupt(good, rng)
+        return {**_row(t, x), "chosen": good, "rejected": bad}
+
+    prefs = [pair(*fresh()) for _ in range(n_pref)]
+    prefs_eval = [pair(*fresh()) for _ in range(max(n_pref // 10, 50))] if n_pref else []
+
+    rankings = []
+    for _ in range(n_rank):
+        t, x = fresh()
+        good = t.solve(x)
+        cands = [good, t.systematic_error(x)] + [corrupt(good, rng) for _ in range(max(k - 2, 0))]
+        cands = cands[:k]
+        rng.shuffle(cands)
+        rankings.append({**_row(t, x), "responses": cands, "scores": [judge_one(t.name, x, c) for c in cands]})
+
+    rl = [_row(*fresh()) for _ in range(n_rl)]
+
+    files = {"sft.jsonl": sft, "prefs.jsonl": prefs, "prefs_eval.jsonl": prefs_eval,
+             "rankings.jsonl": rankings, "rl_prompts.jsonl": rl, "eval_prompts.jsonl": eval_rows}
+    counts = {}
+    for name, rows in files.items():
+        if not rows:
+            continue
+        write_jsonl(out / name, rows)
+        counts[name] = len(rows)
+    (out / "task.json").write_text(json.dumps(
+        {"tasks": names, "seed": seed, "wrong_share": wrong_share, "systematic_share": systematic_share,
+         "counts": counts, "descriptions": {t.name: t.description for t in specs}}, indent=2))
+    return counts
+
+
+def _row(t: Task, x: str) -> dict:
+    return {"prompt": t.prompt(x), "task": t.name, "input": x, "answer": t.solve(x)}
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,231 @@
+"""What every stage's loop shares: accelerator, optimizer + schedule, batching, logging, output.
+
+Batches are global: a recipe's ``batch_size`` is the number of sequences per optimizer step
+whatever the number of processes; each process takes its slice and gradient accumulation fills
+the gap (``grad_accum = batch_size / (micro_batch_size * world_size)``). The data order of
+epoch e is a permutation seeded by (seed, e), so a run's data position is just its step count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on (one line, nothing already written is touched)."""
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_mixed_precision(mp: str) -> str:
+    if mp not in ("auto", "no", "bf16", "fp16"):
+        raise RunError(f"recipe: mixed_precision must be auto, no, bf16 or fp16, got '{mp}'")
+    if mp != "auto":
+        return mp
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"  # bf16 on a CPU without bf16 units is ~20x slower than fp32
+
+
+def make_accelerator(mixed_precision: str = "auto"):
+    """An accelerate Accelerator; gloo on machines without CUDA so CPU DDP/DeepSpeed work."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), kwargs_handlers=handlers)
+
+
+def grad_accum_steps(batch_size: int, micro_batch_size: int, world_size: int, what: str = "train") -> int:
+    """Micro-batches per process per optimizer step so the global batch is `batch_size`."""
+    per_step = micro_batch_size * world_size
+    if batch_size % per_step:
+        raise RunError(f"recipe: '{what}.batch_size' ({batch_size}) must be a multiple of micro_batch_size "
+                       f"x processes ({micro_batch_size} x {world_size})")
+    return batch_size // per_step
+
+
+def make_optimizer(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8):
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def make_scheduler(optimizer, name: str, total_steps: int, warmup_ratio: float):
+    from transformers import get_scheduler
+
+    warmup = int(math.ceil(total_steps * warmup_ratio))
+    try:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
+    except ValueError as e:
+        raise RunError(f"recipe: unknown lr_scheduler '{name}' ({e})") from None
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def global_batches(n: int, batch_size: int, seed: int, epochs: float, max_steps: int = -1):
+    """Indices of each global batch, epoch after epoch (drop-last within an epoch)."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise RunError(f"dataset of {n} examples is smaller than one batch of {batch_size}")
+    total = max_steps if max_steps > 0 else int(math.ceil(per_epoch * epochs))
+    out, epoch = [], 0
+    while len(out) < total:
+        perm = epoch_permutation(n, seed, epoch)
+        for b in range(per_epoch):
+            out.append(perm[b * batch_size : (b + 1) * batch_size])
+            if len(out) == total:
+                break
+        epoch += 1
+    return out
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This process's share of a global batch (contiguous, so micro-batches stay grouped)."""
+    per = len(items) // world
+    return items[rank * per : (rank + 1) * per]
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def prepare_output_dir(path: str | Path | None, overwrite: bool = False, is_main: bool = True) -> Path:
+    """Create the run folder; refuse to write into one that holds a run unless overwrite."""
+    if not path:
+        raise RunError("no output directory: pass --output_dir or set output_dir in the recipe")
+    path = Path(path)
+    if is_main and path.exists() and any((path / f).exists() for f in ("recipe.yaml", "summary.json", "metrics.jsonl")):
+        if not overwrite:
+            raise RunError(f"{path}: already holds a run; pass --overwrite to replace it (or --resume to continue)")
+        for f in ("summary.json", "metrics.jsonl", "recipe.yaml"):
+            (path / f).unlink(missing_ok=True)
+    if is_main:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_dir(final: str | Path):
+    """Context manager: write into a temporary folder, then swap it in with a rename."""
+    return _AtomicDir(Path(final))
+
+
+class _AtomicDir:
+    def __init__(self, final: Path):
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = self.final.with_name(f".{self.final.name}.old{os.getpid()}")
+        if self.final.exists():
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+class MetricsLogger:
+    """metrics.jsonl (one JSON object per logged step, with `step`) + TensorBoard when installed."""
+
+    def __init__(self, out_dir: Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(Path(out_dir) / "tb"))
+            except Exception:  # tensorboard not installed: metrics.jsonl is the record
+                self.tb = None
+        self.t0 = time.time()
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, "time": round(time.time() - self.t0, 3)}
+        for k, v in metrics.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            rec[k] = v
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def write_summary(out_dir: Path, summary: dict) -> None:
+    atomic_write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+
+
+@dataclass
+class Timer:
+    total: float = 0.0
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *a):
+        self.total += time.perf_counter() - self.t
+
+
+def progress(iterable=None, total=None, desc: str = "", disable: bool = False):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=disable or os.environ.get("RLHF_NO_PROGRESS") == "1",
+                dynamic_ncols=True, leave=False)

@@ -1,0 +1,220 @@
+"""Loading policy / reference / reward / value models and tokenizers.
+
+- Any transformers causal LM or sequence-classification model from a local folder or hub id
+  (GGUF too, dequantised by transformers), or a model built from a config (``init:
+  from_config``) with a byte-level BPE tokenizer trained here on the recipe's data.
+- PAD is always distinct from EOS (else the EOS gets masked as padding and the model never
+  learns to stop [N, N+]); a default chat template is set when the tokenizer has none.
+- ``trust_remote_code`` stays off unless the recipe sets it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+# One turn per role marker; an assistant turn ends with EOS so the policy learns to stop.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be loaded as the recipe asks (one line)."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ModelError(f"recipe: 'model.dtype' must be one of {', '.join(_DTYPES)}, got '{name}'")
+    return _DTYPES[name]
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer on `texts` (digits split one per token).
+
+    Returns a `PreTrainedTokenizerFast` with distinct PAD and EOS, role tokens and the default
+    chat template.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = [PAD_TOKEN, EOS_TOKEN, *ROLE_TOKENS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
+                                   bos_token=None, unk_token=None,
+                                   additional_special_tokens=list(ROLE_TOKENS))
+    fast.chat_template = DEFAULT_CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def load_tokenizer(cfg: ModelConfig, train_texts: list[str] | None = None):
+    """Load (or, for from_config without a tokenizer, train) the tokenizer and make it RL-ready."""
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.name_or_path
+    if cfg.init == "from_config" and not cfg.tokenizer:
+        if not train_texts:
+            raise ModelError("recipe: 'model.init: from_config' without 'model.tokenizer' needs training texts")
+        tok = train_tokenizer(train_texts, cfg.tokenizer_vocab_size)
+    else:
+        if not source:
+            raise ModelError("recipe: 'model.name_or_path' is not set")
+        _check_local(source, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+        kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        if cfg.gguf_file and not cfg.tokenizer:
+            kwargs["gguf_file"] = cfg.gguf_file
+        try:
+            tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        except OSError as e:
+            raise ModelError(f"{source}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    return prepare_tokenizer(tok, cfg.chat_template)
+
+
+def prepare_tokenizer(tok, chat_template: str | None = None):
+    """Distinct PAD and EOS, a chat template, left padding (for generation)."""
+    if tok.eos_token is None:
+        raise ModelError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no EOS token; set one in the tokenizer")
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    if chat_template:
+        tok.chat_template = chat_template
+    elif not getattr(tok, "chat_template", None):
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def _check_local(source: str, fld: str) -> None:
+    p = Path(source)
+    looks_local = source.startswith((".", "/", "~")) or p.exists() or source.count("/") > 1
+    if looks_local and not p.exists():
+        raise ModelError(f"recipe: '{fld}' points at a missing checkpoint: {source}")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _sync_special_ids(model, tok) -> None:
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+    if model.get_input_embeddings().weight.shape[0] < len(tok):
+        model.resize_token_embeddings(len(tok))
+
+
+def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
+    """The policy: from_pretrained (local/hub/GGUF) or from_config (random init, seeded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch_dtype(cfg.dtype)
+    if cfg.init == "from_config":
+        arch = dict(cfg.arch)
+        model_type = arch.pop("model_type", None)
+        if not model_type:
+            raise ModelError("recipe: 'model.arch.model_type' is required with init: from_config")
+        arch.setdefault("vocab_size", len(tok))
+        hf_cfg = AutoConfig.for_model(model_type, **arch)
+        hf_cfg.pad_token_id, hf_cfg.eos_token_id = tok.pad_token_id, tok.eos_token_id
+        hf_cfg.bos_token_id = tok.bos_token_id
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+    elif cfg.init == "pretrained":
+        if not cfg.name_or_path:
+            raise ModelError("recipe: 'model.name_or_path' is not set")
+        _check_local(cfg.name_or_path, "model.name_or_path")
+        kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, dtype=dtype)
+        if cfg.gguf_file:
+            kwargs["gguf_file"] = cfg.gguf_file
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        except OSError as e:
+            raise ModelError(f"{cfg.name_or_path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+        if cfg.gguf_file:
+            clear_quantization(model)
+    else:
+        raise ModelError(f"recipe: 'model.init' must be 'pretrained' or 'from_config', got '{cfg.init}'")
+    _sync_special_ids(model, tok)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg)
+    return model
+
+
+def clear_quantization(model) -> None:
+    """A GGUF model is dequantised on load but still marked quantised; clear that so it trains/saves."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def add_lora(model, cfg: ModelConfig):
+    try:
+        from peft import LoraConfig as PeftLora, get_peft_model
+    except ImportError:  # pragma: no cover - peft is a dependency of the dev/peft extras
+        raise ModelError("recipe: 'model.lora.enabled' needs peft (pip install 'rlhf[peft]')") from None
+    lc = cfg.lora
+    spec = PeftLora(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                    task_type="CAUSAL_LM")
+    return get_peft_model(model, spec)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off in policy, reference, value and reward models [N]."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def unwrap(model):
+    """The plain transformers model under DDP / accelerate / peft wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def save_pretrained(model, tok, out_dir: str | Path, extra_config: dict | None = None) -> None:
+    """Save an HF folder with safetensors (merging LoRA adapters so plain from_pretrained loads it)."""
+    model = unwrap(model)
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    if extra_config:
+        for k, v in extra_config.items():
+            setattr(model.config, k, v)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

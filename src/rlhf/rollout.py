@@ -1,0 +1,155 @@
+"""Batched sampling with a KV cache, and log-probs of given responses.
+
+- Prompts are left-padded; position ids come from the attention mask (``cumsum - 1``) in the
+  prefill and in every decoding step, and in every scoring pass, so padding never changes a
+  result [N].
+- Sampling divides the logits by ``temperature`` and :func:`response_logprobs` divides by the
+  same temperature, so the rollout policy and the scored policy are the same distribution
+  (otherwise the KL goes negative [N]; TRL issues #351, #925). Defaults are top_k = 0, top_p = 1.
+- Generation stops at EOS: tokens after a row's EOS are PAD and masked out.
+
+The decoding loop is deliberately lean: one model call per new token, no logits processors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def right_pad(seqs: list[list[int]], pad_value: int, device=None) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out.to(device)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counting only real tokens: cumsum(mask) - 1, 0 on left padding [N]."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k / nucleus filtering of (B, V) logits (-inf outside); identity at top_k=0, top_p=1."""
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@dataclass
+class Generation:
+    prompt_ids: torch.Tensor
+    """(B, P) left-padded prompts."""
+    prompt_mask: torch.Tensor
+    """(B, P)."""
+    response_ids: torch.Tensor
+    """(B, R) sampled tokens, PAD after EOS."""
+    response_mask: torch.Tensor
+    """(B, R) 1 up to and including EOS."""
+    has_eos: torch.Tensor
+    """(B,) bool: the response ended with EOS within the budget."""
+
+
+def _cache_kwarg(model) -> str:
+    """transformers >= 5.x names the KV cache argument `cache`; older releases `past_key_values`."""
+    import inspect
+
+    from .models import unwrap
+
+    params = inspect.signature(unwrap(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id: int, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+             generator: torch.Generator | None = None, device=None) -> Generation:
+    """Sample up to `max_new_tokens` for each prompt with a KV cache (one model call per token)."""
+    device = device or next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_token_id, device)
+    bsz = ids.shape[0]
+    pos = position_ids_from_mask(mask)
+    cache_kw = _cache_kwarg(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, logits = _cache_of(out), out.logits[:, -1, :].float()
+    responses = torch.full((bsz, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    next_pos = pos[:, -1:] + 1
+    steps = 0
+    for t in range(max_new_tokens):
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        responses[:, t] = token
+        finished |= token == eos_token_id
+        steps = t + 1
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=device)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                    **{cache_kw: cache})
+        cache, logits = _cache_of(out), out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+    responses = responses[:, :steps]
+    response_mask, has_eos = eos_mask(responses, eos_token_id)
+    return Generation(ids, mask[:, : ids.shape[1]], responses, response_mask, has_eos)
+
+
+def eos_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) mask that is 1 up to and including the first EOS (all 1 if none), and (B,) has-EOS."""
+    is_eos = responses == eos_token_id
+    has_eos = is_eos.any(-1)
+    first = torch.where(has_eos, is_eos.float().argmax(-1), torch.full_like(has_eos, responses.shape[1], dtype=torch.long))
+    idx = torch.arange(responses.shape[1], device=responses.device)[None, :]
+    return (idx <= first[:, None]).long(), has_eos
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                      temperature: float = 1.0, return_entropy: bool = False):
+    """Log-probs (B, R) of the last `response_len` tokens of `input_ids` under `model`.
+
+    input_ids: (B, P + R) = left-padded prompt followed by the response. Logits are divided by
+    `temperature` (the sampling temperature). The logit at position t predicts token t + 1,
+    hence the slice ``[-R-1:-1]``. Optionally also returns the entropy (B, R) of each
+    position's distribution.
+    """
+    pos = position_ids_from_mask(attention_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits
+    logits = logits[:, -response_len - 1 : -1, :].float() / temperature  # (B, R, V)
+    targets = input_ids[:, -response_len:]
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = torch.gather(logp_all, 2, targets.unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logp
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy

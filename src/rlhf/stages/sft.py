@@ -1,0 +1,194 @@
+"""Stage 1, SFT: next-token loss on the assistant tokens of demonstrations [IGPT §3.5].
+
+One flat loop: tokenize (prompt tokens get no loss) -> global batches -> micro-batches with
+gradient accumulation -> AdamW + warmup/cosine -> evaluate (loss, perplexity, gold accuracy
+sampled at T = 1.0 and greedy) -> save an HF folder.
+
+Why not TRL's SFTTrainer: the same tokenization code must serve SFT, the RM and PPO(-ptx), so
+that the prompt tokens the policy was trained on are exactly those it is prompted with in RL;
+SFTTrainer's assistant-only loss needs ``{% generation %}`` markers that most chat templates
+lack, and its checkpoints are neither atomic nor shared with our PPO's resume. Our loop is
+~100 lines and uses accelerate for DDP/DeepSpeed like TRL does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..algos.core import lm_loss_sum
+from ..config import SFTConfig, dump_yaml
+from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
+from ..engine import (MetricsLogger, chunks, global_batches, grad_accum_steps, make_accelerator, make_optimizer,
+                      make_scheduler, prepare_output_dir, progress, set_seed, shard, write_summary)
+from ..evaluate import gold_accuracy, gold_examples
+from ..models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained, unwrap
+from ..tokenization import IGNORE_INDEX, encode_sft
+from ..rollout import right_pad
+
+log = logging.getLogger(__name__)
+
+
+def _texts(examples) -> list[str]:
+    out = []
+    for e in examples:
+        for m in e.prompt + e.completion:
+            out.append(m["content"])
+    return out
+
+
+def encode_examples(tok, examples, max_length: int, skip_bad_rows: bool = False) -> list[tuple[list[int], list[int]]]:
+    feats, skipped = [], 0
+    for e in examples:
+        ids, labels = encode_sft(tok, e.prompt, e.completion)
+        if len(ids) > max_length:
+            if skip_bad_rows:
+                skipped += 1
+                continue
+            raise DataError(f"{e.where}: {len(ids)} tokens exceed data.max_length ({max_length})")
+        feats.append((ids, labels))
+    if skipped:
+        log.warning("skipped %d rows longer than data.max_length", skipped)
+    return feats
+
+
+def pack(feats: list[tuple[list[int], list[int]]], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Concatenate examples into rows of at most max_length tokens (no example is split)."""
+    out, ids, labels = [], [], []
+    for i, lab in feats:
+        if ids and len(ids) + len(i) > max_length:
+            out.append((ids, labels))
+            ids, labels = [], []
+        ids, labels = ids + i, labels + lab
+    if ids:
+        out.append((ids, labels))
+    return out
+
+
+def collate(feats, pad_id: int, device):
+    ids = right_pad([f[0] for f in feats], pad_id, device)
+    labels = right_pad([f[1] for f in feats], IGNORE_INDEX, device)
+    mask = right_pad([[1] * len(f[0]) for f in feats], 0, device)
+    return ids, mask, labels
+
+
+def n_loss_tokens(feats) -> int:
+    return sum(sum(1 for x in lab[1:] if x != IGNORE_INDEX) for _, lab in feats)
+
+
+@torch.no_grad()
+def evaluate_loss(model, feats, pad_id: int, micro_batch_size: int, device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for mb in chunks(feats, micro_batch_size):
+        ids, mask, labels = collate(mb, pad_id, device)
+        s, n = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+        total, count = total + float(s), count + n
+    model.train()
+    return total / max(count, 1)
+
+
+def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = False) -> dict:
+    t_start = time.time()
+    acc = make_accelerator(cfg.train.mixed_precision)
+    out = prepare_output_dir(output_dir or cfg.output_dir, overwrite, acc.is_main_process)
+    set_seed(cfg.seed)
+    train_ex, stats = load_examples(cfg.data.train, parse_sft, split=cfg.data.split, skip_bad_rows=cfg.data.skip_bad_rows,
+                                    max_samples=cfg.data.max_samples, what="SFT rows")
+    if cfg.data.eval:
+        eval_ex, _ = load_examples(cfg.data.eval, parse_sft, skip_bad_rows=cfg.data.skip_bad_rows, what="SFT rows",
+                                   field_name="data.eval")
+    else:
+        train_ex, eval_ex = split_train_eval(train_ex, cfg.data.eval_split, cfg.seed)
+
+    tok = load_tokenizer(cfg.model, train_texts=_texts(train_ex))
+    model = load_causal_lm(cfg.model, tok, seed=cfg.seed)
+    train_feats = encode_examples(tok, train_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
+    eval_feats = encode_examples(tok, eval_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
+    if cfg.packing:
+        train_feats = pack(train_feats, cfg.data.max_length)
+
+    tc = cfg.train
+    accum = grad_accum_steps(tc.batch_size, tc.micro_batch_size, acc.num_processes)
+    batches = global_batches(len(train_feats), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
+    optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, (tc.adam_beta1, tc.adam_beta2), tc.adam_eps)
+    scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)
+    model, optimizer = acc.prepare(model, optimizer)
+    if acc.is_main_process:
+        dump_yaml(cfg, out / "recipe.yaml")
+    logger = MetricsLogger(out, enabled=acc.is_main_process)
+    log.info("SFT: %d train / %d eval examples, %d steps, %.2fM parameters", len(train_feats), len(eval_feats),
+             len(batches), count_parameters(unwrap(model)) / 1e6)
+
+    model.train()
+    bar = progress(total=len(batches), desc="sft", disable=not acc.is_main_process)
+    window_loss, window_tokens = 0.0, 0
+    for step, idx in enumerate(batches, 1):
+        batch = [train_feats[i] for i in idx]
+        n_tokens = n_loss_tokens(batch)  # over the global batch: the loss is a true token mean
+        micro = chunks(shard(batch, acc.process_index, acc.num_processes), tc.micro_batch_size)
+        assert len(micro) == accum
+        for k, mb in enumerate(micro):
+            ids, mask, labels = collate(mb, tok.pad_token_id, acc.device)
+            ctx = acc.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext()
+            with ctx:
+                loss_sum, _ = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+                acc.backward(loss_sum / max(n_tokens, 1) * acc.num_processes)
+            window_loss += loss_sum.item()
+        window_tokens += n_tokens
+        grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        if step % tc.log_every == 0 or step == len(batches):
+            loss = acc.reduce(torch.tensor(window_loss, device=acc.device), "sum").item() / max(window_tokens, 1)
+            rec = {"loss": loss, "lr": scheduler.get_last_lr()[0], "epoch": step * tc.batch_size / len(train_feats)}
+            if grad_norm is not None:
+                rec["grad_norm"] = float(grad_norm)
+            logger.log(step, rec)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            window_loss, window_tokens = 0.0, 0
+        if tc.eval_every and step % tc.eval_every == 0 and step != len(batches):
+            logger.log(step, {"eval_loss": evaluate_loss(model, eval_feats, tok.pad_token_id, tc.micro_batch_size, acc.device)})
+    bar.close()
+
+    summary = {"stage": "sft", "steps": len(batches), "train_examples": len(train_feats),
+               "eval_examples": len(eval_feats), "parameters": count_parameters(unwrap(model)),
+               "skipped_bad_rows": stats["skipped_bad_rows"]}
+    if eval_feats:
+        eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, tc.micro_batch_size, acc.device)
+        summary.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
+    gold = gold_examples(eval_ex, cfg.gen_eval_samples)
+    if gold and acc.is_main_process:
+        m = unwrap(model)
+        for key, greedy in (("eval_gold_accuracy", False), ("eval_gold_accuracy_greedy", True)):
+            summary[key] = gold_accuracy(m, tok, gold, max_new_tokens=cfg.max_new_tokens, temperature=1.0, greedy=greedy,
+                                         seed=cfg.seed + 1, device=acc.device)
+        summary["eval_gold_prompts"] = len(gold)
+    summary["train_seconds"] = round(time.time() - t_start, 1)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_model_files(model, tok, out)
+        logger.log(len(batches), {k: v for k, v in summary.items() if k.startswith("eval_")})
+        write_summary(out, summary)
+    logger.close()
+    return summary
+
+
+def save_model_files(model, tok, out: Path, extra_config: dict | None = None) -> None:
+    """Write the HF folder into `out` through a temporary folder, each file moved in atomically."""
+    import os
+    import shutil
+
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tok, tmp, extra_config)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()

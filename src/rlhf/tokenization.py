@@ -1,0 +1,117 @@
+"""One chat-template path for SFT, RM and PPO.
+
+A prompt is tokenized exactly as generation sees it (``apply_chat_template(...,
+add_generation_prompt=True)``); a response is the rest of the rendered conversation, cut after
+its EOS. Training on ``prompt_ids + response_ids`` therefore matches what the policy samples,
+and the RM reads the same ``prompt + response + EOS`` in training and in PPO [N].
+
+Raw-text prompts (implicit-prompt transcripts such as Anthropic HH) skip the template: the
+sequence is ``prompt + response + EOS`` as text.
+"""
+
+from __future__ import annotations
+
+from .data.formats import Messages
+
+IGNORE_INDEX = -100
+
+
+class TemplateError(ValueError):
+    """The chat template does not render a conversation as prefix + continuation."""
+
+
+def _render(tok, messages: Messages, add_generation_prompt: bool) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tok, prompt: Messages | str) -> list[int]:
+    """Token ids of the prompt up to where the assistant starts writing."""
+    if isinstance(prompt, str):
+        ids = _ids(tok, prompt)
+        if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
+            ids = [tok.bos_token_id] + ids
+        return ids
+    return _ids(tok, _render(tok, prompt, add_generation_prompt=True))
+
+
+def _cut_after_eos(ids: list[int], eos: int) -> list[int]:
+    if eos in ids:
+        return ids[: ids.index(eos) + 1]
+    return ids + [eos]
+
+
+def encode_response(tok, prompt: Messages | str, response: Messages | str) -> list[int]:
+    """Token ids of one assistant reply as the template renders it after `prompt`, ending with EOS."""
+    eos = tok.eos_token_id
+    if isinstance(prompt, str):
+        text = response if isinstance(response, str) else "".join(m["content"] for m in response)
+        return _cut_after_eos(_ids(tok, text), eos)
+    msgs = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+    pre = _render(tok, prompt, add_generation_prompt=True)
+    full = _render(tok, prompt + msgs[:1], add_generation_prompt=False)
+    if not full.startswith(pre):
+        raise TemplateError("the chat template does not render the prompt as a prefix of prompt + reply")
+    return _cut_after_eos(_ids(tok, full[len(pre):]), eos)
+
+
+def encode_sft(tok, prompt: Messages | str, completion: Messages) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for a demonstration; labels are IGNORE_INDEX except on assistant turns.
+
+    Each turn is tokenized as the difference between successive renderings of the conversation,
+    so the prompt tokens are exactly those of :func:`encode_prompt`. An assistant turn is learnt
+    up to and including its EOS; anything the template adds after the EOS (e.g. a newline) and
+    every non-assistant turn carry no loss.
+    """
+    eos = tok.eos_token_id
+    ids = encode_prompt(tok, prompt)
+    labels = [IGNORE_INDEX] * len(ids)
+    if isinstance(prompt, str):
+        resp = encode_response(tok, prompt, completion)
+        return ids + resp, labels + resp
+    history = list(prompt)
+    rendered = _render(tok, history, add_generation_prompt=True)
+    for msg in completion:
+        if msg["role"] == "assistant":
+            pre = _render(tok, history, add_generation_prompt=True)
+            if not pre.startswith(rendered) and rendered != pre:
+                raise TemplateError("the chat template re-renders earlier turns differently")
+            gap = pre[len(rendered):] if pre.startswith(rendered) else ""
+            if gap:
+                g = _ids(tok, gap)
+                ids += g
+                labels += [IGNORE_INDEX] * len(g)
+            full = _render(tok, history + [msg], add_generation_prompt=False)
+            if not full.startswith(pre):
+                raise TemplateError("the chat template does not render the prompt as a prefix of prompt + reply")
+            seg = _ids(tok, full[len(pre):])
+            if eos in seg:
+                k = seg.index(eos) + 1
+                learn, rest = seg[:k], seg[k:]
+            else:
+                learn, rest = seg + [eos], []
+            ids += learn + rest
+            labels += learn + [IGNORE_INDEX] * len(rest)
+            history.append(msg)
+            rendered = full
+        else:
+            history.append(msg)
+            nxt = _render(tok, history, add_generation_prompt=False)
+            if not nxt.startswith(rendered):
+                # the template's generation prompt differs from a rendered assistant header; re-anchor
+                base = _render(tok, history[:-1], add_generation_prompt=False)
+                seg_text = nxt[len(base):] if nxt.startswith(base) else nxt
+            else:
+                seg_text = nxt[len(rendered):]
+            seg = _ids(tok, seg_text)
+            ids += seg
+            labels += [IGNORE_INDEX] * len(seg)
+            rendered = nxt
+    return ids, labels
+
+
+def decode_response(tok, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=True)
