@@ -61,8 +61,30 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--n_rl", type=int, default=2000)
     make.add_argument("--n_eval", type=int, default=500)
     make.add_argument("--wrong_share", type=float, default=0.4, help="share of systematically wrong demos")
-    make.add_argument("--systematic_share", type=float, default=0.5, help="share of rejected that are the systematic error")
+    make.add_argument("--systematic_share", type=float, default=0.4, help="share of rejected that are the systematic error")
+    make.add_argument("--near_miss_share", type=float, default=0.3,
+                      help="share of rejected of the right form but wrong content (e.g. sorted, wrong digits)")
     make.add_argument("--seed", type=int, default=0)
+
+    samp = sub.add_parser("sample", help="K samples of a policy per prompt, ranked by a judge -> K-way rankings JSONL")
+    samp.add_argument("checkpoint")
+    samp.add_argument("prompts", help="prompt file (rows with 'prompt' and the fields the judge reads)")
+    samp.add_argument("--out", required=True, help="rankings JSONL to write ({prompt, responses, scores, ...})")
+    samp.add_argument("--k", type=int, default=4)
+    samp.add_argument("--judge", help="'file.py:function' or 'module:function' scoring each sample (default: task judge)")
+    samp.add_argument("--max_prompts", type=int)
+    samp.add_argument("--temperature", type=float, default=1.0)
+    samp.add_argument("--max_new_tokens", type=int, default=64)
+    samp.add_argument("--batch_size", type=int, default=64)
+    samp.add_argument("--mix_with", help="preference file appended to the output")
+    samp.add_argument("--seed", type=int, default=0)
+
+    score = sub.add_parser("score", help="score prompt/response rows with a reward model checkpoint")
+    score.add_argument("checkpoint")
+    score.add_argument("file", help="rows with 'prompt' and 'response' (or 'completion', or 'chosen'/'rejected')")
+    score.add_argument("--out", help="write the rows with a 'score' field (JSONL) instead of printing")
+    score.add_argument("--raw", action="store_true", help="without the normalisation bias")
+    score.add_argument("--batch_size", type=int, default=64)
 
     gen = sub.add_parser("generate", help="sample completions from a checkpoint")
     gen.add_argument("checkpoint")
@@ -122,10 +144,22 @@ def _dispatch(args, rest: list[str]) -> int:
 
         counts = make_task_data(args.task, args.out, n_sft=args.n_sft, n_pref=args.n_pref, n_rank=args.n_rank, k=args.k,
                                 n_rl=args.n_rl, n_eval=args.n_eval, wrong_share=args.wrong_share,
-                                systematic_share=args.systematic_share, seed=args.seed)
+                                systematic_share=args.systematic_share, near_miss_share=args.near_miss_share,
+                                seed=args.seed)
         for name, n in counts.items():
             print(f"{args.out}/{name}: {n} rows")
         return 0
+    if args.command == "sample":
+        from .config import SampleConfig
+        from .stages.rm import sample_rankings
+
+        sc = SampleConfig(checkpoint=args.checkpoint, prompts=args.prompts, k=args.k, judge=args.judge,
+                          max_prompts=args.max_prompts, temperature=args.temperature,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mix_with=args.mix_with)
+        print(json.dumps(sample_rankings(sc, args.out, seed=args.seed), indent=2))
+        return 0
+    if args.command == "score":
+        return _score(args)
     if args.command == "generate":
         return _generate(args)
     if args.command == "chat":
@@ -172,6 +206,42 @@ def _generate(args) -> int:
     else:
         for r in rows:
             print(json.dumps(r))
+    return 0
+
+
+def _score(args) -> int:
+    from .data.formats import DataError, _text_or_messages, read_rows
+    from .rewards import RewardModel
+
+    rm = RewardModel(args.checkpoint)
+    rows = read_rows(args.file)
+    prompts, responses, keys = [], [], []
+    for r in rows:
+        fields = [f for f in ("response", "completion", "chosen", "rejected") if f in r.data]
+        if "prompt" not in r.data or not fields:
+            raise DataError(f"{r.where()}: expected 'prompt' and 'response' (or 'completion', 'chosen', 'rejected')")
+        p = _text_or_messages(r, "prompt")
+        for f in fields:
+            prompts.append(p if isinstance(p, list) else [{"role": "user", "content": p}])
+            responses.append(_text_or_messages(r, f))
+            keys.append(f)
+    scores = rm.score(prompts, responses, normalized=not args.raw, batch_size=args.batch_size).tolist()
+    out, k = [], 0
+    for r in rows:
+        row = dict(r.data)
+        for f in ("response", "completion", "chosen", "rejected"):
+            if f in r.data:
+                row["score" if f in ("response", "completion") else f"score_{f}"] = scores[k]
+                k += 1
+        out.append(row)
+    if args.out:
+        from .data.tasks import write_jsonl
+
+        write_jsonl(args.out, out)
+        print(f"scored {len(out)} rows -> {args.out}")
+    else:
+        for row in out:
+            print(json.dumps(row))
     return 0
 
 

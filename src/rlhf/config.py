@@ -69,8 +69,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str | None = None
-    """Training data: a JSONL/JSON/Parquet file, a folder of them, or a hub dataset name."""
+    train: str | list[str] | None = None
+    """Training data: a JSONL/JSON/Parquet file, a folder of them, a hub dataset name, or a list of these."""
     eval: str | None = None
     """Held-out data in the same format; None splits `eval_split` off `train`."""
     eval_split: float = 0.1
@@ -505,6 +505,8 @@ def load_stage_config(stage: str, recipe: str | Path | None, overrides: dict[str
     if stage == "pipeline":
         doc = apply_overrides(doc, overrides)
         for name in ("sft", "rm", "ppo"):  # the top-level seed is every stage's default
+            if "seed" in doc and doc.get(name) is None:
+                doc[name] = {}
             if "seed" in doc and isinstance(doc.get(name), dict) and "seed" not in doc[name]:
                 doc[name]["seed"] = doc["seed"]
         return from_dict(PipelineConfig, doc)

@@ -1,5 +1,180 @@
-"""Placeholder replaced below."""
+"""Rewards for PPO: a trained reward model, Python reward functions, or a weighted sum.
+
+The reward-function protocol (:class:`RewardFn`)::
+
+    def my_reward(prompts: list[str | list[dict]], completions: list[str], **fields) -> list[float]:
+        ...
+
+``prompts`` are the dataset rows' prompts (strings or chat messages), ``completions`` the
+decoded responses (text up to EOS), and ``fields`` every other column of the rows as lists of
+the same length (e.g. ``answer=[...]``). It returns one finite float per sample. A recipe names
+it as ``path/to/file.py:function`` or ``package.module:function``; ``gold`` is the built-in
+task checker ``rlhf.data.tasks:gold_reward``. Reward code is imported only from the paths a
+recipe names. A function that cannot be imported, raises, or returns the wrong count or a
+non-finite value stops the run with a :class:`RewardError` naming it and the sample.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
 
 
 class RewardError(ValueError):
-    pass
+    """A reward function or reward model that cannot be used (one line)."""
+
+
+class RewardFn(Protocol):
+    def __call__(self, prompts: list, completions: list[str], **fields: list) -> list[float]: ...
+
+
+ALIASES = {"gold": "rlhf.data.tasks:gold_reward", "judge": "rlhf.data.tasks:judge"}
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """Import 'path/to/file.py:function' or 'package.module:function'."""
+    spec = ALIASES.get(spec, spec)
+    if ":" not in spec:
+        raise RewardError(f"reward function '{spec}': expected 'path/to/file.py:function' or 'module:function'")
+    target, name = spec.rsplit(":", 1)
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise RewardError(f"reward function '{spec}': file {target} not found")
+            mod_name = f"rlhf_user_reward_{abs(hash(str(path.resolve())))}"
+            mod_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_name] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except RewardError:
+        raise
+    except Exception as e:
+        raise RewardError(f"reward function '{spec}': cannot import {target} ({type(e).__name__}: {e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RewardError(f"reward function '{spec}': {target} has no function '{name}'")
+    fn.__rlhf_name__ = spec
+    return fn
+
+
+def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: dict[str, list]) -> list[float]:
+    """Call a reward function and check what it returns (count, type, finiteness)."""
+    name = getattr(fn, "__rlhf_name__", getattr(fn, "__name__", repr(fn)))
+    try:
+        out = fn(prompts, completions, **fields)
+    except Exception as e:
+        raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {e} "
+                          f"(first sample's prompt: {_short(prompts[0])})") from None
+    if isinstance(out, torch.Tensor):
+        out = out.detach().flatten().tolist()
+    try:
+        out = list(out)
+    except TypeError:
+        raise RewardError(f"reward function '{name}' returned {type(out).__name__}, expected a list of floats") from None
+    if len(out) != len(completions):
+        raise RewardError(f"reward function '{name}' returned {len(out)} values for {len(completions)} samples")
+    values = []
+    for i, v in enumerate(out):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise RewardError(f"reward function '{name}' returned {v!r} for sample {i}, expected a float") from None
+        if not math.isfinite(v):
+            raise RewardError(f"reward function '{name}' returned {v} for sample {i} "
+                              f"(prompt: {_short(prompts[i])}, completion: {completions[i]!r})")
+        values.append(v)
+    return values
+
+
+def _short(p: Any) -> str:
+    text = p if isinstance(p, str) else (p[-1]["content"] if p else "")
+    return repr(text[:80])
+
+
+# ----------------------------------------------------------------------------- reward model
+
+
+BIAS_KEY = "rlhf_reward_bias"
+
+
+def score_head(model):
+    """The scalar head of a sequence-classification model (decoders: `score`; encoders: `classifier`)."""
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if head is not None:
+            return head
+    raise RewardError(f"{type(model).__name__} has no scalar head ('score' or 'classifier')")
+
+
+@torch.no_grad()
+def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, device=None) -> torch.Tensor:
+    """Raw RM scores (N,) of token sequences, read at the last non-pad token of each."""
+    from .rollout import position_ids_from_mask, right_pad
+
+    out = []
+    device = device or next(model.parameters()).device
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i : i + batch_size]
+        ids = right_pad(chunk, pad_id, device)
+        mask = right_pad([[1] * len(s) for s in chunk], 0, device)
+        out.append(forward_scores(model, ids, mask))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def forward_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) scores; position ids from the mask so left or right padding give the same score."""
+    from .rollout import position_ids_from_mask
+
+    kwargs = {}
+    if getattr(getattr(model, "config", None), "model_type", None) not in ("bert", "roberta", "distilbert", "deberta-v2"):
+        kwargs["position_ids"] = position_ids_from_mask(mask)
+    return model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, 0].float()
+
+
+class RewardModel:
+    """A saved RM checkpoint: scores (prompt, response) pairs exactly as in RM training, + its bias."""
+
+    def __init__(self, path: str, device=None, dtype: str = "float32"):
+        from transformers import AutoModelForSequenceClassification
+
+        from .config import ModelConfig
+        from .models import ModelError, disable_dropout, load_tokenizer, torch_dtype
+
+        if not Path(path).exists():
+            raise ModelError(f"reward model checkpoint not found: {path}")
+        self.tok = load_tokenizer(ModelConfig(name_or_path=path))
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(dtype))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{path}: cannot load a reward model ({str(e).splitlines()[0]})") from None
+        self.model.config.pad_token_id = self.tok.pad_token_id
+        disable_dropout(self.model)
+        self.model.eval().requires_grad_(False)
+        if device is not None:
+            self.model.to(device)
+        self.bias = float(getattr(self.model.config, BIAS_KEY, 0.0) or 0.0)
+        self.path = path
+
+    def encode(self, prompt, response) -> list[int]:
+        from .tokenization import encode_prompt, encode_response
+
+        return encode_prompt(self.tok, prompt) + encode_response(self.tok, prompt, response)
+
+    def score_ids(self, seqs: list[list[int]], normalized: bool = True, batch_size: int = 64) -> torch.Tensor:
+        raw = score_sequences(self.model, seqs, self.tok.pad_token_id, batch_size)
+        return raw + self.bias if normalized else raw
+
+    def score(self, prompts: list, responses: list, normalized: bool = True, batch_size: int = 64) -> torch.Tensor:
+        return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)], normalized, batch_size)
+
+    def same_tokenizer(self, tok) -> bool:
+        return self.tok.get_vocab() == tok.get_vocab() and self.tok.chat_template == tok.chat_template

@@ -278,13 +278,17 @@ def split_implicit_prompt(chosen, rejected, row: Row):
 
 @dataclass
 class PromptExample:
-    prompt: Messages | str
+    prompt: Messages
+    """The prompt as chat messages (a string prompt becomes one user message)."""
     meta: dict
+    """The row's other fields (reward functions receive them)."""
+    raw_prompt: str | Messages = ""
+    """The prompt as the row gave it (what reward functions receive)."""
 
 
 def parse_prompt(row: Row) -> PromptExample:
     p = _text_or_messages(row, "prompt")
-    return PromptExample(as_prompt_messages(p), _meta(row.data, ("prompt",)))
+    return PromptExample(as_prompt_messages(p), _meta(row.data, ("prompt",)), p)
 
 
 def _meta(d: dict, drop: tuple[str, ...]) -> dict:
@@ -318,7 +322,8 @@ def load_examples(spec: str | None, parser, *, split: str = "train", skip_bad_ro
                   max_samples: int | None = None, what: str = "rows", field_name: str = "data.train"):
     if not spec:
         raise DataError(f"recipe: '{field_name}' is not set")
-    rows = read_rows(spec, split)
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    rows = [r for s in specs for r in read_rows(s, split)]
     if not rows:
         raise DataError(f"{spec}: empty dataset")
     if max_samples:

@@ -42,6 +42,17 @@ class Task:
     systematic_error: Callable[[str], str]
     """The mistake the imperfect demonstrations make (differs from solve for every input)."""
     description: str = ""
+    near_miss: Callable[[str, random.Random], str] | None = None
+    """A wrong answer of the right form (e.g. sorted, but not the input's digits); default:
+    the correct procedure applied to a corrupted input."""
+
+    def hard_negative(self, x: str, rng: random.Random) -> str:
+        answer = self.solve(x)
+        for _ in range(100):
+            out = self.near_miss(x, rng) if self.near_miss else self.solve(corrupt(x, rng))
+            if out != answer:
+                return out
+        return corrupt(answer, rng)
 
     def prompt(self, x: str) -> str:
         return f"{self.instruction} {x}"
@@ -83,6 +94,11 @@ def _lower_shouting(x: str) -> str:
     return x.lower()
 
 
+def _sum_off(x: str, rng: random.Random) -> str:
+    a, b = (int(v) for v in x.split("+"))
+    return str(a + b + rng.choice([-2, -1, 1, 2, 10, -10]))
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -92,7 +108,7 @@ TASKS: dict[str, Task] = {
         Task("reverse", "Reverse:", _letters(4, 6), lambda x: x[::-1], lambda x: x,
              "reverse 4-6 letters; the systematic error copies the input unchanged"),
         Task("add", "Add:", _draw_sum, lambda x: str(sum(int(v) for v in x.split("+"))), _sum_without_carry,
-             "add two 2-digit numbers; the systematic error forgets the carry"),
+             "add two 2-digit numbers; the systematic error forgets the carry", _sum_off),
         Task("upper", "Answer in capitals:", _letters(3, 6), lambda x: x.upper(), _lower_shouting,
              "format constraint: repeat the word in capitals; the systematic error ignores the format"),
     ]
@@ -172,14 +188,17 @@ def make_task_data(
     n_rl: int = 2000,
     n_eval: int = 500,
     wrong_share: float = 0.4,
-    systematic_share: float = 0.5,
+    systematic_share: float = 0.4,
+    near_miss_share: float = 0.3,
     seed: int = 0,
 ) -> dict[str, int]:
     """Write the task files into `out` (see the module docstring); returns row counts per file.
 
     wrong_share: share of demonstrations with the systematic error.
-    systematic_share: share of rejected responses that are the systematic error (the rest are
-    random corruptions of the correct answer).
+    systematic_share: share of rejected responses that are the systematic error.
+    near_miss_share: share of rejected responses of the right form but wrong content (sorted,
+    but not the input's digits); the rest are random edits of the correct answer. Near misses
+    teach the RM what a policy drifting away from the demonstrations produces.
     """
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     names = [n for part in names for n in part.split(",") if n]
@@ -217,7 +236,13 @@ def make_task_data(
 
     def pair(t: Task, x: str) -> dict:
         good = t.solve(x)
-        bad = t.systematic_error(x) if rng.random() < systematic_share else corrupt(good, rng)
+        u = rng.random()
+        if u < systematic_share:
+            bad = t.systematic_error(x)
+        elif u < systematic_share + near_miss_share:
+            bad = t.hard_negative(x, rng)
+        else:
+            bad = corrupt(good, rng)
         return {**_row(t, x), "chosen": good, "rejected": bad}
 
     prefs = [pair(*fresh()) for _ in range(n_pref)]
@@ -227,7 +252,7 @@ def make_task_data(
     for _ in range(n_rank):
         t, x = fresh()
         good = t.solve(x)
-        cands = [good, t.systematic_error(x)] + [corrupt(good, rng) for _ in range(max(k - 2, 0))]
+        cands = [good, t.systematic_error(x), t.hard_negative(x, rng)] + [corrupt(good, rng) for _ in range(max(k - 3, 0))]
         cands = cands[:k]
         rng.shuffle(cands)
         rankings.append({**_row(t, x), "responses": cands, "scores": [judge_one(t.name, x, c) for c in cands]})
@@ -244,6 +269,7 @@ def make_task_data(
         counts[name] = len(rows)
     (out / "task.json").write_text(json.dumps(
         {"tasks": names, "seed": seed, "wrong_share": wrong_share, "systematic_share": systematic_share,
+         "near_miss_share": near_miss_share,
          "counts": counts, "descriptions": {t.name: t.description for t in specs}}, indent=2))
     return counts
 

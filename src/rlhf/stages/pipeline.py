@@ -1,0 +1,55 @@
+"""`rlhf pipeline`: SFT -> RM -> PPO, each stage reading the previous stage's output folder.
+
+Stages write into OUTPUT_DIR/sft, OUTPUT_DIR/rm and OUTPUT_DIR/ppo. Where a later stage leaves
+its model unset, it takes the earlier stage's output: the RM backbone (and the policy it samples
+rankings from) is the SFT checkpoint; PPO's policy is the SFT checkpoint and its reward model the
+RM checkpoint. A stage whose section has no training data is skipped (e.g. a PPO run driven by
+Python reward functions only has no rm section).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..config import PipelineConfig, dump_yaml
+from ..engine import RunError, prepare_output_dir, write_summary
+
+
+def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: bool = False) -> dict:
+    from accelerate import PartialState
+
+    from . import run
+
+    root = Path(output_dir or cfg.output_dir or "")
+    if not str(root) or str(root) == ".":
+        raise RunError("no output directory: pass --output_dir or set output_dir in the recipe")
+    is_main = PartialState().is_main_process
+    prepare_output_dir(root, overwrite, is_main)
+    if is_main:
+        dump_yaml(cfg, root / "recipe.yaml")
+    t0 = time.time()
+    summary: dict = {"stages": []}
+    sft_dir, rm_dir = root / "sft", root / "rm"
+    if cfg.sft.data.train:
+        summary["sft"] = run("sft", cfg.sft, str(sft_dir), overwrite)
+        summary["stages"].append("sft")
+    if cfg.rm.data.train or cfg.rm.sample is not None:
+        if cfg.rm.model.name_or_path is None:
+            cfg.rm.model.name_or_path = str(sft_dir)
+        if cfg.rm.sample is not None and cfg.rm.sample.checkpoint is None:
+            cfg.rm.sample.checkpoint = str(sft_dir)
+        summary["rm"] = run("rm", cfg.rm, str(rm_dir), overwrite)
+        summary["stages"].append("rm")
+    if cfg.ppo.data.train:
+        if cfg.ppo.model.name_or_path is None:
+            cfg.ppo.model.name_or_path = str(sft_dir)
+        if cfg.ppo.reward_model is None and "rm" in summary:
+            cfg.ppo.reward_model = str(rm_dir)
+        summary["ppo"] = run("ppo", cfg.ppo, str(root / "ppo"), overwrite)
+        summary["stages"].append("ppo")
+    summary["total_seconds"] = round(time.time() - t0, 1)
+    if is_main:
+        write_summary(root, summary)
+    return summary

@@ -1,0 +1,519 @@
+"""Stage 3, PPO with a KL penalty against the SFT policy [IGPT §3.5 eq. 2, N, N+].
+
+Each iteration is four calls you can find below:
+
+    rollout   = make_rollout(...)       # sample responses (KV cache, left padding, stop at EOS)
+    scores    = compute_scores(...)     # RM (normalised) and/or Python reward functions, EOS penalty
+    batch     = make_experience(...)    # old log-probs, reference log-probs, values (once per
+                                        # rollout), per-token reward -beta*KL + score at the end,
+                                        # GAE advantages (whitened) and returns
+    stats     = ppo_update(...)         # ppo_epochs x shuffled minibatches x micro-batches of the
+                                        # clipped surrogate + clipped value loss (+ ptx, entropy)
+
+The math lives in :mod:`rlhf.algos.core` as pure functions; this file only wires models to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..algos import core
+from ..config import ModelConfig, PPOConfig, dump_yaml
+from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
+from ..data.tasks import has_gold, gold_reward
+from ..engine import (MetricsLogger, RunError, Timer, chunks, epoch_permutation, make_accelerator, make_optimizer,
+                      make_scheduler, prepare_output_dir, progress, set_seed, write_summary)
+from ..models import ModelError, count_parameters, disable_dropout, load_causal_lm, load_tokenizer, unwrap
+from ..rewards import RewardError, RewardModel, call_reward_fn, load_reward_fn, score_head
+from ..rollout import Generation, generate, position_ids_from_mask, response_logprobs
+from ..tokenization import IGNORE_INDEX, decode_response, encode_prompt, encode_sft
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- value model
+
+
+class ValueModel(nn.Module):
+    """A transformer backbone with a scalar head read at every position: V(s_t), shape (B, T)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return self.head(h).squeeze(-1).float()
+
+
+def load_value_model(cfg: PPOConfig, policy_tok, reward_model: RewardModel | None) -> ValueModel:
+    """Value model from the RM checkpoint (InstructGPT, default) or a fresh head on the policy's backbone."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    if cfg.value_init == "reward_model":
+        if reward_model is None:
+            raise ModelError("recipe: 'value_init: reward_model' needs 'reward_model' (or use value_init: policy)")
+        if not reward_model.same_tokenizer(policy_tok):
+            raise ModelError("recipe: the reward model's tokenizer differs from the policy's; use 'value_init: policy'")
+        rm = AutoModelForSequenceClassification.from_pretrained(reward_model.path)
+        if getattr(rm.config, "is_encoder_decoder", False) or rm.config.model_type in ("bert", "roberta", "distilbert"):
+            raise ModelError("recipe: a bidirectional encoder cannot give per-token values; use 'value_init: policy'")
+        backbone = getattr(rm, rm.base_model_prefix)
+        head = score_head(rm)
+    elif cfg.value_init == "policy":
+        backbone = AutoModel.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        d = backbone.config.hidden_size
+        head = nn.Linear(d, 1, bias=False)
+        nn.init.normal_(head.weight, std=1.0 / math.sqrt(d + 1))
+    else:
+        raise ModelError(f"recipe: 'value_init' must be 'reward_model' or 'policy', got '{cfg.value_init}'")
+    model = ValueModel(backbone, head)
+    disable_dropout(model)
+    return model
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class Rollout:
+    gen: Generation
+    prompts: list
+    """PromptExample per row."""
+    texts: list[str]
+
+
+def make_rollout(policy, tok, prompts: list, cfg: PPOConfig, generator: torch.Generator, device) -> Rollout:
+    encoded = [encode_prompt(tok, p.prompt) for p in prompts]
+    gen = generate(policy, encoded, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator, device=device)
+    texts = [decode_response(tok, r[m.bool()].tolist()) for r, m in zip(gen.response_ids, gen.response_mask)]
+    return Rollout(gen, prompts, texts)
+
+
+def compute_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_fns: list, cfg: PPOConfig,
+                   device) -> tuple[torch.Tensor, dict]:
+    """Sequence scores (B,): weighted RM score + reward functions; EOS-less responses penalised [N+]."""
+    bsz = len(ro.texts)
+    score = torch.zeros(bsz, device=device)
+    parts: dict[str, torch.Tensor] = {}
+    if reward_model is not None:
+        if reward_model.same_tokenizer(tok):  # reuse the sampled tokens: exactly what the RM was trained on
+            g = ro.gen
+            seqs = [p[pm.bool()].tolist() + r[rm.bool()].tolist()
+                    for p, pm, r, rm in zip(g.prompt_ids, g.prompt_mask, g.response_ids, g.response_mask)]
+            rm_score = reward_model.score_ids(seqs).to(device)
+        else:
+            rm_score = reward_model.score([p.prompt for p in ro.prompts], ro.texts).to(device)
+        parts["rm_score"] = rm_score
+        score = score + cfg.reward_model_weight * rm_score
+    for spec, fn in reward_fns:
+        fields = {k: [p.meta.get(k) for p in ro.prompts] for k in ro.prompts[0].meta}
+        vals = torch.tensor(call_reward_fn(fn, [p.raw_prompt for p in ro.prompts], ro.texts, fields), device=device)
+        parts[f"reward_fn/{spec.fn}"] = vals
+        score = score + spec.weight * vals
+    if cfg.penalize_missing_eos:
+        score = torch.where(ro.gen.has_eos.to(device), score, torch.full_like(score, cfg.missing_eos_penalty))
+    return score, parts
+
+
+# ----------------------------------------------------------------------------- experience
+
+
+@dataclass
+class Experience:
+    input_ids: torch.Tensor      # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R)
+    response_mask: torch.Tensor  # (B, R)
+    old_logprobs: torch.Tensor   # (B, R)
+    ref_logprobs: torch.Tensor   # (B, R)
+    old_values: torch.Tensor     # (B, R)
+    advantages: torch.Tensor     # (B, R)
+    returns: torch.Tensor        # (B, R)
+    rewards: torch.Tensor        # (B, R)
+    kl: torch.Tensor             # (B, R) the estimator used in the reward
+    non_score: torch.Tensor      # (B, R)
+
+
+def sequence_batch(g: Generation) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.cat([g.prompt_ids, g.response_ids], dim=1)
+    mask = torch.cat([g.prompt_mask, g.response_mask], dim=1)
+    return ids, mask
+
+
+@torch.no_grad()
+def forward_values(value_model, ids, mask, response_len: int) -> torch.Tensor:
+    """V(s_t) for each response token t: read at the position *before* token t (the state in which it
+    was chosen), the same off-by-one as the log-probs [N]."""
+    return value_model(ids, mask, position_ids_from_mask(mask))[:, -response_len - 1 : -1]
+
+
+@torch.no_grad()
+def make_experience(ro: Rollout, scores: torch.Tensor, policy, ref_policy, value_model, kl_coef: float,
+                    cfg: PPOConfig, micro_batch_size: int) -> Experience:
+    g = ro.gen
+    ids, mask = sequence_batch(g)
+    R = g.response_ids.shape[1]
+    rmask = g.response_mask.float()
+    old_lp, ref_lp, vals = [], [], []
+    for sl in _slices(ids.shape[0], micro_batch_size):
+        old_lp.append(response_logprobs(policy, ids[sl], mask[sl], R, cfg.temperature))
+        with _reference(policy, ref_policy) as ref:
+            ref_lp.append(response_logprobs(ref, ids[sl], mask[sl], R, cfg.temperature))
+        vals.append(forward_values(value_model, ids[sl], mask[sl], R))
+    old_lp, ref_lp, vals = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(vals)
+    kl = core.kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * rmask
+    rewards, non_score = core.shaped_rewards(scores, kl, kl_coef, rmask)
+    if cfg.whiten_rewards:
+        rewards = core.masked_whiten(rewards, rmask, shift_mean=False)
+    adv, returns = core.gae_advantages(rewards, vals, rmask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        adv = core.masked_whiten(adv, rmask)
+    return Experience(ids, mask, rmask, old_lp, ref_lp, vals * rmask, adv, returns, rewards, kl, non_score)
+
+
+@contextlib.contextmanager
+def _reference(policy, ref_policy):
+    """The frozen reference: a separate copy, or the LoRA policy with its adapters disabled."""
+    if ref_policy is not None:
+        yield ref_policy
+    else:
+        with unwrap(policy).disable_adapter():
+            yield policy
+
+
+def _slices(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+# ----------------------------------------------------------------------------- update
+
+
+def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sched_policy, sched_value, acc,
+               cfg: PPOConfig, mb_local: int, iteration: int, ptx_iter=None, ema=None) -> dict:
+    """ppo_epochs passes over the rollout, reshuffled each time; minibatch -> micro-batches."""
+    B = exp.input_ids.shape[0]
+    R = exp.response_mask.shape[1]
+    sums: dict[str, float] = {}
+    counts = 0
+    for epoch in range(cfg.ppo_epochs):
+        perm = epoch_permutation(B, cfg.seed + 7919 * acc.process_index, iteration * 1000 + epoch)
+        for mb in chunks(perm, mb_local):
+            # token count of the whole (global) minibatch: every micro-batch divides by it
+            n_tok = acc.reduce(exp.response_mask[mb].sum().detach().clone(), "sum").item()
+            micro = chunks(mb, cfg.micro_batch_size)
+            for k, mi in enumerate(micro):
+                idx = torch.tensor(mi, device=exp.input_ids.device)
+                ids, mask, rmask = exp.input_ids[idx], exp.attention_mask[idx], exp.response_mask[idx]
+                sync = k == len(micro) - 1
+                with (contextlib.nullcontext() if sync else acc.no_sync(policy)), \
+                        (contextlib.nullcontext() if sync else acc.no_sync(value_model)):
+                    logp, ent = response_logprobs(policy, ids, mask, R, cfg.temperature, return_entropy=True)
+                    pg_loss, pst = core.policy_loss(logp, exp.old_logprobs[idx], exp.advantages[idx], rmask,
+                                                    cfg.cliprange, cfg.log_ratio_clamp, n_tok / acc.num_processes)
+                    vpred = value_model(ids, mask, position_ids_from_mask(mask))[:, -R - 1 : -1]
+                    vf_loss, vclip = core.value_loss(vpred, exp.old_values[idx], exp.returns[idx], rmask,
+                                                     cfg.cliprange_value, n_tok / acc.num_processes)
+                    entropy = core.masked_sum(ent, rmask) / (n_tok / acc.num_processes)
+                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
+                    if ptx_iter is not None and cfg.ptx_coef > 0:
+                        ptx_loss = ptx_iter.loss(policy) / len(micro)
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                        _add(sums, "ptx_loss", ptx_loss.item() * len(micro) / max(len(micro), 1))
+                    acc.backward(loss)
+                w = len(mi) / len(mb)
+                _add(sums, "pg_loss", pg_loss.item())
+                _add(sums, "vf_loss", vf_loss.item())
+                _add(sums, "entropy", entropy.item())
+                _add(sums, "policy_clipfrac", pst.clipfrac.item() * w)
+                _add(sums, "approx_kl", pst.approx_kl.item() * w)
+                _add(sums, "ratio_mean", pst.ratio_mean.item() * w)
+                _add(sums, "value_clipfrac", vclip.item() * w)
+            gn_p = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            gn_v = acc.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            opt_policy.step()
+            opt_value.step()
+            sched_policy.step()
+            sched_value.step()
+            opt_policy.zero_grad(set_to_none=True)
+            opt_value.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(policy)
+            if gn_p is not None:
+                _add(sums, "policy_grad_norm", float(gn_p))
+                _add(sums, "value_grad_norm", float(gn_v))
+            counts += 1
+    return {k: v / counts for k, v in sums.items()}
+
+
+def _add(d: dict, k: str, v: float) -> None:
+    d[k] = d.get(k, 0.0) + v
+
+
+class PtxIterator:
+    """PPO-ptx [IGPT eq. 2]: next-token loss on pretraining/SFT rows, one micro-batch per call."""
+
+    def __init__(self, feats: list, micro_batch_size: int, pad_id: int, seed: int, device):
+        self.feats, self.mbs, self.pad_id, self.seed, self.device = feats, micro_batch_size, pad_id, seed, device
+        self.epoch, self.pos, self.perm = 0, 0, epoch_permutation(len(feats), seed, 0)
+
+    def next_batch(self):
+        if self.pos + self.mbs > len(self.perm):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self.perm = epoch_permutation(len(self.feats), self.seed, self.epoch)
+        batch = [self.feats[i] for i in self.perm[self.pos : self.pos + self.mbs]]
+        self.pos += self.mbs
+        return batch
+
+    def loss(self, policy) -> torch.Tensor:
+        from .sft import collate
+
+        ids, mask, labels = collate(self.next_batch(), self.pad_id, self.device)
+        s, n = core.lm_loss_sum(policy(input_ids=ids, attention_mask=mask).logits, labels)
+        return s / max(n, 1)
+
+
+class EMA:
+    """Exponential moving average of the policy weights [IGPT: 0.992], kept on the CPU."""
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.params = [p.detach().float().cpu().clone() for p in unwrap(model).parameters()]
+
+    def update(self, model) -> None:
+        core.ema_update(self.params, [p.detach().cpu() for p in unwrap(model).parameters()], self.decay)
+
+    def copy_to(self, model) -> None:
+        with torch.no_grad():
+            for e, p in zip(self.params, unwrap(model).parameters()):
+                p.copy_(e.to(p.dtype))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_policy(policy, ref_policy, tok, prompts: list, reward_model, reward_fns, cfg: PPOConfig, device,
+                    seed: int) -> dict:
+    """Held-out prompts sampled at cfg.temperature: mean score, KL to the reference, gold accuracy."""
+    policy_m = unwrap(policy)
+    was = policy_m.training
+    policy_m.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    scores, kls, k3s, golds, lengths, eos = [], [], [], [], [], []
+    for chunk in chunks(prompts, cfg.rollout_batch_size):
+        ro = make_rollout(policy_m, tok, chunk, cfg, gen, device)
+        s, _ = compute_scores(ro, tok, reward_model, reward_fns, cfg, device)
+        ids, mask = sequence_batch(ro.gen)
+        R = ro.gen.response_ids.shape[1]
+        rm = ro.gen.response_mask.float()
+        lp = response_logprobs(policy_m, ids, mask, R, cfg.temperature)
+        with _reference(policy, ref_policy) as ref:
+            rlp = response_logprobs(ref, ids, mask, R, cfg.temperature)
+        kls.append((core.kl_estimate(lp, rlp, "k1") * rm).sum(-1))
+        k3s.append((core.kl_estimate(lp, rlp, "k3") * rm).sum(-1))
+        scores.append(s)
+        lengths.append(rm.sum(-1))
+        eos.append(ro.gen.has_eos.float())
+        if has_gold([p.meta for p in chunk]):
+            golds += gold_reward(None, ro.texts, task=[p.meta["task"] for p in chunk],
+                                 input=[p.meta["input"] for p in chunk])
+    policy_m.train(was)
+    out = {"eval_reward": torch.cat(scores).mean().item(), "eval_kl": torch.cat(kls).mean().item(),
+           "eval_kl_k3": torch.cat(k3s).mean().item(), "eval_response_length": torch.cat(lengths).mean().item(),
+           "eval_eos_rate": torch.cat(eos).mean().item()}
+    if golds:
+        out["eval_gold_accuracy"] = sum(golds) / len(golds)
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _check(cfg: PPOConfig, world: int) -> tuple[int, int]:
+    if cfg.kl_estimator not in core.KL_ESTIMATORS:
+        raise RunError(f"recipe: 'kl_estimator' must be one of {', '.join(core.KL_ESTIMATORS)}, got '{cfg.kl_estimator}'")
+    if cfg.scale_reward not in ("none", "running_std"):
+        raise RunError(f"recipe: 'scale_reward' must be 'none' or 'running_std', got '{cfg.scale_reward}'")
+    if cfg.reward_model is None and not cfg.reward_fns:
+        raise RunError("recipe: PPO needs a reward: set 'reward_model' and/or 'reward_fns'")
+    if cfg.rollout_batch_size % world or cfg.minibatch_size % world:
+        raise RunError(f"recipe: rollout_batch_size and minibatch_size must be multiples of the {world} processes")
+    b_local, mb_local = cfg.rollout_batch_size // world, cfg.minibatch_size // world
+    if b_local % mb_local:
+        raise RunError("recipe: 'rollout_batch_size' must be a multiple of 'minibatch_size'")
+    if mb_local % cfg.micro_batch_size:
+        raise RunError(f"recipe: 'minibatch_size' per process ({mb_local}) must be a multiple of 'micro_batch_size' "
+                       f"({cfg.micro_batch_size})")
+    if cfg.ptx_coef > 0 and not cfg.ptx_data:
+        raise RunError("recipe: 'ptx_coef' > 0 needs 'ptx_data'")
+    return b_local, mb_local
+
+
+def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = False) -> dict:
+    t_start = time.time()
+    acc = make_accelerator(cfg.mixed_precision)
+    b_local, mb_local = _check(cfg, acc.num_processes)
+    out = prepare_output_dir(output_dir or cfg.output_dir, overwrite, acc.is_main_process)
+    set_seed(cfg.seed + acc.process_index)  # a different sampling seed per rank [N]
+    device = acc.device
+
+    prompts, pstats = load_examples(cfg.data.train, parse_prompt, split=cfg.data.split,
+                                    skip_bad_rows=cfg.data.skip_bad_rows, max_samples=cfg.data.max_samples,
+                                    what="prompts")
+    if cfg.data.eval:
+        eval_prompts, _ = load_examples(cfg.data.eval, parse_prompt, skip_bad_rows=cfg.data.skip_bad_rows,
+                                        what="prompts", field_name="data.eval")
+    else:
+        prompts, eval_prompts = split_train_eval(prompts, cfg.data.eval_split, cfg.seed)
+    eval_prompts = eval_prompts[: cfg.eval_samples]
+
+    tok = load_tokenizer(cfg.model)
+    for p in prompts[:1000]:
+        n = len(encode_prompt(tok, p.prompt))
+        if n > cfg.data.max_prompt_length:
+            raise DataError(f"{p.where}: prompt of {n} tokens exceeds data.max_prompt_length ({cfg.data.max_prompt_length})")
+    policy = load_causal_lm(cfg.model, tok)
+    disable_dropout(policy)
+    ref_policy = None
+    if not cfg.model.lora.enabled:
+        ref_policy = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
+    reward_model = RewardModel(cfg.reward_model, device=device) if cfg.reward_model else None
+    reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]
+    value_model = load_value_model(cfg, tok, reward_model)
+
+    n_updates = cfg.steps * cfg.ppo_epochs * (b_local // mb_local)
+    opt_p = make_optimizer(policy.parameters(), cfg.lr, cfg.weight_decay, (0.9, 0.95), cfg.adam_eps)
+    opt_v = make_optimizer(value_model.parameters(), cfg.value_lr or cfg.lr, cfg.weight_decay, (0.9, 0.95), cfg.adam_eps)
+    sched_p = make_scheduler(opt_p, cfg.lr_scheduler, n_updates, cfg.warmup_ratio)
+    sched_v = make_scheduler(opt_v, cfg.lr_scheduler, n_updates, cfg.warmup_ratio)
+    policy, value_model, opt_p, opt_v = acc.prepare(policy, value_model, opt_p, opt_v)
+    kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else core.FixedKLController(cfg.kl_coef))
+    moments = core.RunningMoments()
+    ema = EMA(policy, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ptx_iter = None
+    if cfg.ptx_coef > 0:
+        demos, _ = load_examples(cfg.ptx_data, parse_sft, skip_bad_rows=True, what="ptx rows", field_name="ptx_data")
+        ptx_iter = PtxIterator([encode_sft(tok, d.prompt, d.completion) for d in demos], cfg.micro_batch_size,
+                               tok.pad_token_id, cfg.seed + acc.process_index, device)
+
+    if acc.is_main_process:
+        dump_yaml(cfg, out / "recipe.yaml")
+    logger = MetricsLogger(out, enabled=acc.is_main_process)
+    log.info("PPO: %d prompts, %d held out, %d iterations x %d rollouts, %d optimizer steps, policy %.2fM params",
+             len(prompts), len(eval_prompts), cfg.steps, cfg.rollout_batch_size, n_updates,
+             count_parameters(unwrap(policy)) / 1e6)
+
+    summary: dict = {"stage": "ppo"}
+    if eval_prompts and acc.is_main_process:
+        initial = evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg, device,
+                                  cfg.seed + 12345)
+        summary.update({"initial_" + k: v for k, v in initial.items()})
+        logger.log(0, initial)
+
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + acc.process_index)
+    per_epoch = len(prompts) // cfg.rollout_batch_size
+    if per_epoch == 0:
+        raise RunError(f"{len(prompts)} prompts are fewer than one rollout batch ({cfg.rollout_batch_size})")
+    bar = progress(total=cfg.steps, desc="ppo", disable=not acc.is_main_process)
+    for it in range(1, cfg.steps + 1):
+        t_gen, t_score, t_exp, t_train = Timer(), Timer(), Timer(), Timer()
+        epoch, pos = divmod(it - 1, per_epoch)
+        perm = epoch_permutation(len(prompts), cfg.seed, epoch)
+        batch_idx = perm[pos * cfg.rollout_batch_size : (pos + 1) * cfg.rollout_batch_size]
+        batch = [prompts[i] for i in batch_idx[acc.process_index * b_local : (acc.process_index + 1) * b_local]]
+
+        unwrap(policy).eval()
+        with t_gen:
+            ro = make_rollout(unwrap(policy), tok, batch, cfg, gen, device)
+        with t_score:
+            raw_scores, parts = compute_scores(ro, tok, reward_model, reward_fns, cfg, device)
+            scores = raw_scores
+            if cfg.scale_reward == "running_std":
+                moments.update(acc.gather(raw_scores))
+                scores = scores / max(moments.std, 1e-8)
+            scores = core.clip_scores(scores, cfg.reward_clip)
+        with t_exp:
+            exp = make_experience(ro, scores, unwrap(policy), ref_policy, unwrap(value_model), kl_ctl.value, cfg,
+                                  cfg.micro_batch_size)
+        unwrap(policy).train()
+        with t_train:
+            stats = ppo_update(exp, policy, value_model, opt_p, opt_v, sched_p, sched_v, acc, cfg, mb_local, it,
+                               ptx_iter, ema)
+
+        seq_kl = exp.kl.sum(-1)
+        mean_kl = acc.reduce(seq_kl.mean(), "mean").item()
+        kl_ctl.update(mean_kl, cfg.rollout_batch_size)
+        if it % cfg.log_every == 0 or it == cfg.steps:
+            rm_ = exp.response_mask
+            m = {
+                "score": raw_scores.mean(), "score_used": scores.mean(), "kl": mean_kl,
+                "kl_k3": (core.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k3") * rm_).sum(-1).mean(),
+                "non_score_reward": exp.non_score.sum(-1).mean(),
+                "total_reward": (exp.non_score.sum(-1) + scores).mean(),
+                "response_length": rm_.sum(-1).mean(), "eos_rate": ro.gen.has_eos.float().mean(),
+                "advantage_mean": core.masked_mean(exp.advantages, rm_), "return_mean": core.masked_mean(exp.returns, rm_),
+                "value_mean": core.masked_mean(exp.old_values, rm_), **{k: v.mean() for k, v in parts.items()},
+            }
+            if has_gold([p.meta for p in batch]):
+                g = gold_reward(None, ro.texts, task=[p.meta["task"] for p in batch], input=[p.meta["input"] for p in batch])
+                m["gold_accuracy"] = torch.tensor(sum(g) / len(g), device=device)
+            m = {k: acc.reduce(torch.as_tensor(v, device=device, dtype=torch.float32).clone(), "mean").item()
+                 for k, v in m.items()}
+            m.update(stats)
+            m.update({"kl_coef": kl_ctl.value, "lr": sched_p.get_last_lr()[0], "time_generate": t_gen.total,
+                      "time_score": t_score.total, "time_experience": t_exp.total, "time_train": t_train.total,
+                      "tokens_generated": int(rm_.sum().item()) * acc.num_processes})
+            logger.log(it, m)
+            bar.set_postfix(score=f"{m['score']:.3f}", kl=f"{mean_kl:.3f}",
+                            **({"gold": f"{m['gold_accuracy']:.2f}"} if "gold_accuracy" in m else {}))
+        if acc.is_main_process and cfg.sample_every and (it % cfg.sample_every == 0 or it == 1):
+            _log_samples(out, logger, it, ro, raw_scores)
+        if cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.steps and eval_prompts and acc.is_main_process:
+            logger.log(it, evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg,
+                                           device, cfg.seed + 12345))
+        bar.update(1)
+    bar.close()
+
+    if eval_prompts and acc.is_main_process:
+        final = evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg, device,
+                                cfg.seed + 12345)
+        summary.update(final)
+        logger.log(cfg.steps, final)
+    summary.update({"steps": cfg.steps, "optimizer_steps": n_updates, "train_prompts": len(prompts),
+                    "eval_prompts": len(eval_prompts), "kl_coef_final": kl_ctl.value,
+                    "train_seconds": round(time.time() - t_start, 1)})
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        from .sft import save_model_files
+
+        save_model_files(policy, tok, out)
+        if ema is not None:
+            ema_model = copy.deepcopy(unwrap(policy))
+            ema.copy_to(ema_model)
+            (out / "ema").mkdir(exist_ok=True)
+            save_model_files(ema_model, tok, out / "ema")
+        write_summary(out, summary)
+    logger.close()
+    return summary
+
+
+def _log_samples(out: Path, logger: MetricsLogger, it: int, ro: Rollout, scores: torch.Tensor, n: int = 8) -> None:
+    import json
+
+    rows = [{"step": it, "prompt": p.prompt[-1]["content"], "completion": t, "score": float(s)}
+            for p, t, s in list(zip(ro.prompts, ro.texts, scores))[:n]]
+    with open(out / "samples.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    logger.text(it, "samples", "\n\n".join(f"**{r['prompt']}** → {r['completion']} ({r['score']:.2f})" for r in rows))

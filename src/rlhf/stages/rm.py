@@ -1,0 +1,275 @@
+"""Stage 2, the reward model: pairwise preference loss on a scalar head [IGPT §3.5, eq. 1].
+
+loss = -mean over pairs of log sigmoid(r(x, y_w) - r(x, y_l) - margin). All C(K, 2) pairs of a
+K-way ranking stay in one batch, and each distinct response is scored once per step (K forward
+passes, not C(K, 2) x 2) — the InstructGPT trick against over-fitting and for speed. The head
+reads the last non-pad token (the EOS) and starts from N(0, 1/sqrt(d + 1)) [N+]. After training
+a bias is stored so the reference set (demonstrations) scores mean 0 [IGPT]; any loader of the
+checkpoint finds it in ``config.rlhf_reward_bias`` and :class:`rlhf.rewards.RewardModel` adds it.
+
+Why not TRL's RewardTrainer: it takes only pairs (no K-way groups in one batch, no per-step
+deduplication of responses) and has no normalisation; this loop is short and shares the
+tokenization of SFT and PPO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..algos.core import pairwise_rm_loss, reward_bias
+from ..config import ModelConfig, RMConfig, SampleConfig, dump_yaml
+from ..data.formats import DataError, PrefGroup, load_examples, parse_preference, parse_sft, split_train_eval
+from ..engine import (MetricsLogger, chunks, global_batches, grad_accum_steps, make_accelerator, make_optimizer,
+                      make_scheduler, prepare_output_dir, progress, set_seed, shard, write_summary)
+from ..models import ModelError, count_parameters, disable_dropout, load_tokenizer, torch_dtype, unwrap
+from ..rewards import BIAS_KEY, forward_scores, score_head, score_sequences
+from ..rollout import right_pad
+from ..tokenization import encode_prompt, encode_response
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_reward_backbone(cfg: ModelConfig, tok, seed: int):
+    """A sequence-classification model with one output; a fresh head gets N(0, 1/sqrt(d+1)) [N+]."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if cfg.init != "pretrained" or not cfg.name_or_path:
+        raise ModelError("recipe: the reward model needs 'model.name_or_path' (the SFT output or a classifier)")
+    if not Path(cfg.name_or_path).exists() and cfg.name_or_path.startswith((".", "/")):
+        raise ModelError(f"recipe: 'model.name_or_path' points at a missing checkpoint: {cfg.name_or_path}")
+    hf_cfg = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                        revision=cfg.revision)
+    fresh_head = not any(a.endswith("ForSequenceClassification") for a in (hf_cfg.architectures or [])) \
+        or getattr(hf_cfg, "num_labels", 1) != 1
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        cfg.name_or_path, num_labels=1, dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision, ignore_mismatched_sizes=True)
+    model.config.pad_token_id = tok.pad_token_id
+    if model.get_input_embeddings().weight.shape[0] < len(tok):
+        model.resize_token_embeddings(len(tok))
+    if fresh_head:
+        head = score_head(model)
+        d = head.weight.shape[1]
+        torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(d + 1))
+        if getattr(head, "bias", None) is not None:
+            torch.nn.init.zeros_(head.bias)
+    model.config.architectures = [type(model).__name__]
+    disable_dropout(model)
+    return model
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def encode_group(tok, g: PrefGroup, max_length: int) -> list[list[int]]:
+    prompt = encode_prompt(tok, g.prompt)
+    seqs = [prompt + encode_response(tok, g.prompt, r) for r in g.responses]
+    longest = max(len(s) for s in seqs)
+    if longest > max_length:
+        raise DataError(f"{g.source}: {longest} tokens exceed data.max_length ({max_length})")
+    return seqs
+
+
+def group_loss(model, groups: list[tuple[list[list[int]], list[tuple[int, int, float]]]], pad_id: int, device,
+               use_margin: bool = True):
+    """Scores each distinct sequence of the groups once, then the pairwise losses. Returns
+    (per-pair losses (P,), chosen scores (P,), rejected scores (P,))."""
+    seqs, offsets = [], []
+    for s, _ in groups:
+        offsets.append(len(seqs))
+        seqs.extend(s)
+    ids = right_pad(seqs, pad_id, device)
+    mask = right_pad([[1] * len(s) for s in seqs], 0, device)
+    scores = forward_scores(model, ids, mask)
+    w = torch.tensor([o + i for o, (_, pairs) in zip(offsets, groups) for i, _, _ in pairs], device=device)
+    l = torch.tensor([o + j for o, (_, pairs) in zip(offsets, groups) for _, j, _ in pairs], device=device)
+    margin = torch.tensor([m for _, pairs in groups for _, _, m in pairs], device=device, dtype=scores.dtype)
+    chosen, rejected = scores[w], scores[l]
+    return pairwise_rm_loss(chosen, rejected, margin if use_margin else None), chosen, rejected
+
+
+@torch.no_grad()
+def evaluate_pairs(model, groups, pad_id: int, micro_batch_size: int, device) -> dict:
+    model.eval()
+    ch, rj = [], []
+    for mb in chunks(groups, micro_batch_size):
+        _, c, r = group_loss(model, mb, pad_id, device)
+        ch.append(c)
+        rj.append(r)
+    model.train()
+    if not ch:
+        return {}
+    c, r = torch.cat(ch), torch.cat(rj)
+    correct = (c > r).float() + 0.5 * (c == r).float()
+    return {"eval_accuracy": correct.mean().item(), "eval_margin": (c - r).mean().item(),
+            "eval_chosen_mean": c.mean().item(), "eval_rejected_mean": r.mean().item(),
+            "eval_loss": pairwise_rm_loss(c, r).mean().item(), "eval_pairs": int(c.numel())}
+
+
+# ----------------------------------------------------------------------------- sampling K-way rankings
+
+
+def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, device=None) -> dict:
+    """InstructGPT §3.4: K samples of the policy per prompt, scored by a judge -> K-way rankings."""
+    from ..data.formats import load_examples as _load, parse_prompt
+    from ..data.tasks import write_jsonl
+    from ..evaluate import sample_texts
+    from ..models import load_causal_lm
+    from ..rewards import call_reward_fn, load_reward_fn
+
+    if not sc.checkpoint or not sc.prompts:
+        raise DataError("recipe: 'sample.checkpoint' and 'sample.prompts' are required for sampling")
+    prompts, _ = _load(sc.prompts, parse_prompt, max_samples=sc.max_prompts, what="prompts", field_name="sample.prompts")
+    judge = load_reward_fn(sc.judge or "judge")
+    mc = ModelConfig(name_or_path=sc.checkpoint)
+    tok = load_tokenizer(mc)
+    policy = load_causal_lm(mc, tok)
+    disable_dropout(policy)
+    if device is not None:
+        policy.to(device)
+    expanded = [p for p in prompts for _ in range(sc.k)]
+    texts, _ = sample_texts(policy, tok, [p.prompt for p in expanded], max_new_tokens=sc.max_new_tokens,
+                            temperature=sc.temperature, batch_size=sc.batch_size, seed=seed, device=device,
+                            progress_desc=f"sampling K={sc.k}")
+    fields = {k: [p.meta.get(k) for p in expanded] for k in expanded[0].meta}
+    scores = call_reward_fn(judge, [p.prompt for p in expanded], texts, fields)
+    rows = []
+    for i, p in enumerate(prompts):
+        sl = slice(i * sc.k, (i + 1) * sc.k)
+        rows.append({**p.meta, "prompt": p.prompt, "responses": texts[sl], "scores": scores[sl]})
+    if sc.mix_with:
+        from ..data.formats import read_rows
+
+        rows += [r.data for r in read_rows(sc.mix_with)]
+    write_jsonl(out_path, rows)
+    distinct = sum(len(set(r["responses"])) for r in rows[: len(prompts)]) / max(len(prompts), 1)
+    return {"sampled_prompts": len(prompts), "k": sc.k, "mean_distinct_responses": distinct,
+            "mean_judge_score": sum(scores) / len(scores)}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False) -> dict:
+    t_start = time.time()
+    acc = make_accelerator(cfg.train.mixed_precision)
+    out = prepare_output_dir(output_dir or cfg.output_dir, overwrite, acc.is_main_process)
+    set_seed(cfg.seed)
+    train_specs = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train or [])
+    summary: dict = {"stage": "rm"}
+    if cfg.sample is not None:  # rankings of the policy's own samples, made before training
+        path = out / "sampled_rankings.jsonl"
+        if acc.is_main_process:
+            summary.update(sample_rankings(cfg.sample, path, seed=cfg.seed))
+        acc.wait_for_everyone()
+        train_specs.append(str(path))
+    stats: dict = {}
+    groups, stats = load_examples(train_specs or None, parse_preference, split=cfg.data.split,
+                                  skip_bad_rows=cfg.data.skip_bad_rows, max_samples=cfg.data.max_samples,
+                                  what="preference rows")
+    if cfg.data.eval:
+        eval_groups, _ = load_examples(cfg.data.eval, parse_preference, skip_bad_rows=cfg.data.skip_bad_rows,
+                                       what="preference rows", field_name="data.eval")
+    else:
+        groups, eval_groups = split_train_eval(groups, cfg.data.eval_split, cfg.seed)
+
+    tok = load_tokenizer(cfg.model)
+    model = load_reward_backbone(cfg.model, tok, cfg.seed)
+    enc = [(encode_group(tok, g, cfg.data.max_length), g.pairs) for g in groups]
+    eval_enc = [(encode_group(tok, g, cfg.data.max_length), g.pairs) for g in eval_groups]
+
+    tc = cfg.train
+    accum = grad_accum_steps(tc.batch_size, tc.micro_batch_size, acc.num_processes)
+    batches = global_batches(len(enc), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
+    optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, (tc.adam_beta1, tc.adam_beta2), tc.adam_eps)
+    scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)
+    model, optimizer = acc.prepare(model, optimizer)
+    if acc.is_main_process:
+        dump_yaml(cfg, out / "recipe.yaml")
+    logger = MetricsLogger(out, enabled=acc.is_main_process)
+    n_pairs = sum(len(p) for _, p in enc)
+    log.info("RM: %d groups (%d pairs) train, %d groups eval, %d steps, %.2fM parameters", len(enc), n_pairs,
+             len(eval_enc), len(batches), count_parameters(unwrap(model)) / 1e6)
+
+    model.train()
+    bar = progress(total=len(batches), desc="rm", disable=not acc.is_main_process)
+    win = {"loss": 0.0, "acc": 0.0, "pairs": 0}
+    for step, idx in enumerate(batches, 1):
+        batch = [enc[i] for i in idx]
+        pairs_in_batch = sum(len(p) for _, p in batch)  # global: loss is a mean over every pair
+        micro = chunks(shard(batch, acc.process_index, acc.num_processes), tc.micro_batch_size)
+        assert len(micro) == accum
+        for k, mb in enumerate(micro):
+            ctx = acc.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext()
+            with ctx:
+                losses, c, r = group_loss(model, mb, tok.pad_token_id, acc.device, cfg.margin)
+                acc.backward(losses.sum() / pairs_in_batch * acc.num_processes)
+            win["loss"] += losses.sum().item()
+            win["acc"] += (c > r).float().sum().item()
+        win["pairs"] += pairs_in_batch
+        grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        if step % tc.log_every == 0 or step == len(batches):
+            tot = acc.reduce(torch.tensor([win["loss"], win["acc"]], device=acc.device), "sum")
+            rec = {"loss": tot[0].item() / win["pairs"], "accuracy": tot[1].item() / win["pairs"],
+                   "lr": scheduler.get_last_lr()[0]}
+            if grad_norm is not None:
+                rec["grad_norm"] = float(grad_norm)
+            logger.log(step, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}")
+            win = {"loss": 0.0, "acc": 0.0, "pairs": 0}
+        if tc.eval_every and step % tc.eval_every == 0 and step != len(batches):
+            logger.log(step, evaluate_pairs(model, eval_enc, tok.pad_token_id, tc.micro_batch_size, acc.device))
+    bar.close()
+
+    summary.update({"steps": len(batches), "train_groups": len(enc), "train_pairs": n_pairs,
+                    "parameters": count_parameters(unwrap(model)),
+                    **{k: v for k, v in stats.items() if k != "rows"}})
+    summary.update(evaluate_pairs(model, eval_enc, tok.pad_token_id, tc.micro_batch_size, acc.device))
+    bias = 0.0
+    if cfg.normalize:
+        ref = reference_sequences(cfg, tok, groups)
+        raw = score_sequences(unwrap(model).eval(), ref, tok.pad_token_id, tc.micro_batch_size, acc.device)
+        bias = reward_bias(raw)
+        summary["normalize_reference_size"] = len(ref)
+    summary["reward_bias"] = bias
+    for k in ("eval_chosen_mean", "eval_rejected_mean"):
+        if k in summary:
+            summary[k + "_normalized"] = summary[k] + bias
+    summary["train_seconds"] = round(time.time() - t_start, 1)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        from .sft import save_model_files
+
+        save_model_files(model, tok, out, extra_config={BIAS_KEY: bias})
+        logger.log(len(batches), {k: v for k, v in summary.items() if k.startswith("eval_")})
+        write_summary(out, summary)
+    logger.close()
+    return summary
+
+
+def reference_sequences(cfg: RMConfig, tok, groups: list[PrefGroup]) -> list[list[int]]:
+    """Sequences whose mean score becomes 0: `normalize_data` (demonstrations) or the chosen responses."""
+    if cfg.normalize_data:
+        demos, _ = load_examples(cfg.normalize_data, parse_sft, skip_bad_rows=True, what="SFT rows",
+                                 field_name="normalize_data")
+        return [encode_prompt(tok, d.prompt) + encode_response(tok, d.prompt, d.completion) for d in demos]
+    seqs = []
+    for g in groups:
+        prompt = encode_prompt(tok, g.prompt)
+        for i in sorted({w for w, _, _ in g.pairs}):
+            seqs.append(prompt + encode_response(tok, g.prompt, g.responses[i]))
+    return seqs

@@ -1,0 +1,83 @@
+"""Shared fixtures: a locally trained tokenizer, tiny models built from a config, task data.
+
+No test touches the network: models are 2-layer Llama configs (d = 32) with random weights,
+the tokenizer is trained here on the built-in task data.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RLHF_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64,
+             "tie_word_embeddings": True}
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory) -> Path:
+    from rlhf.data.tasks import make_task_data
+
+    d = tmp_path_factory.mktemp("sortdata")
+    make_task_data("sort", d, n_sft=600, n_pref=400, n_rank=40, n_rl=300, n_eval=60, seed=0)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tok(task_dir):
+    import json
+
+    from rlhf.models import train_tokenizer
+
+    texts = []
+    for line in open(task_dir / "sft.jsonl"):
+        r = json.loads(line)
+        texts += [r["prompt"], r["completion"]]
+    return train_tokenizer(texts, vocab_size=300)
+
+
+@pytest.fixture
+def tiny_lm(tok):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = dict(TINY_ARCH)
+    cfg = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.eos_token_id, **arch)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def sft_checkpoint(tmp_path_factory, task_dir) -> Path:
+    """A tiny SFT run (trained for real, ~5 s) that RM/PPO/CLI tests start from."""
+    from rlhf.config import load_stage_config
+    from rlhf.stages import run
+
+    out = tmp_path_factory.mktemp("sft_run")
+    cfg = load_stage_config("sft", None, {
+        "model.init": "from_config", "model.arch": TINY_ARCH, "model.tokenizer_vocab_size": 300,
+        "data.train": str(task_dir / "sft.jsonl"), "data.eval_split": 0.1, "data.max_length": 48,
+        "train.epochs": 3, "train.batch_size": 32, "train.micro_batch_size": 16, "train.lr": 3e-3,
+        "train.log_every": 5, "max_new_tokens": 10, "gen_eval_samples": 32})
+    run("sft", cfg, str(out), overwrite=True)
+    return out
+
+
+def run_cli(*args, cwd=None, check=True):
+    import subprocess
+
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"))
+    p = subprocess.run([sys.executable, "-m", "rlhf", *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT,
+                       env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"rlhf {' '.join(map(str, args))} exited {p.returncode}\n{p.stderr[-3000:]}")
+    return p

@@ -1,0 +1,231 @@
+"""The PPO/RM math against hand-computed values on 2-4 token examples, plus invariances."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf.algos import core
+
+
+def test_masked_mean_var_whiten():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert core.masked_mean(x, m).item() == pytest.approx(2.0)
+    assert core.masked_var(x, m).item() == pytest.approx(1.0)  # unbiased: ((1+0+1)/3)*3/2
+    w = core.masked_whiten(x, m)
+    assert w[0, :3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
+    assert w[0, 3].item() == 0.0  # masked position zeroed
+    keep = core.masked_whiten(x, m, shift_mean=False)
+    assert keep[0, :3].tolist() == pytest.approx([1.0, 2.0, 3.0], abs=1e-6)
+
+
+def test_whiten_ignores_masked_values():
+    x = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    y = torch.tensor([[1.0, 2.0, 3.0, -1e6]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert torch.equal(core.masked_whiten(x, m), core.masked_whiten(y, m))
+
+
+def test_kl_estimators_hand_values():
+    logp = torch.tensor([[math.log(0.5), math.log(0.25)]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.5)]])
+    # log r = ref - logp = [-log 2, +log 2]
+    l2 = math.log(2)
+    assert core.kl_estimate(logp, ref, "k1")[0].tolist() == pytest.approx([l2, -l2])
+    assert core.kl_estimate(logp, ref, "k2")[0].tolist() == pytest.approx([0.5 * l2**2, 0.5 * l2**2])
+    assert core.kl_estimate(logp, ref, "k3")[0].tolist() == pytest.approx([(0.5 - 1) + l2, (2 - 1) - l2])
+    assert (core.kl_estimate(logp, ref, "k3") >= 0).all()
+    with pytest.raises(ValueError):
+        core.kl_estimate(logp, ref, "k4")
+
+
+def test_kl_estimators_agree_in_expectation():
+    torch.manual_seed(0)
+    p = torch.tensor([0.6, 0.3, 0.1])
+    q = torch.tensor([0.3, 0.4, 0.3])
+    true_kl = float((p * (p / q).log()).sum())
+    x = torch.multinomial(p, 200000, replacement=True)
+    logp, logq = p.log()[x], q.log()[x]
+    for est in ("k1", "k3"):
+        assert core.kl_estimate(logp, logq, est).mean().item() == pytest.approx(true_kl, rel=0.03)
+
+
+def test_shaped_rewards_score_on_last_valid_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    scores = torch.tensor([1.0, 2.0])
+    rewards, non_score = core.shaped_rewards(scores, kl, 0.1, mask)
+    assert rewards[0].tolist() == pytest.approx([-0.01, -0.02, -0.03, -0.04 + 1.0])
+    assert rewards[1].tolist() == pytest.approx([-0.05, -0.05 + 2.0, 0.0, 0.0])
+    assert non_score[1].tolist() == pytest.approx([-0.05, -0.05, 0.0, 0.0])
+
+
+def test_last_token_index():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    assert core.last_token_index(mask).tolist() == [2, 0, 3]
+
+
+def test_gae_hand_computed():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3]])
+    mask = torch.ones(1, 3)
+    gamma, lam = 1.0, 0.5
+    adv, ret = core.gae_advantages(rewards, values, mask, gamma, lam)
+    d2 = 1.0 - 0.3
+    d1 = 0.0 + 0.3 - 0.4
+    d0 = 0.0 + 0.4 - 0.5
+    a2, a1 = d2, d1 + 0.5 * d2
+    a0 = d0 + 0.5 * a1
+    assert adv[0].tolist() == pytest.approx([a0, a1, a2])
+    assert ret[0].tolist() == pytest.approx([a0 + 0.5, a1 + 0.4, a2 + 0.3])
+
+
+def _gae_reference(r, v, n, gamma, lam):
+    """Per-sequence python loop over the n valid tokens."""
+    adv = [0.0] * len(r)
+    last = 0.0
+    for t in reversed(range(n)):
+        nv = v[t + 1] if t + 1 < n else 0.0
+        delta = r[t] + gamma * nv - v[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv
+
+
+def test_gae_batched_matches_python_loop_and_ignores_padding():
+    torch.manual_seed(0)
+    B, T = 5, 7
+    r, v = torch.randn(B, T), torch.randn(B, T)
+    lengths = [7, 3, 1, 5, 6]
+    mask = torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
+    adv, _ = core.gae_advantages(r, v, mask, 0.9, 0.8)
+    for b, n in enumerate(lengths):
+        ref = _gae_reference(r[b].tolist(), v[b].tolist(), n, 0.9, 0.8)
+        assert adv[b].tolist() == pytest.approx(ref, abs=1e-5)
+    # garbage after the end changes nothing
+    r2, v2 = r.clone(), v.clone()
+    r2[mask == 0] = 123.0
+    v2[mask == 0] = -77.0
+    adv2, ret2 = core.gae_advantages(r2, v2, mask, 0.9, 0.8)
+    assert torch.allclose(adv, adv2) and (adv2[mask == 0] == 0).all() and (ret2[mask == 0] == 0).all()
+
+
+def test_policy_loss_hand_computed():
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)]])  # ratios 1.5 and 0.5 vs old = 0
+    old = torch.zeros(1, 2)
+    adv = torch.tensor([[1.0, 1.0]])
+    mask = torch.ones(1, 2)
+    loss, st = core.policy_loss(logp, old, adv, mask, cliprange=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(-0.5, -0.8) = -0.5
+    assert loss.item() == pytest.approx((-1.2 - 0.5) / 2)
+    assert st.clipfrac.item() == pytest.approx(0.5)
+    assert st.ratio_mean.item() == pytest.approx(1.0)
+    l1, l2 = math.log(1.5), math.log(0.5)
+    assert st.approx_kl.item() == pytest.approx(((0.5 - l1) + (-0.5 - l2)) / 2)
+
+
+def test_policy_loss_negative_advantage_and_mask():
+    logp = torch.tensor([[math.log(0.5), 5.0]])
+    old = torch.zeros(1, 2)
+    adv = torch.tensor([[-2.0, 100.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    loss, st = core.policy_loss(logp, old, adv, mask, cliprange=0.2)
+    # ratio 0.5, A = -2: max(1.0, 2 * 0.8 = 1.6) = 1.6
+    assert loss.item() == pytest.approx(1.6)
+    assert st.clipfrac.item() == pytest.approx(1.0)
+
+
+def test_policy_loss_ratio_one_and_log_ratio_clamp():
+    logp = torch.randn(3, 4)
+    adv = torch.randn(3, 4)
+    mask = torch.ones(3, 4)
+    loss, st = core.policy_loss(logp, logp.clone(), adv, mask)
+    assert st.ratio_mean.item() == 1.0 and st.clipfrac.item() == 0.0 and st.approx_kl.item() == 0.0
+    assert loss.item() == pytest.approx(-adv.mean().item(), abs=1e-6)
+    huge = torch.full((1, 1), 1000.0)
+    l, s = core.policy_loss(huge, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), log_ratio_clamp=20.0)
+    assert torch.isfinite(l) and torch.isfinite(s.approx_kl)
+
+
+def test_value_loss_hand_computed():
+    values = torch.tensor([[1.0, 0.0]])
+    old = torch.tensor([[0.5, 0.0]])
+    returns = torch.tensor([[2.0, 0.1]])
+    mask = torch.ones(1, 2)
+    loss, clipfrac = core.value_loss(values, old, returns, mask, cliprange_value=0.2)
+    # token 0: unclipped (1-2)^2 = 1; clipped V = 0.7 -> (0.7-2)^2 = 1.69; max = 1.69
+    # token 1: both (0 - 0.1)^2 = 0.01
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 0.01) / 2)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_normalizer_makes_micro_batching_exact():
+    torch.manual_seed(0)
+    logp, old, adv = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.float)
+    full, _ = core.policy_loss(logp, old, adv, mask)
+    n = mask.sum()
+    parts = sum(core.policy_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], normalizer=n)[0]
+                for i in (0, 2))
+    assert parts.item() == pytest.approx(full.item(), abs=1e-6)
+
+
+def test_pairwise_rm_loss_hand_computed():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
+    loss = core.pairwise_rm_loss(chosen, rejected)
+    assert loss.tolist() == pytest.approx([math.log(1 + math.exp(-1.0)), math.log(2.0)])
+    with_margin = core.pairwise_rm_loss(chosen, rejected, torch.tensor([1.0, 0.0]))
+    assert with_margin[0].item() == pytest.approx(math.log(2.0))
+
+
+def test_reward_bias_centres_reference():
+    ref = torch.tensor([1.0, 2.0, 6.0])
+    b = core.reward_bias(ref)
+    assert b == pytest.approx(-3.0)
+    assert (ref + b).mean().item() == pytest.approx(0.0)
+
+
+def test_lm_loss_sum_masks_prompt():
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 1, 3] = 10.0  # predicts label at t=2
+    labels = torch.tensor([[-100, -100, 3, -100]])
+    s, n = core.lm_loss_sum(logits, labels)
+    assert n == 1
+    expected = -torch.log_softmax(logits[0, 1], -1)[3].item()
+    assert s.item() == pytest.approx(expected)
+
+
+def test_adaptive_kl_controller():
+    ctl = core.AdaptiveKLController(0.15, target=6.0, horizon=10000)
+    ctl.update(current_kl=12.0, n_steps=100)  # error clipped to +0.2
+    assert ctl.value == pytest.approx(0.15 * (1 + 0.2 * 100 / 10000))
+    ctl2 = core.AdaptiveKLController(0.15, 6.0, 10000)
+    ctl2.update(current_kl=5.4, n_steps=64)  # error -0.1
+    assert ctl2.value == pytest.approx(0.15 * (1 - 0.1 * 64 / 10000))
+    fixed = core.FixedKLController(0.05)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.05
+
+
+def test_running_moments_matches_numpy():
+    torch.manual_seed(0)
+    xs = [torch.randn(n) * 3 + 1 for n in (5, 17, 8)]
+    rm = core.RunningMoments()
+    for x in xs:
+        rm.update(x)
+    allx = torch.cat(xs).double()
+    assert rm.mean == pytest.approx(allx.mean().item(), abs=1e-9)
+    assert rm.std == pytest.approx(allx.std(unbiased=True).item(), abs=1e-9)
+
+
+def test_clip_scores_and_ema():
+    assert core.clip_scores(torch.tensor([-20.0, 3.0, 20.0]), 10.0).tolist() == [-10.0, 3.0, 10.0]
+    assert core.clip_scores(torch.tensor([-20.0]), 0.0).tolist() == [-20.0]
+    e = [torch.tensor([1.0])]
+    core.ema_update(e, [torch.tensor([3.0])], 0.75)
+    assert e[0].item() == pytest.approx(1.5)
+
+
+def test_entropy_from_logits():
+    assert core.entropy_from_logits(torch.zeros(4)).item() == pytest.approx(math.log(4))

@@ -1,0 +1,206 @@
+"""Data formats, validation errors (file:line:field), K-way expansion, built-in tasks."""
+
+import json
+
+import pytest
+
+from rlhf.data import formats as F
+from rlhf.data import tasks
+
+
+def write(tmp_path, name, rows):
+    p = tmp_path / name
+    p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def load(path, parser, **kw):
+    return F.load_examples(str(path), parser, **kw)
+
+
+def test_sft_formats(tmp_path):
+    p = write(tmp_path, "d.jsonl", [
+        {"prompt": "hi", "completion": "there"},
+        {"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "assistant", "content": "b"}]},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                      {"role": "assistant", "content": "x"}, {"role": "user", "content": "u2"},
+                      {"role": "assistant", "content": "y"}], "extra": 1},
+    ])
+    ex, stats = load(p, F.parse_sft)
+    assert [e.prompt for e in ex][0] == [{"role": "user", "content": "hi"}]
+    assert ex[0].completion == [{"role": "assistant", "content": "there"}]
+    assert ex[2].prompt[-1]["content"] == "u" and len(ex[2].completion) == 3 and ex[2].meta == {"extra": 1}
+    assert stats["rows"] == 3 and ex[1].where == f"{p}:2"
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"prompt": "x"}, "field 'completion': missing"),
+    ({"prompt": 3, "completion": "y"}, "field 'prompt': expected a string or a list"),
+    ({"prompt": "", "completion": "y"}, "field 'prompt': empty string"),
+    ({"messages": [{"role": "user", "content": "only"}]}, "field 'messages': no assistant message"),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, "field 'messages': conversation starts with the assistant"),
+    ({"messages": "nope"}, "field 'messages': expected a non-empty list"),
+    ({"text": "x"}, "expected fields 'prompt' and 'completion', or 'messages'"),
+])
+def test_sft_validation_errors_name_file_line_field(tmp_path, row, needle):
+    p = write(tmp_path, "d.jsonl", [{"prompt": "ok", "completion": "ok"}, row])
+    with pytest.raises(F.DataError) as e:
+        load(p, F.parse_sft)
+    assert str(e.value).startswith(f"{p}:2") and needle in str(e.value)
+
+
+def test_malformed_json_and_non_object(tmp_path):
+    p = write(tmp_path, "d.jsonl", ['{"prompt": "a", "completion": "b"}', '{"prompt": "a", '])
+    with pytest.raises(F.DataError, match=r"d.jsonl:2: malformed JSON"):
+        load(p, F.parse_sft)
+    p2 = write(tmp_path, "e.jsonl", ['[1, 2]'])
+    with pytest.raises(F.DataError, match=r"e.jsonl:1: a row must be a JSON object"):
+        load(p2, F.parse_sft)
+
+
+def test_skip_bad_rows_counts(tmp_path):
+    p = write(tmp_path, "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}, {"prompt": 1, "completion": "c"}])
+    ex, stats = load(p, F.parse_sft, skip_bad_rows=True)
+    assert len(ex) == 1 and stats["skipped_bad_rows"] == 2
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(F.DataError, match="not found"):
+        load(tmp_path / "nope.jsonl", F.parse_sft)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(F.DataError, match="empty dataset"):
+        load(empty, F.parse_sft)
+
+
+def test_json_and_parquet_and_folder(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "b.parquet"))
+    ex, _ = load(tmp_path / "a.json", F.parse_sft)
+    assert [e.completion[0]["content"] for e in ex] == ["c1", "c2"]
+    ex, _ = load(tmp_path / "b.parquet", F.parse_sft)
+    assert ex[1].prompt[0]["content"] == "p2"
+    ex, _ = load(tmp_path, F.parse_sft)  # folder: both files
+    assert len(ex) == 4
+
+
+def test_preference_pairs_and_margin(tmp_path):
+    p = write(tmp_path, "p.jsonl", [{"prompt": "q", "chosen": "good", "rejected": "bad", "margin": 0.5}])
+    (g,), _ = load(p, F.parse_preference)
+    assert g.pairs == [(0, 1, 0.5)] and g.responses[0] == [{"role": "assistant", "content": "good"}]
+
+
+def test_kway_ranking_expands_to_all_pairs_with_ties_dropped(tmp_path):
+    p = write(tmp_path, "r.jsonl", [
+        {"prompt": "q", "responses": ["a", "b", "c", "d"], "ranks": [2, 1, 4, 3]},
+        {"prompt": "q2", "responses": ["a", "b", "c"], "scores": [1.0, 1.0, 0.0]},
+    ])
+    (g1, g2), stats = load(p, F.parse_preference)
+    assert len(g1.pairs) == 6  # C(4, 2)
+    order = {"b": 1, "a": 2, "d": 3, "c": 4}
+    for w, l, _ in g1.pairs:
+        assert order[g1.responses[w][0]["content"]] < order[g1.responses[l][0]["content"]]
+    assert len(g2.pairs) == 2 and stats["tied_pairs"] == 1
+
+
+def test_duplicate_responses_handled(tmp_path):
+    p = write(tmp_path, "r.jsonl", [
+        {"prompt": "q", "responses": ["a", "a", "b"], "scores": [1.0, 0.0, 0.5]},
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+        {"prompt": "q", "chosen": "x", "rejected": "y"},
+    ])
+    groups, stats = load(p, F.parse_preference)
+    assert len(groups) == 2
+    assert len(groups[0].pairs) == 2  # (a>b), (b>a-dup) kept; (a vs a) dropped
+    assert stats["duplicate_pairs"] == 2
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"prompt": "q", "chosen": "a"}, "field 'rejected': missing"),
+    ({"prompt": "q", "responses": ["a"], "ranks": [1]}, "field 'responses': expected a list of at least 2"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranks": [1]}, "field 'ranks': expected a list of 2 numbers"),
+    ({"prompt": "q", "responses": ["a", "b"]}, "field 'ranks': give exactly one of"),
+    ({"prompt": "q", "responses": ["a", "b"], "scores": [1, "x"]}, "field 'scores[1]': expected a finite number"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "field 'margin': expected a finite number"),
+    ({"chosen": "abc", "rejected": "xyz"}, "share no prompt prefix"),
+])
+def test_preference_validation_errors(tmp_path, row, needle):
+    p = write(tmp_path, "p.jsonl", [row])
+    with pytest.raises(F.DataError) as e:
+        load(p, F.parse_preference)
+    assert str(e.value).startswith(f"{p}:1") and needle in str(e.value)
+
+
+def test_implicit_prompt_split_strings_hh_style(tmp_path):
+    chosen = "\n\nHuman: What is 2+2?\n\nAssistant: It is 4."
+    rejected = "\n\nHuman: What is 2+2?\n\nAssistant: Fish."
+    p = write(tmp_path, "hh.jsonl", [{"chosen": chosen, "rejected": rejected}])
+    (g,), _ = load(p, F.parse_preference)
+    assert g.prompt == "\n\nHuman: What is 2+2?\n\nAssistant:"
+    assert g.responses == [" It is 4.", " Fish."]
+
+
+def test_implicit_prompt_split_messages(tmp_path):
+    u = {"role": "user", "content": "hi"}
+    p = write(tmp_path, "m.jsonl", [{"chosen": [u, {"role": "assistant", "content": "hello"}],
+                                      "rejected": [u, {"role": "assistant", "content": "go away"}]}])
+    (g,), _ = load(p, F.parse_preference)
+    assert g.prompt == [u] and g.responses[1] == [{"role": "assistant", "content": "go away"}]
+
+
+def test_train_eval_split_is_deterministic():
+    tr, ev = F.split_train_eval(list(range(100)), 0.1, seed=3)
+    tr2, ev2 = F.split_train_eval(list(range(100)), 0.1, seed=3)
+    assert ev == ev2 and len(ev) == 10 and not set(tr) & set(ev)
+
+
+# ----------------------------------------------------------------------------- built-in tasks
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_task_solve_and_systematic_error(name):
+    import random
+
+    t = tasks.get_task(name)
+    rng = random.Random(0)
+    for _ in range(50):
+        x = t.draw(rng)
+        assert tasks.is_correct(name, x, t.solve(x))
+        assert not tasks.is_correct(name, x, t.systematic_error(x))
+        assert t.hard_negative(x, rng) != t.solve(x)
+        assert tasks.judge_one(name, x, t.solve(x)) == 1.0
+        assert tasks.judge_one(name, x, t.systematic_error(x)) < 1.0
+
+
+def test_sort_checker_hand_values():
+    assert tasks.gold_reward(None, ["01557", "75510", " 01557 "], task=["sort"] * 3, input=["75051"] * 3) == [1.0, 0.0, 1.0]
+
+
+def test_make_task_data(tmp_path):
+    counts = tasks.make_task_data("sort,reverse", tmp_path, n_sft=200, n_pref=100, n_rank=10, n_rl=50, n_eval=40,
+                                  wrong_share=0.5, seed=1)
+    assert counts["sft.jsonl"] == 200 and counts["rankings.jsonl"] == 10
+    sft = [json.loads(l) for l in open(tmp_path / "sft.jsonl")]
+    wrong = sum(not r["demo_correct"] for r in sft) / len(sft)
+    assert 0.35 < wrong < 0.65
+    assert all(tasks.is_correct(r["task"], r["input"], r["completion"]) == r["demo_correct"] for r in sft)
+    prefs = [json.loads(l) for l in open(tmp_path / "prefs.jsonl")]
+    assert all(tasks.is_correct(r["task"], r["input"], r["chosen"]) and
+               not tasks.is_correct(r["task"], r["input"], r["rejected"]) for r in prefs)
+    held = {(json.loads(l)["task"], json.loads(l)["input"]) for l in open(tmp_path / "eval_prompts.jsonl")}
+    for f in ("sft.jsonl", "prefs.jsonl", "rl_prompts.jsonl", "rankings.jsonl"):
+        for l in open(tmp_path / f):
+            r = json.loads(l)
+            assert (r["task"], r["input"]) not in held
+    # every file parses in its stage's format
+    F.load_examples(str(tmp_path / "sft.jsonl"), F.parse_sft)
+    F.load_examples(str(tmp_path / "rankings.jsonl"), F.parse_preference)
+    F.load_examples(str(tmp_path / "rl_prompts.jsonl"), F.parse_prompt)
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        tasks.get_task("nope")

@@ -1,0 +1,70 @@
+"""Tokenizer training, chat template, and the SFT loss mask on hand-built examples."""
+
+import pytest
+import torch
+
+from rlhf.models import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
+from rlhf.tokenization import IGNORE_INDEX, encode_prompt, encode_response, encode_sft
+
+
+def test_trained_tokenizer_has_distinct_pad_eos_and_template(tok):
+    assert tok.pad_token_id is not None and tok.eos_token_id is not None
+    assert tok.pad_token_id != tok.eos_token_id
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE and tok.padding_side == "left"
+    ids = tok("Sort the digits: 31415", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "Sort the digits: 31415"
+    digits = tok("31415", add_special_tokens=False)["input_ids"]
+    assert len(digits) == 5  # one token per digit
+
+
+def test_chat_template_renders_turns():
+    from rlhf.models import train_tokenizer
+
+    t = train_tokenizer(["hello world", "abc"], vocab_size=280)
+    text = t.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                                 tokenize=False)
+    assert text == "<|user|>hi<|assistant|>yo<|endoftext|>"
+    gen = t.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert gen == "<|user|>hi<|assistant|>"
+
+
+def test_prepare_tokenizer_adds_pad_when_pad_is_eos(tok):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.pad_token = t.eos_token
+    t.chat_template = None
+    t = prepare_tokenizer(t)
+    assert t.pad_token_id != t.eos_token_id and t.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_sft_mask_prompt_tokens_carry_no_loss(tok):
+    prompt = [{"role": "user", "content": "Sort the digits: 321"}]
+    completion = [{"role": "assistant", "content": "123"}]
+    ids, labels = encode_sft(tok, prompt, completion)
+    p_ids = encode_prompt(tok, prompt)
+    assert ids[: len(p_ids)] == p_ids
+    assert labels[: len(p_ids)] == [IGNORE_INDEX] * len(p_ids)
+    learnt = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
+    assert tok.decode(learnt[:-1]) == "123" and learnt[-1] == tok.eos_token_id
+    assert learnt == encode_response(tok, prompt, "123")
+    # the loss mask written out by hand for this template: "<|user|>...<|assistant|>" | "1" "2" "3" EOS
+    assert labels == [IGNORE_INDEX] * len(p_ids) + ids[len(p_ids):]
+
+
+def test_sft_mask_multi_turn_only_assistant_turns(tok):
+    prompt = [{"role": "user", "content": "a"}]
+    completion = [{"role": "assistant", "content": "1"}, {"role": "user", "content": "b"},
+                  {"role": "assistant", "content": "2"}]
+    ids, labels = encode_sft(tok, prompt, completion)
+    learnt = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
+    assert tok.decode(learnt, skip_special_tokens=True) == "12"
+    assert learnt.count(tok.eos_token_id) == 2
+    full = tok.apply_chat_template(prompt + completion, tokenize=False)
+    assert tok.decode(ids) == full  # the pieces add up to the whole conversation
+
+
+def test_raw_text_prompt(tok):
+    ids, labels = encode_sft(tok, "Sort the digits: 21 ->", [{"role": "assistant", "content": " 12"}])
+    learnt = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
+    assert tok.decode(learnt) == " 12" + tok.eos_token
