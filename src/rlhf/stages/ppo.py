@@ -377,6 +377,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         prompts, eval_prompts = split_train_eval(prompts, cfg.data.eval_split, cfg.seed)
     eval_prompts = eval_prompts[: cfg.eval_samples]
 
+    reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]  # fail fast on a bad path
     tok = load_tokenizer(cfg.model)
     for p in prompts[:1000]:
         n = len(encode_prompt(tok, p.prompt))
@@ -388,7 +389,6 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     if not cfg.model.lora.enabled:
         ref_policy = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
     reward_model = RewardModel(cfg.reward_model, device=device) if cfg.reward_model else None
-    reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]
     value_model = load_value_model(cfg, tok, reward_model)
 
     n_updates = cfg.steps * cfg.ppo_epochs * (b_local // mb_local)

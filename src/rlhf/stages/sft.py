@@ -125,6 +125,8 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     log.info("SFT: %d train / %d eval examples, %d steps, %.2fM parameters", len(train_feats), len(eval_feats),
              len(batches), count_parameters(unwrap(model)) / 1e6)
 
+    initial_eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, tc.micro_batch_size, acc.device) \
+        if eval_feats else None
     model.train()
     bar = progress(total=len(batches), desc="sft", disable=not acc.is_main_process)
     window_loss, window_tokens = 0.0, 0
@@ -163,7 +165,8 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
                "skipped_bad_rows": stats["skipped_bad_rows"]}
     if eval_feats:
         eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, tc.micro_batch_size, acc.device)
-        summary.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
+        summary.update(initial_eval_loss=initial_eval_loss, eval_loss=eval_loss,
+                       eval_perplexity=math.exp(min(eval_loss, 50)))
     gold = gold_examples(eval_ex, cfg.gen_eval_samples)
     if gold and acc.is_main_process:
         m = unwrap(model)

@@ -1,0 +1,125 @@
+"""Every CLI command as a user runs it (subprocess), and the one-line errors."""
+
+import json
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+SMALL = ["--sft.train.epochs", "2", "--sft.gen_eval_samples", "16", "--rm.sample.max_prompts", "16",
+         "--rm.data.max_samples", "300", "--ppo.steps", "2", "--ppo.eval_samples", "16",
+         "--ppo.rollout_batch_size", "16", "--ppo.minibatch_size", "8", "--ppo.micro_batch_size", "8"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    p = run_cli("pipeline", "recipes/tiny/pipeline.yaml", "--output_dir", out, *SMALL)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"] == ["sft", "rm", "ppo"]
+    assert json.loads(p.stdout)["stages"] == ["sft", "rm", "ppo"]
+    return out
+
+
+def test_pipeline_layout(pipeline_dir):
+    for stage in ("sft", "rm", "ppo"):
+        d = pipeline_dir / stage
+        for f in ("model.safetensors", "config.json", "recipe.yaml", "metrics.jsonl", "summary.json"):
+            assert (d / f).exists(), d / f
+    ppo = json.loads((pipeline_dir / "ppo" / "summary.json").read_text())
+    for k in ("eval_reward", "eval_kl", "eval_gold_accuracy", "initial_eval_gold_accuracy"):
+        assert k in ppo
+    rm = json.loads((pipeline_dir / "rm" / "summary.json").read_text())
+    for k in ("eval_accuracy", "eval_margin", "eval_chosen_mean", "eval_rejected_mean", "reward_bias"):
+        assert k in rm
+    assert (pipeline_dir / "rm" / "sampled_rankings.jsonl").exists()
+    sft = json.loads((pipeline_dir / "sft" / "summary.json").read_text())
+    for k in ("eval_loss", "eval_perplexity", "eval_gold_accuracy", "eval_gold_accuracy_greedy"):
+        assert k in sft
+
+
+def test_data_make(tmp_path):
+    p = run_cli("data", "make", "reverse,add", "--out", tmp_path, "--n_sft", "50", "--n_pref", "20", "--n_rank", "5",
+                "--n_rl", "10", "--n_eval", "10")
+    assert "sft.jsonl: 50 rows" in p.stdout
+    assert len((tmp_path / "rankings.jsonl").read_text().splitlines()) == 5
+
+
+def test_sft_rm_ppo_commands(tmp_path, pipeline_dir):
+    sft = tmp_path / "sft"
+    run_cli("sft", "recipes/tiny/sft.yaml", "--output_dir", sft, "--train.max_steps", "3", "--gen_eval_samples", "8")
+    assert json.loads((sft / "summary.json").read_text())["steps"] == 3
+    rm = tmp_path / "rm"
+    run_cli("rm", "recipes/tiny/rm.yaml", "--output_dir", rm, "--model.name_or_path", sft, "--train.max_steps", "2",
+            "--sample.checkpoint", sft, "--sample.max_prompts", "4")
+    assert "eval_accuracy" in json.loads((rm / "summary.json").read_text())
+    ppo = tmp_path / "ppo"
+    run_cli("ppo", "recipes/tiny/ppo.yaml", "--output_dir", ppo, "--model.name_or_path", sft, "--reward_model", rm,
+            "--steps", "1", "--rollout_batch_size", "16", "--eval_samples", "8", "--ppo.kl_coef", "0.05")
+    s = json.loads((ppo / "summary.json").read_text())
+    assert s["steps"] == 1 and "eval_kl" in s
+
+
+def test_ppo_reward_fn_recipe(tmp_path, pipeline_dir):
+    out = tmp_path / "fn"
+    run_cli("ppo", "recipes/tiny/ppo_reward_fn.yaml", "--output_dir", out, "--model.name_or_path",
+            pipeline_dir / "sft", "--steps", "2", "--rollout_batch_size", "16", "--eval_samples", "8")
+    m = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert any("reward_fn/rlhf.data.tasks:gold_reward" in r for r in m)
+
+
+def test_generate_chat_sample_score(tmp_path, pipeline_dir):
+    sft, rm = pipeline_dir / "sft", pipeline_dir / "rm"
+    prompts = ROOT / "recipes/tiny/data/eval_prompts.jsonl"
+    p = run_cli("generate", sft, "--prompts", prompts, "--max_new_tokens", "8", "--greedy")
+    rows = [json.loads(l) for l in p.stdout.splitlines()]
+    assert len(rows) == 500 and all("completion" in r for r in rows)
+    import subprocess, sys, os
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), RLHF_NO_PROGRESS="1")
+    chat = subprocess.run([sys.executable, "-m", "rlhf", "chat", str(sft), "--max_new_tokens", "8"],
+                          input="Sort the digits: 31415\nSort the digits: 27182\n/exit\n", capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+    assert chat.returncode == 0 and len(chat.stdout.strip().splitlines()) == 2
+    out = tmp_path / "rank.jsonl"
+    run_cli("sample", sft, prompts, "--k", "3", "--max_prompts", "5", "--max_new_tokens", "8", "--out", out)
+    ranked = [json.loads(l) for l in open(out)]
+    assert len(ranked) == 5 and all(len(r["responses"]) == 3 == len(r["scores"]) for r in ranked)
+    scored = tmp_path / "scored.jsonl"
+    run_cli("score", rm, ROOT / "recipes/tiny/data/prefs_eval.jsonl", "--out", scored)
+    rows = [json.loads(l) for l in open(scored)]
+    assert all("score_chosen" in r and "score_rejected" in r for r in rows)
+    acc = sum(r["score_chosen"] > r["score_rejected"] for r in rows) / len(rows)
+    assert acc > 0.5
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sft", "recipes/tiny/sft.yaml", "--train.lrr", "1"], "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    (["sft", "recipes/tiny/sft.yaml", "--train.batch_size", "x"], "train.batch_size: expected an integer"),
+    (["sft", "recipes/tiny/sft.yaml", "--data.train", "missing.jsonl"], "missing.jsonl: data file not found"),
+    (["rm", "recipes/tiny/rm.yaml", "--model.name_or_path", "./no/such/ckpt"], "missing checkpoint"),
+    (["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--reward_fns", "[{fn: nowhere.py:f}]"], "nowhere.py not found"),
+    (["sft", "nope.yaml"], "recipe file not found"),
+])
+def test_errors_are_one_line_with_exit_2(tmp_path, args, needle):
+    p = run_cli(*args, "--output_dir", tmp_path / "out", check=False)
+    assert p.returncode == 2, p.stderr
+    lines = [l for l in p.stderr.strip().splitlines() if "error" in l]
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_data_row_error_names_file_line_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 5}\n')
+    p = run_cli("sft", "recipes/tiny/sft.yaml", "--data.train", bad, "--output_dir", tmp_path / "o", check=False)
+    assert p.returncode == 2 and f"{bad}:2: field 'completion'" in p.stderr
+
+
+def test_existing_run_is_not_overwritten(tmp_path, pipeline_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text('{"keep": true}')
+    p = run_cli("sft", "recipes/tiny/sft.yaml", "--output_dir", out, check=False)
+    assert p.returncode == 2 and "--overwrite" in p.stderr
+    assert json.loads((out / "summary.json").read_text()) == {"keep": True}
