@@ -119,10 +119,6 @@ class TrainConfig:
     """Optimizer steps between metrics.jsonl records."""
     eval_every: int = 0
     """Optimizer steps between evaluations (0: only at the end)."""
-    save_every: int = 0
-    """Optimizer steps between resumable checkpoints (0: only at the end)."""
-    save_total_limit: int = 2
-    """Resumable checkpoints kept (the oldest are deleted)."""
 
 
 # ----------------------------------------------------------------------------- stages
@@ -242,7 +238,7 @@ class PPOConfig:
     temperature: float = 1.0
     """Sampling temperature; log-probs are computed from logits / temperature as well [N]."""
     missing_eos_penalty: float = -1.0
-    """Score given to a response that never emits EOS [N+]; None-like 0 disables by design."""
+    """Score given to a response that never emits EOS within max_new_tokens [N+ uses -1]."""
     penalize_missing_eos: bool = True
     """Replace the score of EOS-less responses by missing_eos_penalty."""
     # reward shaping / KL
@@ -311,10 +307,6 @@ class PPOConfig:
     """Iterations between held-out evaluations (0: start and end only)."""
     eval_samples: int = 256
     """Held-out prompts for eval_reward / eval_kl / eval_gold_accuracy."""
-    save_every: int = 0
-    """Iterations between resumable checkpoints (0: only at the end)."""
-    save_total_limit: int = 2
-    """Resumable checkpoints kept."""
 
 
 @dataclass
@@ -525,3 +517,52 @@ def load_stage_config(stage: str, recipe: str | Path | None, overrides: dict[str
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- reference docs
+
+
+def field_docs(cls: type) -> list[tuple[str, str, str, str]]:
+    """(name, type, default, docstring) of each field, read from the docstring under it."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    hints = typing.get_type_hints(cls, globalns=globals())
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            default = "(section)" if dataclasses.is_dataclass(default) else default
+        else:
+            default = "(required)"
+        tp = _type_name(hints[f.name]).replace("rlhf.config.", "").replace("__main__.", "")
+        out.append((f.name, tp, repr(default), docs.get(f.name, "")))
+    return out
+
+
+def reference_markdown() -> str:
+    """Markdown tables of every config field (docs/config-reference.md is generated from this)."""
+    lines = ["# Recipe reference", "",
+             "Generated from the config dataclasses in `src/rlhf/config.py` "
+             "(`python -m rlhf.config > docs/config-reference.md`). Every field below is read by the code.", ""]
+    for cls in (SFTConfig, RMConfig, SampleConfig, PPOConfig, RewardSpec, PipelineConfig, ModelConfig, LoraConfig,
+                DataConfig, TrainConfig):
+        lines += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip(), "", "| field | type | default | meaning |",
+                  "|---|---|---|---|"]
+        for name, tp, default, doc in field_docs(cls):
+            tp, doc = tp.replace("|", "\\|"), doc.replace("|", "\\|")
+            lines.append(f"| `{name}` | {tp} | `{default}` | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
