@@ -38,3 +38,9 @@ def test_recipes_load():
     for stage in ("sft", "rm", "ppo"):
         load_stage_config(stage, ROOT / f"recipes/tiny/{stage}.yaml")
     load_stage_config("ppo", ROOT / "recipes/tiny/ppo_reward_fn.yaml")
+
+
+def test_ppo_doc_lists_every_field():
+    from rlhf.config import PPOConfig, field_table
+
+    assert field_table(PPOConfig) in (ROOT / "docs/ppo.md").read_text()

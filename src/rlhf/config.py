@@ -555,13 +555,16 @@ def reference_markdown() -> str:
              "(`python -m rlhf.config > docs/config-reference.md`). Every field below is read by the code.", ""]
     for cls in (SFTConfig, RMConfig, SampleConfig, PPOConfig, RewardSpec, PipelineConfig, ModelConfig, LoraConfig,
                 DataConfig, TrainConfig):
-        lines += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip(), "", "| field | type | default | meaning |",
-                  "|---|---|---|---|"]
-        for name, tp, default, doc in field_docs(cls):
-            tp, doc = tp.replace("|", "\\|"), doc.replace("|", "\\|")
-            lines.append(f"| `{name}` | {tp} | `{default}` | {doc} |")
-        lines.append("")
+        lines += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip(), "", field_table(cls), ""]
     return "\n".join(lines)
+
+
+def field_table(cls: type) -> str:
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for name, tp, default, doc in field_docs(cls):
+        tp, doc = tp.replace("|", "\\|"), doc.replace("|", "\\|")
+        rows.append(f"| `{name}` | {tp} | `{default}` | {doc} |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,10 @@ def _cache_kwarg(model) -> str:
 
     from .models import unwrap
 
-    params = inspect.signature(unwrap(model).forward).parameters
+    model = unwrap(model)
+    if hasattr(model, "get_base_model"):  # peft wraps forward(**kwargs)
+        model = model.get_base_model()
+    params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
