@@ -85,6 +85,15 @@ def test_generate_chat_sample_score(tmp_path, pipeline_dir):
     run_cli("sample", sft, prompts, "--k", "3", "--max_prompts", "5", "--max_new_tokens", "8", "--out", out)
     ranked = [json.loads(l) for l in open(out)]
     assert len(ranked) == 5 and all(len(r["responses"]) == 3 == len(r["scores"]) for r in ranked)
+    unranked = tmp_path / "unranked.jsonl"  # for human labellers: ids, no scores
+    run_cli("sample", sft, prompts, "--k", "2", "--max_prompts", "3", "--max_new_tokens", "8", "--judge", "none",
+            "--out", unranked)
+    rows = [json.loads(l) for l in open(unranked)]
+    assert all("scores" not in r and "id" in r for r in rows)
+    human = tmp_path / "human.jsonl"
+    human.write_text("".join(json.dumps({"id": r["id"], "ranks": [2, 1]}) + "\n" for r in rows))
+    p = run_cli("data", "join-ranks", unranked, human, "--out", tmp_path / "joined.jsonl")
+    assert "3 ranked rows" in p.stdout
     scored = tmp_path / "scored.jsonl"
     run_cli("score", rm, ROOT / "recipes/tiny/data/prefs_eval.jsonl", "--out", scored)
     rows = [json.loads(l) for l in open(scored)]

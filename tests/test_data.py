@@ -204,3 +204,18 @@ def test_make_task_data(tmp_path):
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         tasks.get_task("nope")
+
+
+def test_join_ranks(tmp_path):
+    samples = write(tmp_path, "s.jsonl", [{"id": 1, "prompt": "q", "responses": ["a", "b", "c"]},
+                                          {"id": 2, "prompt": "q2", "responses": ["x", "y"]}])
+    ranks = write(tmp_path, "r.jsonl", [{"id": 2, "ranks": [2, 1]}, {"id": 1, "scores": [0.1, 0.9, 0.5]}])
+    n = F.join_ranks(str(samples), str(ranks), str(tmp_path / "out.jsonl"))
+    groups, _ = load(tmp_path / "out.jsonl", F.parse_preference)
+    assert n == 2 and len(groups[0].pairs) == 1 and len(groups[1].pairs) == 3
+    bad = write(tmp_path, "bad.jsonl", [{"id": 9, "ranks": [1, 2]}])
+    with pytest.raises(F.DataError, match="bad.jsonl:1: field 'id': id 9 is not in"):
+        F.join_ranks(str(samples), str(bad), str(tmp_path / "o2.jsonl"))
+    short = write(tmp_path, "short.jsonl", [{"id": 1, "ranks": [1, 2]}])
+    with pytest.raises(F.DataError, match="short.jsonl:1: field 'ranks': expected a list of 3"):
+        F.join_ranks(str(samples), str(short), str(tmp_path / "o3.jsonl"))

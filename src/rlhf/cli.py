@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("prompts", help="prompt file (rows with 'prompt' and the fields the judge reads)")
     samp.add_argument("--out", required=True, help="rankings JSONL to write ({prompt, responses, scores, ...})")
     samp.add_argument("--k", type=int, default=4)
-    samp.add_argument("--judge", help="'file.py:function' or 'module:function' scoring each sample (default: task judge)")
+    samp.add_argument("--judge", help="'file.py:function' or 'module:function' scoring each sample (default: task "
+                                      "judge); 'none' writes unranked rows with ids for human ranking")
     samp.add_argument("--max_prompts", type=int)
     samp.add_argument("--temperature", type=float, default=1.0)
     samp.add_argument("--max_new_tokens", type=int, default=64)
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", help="write the rows with a 'score' field (JSONL) instead of printing")
     score.add_argument("--raw", action="store_true", help="without the normalisation bias")
     score.add_argument("--batch_size", type=int, default=64)
+
+    join = dsub.add_parser("join-ranks", help="join human ranks (by id) onto sampled responses -> K-way rankings")
+    join.add_argument("samples", help="rows with 'id', 'prompt', 'responses' (rlhf sample --judge none)")
+    join.add_argument("ranks", help="rows with 'id' and 'ranks' (1 = best) or 'scores'")
+    join.add_argument("--out", required=True)
 
     gen = sub.add_parser("generate", help="sample completions from a checkpoint")
     gen.add_argument("checkpoint")
@@ -138,6 +144,12 @@ def _dispatch(args, rest: list[str]) -> int:
 
         summary = stages.run(args.command, cfg, args.output_dir, overwrite=args.overwrite)
         print(json.dumps(summary, indent=2, default=float))
+        return 0
+    if args.command == "data" and args.data_command == "join-ranks":
+        from .data.formats import join_ranks
+
+        n = join_ranks(args.samples, args.ranks, args.out)
+        print(f"{args.out}: {n} ranked rows")
         return 0
     if args.command == "data":
         from .data.tasks import make_task_data

@@ -344,3 +344,32 @@ def split_train_eval(examples: list, eval_split: float, seed: int) -> tuple[list
         n_eval = max(n_eval, 1)
     ev = set(idx[:n_eval])
     return [e for i, e in enumerate(examples) if i not in ev], [examples[i] for i in sorted(ev)]
+
+
+def join_ranks(samples_path: str, ranks_path: str, out_path: str) -> int:
+    """Join human ranks onto sampled responses by `id` -> K-way ranking rows (InstructGPT §3.4).
+
+    samples: rows {id, prompt, responses, ...} (``rlhf sample --judge none``); ranks: rows {id,
+    ranks} (1 = best) or {id, scores}. Every ranked id must exist and rank every response.
+    """
+    from .tasks import write_jsonl
+
+    samples = {}
+    for r in read_rows(samples_path):
+        if "id" not in r.data or "responses" not in r.data:
+            raise DataError(f"{r.where('id')}: sample rows need 'id' and 'responses'")
+        samples[r.data["id"]] = r.data
+    out = []
+    for r in read_rows(ranks_path):
+        rid = r.data.get("id")
+        if rid not in samples:
+            raise DataError(f"{r.where('id')}: id {rid!r} is not in {samples_path}")
+        key = "ranks" if "ranks" in r.data else "scores" if "scores" in r.data else None
+        if key is None:
+            raise DataError(f"{r.where('ranks')}: missing (give 'ranks' or 'scores')")
+        row = {k: v for k, v in samples[rid].items() if k not in ("ranks", "scores")}
+        row[key] = r.data[key]
+        _parse_ranking(Row(row, r.source, r.line), {})  # validate the joined row now
+        out.append(row)
+    write_jsonl(out_path, out)
+    return len(out)

@@ -130,7 +130,7 @@ def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, devic
     if not sc.checkpoint or not sc.prompts:
         raise DataError("recipe: 'sample.checkpoint' and 'sample.prompts' are required for sampling")
     prompts, _ = _load(sc.prompts, parse_prompt, max_samples=sc.max_prompts, what="prompts", field_name="sample.prompts")
-    judge = load_reward_fn(sc.judge or "judge")
+    judge = None if sc.judge == "none" else load_reward_fn(sc.judge or "judge")
     mc = ModelConfig(name_or_path=sc.checkpoint)
     tok = load_tokenizer(mc)
     policy = load_causal_lm(mc, tok)
@@ -142,19 +142,24 @@ def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, devic
                             temperature=sc.temperature, batch_size=sc.batch_size, seed=seed, device=device,
                             progress_desc=f"sampling K={sc.k}")
     fields = {k: [p.meta.get(k) for p in expanded] for k in expanded[0].meta}
-    scores = call_reward_fn(judge, [p.prompt for p in expanded], texts, fields)
+    scores = call_reward_fn(judge, [p.raw_prompt for p in expanded], texts, fields) if judge else None
     rows = []
     for i, p in enumerate(prompts):
         sl = slice(i * sc.k, (i + 1) * sc.k)
-        rows.append({**p.meta, "prompt": p.prompt, "responses": texts[sl], "scores": scores[sl]})
+        row = {"id": p.meta.get("id", i), **p.meta, "prompt": p.raw_prompt, "responses": texts[sl]}
+        if scores is not None:
+            row["scores"] = scores[sl]
+        rows.append(row)
     if sc.mix_with:
         from ..data.formats import read_rows
 
         rows += [r.data for r in read_rows(sc.mix_with)]
     write_jsonl(out_path, rows)
     distinct = sum(len(set(r["responses"])) for r in rows[: len(prompts)]) / max(len(prompts), 1)
-    return {"sampled_prompts": len(prompts), "k": sc.k, "mean_distinct_responses": distinct,
-            "mean_judge_score": sum(scores) / len(scores)}
+    out = {"sampled_prompts": len(prompts), "k": sc.k, "mean_distinct_responses": distinct}
+    if scores is not None:
+        out["mean_judge_score"] = sum(scores) / len(scores)
+    return out
 
 
 # ----------------------------------------------------------------------------- the stage
