@@ -122,6 +122,7 @@ def test_duplicate_responses_handled(tmp_path):
     ({"prompt": "q", "chosen": "a"}, "field 'rejected': missing"),
     ({"prompt": "q", "responses": ["a"], "ranks": [1]}, "field 'responses': expected a list of at least 2"),
     ({"prompt": "q", "responses": ["a", "b"], "ranks": [1]}, "field 'ranks': expected a list of 2 numbers"),
+    ({"prompt": "q", "responses": ["a", 3], "ranks": [1, 2]}, "field 'responses[1]': expected a string"),
     ({"prompt": "q", "responses": ["a", "b"]}, "field 'ranks': give exactly one of"),
     ({"prompt": "q", "responses": ["a", "b"], "scores": [1, "x"]}, "field 'scores[1]': expected a finite number"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "field 'margin': expected a finite number"),

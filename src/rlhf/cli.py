@@ -140,9 +140,13 @@ def _dispatch(args, rest: list[str]) -> int:
 
     if args.command in ("sft", "rm", "ppo", "pipeline"):
         cfg = load_stage_config(args.command, args.recipe, parse_overrides(rest))
+        import contextlib
+
         from . import stages
 
-        summary = stages.run(args.command, cfg, args.output_dir, overwrite=args.overwrite)
+        # stdout carries only the summary JSON; libraries that print (DeepSpeed's logger) go to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = stages.run(args.command, cfg, args.output_dir, overwrite=args.overwrite)
         print(json.dumps(summary, indent=2, default=float))
         return 0
     if args.command == "data" and args.data_command == "join-ranks":

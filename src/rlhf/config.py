@@ -115,6 +115,8 @@ class TrainConfig:
     """Global gradient-norm clip (<= 0 disables)."""
     mixed_precision: str = "auto"
     """'auto' (bf16 on a GPU that has it, else fp32), 'no', 'bf16' or 'fp16'."""
+    deepspeed: str | None = None
+    """DeepSpeed ZeRO JSON (recipes/deepspeed/); batch, accumulation, clipping and precision fields are filled in."""
     log_every: int = 10
     """Optimizer steps between metrics.jsonl records."""
     eval_every: int = 0

@@ -47,23 +47,121 @@ def resolve_mixed_precision(mp: str) -> str:
     return "no"  # bf16 on a CPU without bf16 units is ~20x slower than fp32
 
 
-def make_accelerator(mixed_precision: str = "auto"):
-    """An accelerate Accelerator; gloo on machines without CUDA so CPU DDP/DeepSpeed work."""
+_SET_DS_ENV = False
+
+
+def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None, *, micro_batch_size: int = 1,
+                     grad_accum: int = 1, max_grad_norm: float = 1.0):
+    """An accelerate Accelerator: DDP under torchrun / accelerate launch (gloo when there is no
+    CUDA), DeepSpeed when the recipe names a ZeRO JSON (or the launcher set one through
+    ACCELERATE_DEEPSPEED_CONFIG_FILE). Batch fields of the JSON are filled from the recipe, so the
+    global batch is the recipe's."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    from accelerate.state import AcceleratorState
+
+    global _SET_DS_ENV
+    AcceleratorState._reset_state(reset_partial_state=False)  # each stage brings its own engine settings
+    if _SET_DS_ENV:  # set by an earlier stage of this process, not by the launcher
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        _SET_DS_ENV = False
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), kwargs_handlers=handlers)
+    mp = resolve_mixed_precision(mixed_precision)
+    ds_path = deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not ds_path:
+        acc = Accelerator(mixed_precision=mp, kwargs_handlers=handlers)
+        log.info("accelerate: %s on %d process(es), mixed precision %s", acc.distributed_type, acc.num_processes, mp)
+        return acc
+    from accelerate.utils import DeepSpeedPlugin
+
+    ds_config = deepspeed_config(ds_path, mp, micro_batch_size, grad_accum, max_grad_norm,
+                                 int(os.environ.get("WORLD_SIZE", "1")))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        _SET_DS_ENV = True
+    acc = Accelerator(mixed_precision=mp, kwargs_handlers=handlers,
+                      deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config))
+    log.info("DeepSpeed ZeRO-%s on %d processes (%s)", ds_config.get("zero_optimization", {}).get("stage", 0),
+             acc.num_processes, ds_path)
+    return acc
 
 
-def grad_accum_steps(batch_size: int, micro_batch_size: int, world_size: int, what: str = "train") -> int:
-    """Micro-batches per process per optimizer step so the global batch is `batch_size`."""
-    per_step = micro_batch_size * world_size
-    if batch_size % per_step:
-        raise RunError(f"recipe: '{what}.batch_size' ({batch_size}) must be a multiple of micro_batch_size "
-                       f"x processes ({micro_batch_size} x {world_size})")
-    return batch_size // per_step
+def deepspeed_config(path: str, mixed_precision: str, micro_batch_size: int, grad_accum: int, max_grad_norm: float,
+                     world_size: int) -> dict:
+    """Read a ZeRO JSON and fill the fields the recipe decides (batch, accumulation, clipping, precision)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RunError(f"recipe: 'deepspeed' config not found: {path}")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
+    cfg["gradient_clipping"] = max_grad_norm if max_grad_norm > 0 else 0.0
+    cfg.setdefault("zero_allow_untested_optimizer", True)  # our AdamW is the client optimizer
+    cfg["bf16"] = {"enabled": mixed_precision == "bf16"}
+    cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": mixed_precision == "fp16"}
+    cfg.setdefault("steps_per_print", 10**9)
+    return cfg
+
+
+def is_deepspeed(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(acc) -> int:
+    if not is_deepspeed(acc):
+        return 0
+    return int(acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def backward(acc, loss, grad_accum: int, last: bool) -> None:
+    """Backward of one micro-batch whose `loss` is already its share of the global-batch mean.
+
+    Tells accelerate (and DeepSpeed) whether this micro-batch closes the accumulation; DeepSpeed
+    divides the loss by its gradient_accumulation_steps itself, so it gets loss x grad_accum.
+    """
+    acc.gradient_state._set_sync_gradients(last)
+    acc.backward(loss * grad_accum if is_deepspeed(acc) else loss)
+
+
+def gathered_params(acc, model):
+    """Context in which a ZeRO-3 model's full weights are present on every rank (once, e.g. for a
+    whole generation); a no-op otherwise."""
+    import contextlib
+
+    if zero_stage(acc) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def world_size() -> int:
+    """Processes of this run, known from the launcher's environment before accelerate starts."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def grad_accum_steps(batch_size: int, micro_batch_size: int, world_size: int, what: str = "train") -> tuple[int, int]:
+    """(micro-batches per process per optimizer step, micro-batch size) for a global `batch_size`.
+
+    `micro_batch_size` is an upper bound per process: with more processes than the batch needs,
+    each takes batch_size / world_size. The global batch never changes with the process count.
+    """
+    if batch_size % world_size:
+        raise RunError(f"recipe: '{what}.batch_size' ({batch_size}) must be a multiple of the {world_size} processes")
+    per_rank = batch_size // world_size
+    micro = min(micro_batch_size, per_rank)
+    if per_rank % micro:
+        raise RunError(f"recipe: '{what}.batch_size' per process ({per_rank}) must be a multiple of "
+                       f"'{what}.micro_batch_size' ({micro})")
+    return per_rank // micro, micro
 
 
 def make_optimizer(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8):

@@ -202,7 +202,8 @@ def unwrap(model):
     return model
 
 
-def save_pretrained(model, tok, out_dir: str | Path, extra_config: dict | None = None) -> None:
+def save_pretrained(model, tok, out_dir: str | Path, extra_config: dict | None = None,
+                    state_dict: dict | None = None) -> None:
     """Save an HF folder with safetensors (merging LoRA adapters so plain from_pretrained loads it)."""
     model = unwrap(model)
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
@@ -212,7 +213,7 @@ def save_pretrained(model, tok, out_dir: str | Path, extra_config: dict | None =
     if extra_config:
         for k, v in extra_config.items():
             setattr(model.config, k, v)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(out_dir)
 
 

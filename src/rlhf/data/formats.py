@@ -109,14 +109,14 @@ def _is_messages(v: Any) -> bool:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in v)
 
 
-def _text_or_messages(row: Row, fld: str, *, required: bool = True) -> str | Messages | None:
+def _text_or_messages(row: Row, fld: str, *, required: bool = True, allow_empty: bool = False) -> str | Messages | None:
     if fld not in row.data or row.data[fld] is None:
         if required:
             raise DataError(f"{row.where(fld)}: missing")
         return None
     v = row.data[fld]
     if isinstance(v, str):
-        if not v.strip():
+        if not v.strip() and not allow_empty:
             raise DataError(f"{row.where(fld)}: empty string")
         return v
     if _is_messages(v):
@@ -192,8 +192,8 @@ def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
     margin = _number(row, "margin", d["margin"]) if d.get("margin") is not None else 0.0
     if "prompt" in d and d["prompt"] is not None:
         prompt = _text_or_messages(row, "prompt")
-        chosen = _text_or_messages(row, "chosen")
-        rejected = _text_or_messages(row, "rejected")
+        chosen = _text_or_messages(row, "chosen", allow_empty=True)  # an empty reply is a (bad) reply
+        rejected = _text_or_messages(row, "rejected", allow_empty=True)
         if isinstance(prompt, str) and (not isinstance(chosen, str) or not isinstance(rejected, str)):
             if not (isinstance(chosen, list) and isinstance(rejected, list)):
                 raise DataError(f"{row.where('chosen')}: chosen and rejected must both be strings or both messages")
@@ -218,8 +218,8 @@ def _parse_ranking(row: Row, stats: dict) -> PrefGroup | None:
         raise DataError(f"{row.where('responses')}: expected a list of at least 2 responses")
     responses = []
     for i, r in enumerate(resp):
-        if not (isinstance(r, str) and r.strip()) and not (_is_messages(r) and r):
-            raise DataError(f"{row.where(f'responses[{i}]')}: expected a non-empty string or message list")
+        if not isinstance(r, str) and not (_is_messages(r) and r):  # "" is allowed: a policy may say nothing
+            raise DataError(f"{row.where(f'responses[{i}]')}: expected a string or a non-empty message list")
         responses.append(as_response_messages(r))
     if ("ranks" in d) == ("scores" in d):
         raise DataError(f"{row.where('ranks')}: give exactly one of 'ranks' (1 = best) or 'scores' (higher = better)")

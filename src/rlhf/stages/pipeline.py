@@ -18,14 +18,14 @@ from ..engine import RunError, prepare_output_dir, write_summary
 
 
 def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: bool = False) -> dict:
-    from accelerate import PartialState
-
+    from ..engine import make_accelerator
     from . import run
 
     root = Path(output_dir or cfg.output_dir or "")
     if not str(root) or str(root) == ".":
         raise RunError("no output directory: pass --output_dir or set output_dir in the recipe")
-    is_main = PartialState().is_main_process
+    # the Accelerator (not a bare PartialState) first: it sets up gloo for multi-process CPU runs
+    is_main = make_accelerator(cfg.sft.train.mixed_precision).is_main_process
     prepare_output_dir(root, overwrite, is_main)
     if is_main:
         dump_yaml(cfg, root / "recipe.yaml")

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,7 +200,7 @@ def _slices(n: int, size: int) -> list[slice]:
 
 
 def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sched_policy, sched_value, acc,
-               cfg: PPOConfig, mb_local: int, iteration: int, ptx_iter=None, ema=None) -> dict:
+               cfg: PPOConfig, mb_local: int, micro_batch_size: int, iteration: int, ptx_iter=None, ema=None) -> dict:
     """ppo_epochs passes over the rollout, reshuffled each time; minibatch -> micro-batches."""
     B = exp.input_ids.shape[0]
     R = exp.response_mask.shape[1]
@@ -210,7 +211,7 @@ def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sche
         for mb in chunks(perm, mb_local):
             # token count of the whole (global) minibatch: every micro-batch divides by it
             n_tok = acc.reduce(exp.response_mask[mb].sum().detach().clone(), "sum").item()
-            micro = chunks(mb, cfg.micro_batch_size)
+            micro = chunks(mb, micro_batch_size)
             for k, mi in enumerate(micro):
                 idx = torch.tensor(mi, device=exp.input_ids.device)
                 ids, mask, rmask = exp.input_ids[idx], exp.attention_mask[idx], exp.response_mask[idx]
@@ -351,18 +352,22 @@ def _check(cfg: PPOConfig, world: int) -> tuple[int, int]:
     b_local, mb_local = cfg.rollout_batch_size // world, cfg.minibatch_size // world
     if b_local % mb_local:
         raise RunError("recipe: 'rollout_batch_size' must be a multiple of 'minibatch_size'")
-    if mb_local % cfg.micro_batch_size:
+    micro = min(cfg.micro_batch_size, mb_local)
+    if mb_local % micro:
         raise RunError(f"recipe: 'minibatch_size' per process ({mb_local}) must be a multiple of 'micro_batch_size' "
-                       f"({cfg.micro_batch_size})")
+                       f"({micro})")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise RunError("recipe: 'ptx_coef' > 0 needs 'ptx_data'")
-    return b_local, mb_local
+    return b_local, mb_local, micro
 
 
 def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = False) -> dict:
     t_start = time.time()
+    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        raise RunError("PPO does not run under DeepSpeed yet (it trains two models); launch it with DDP "
+                       "(torchrun / accelerate launch without a DeepSpeed config)")
     acc = make_accelerator(cfg.mixed_precision)
-    b_local, mb_local = _check(cfg, acc.num_processes)
+    b_local, mb_local, micro_bs = _check(cfg, acc.num_processes)
     out = prepare_output_dir(output_dir or cfg.output_dir, overwrite, acc.is_main_process)
     set_seed(cfg.seed + acc.process_index)  # a different sampling seed per rank [N]
     device = acc.device
@@ -404,7 +409,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     ptx_iter = None
     if cfg.ptx_coef > 0:
         demos, _ = load_examples(cfg.ptx_data, parse_sft, skip_bad_rows=True, what="ptx rows", field_name="ptx_data")
-        ptx_iter = PtxIterator([encode_sft(tok, d.prompt, d.completion) for d in demos], cfg.micro_batch_size,
+        ptx_iter = PtxIterator([encode_sft(tok, d.prompt, d.completion) for d in demos], micro_bs,
                                tok.pad_token_id, cfg.seed + acc.process_index, device)
 
     if acc.is_main_process:
@@ -445,11 +450,11 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
             scores = core.clip_scores(scores, cfg.reward_clip)
         with t_exp:
             exp = make_experience(ro, scores, unwrap(policy), ref_policy, unwrap(value_model), kl_ctl.value, cfg,
-                                  cfg.micro_batch_size)
+                                  micro_bs)
         unwrap(policy).train()
         with t_train:
-            stats = ppo_update(exp, policy, value_model, opt_p, opt_v, sched_p, sched_v, acc, cfg, mb_local, it,
-                               ptx_iter, ema)
+            stats = ppo_update(exp, policy, value_model, opt_p, opt_v, sched_p, sched_v, acc, cfg, mb_local, micro_bs,
+                               it, ptx_iter, ema)
 
         seq_kl = exp.kl.sum(-1)
         mean_kl = acc.reduce(seq_kl.mean(), "mean").item()
@@ -505,6 +510,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
             save_model_files(ema_model, tok, out / "ema")
         write_summary(out, summary)
     logger.close()
+    acc.wait_for_everyone()  # the checkpoint is on disk before any rank moves on
     return summary
 
 

@@ -26,7 +26,8 @@ from ..algos.core import pairwise_rm_loss, reward_bias
 from ..config import ModelConfig, RMConfig, SampleConfig, dump_yaml
 from ..data.formats import DataError, PrefGroup, load_examples, parse_preference, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, global_batches, grad_accum_steps, make_accelerator, make_optimizer,
-                      make_scheduler, prepare_output_dir, progress, set_seed, shard, write_summary)
+                      make_scheduler, prepare_output_dir, progress, set_seed, shard, world_size, write_summary)
+from ..engine import backward, gathered_params, zero_stage
 from ..models import ModelError, count_parameters, disable_dropout, load_tokenizer, torch_dtype, unwrap
 from ..rewards import BIAS_KEY, forward_scores, score_head, score_sequences
 from ..rollout import right_pad
@@ -99,21 +100,23 @@ def group_loss(model, groups: list[tuple[list[list[int]], list[tuple[int, int, f
 
 
 @torch.no_grad()
-def evaluate_pairs(model, groups, pad_id: int, micro_batch_size: int, device) -> dict:
+def evaluate_pairs(model, groups, pad_id: int, micro_batch_size: int, acc) -> dict:
+    """Held-out pair metrics; each process scores every world-th group, sums are reduced."""
     model.eval()
-    ch, rj = [], []
-    for mb in chunks(groups, micro_batch_size):
-        _, c, r = group_loss(model, mb, pad_id, device)
-        ch.append(c)
-        rj.append(r)
+    sums = torch.zeros(6, dtype=torch.float64, device=acc.device)
+    for mb in chunks(groups[acc.process_index :: acc.num_processes], micro_batch_size):
+        _, c, r = group_loss(model, mb, pad_id, acc.device)
+        correct = (c > r).float() + 0.5 * (c == r).float()
+        sums += torch.stack([correct.sum(), (c - r).sum(), c.sum(), r.sum(), pairwise_rm_loss(c, r).sum(),
+                             torch.tensor(float(c.numel()))]).double()
     model.train()
-    if not ch:
+    sums = acc.reduce(sums, "sum")
+    n = float(sums[5])
+    if n == 0:
         return {}
-    c, r = torch.cat(ch), torch.cat(rj)
-    correct = (c > r).float() + 0.5 * (c == r).float()
-    return {"eval_accuracy": correct.mean().item(), "eval_margin": (c - r).mean().item(),
-            "eval_chosen_mean": c.mean().item(), "eval_rejected_mean": r.mean().item(),
-            "eval_loss": pairwise_rm_loss(c, r).mean().item(), "eval_pairs": int(c.numel())}
+    acc_, margin, ch, rj, loss = (float(x) / n for x in sums[:5])
+    return {"eval_accuracy": acc_, "eval_margin": margin, "eval_chosen_mean": ch, "eval_rejected_mean": rj,
+            "eval_loss": loss, "eval_pairs": int(n)}
 
 
 # ----------------------------------------------------------------------------- sampling K-way rankings
@@ -167,7 +170,10 @@ def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, devic
 
 def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False) -> dict:
     t_start = time.time()
-    acc = make_accelerator(cfg.train.mixed_precision)
+    tc = cfg.train
+    accum, micro_bs = grad_accum_steps(tc.batch_size, tc.micro_batch_size, world_size())
+    acc = make_accelerator(tc.mixed_precision, tc.deepspeed, micro_batch_size=micro_bs, grad_accum=accum,
+                           max_grad_norm=tc.max_grad_norm)
     out = prepare_output_dir(output_dir or cfg.output_dir, overwrite, acc.is_main_process)
     set_seed(cfg.seed)
     train_specs = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train or [])
@@ -193,8 +199,6 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     enc = [(encode_group(tok, g, cfg.data.max_length), g.pairs) for g in groups]
     eval_enc = [(encode_group(tok, g, cfg.data.max_length), g.pairs) for g in eval_groups]
 
-    tc = cfg.train
-    accum = grad_accum_steps(tc.batch_size, tc.micro_batch_size, acc.num_processes)
     batches = global_batches(len(enc), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, (tc.adam_beta1, tc.adam_beta2), tc.adam_eps)
     scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)
@@ -212,13 +216,13 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     for step, idx in enumerate(batches, 1):
         batch = [enc[i] for i in idx]
         pairs_in_batch = sum(len(p) for _, p in batch)  # global: loss is a mean over every pair
-        micro = chunks(shard(batch, acc.process_index, acc.num_processes), tc.micro_batch_size)
+        micro = chunks(shard(batch, acc.process_index, acc.num_processes), micro_bs)
         assert len(micro) == accum
         for k, mb in enumerate(micro):
-            ctx = acc.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext()
-            with ctx:
+            last = k == len(micro) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(model):
                 losses, c, r = group_loss(model, mb, tok.pad_token_id, acc.device, cfg.margin)
-                acc.backward(losses.sum() / pairs_in_batch * acc.num_processes)
+                backward(acc, losses.sum() / pairs_in_batch * acc.num_processes, accum, last)
             win["loss"] += losses.sum().item()
             win["acc"] += (c > r).float().sum().item()
         win["pairs"] += pairs_in_batch
@@ -237,17 +241,18 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
             bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['accuracy']:.3f}")
             win = {"loss": 0.0, "acc": 0.0, "pairs": 0}
         if tc.eval_every and step % tc.eval_every == 0 and step != len(batches):
-            logger.log(step, evaluate_pairs(model, eval_enc, tok.pad_token_id, tc.micro_batch_size, acc.device))
+            logger.log(step, evaluate_pairs(model, eval_enc, tok.pad_token_id, micro_bs, acc))
     bar.close()
 
     summary.update({"steps": len(batches), "train_groups": len(enc), "train_pairs": n_pairs,
                     "parameters": count_parameters(unwrap(model)),
                     **{k: v for k, v in stats.items() if k != "rows"}})
-    summary.update(evaluate_pairs(model, eval_enc, tok.pad_token_id, tc.micro_batch_size, acc.device))
+    summary.update(evaluate_pairs(model, eval_enc, tok.pad_token_id, micro_bs, acc))
     bias = 0.0
     if cfg.normalize:
         ref = reference_sequences(cfg, tok, groups)
-        raw = score_sequences(unwrap(model).eval(), ref, tok.pad_token_id, tc.micro_batch_size, acc.device)
+        with gathered_params(acc, unwrap(model)):  # every rank scores the reference set (cheap, simple)
+            raw = score_sequences(unwrap(model).eval(), ref, tok.pad_token_id, micro_bs, acc.device)
         bias = reward_bias(raw)
         summary["normalize_reference_size"] = len(ref)
     summary["reward_bias"] = bias
@@ -255,14 +260,17 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         if k in summary:
             summary[k + "_normalized"] = summary[k] + bias
     summary["train_seconds"] = round(time.time() - t_start, 1)
+    summary["num_processes"] = acc.num_processes
+    state_dict = acc.get_state_dict(model) if zero_stage(acc) == 3 else None  # collective under ZeRO-3
     acc.wait_for_everyone()
     if acc.is_main_process:
         from .sft import save_model_files
 
-        save_model_files(model, tok, out, extra_config={BIAS_KEY: bias})
+        save_model_files(model, tok, out, extra_config={BIAS_KEY: bias}, state_dict=state_dict)
         logger.log(len(batches), {k: v for k, v in summary.items() if k.startswith("eval_")})
         write_summary(out, summary)
     logger.close()
+    acc.wait_for_everyone()  # the checkpoint is on disk before any rank moves on
     return summary
 
 

@@ -25,7 +25,8 @@ from ..algos.core import lm_loss_sum
 from ..config import SFTConfig, dump_yaml
 from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, global_batches, grad_accum_steps, make_accelerator, make_optimizer,
-                      make_scheduler, prepare_output_dir, progress, set_seed, shard, write_summary)
+                      make_scheduler, prepare_output_dir, progress, set_seed, shard, world_size, write_summary)
+from ..engine import backward, gathered_params, zero_stage
 from ..evaluate import gold_accuracy, gold_examples
 from ..models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained, unwrap
 from ..tokenization import IGNORE_INDEX, encode_sft
@@ -82,20 +83,25 @@ def n_loss_tokens(feats) -> int:
 
 
 @torch.no_grad()
-def evaluate_loss(model, feats, pad_id: int, micro_batch_size: int, device) -> float:
+def evaluate_loss(model, feats, pad_id: int, micro_batch_size: int, acc) -> float:
+    """Token-mean loss over `feats`; each process takes every world-th example, sums are reduced."""
     model.eval()
     total, count = 0.0, 0
-    for mb in chunks(feats, micro_batch_size):
-        ids, mask, labels = collate(mb, pad_id, device)
+    for mb in chunks(feats[acc.process_index :: acc.num_processes], micro_batch_size):
+        ids, mask, labels = collate(mb, pad_id, acc.device)
         s, n = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
         total, count = total + float(s), count + n
     model.train()
-    return total / max(count, 1)
+    sums = acc.reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=acc.device), "sum")
+    return float(sums[0] / sums[1].clamp(min=1))
 
 
 def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = False) -> dict:
     t_start = time.time()
-    acc = make_accelerator(cfg.train.mixed_precision)
+    tc = cfg.train
+    accum, micro_bs = grad_accum_steps(tc.batch_size, tc.micro_batch_size, world_size())
+    acc = make_accelerator(tc.mixed_precision, tc.deepspeed, micro_batch_size=micro_bs, grad_accum=accum,
+                           max_grad_norm=tc.max_grad_norm)
     out = prepare_output_dir(output_dir or cfg.output_dir, overwrite, acc.is_main_process)
     set_seed(cfg.seed)
     train_ex, stats = load_examples(cfg.data.train, parse_sft, split=cfg.data.split, skip_bad_rows=cfg.data.skip_bad_rows,
@@ -113,8 +119,6 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     if cfg.packing:
         train_feats = pack(train_feats, cfg.data.max_length)
 
-    tc = cfg.train
-    accum = grad_accum_steps(tc.batch_size, tc.micro_batch_size, acc.num_processes)
     batches = global_batches(len(train_feats), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, (tc.adam_beta1, tc.adam_beta2), tc.adam_eps)
     scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)
@@ -125,7 +129,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     log.info("SFT: %d train / %d eval examples, %d steps, %.2fM parameters", len(train_feats), len(eval_feats),
              len(batches), count_parameters(unwrap(model)) / 1e6)
 
-    initial_eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, tc.micro_batch_size, acc.device) \
+    initial_eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc) \
         if eval_feats else None
     model.train()
     bar = progress(total=len(batches), desc="sft", disable=not acc.is_main_process)
@@ -133,14 +137,14 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     for step, idx in enumerate(batches, 1):
         batch = [train_feats[i] for i in idx]
         n_tokens = n_loss_tokens(batch)  # over the global batch: the loss is a true token mean
-        micro = chunks(shard(batch, acc.process_index, acc.num_processes), tc.micro_batch_size)
+        micro = chunks(shard(batch, acc.process_index, acc.num_processes), micro_bs)
         assert len(micro) == accum
         for k, mb in enumerate(micro):
             ids, mask, labels = collate(mb, tok.pad_token_id, acc.device)
-            ctx = acc.no_sync(model) if k < len(micro) - 1 else contextlib.nullcontext()
-            with ctx:
+            last = k == len(micro) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(model):
                 loss_sum, _ = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
-                acc.backward(loss_sum / max(n_tokens, 1) * acc.num_processes)
+                backward(acc, loss_sum / max(n_tokens, 1) * acc.num_processes, accum, last)
             window_loss += loss_sum.item()
         window_tokens += n_tokens
         grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm > 0 else None
@@ -157,41 +161,46 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
             bar.set_postfix(loss=f"{loss:.4f}")
             window_loss, window_tokens = 0.0, 0
         if tc.eval_every and step % tc.eval_every == 0 and step != len(batches):
-            logger.log(step, {"eval_loss": evaluate_loss(model, eval_feats, tok.pad_token_id, tc.micro_batch_size, acc.device)})
+            logger.log(step, {"eval_loss": evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc)})
     bar.close()
 
     summary = {"stage": "sft", "steps": len(batches), "train_examples": len(train_feats),
                "eval_examples": len(eval_feats), "parameters": count_parameters(unwrap(model)),
                "skipped_bad_rows": stats["skipped_bad_rows"]}
     if eval_feats:
-        eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, tc.micro_batch_size, acc.device)
+        eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc)
         summary.update(initial_eval_loss=initial_eval_loss, eval_loss=eval_loss,
                        eval_perplexity=math.exp(min(eval_loss, 50)))
     gold = gold_examples(eval_ex, cfg.gen_eval_samples)
-    if gold and acc.is_main_process:
+    sharded = zero_stage(acc) == 3  # every rank takes part in a ZeRO-3 forward
+    if gold and (acc.is_main_process or sharded):
         m = unwrap(model)
-        for key, greedy in (("eval_gold_accuracy", False), ("eval_gold_accuracy_greedy", True)):
-            summary[key] = gold_accuracy(m, tok, gold, max_new_tokens=cfg.max_new_tokens, temperature=1.0, greedy=greedy,
-                                         seed=cfg.seed + 1, device=acc.device)
+        with gathered_params(acc, m):
+            for key, greedy in (("eval_gold_accuracy", False), ("eval_gold_accuracy_greedy", True)):
+                summary[key] = gold_accuracy(m, tok, gold, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
+                                             greedy=greedy, seed=cfg.seed + 1, device=acc.device)
         summary["eval_gold_prompts"] = len(gold)
     summary["train_seconds"] = round(time.time() - t_start, 1)
+    summary["num_processes"] = acc.num_processes
+    state_dict = acc.get_state_dict(model) if sharded else None  # collective under ZeRO-3
     acc.wait_for_everyone()
     if acc.is_main_process:
-        save_model_files(model, tok, out)
+        save_model_files(model, tok, out, state_dict=state_dict)
         logger.log(len(batches), {k: v for k, v in summary.items() if k.startswith("eval_")})
         write_summary(out, summary)
     logger.close()
+    acc.wait_for_everyone()  # the checkpoint is on disk before any rank moves on
     return summary
 
 
-def save_model_files(model, tok, out: Path, extra_config: dict | None = None) -> None:
+def save_model_files(model, tok, out: Path, extra_config: dict | None = None, state_dict: dict | None = None) -> None:
     """Write the HF folder into `out` through a temporary folder, each file moved in atomically."""
     import os
     import shutil
 
     tmp = out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tok, tmp, extra_config)
+    save_pretrained(model, tok, tmp, extra_config, state_dict)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
