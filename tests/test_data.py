@@ -220,3 +220,12 @@ def test_join_ranks(tmp_path):
     short = write(tmp_path, "short.jsonl", [{"id": 1, "ranks": [1, 2]}])
     with pytest.raises(F.DataError, match="short.jsonl:1: field 'ranks': expected a list of 3"):
         F.join_ranks(str(samples), str(short), str(tmp_path / "o3.jsonl"))
+
+
+def test_ultrafeedback_style_full_conversations_with_prompt_field(tmp_path):
+    u = {"role": "user", "content": "hi"}
+    p = write(tmp_path, "uf.jsonl", [{"prompt": "hi", "chosen": [u, {"role": "assistant", "content": "hello"}],
+                                       "rejected": [u, {"role": "assistant", "content": "bye"}]}])
+    (g,), _ = load(p, F.parse_preference)
+    assert g.prompt == [u] and g.responses == [[{"role": "assistant", "content": "hello"}],
+                                               [{"role": "assistant", "content": "bye"}]]

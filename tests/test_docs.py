@@ -38,6 +38,12 @@ def test_recipes_load():
     for stage in ("sft", "rm", "ppo"):
         load_stage_config(stage, ROOT / f"recipes/tiny/{stage}.yaml")
     load_stage_config("ppo", ROOT / "recipes/tiny/ppo_reward_fn.yaml")
+    for recipe in ROOT.glob("recipes/*/pipeline.yaml"):
+        load_stage_config("pipeline", recipe)
+    import json
+
+    for ds in ROOT.glob("recipes/deepspeed/*.json"):
+        assert json.loads(ds.read_text())["zero_optimization"]["stage"] in (2, 3)
 
 
 def test_ppo_doc_lists_every_field():

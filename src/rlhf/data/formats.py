@@ -190,6 +190,11 @@ def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
         if fld not in d:
             raise DataError(f"{row.where(fld)}: missing (expected prompt/chosen/rejected or prompt/responses/ranks)")
     margin = _number(row, "margin", d["margin"]) if d.get("margin") is not None else 0.0
+    whole = [d.get(f) for f in ("chosen", "rejected")]
+    if all(_is_messages(v) and v and v[0]["role"] != "assistant" for v in whole):
+        # whole conversations (UltraFeedback-binarized style, even with a 'prompt' field): split the shared prefix
+        prompt_m, c, r = split_implicit_prompt(whole[0], whole[1], row)
+        return PrefGroup(prompt_m, [c, r], [(0, 1, margin)], row.where())
     if "prompt" in d and d["prompt"] is not None:
         prompt = _text_or_messages(row, "prompt")
         chosen = _text_or_messages(row, "chosen", allow_empty=True)  # an empty reply is a (bad) reply
