@@ -37,6 +37,7 @@ def _training_parser(sub, name: str, help: str):
     p.add_argument("recipe", help="YAML recipe")
     p.add_argument("--output_dir", help="run folder (beats the recipe's output_dir)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
     return p
 
 
@@ -146,7 +147,7 @@ def _dispatch(args, rest: list[str]) -> int:
 
         # stdout carries only the summary JSON; libraries that print (DeepSpeed's logger) go to stderr
         with contextlib.redirect_stdout(sys.stderr):
-            summary = stages.run(args.command, cfg, args.output_dir, overwrite=args.overwrite)
+            summary = stages.run(args.command, cfg, args.output_dir, overwrite=args.overwrite, resume=args.resume)
         print(json.dumps(summary, indent=2, default=float))
         return 0
     if args.command == "data" and args.data_command == "join-ranks":

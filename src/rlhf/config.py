@@ -121,6 +121,12 @@ class TrainConfig:
     """Optimizer steps between metrics.jsonl records."""
     eval_every: int = 0
     """Optimizer steps between evaluations (0: only at the end)."""
+    save_every: int = 0
+    """Optimizer steps between resumable checkpoints in checkpoints/ (0: none; else one more at the end)."""
+    save_total_limit: int = 2
+    """Resumable checkpoints kept (the oldest are deleted once a newer one is complete)."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
 
 
 # ----------------------------------------------------------------------------- stages
@@ -309,6 +315,12 @@ class PPOConfig:
     """Iterations between held-out evaluations (0: start and end only)."""
     eval_samples: int = 256
     """Held-out prompts for eval_reward / eval_kl / eval_gold_accuracy."""
+    save_every: int = 0
+    """Iterations between resumable checkpoints in checkpoints/ (0: none; else one more at the end)."""
+    save_total_limit: int = 2
+    """Resumable checkpoints kept (the oldest are deleted once a newer one is complete)."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many minibatch updates in a row skipped for a non-finite loss or gradient."""
 
 
 @dataclass

@@ -164,6 +164,46 @@ def grad_accum_steps(batch_size: int, micro_batch_size: int, world_size: int, wh
     return per_rank // micro, micro
 
 
+def optimizer_step(acc, model, optimizer, scheduler, max_grad_norm: float, loss_ok: bool = True):
+    """Clip the global gradient norm and step — unless the loss or the gradient is non-finite on any
+    process: then the step is skipped, so no NaN/inf ever reaches the weights, the optimizer moments
+    or the schedule. Returns (stepped, grad_norm). (Under DeepSpeed the engine steps inside
+    backward and applies its own overflow check.)"""
+    norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = float(norm) if norm is not None else None
+    bad = acc.reduce(torch.tensor(0.0 if loss_ok else 1.0, device=acc.device), "sum").item()
+    ok = bad == 0 and (norm is None or math.isfinite(norm))
+    if ok:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ok, norm
+
+
+class NonFiniteGuard:
+    """Counts skipped non-finite steps; stops the run after `limit` in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streak, self.skipped = limit, 0, 0
+
+    def update(self, ok: bool, step: int) -> None:
+        if ok:
+            self.streak = 0
+            return
+        self.streak += 1
+        self.skipped += 1
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, self.streak)
+        if self.streak >= self.limit:
+            raise RunError(f"{self.streak} optimizer steps in a row had a non-finite loss or gradient (last at step "
+                           f"{step}); lower the learning rate or check the data. The last checkpoint is intact.")
+
+    def state_dict(self) -> dict:
+        return {"streak": self.streak, "skipped": self.skipped}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.streak, self.skipped = d["streak"], d["skipped"]
+
+
 def make_optimizer(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8):
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -217,16 +257,34 @@ def chunks(items: list, size: int) -> list[list]:
 # ----------------------------------------------------------------------------- output
 
 
-def prepare_output_dir(path: str | Path | None, overwrite: bool = False, is_main: bool = True) -> Path:
-    """Create the run folder; refuse to write into one that holds a run unless overwrite."""
+RUN_MARKERS = ("recipe.yaml", "summary.json", "metrics.jsonl")
+
+
+def check_output_dir(path: str | Path | None, overwrite: bool = False, resume: bool = False) -> Path:
+    """Refuse, before anything is written, a run folder that already holds a run (unless
+    --overwrite) or, with --resume, one that holds none. Touches nothing."""
     if not path:
         raise RunError("no output directory: pass --output_dir or set output_dir in the recipe")
     path = Path(path)
-    if is_main and path.exists() and any((path / f).exists() for f in ("recipe.yaml", "summary.json", "metrics.jsonl")):
-        if not overwrite:
-            raise RunError(f"{path}: already holds a run; pass --overwrite to replace it (or --resume to continue)")
-        for f in ("summary.json", "metrics.jsonl", "recipe.yaml"):
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other")
+    holds_run = path.exists() and any((path / f).exists() for f in RUN_MARKERS)
+    if resume and not holds_run:
+        raise RunError(f"{path}: no run to resume")
+    if not resume and holds_run and not overwrite:
+        raise RunError(f"{path}: already holds a run; pass --overwrite to replace it (or --resume to continue)")
+    return path
+
+
+def prepare_output_dir(path: str | Path | None, overwrite: bool = False, is_main: bool = True,
+                       resume: bool = False) -> Path:
+    """Create the run folder (after every input was validated); with --overwrite, clear the old run."""
+    path = check_output_dir(path, overwrite, resume)
+    if is_main and overwrite:
+        for f in (*RUN_MARKERS, "samples.jsonl"):
             (path / f).unlink(missing_ok=True)
+        for d in ("checkpoints", "tb"):
+            shutil.rmtree(path / d, ignore_errors=True)
     if is_main:
         path.mkdir(parents=True, exist_ok=True)
     return path
@@ -237,33 +295,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def atomic_dir(final: str | Path):
-    """Context manager: write into a temporary folder, then swap it in with a rename."""
-    return _AtomicDir(Path(final))
-
-
-class _AtomicDir:
-    def __init__(self, final: Path):
-        self.final = final
-        self.tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = self.final.with_name(f".{self.final.name}.old{os.getpid()}")
-        if self.final.exists():
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        shutil.rmtree(old, ignore_errors=True)
-        return False
 
 
 class MetricsLogger:
@@ -322,8 +353,8 @@ class Timer:
         self.total += time.perf_counter() - self.t
 
 
-def progress(iterable=None, total=None, desc: str = "", disable: bool = False):
+def progress(iterable=None, total=None, desc: str = "", disable: bool = False, **kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, disable=disable or os.environ.get("RLHF_NO_PROGRESS") == "1",
-                dynamic_ncols=True, leave=False)
+                dynamic_ncols=True, leave=False, **kwargs)

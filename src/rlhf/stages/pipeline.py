@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 from ..config import PipelineConfig, dump_yaml
-from ..engine import RunError, prepare_output_dir, write_summary
+from ..engine import RunError, check_output_dir, write_summary
 
 
-def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: bool = False) -> dict:
+def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: bool = False,
+                 resume: bool = False) -> dict:
     from ..engine import make_accelerator
     from . import run
 
@@ -26,28 +27,33 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
         raise RunError("no output directory: pass --output_dir or set output_dir in the recipe")
     # the Accelerator (not a bare PartialState) first: it sets up gloo for multi-process CPU runs
     is_main = make_accelerator(cfg.sft.train.mixed_precision).is_main_process
-    prepare_output_dir(root, overwrite, is_main)
-    if is_main:
+    check_output_dir(root, overwrite, resume)  # each stage clears its own folder once its inputs check out
+    if is_main and not resume:
+        root.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, root / "recipe.yaml")
+
+    def started(stage_dir: Path) -> bool:  # --resume continues the stage it stopped in; later ones start anew
+        return resume and (stage_dir / "recipe.yaml").exists()
+
     t0 = time.time()
     summary: dict = {"stages": []}
     sft_dir, rm_dir = root / "sft", root / "rm"
     if cfg.sft.data.train:
-        summary["sft"] = run("sft", cfg.sft, str(sft_dir), overwrite)
+        summary["sft"] = run("sft", cfg.sft, str(sft_dir), overwrite, started(sft_dir))
         summary["stages"].append("sft")
     if cfg.rm.data.train or cfg.rm.sample is not None:
         if cfg.rm.model.name_or_path is None:
             cfg.rm.model.name_or_path = str(sft_dir)
         if cfg.rm.sample is not None and cfg.rm.sample.checkpoint is None:
             cfg.rm.sample.checkpoint = str(sft_dir)
-        summary["rm"] = run("rm", cfg.rm, str(rm_dir), overwrite)
+        summary["rm"] = run("rm", cfg.rm, str(rm_dir), overwrite, started(rm_dir))
         summary["stages"].append("rm")
     if cfg.ppo.data.train:
         if cfg.ppo.model.name_or_path is None:
             cfg.ppo.model.name_or_path = str(sft_dir)
         if cfg.ppo.reward_model is None and "rm" in summary:
             cfg.ppo.reward_model = str(rm_dir)
-        summary["ppo"] = run("ppo", cfg.ppo, str(root / "ppo"), overwrite)
+        summary["ppo"] = run("ppo", cfg.ppo, str(root / "ppo"), overwrite, started(root / "ppo"))
         summary["stages"].append("ppo")
     summary["total_seconds"] = round(time.time() - t0, 1)
     if is_main:

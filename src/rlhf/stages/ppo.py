@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import os
@@ -28,11 +29,12 @@ import torch
 from torch import nn
 
 from ..algos import core
+from ..checkpoint import fault_point_step, inject_fault, latest_checkpoint, load_tensors, resume_state, save_checkpoint
 from ..config import ModelConfig, PPOConfig, dump_yaml
 from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
 from ..data.tasks import has_gold, gold_reward
-from ..engine import (MetricsLogger, RunError, Timer, chunks, epoch_permutation, make_accelerator, make_optimizer,
-                      make_scheduler, prepare_output_dir, progress, set_seed, write_summary)
+from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, chunks, epoch_permutation, make_accelerator, make_optimizer,
+                      make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, write_summary)
 from ..models import ModelError, count_parameters, disable_dropout, load_causal_lm, load_tokenizer, unwrap
 from ..rewards import RewardError, RewardModel, call_reward_fn, load_reward_fn, score_head
 from ..rollout import Generation, generate, position_ids_from_mask, response_logprobs
@@ -200,7 +202,8 @@ def _slices(n: int, size: int) -> list[slice]:
 
 
 def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sched_policy, sched_value, acc,
-               cfg: PPOConfig, mb_local: int, micro_batch_size: int, iteration: int, ptx_iter=None, ema=None) -> dict:
+               cfg: PPOConfig, mb_local: int, micro_batch_size: int, iteration: int, ptx_iter=None, ema=None,
+               guard=None) -> dict:
     """ppo_epochs passes over the rollout, reshuffled each time; minibatch -> micro-batches."""
     B = exp.input_ids.shape[0]
     R = exp.response_mask.shape[1]
@@ -212,6 +215,7 @@ def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sche
             # token count of the whole (global) minibatch: every micro-batch divides by it
             n_tok = acc.reduce(exp.response_mask[mb].sum().detach().clone(), "sum").item()
             micro = chunks(mb, micro_batch_size)
+            loss_ok = True
             for k, mi in enumerate(micro):
                 idx = torch.tensor(mi, device=exp.input_ids.device)
                 ids, mask, rmask = exp.input_ids[idx], exp.attention_mask[idx], exp.response_mask[idx]
@@ -230,6 +234,8 @@ def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sche
                         ptx_loss = ptx_iter.loss(policy) / len(micro)
                         loss = loss + cfg.ptx_coef * ptx_loss
                         _add(sums, "ptx_loss", ptx_loss.item() * len(micro) / max(len(micro), 1))
+                    loss = inject_fault(loss, iteration)
+                    loss_ok = loss_ok and bool(torch.isfinite(loss))
                     acc.backward(loss)
                 w = len(mi) / len(mb)
                 _add(sums, "pg_loss", pg_loss.item())
@@ -239,19 +245,25 @@ def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sche
                 _add(sums, "approx_kl", pst.approx_kl.item() * w)
                 _add(sums, "ratio_mean", pst.ratio_mean.item() * w)
                 _add(sums, "value_clipfrac", vclip.item() * w)
-            gn_p = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            gn_v = acc.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            opt_policy.step()
-            opt_value.step()
-            sched_policy.step()
-            sched_value.step()
+            # one optimizer step for both models, skipped whole if anything is non-finite on any process
+            inf = float("inf")
+            gn_p = float(acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else inf))
+            gn_v = float(acc.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else inf))
+            bad = acc.reduce(torch.tensor(0.0 if loss_ok else 1.0, device=exp.input_ids.device), "sum").item()
+            ok = bad == 0 and math.isfinite(gn_p) and math.isfinite(gn_v)
+            if ok:
+                opt_policy.step()
+                opt_value.step()
+                sched_policy.step()
+                sched_value.step()
+                if ema is not None:
+                    ema.update(policy)
+                _add(sums, "policy_grad_norm", gn_p)
+                _add(sums, "value_grad_norm", gn_v)
             opt_policy.zero_grad(set_to_none=True)
             opt_value.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(policy)
-            if gn_p is not None:
-                _add(sums, "policy_grad_norm", float(gn_p))
-                _add(sums, "value_grad_norm", float(gn_v))
+            if guard is not None:
+                guard.update(ok, iteration)
             counts += 1
     return {k: v / counts for k, v in sums.items()}
 
@@ -275,6 +287,13 @@ class PtxIterator:
         self.pos += self.mbs
         return batch
 
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.epoch, self.pos = d["epoch"], d["pos"]
+        self.perm = epoch_permutation(len(self.feats), self.seed, self.epoch)
+
     def loss(self, policy) -> torch.Tensor:
         from .sft import collate
 
@@ -292,6 +311,12 @@ class EMA:
 
     def update(self, model) -> None:
         core.ema_update(self.params, [p.detach().cpu() for p in unwrap(model).parameters()], self.decay)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {str(i): p for i, p in enumerate(self.params)}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.params = [tensors[str(i)].clone() for i in range(len(self.params))]
 
     def copy_to(self, model) -> None:
         with torch.no_grad():
@@ -361,14 +386,17 @@ def _check(cfg: PPOConfig, world: int) -> tuple[int, int]:
     return b_local, mb_local, micro
 
 
-def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = False) -> dict:
+def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
     if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         raise RunError("PPO does not run under DeepSpeed yet (it trains two models); launch it with DDP "
                        "(torchrun / accelerate launch without a DeepSpeed config)")
     acc = make_accelerator(cfg.mixed_precision)
     b_local, mb_local, micro_bs = _check(cfg, acc.num_processes)
-    out = prepare_output_dir(output_dir or cfg.output_dir, overwrite, acc.is_main_process)
+    out = check_output_dir(output_dir or cfg.output_dir, overwrite, resume)  # nothing is written before inputs check out
+    if resume and (out / "summary.json").exists():
+        log.info("%s: run already complete", out)
+        return json.loads((out / "summary.json").read_text())
     set_seed(cfg.seed + acc.process_index)  # a different sampling seed per rank [N]
     device = acc.device
 
@@ -401,6 +429,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     opt_v = make_optimizer(value_model.parameters(), cfg.value_lr or cfg.lr, cfg.weight_decay, (0.9, 0.95), cfg.adam_eps)
     sched_p = make_scheduler(opt_p, cfg.lr_scheduler, n_updates, cfg.warmup_ratio)
     sched_v = make_scheduler(opt_v, cfg.lr_scheduler, n_updates, cfg.warmup_ratio)
+    prepare_output_dir(out, overwrite, acc.is_main_process, resume)
     policy, value_model, opt_p, opt_v = acc.prepare(policy, value_model, opt_p, opt_v)
     kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else core.FixedKLController(cfg.kl_coef))
@@ -412,26 +441,40 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         ptx_iter = PtxIterator([encode_sft(tok, d.prompt, d.completion) for d in demos], micro_bs,
                                tok.pad_token_id, cfg.seed + acc.process_index, device)
 
-    if acc.is_main_process:
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + acc.process_index)
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+    # the reference was copied from the SFT weights above; a resumed run reloads only what trains
+    start, state = resume_state(acc, out, resume, {"policy": policy, "value": value_model},
+                                {"policy": opt_p, "value": opt_v}, {"policy": sched_p, "value": sched_v},
+                                generators={"sampling": gen})
+    summary: dict = {"stage": "ppo"}
+    if state:
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        moments.load_state_dict(state["moments"])
+        guard.load_state_dict(state["guard"])
+        summary.update(state["initial"])
+        if ptx_iter is not None:
+            ptx_iter.load_state_dict(state["ptx"])
+        if ema is not None:
+            ema.load(load_tensors(latest_checkpoint(out) / "ema.safetensors"))
+    if acc.is_main_process and not resume:
         dump_yaml(cfg, out / "recipe.yaml")
     logger = MetricsLogger(out, enabled=acc.is_main_process)
-    log.info("PPO: %d prompts, %d held out, %d iterations x %d rollouts, %d optimizer steps, policy %.2fM params",
+    log.info("PPO: %d prompts, %d held out, %d iterations x %d rollouts, %d optimizer steps, policy %.2fM params%s",
              len(prompts), len(eval_prompts), cfg.steps, cfg.rollout_batch_size, n_updates,
-             count_parameters(unwrap(policy)) / 1e6)
+             count_parameters(unwrap(policy)) / 1e6, f", resuming after iteration {start}" if start else "")
 
-    summary: dict = {"stage": "ppo"}
-    if eval_prompts and acc.is_main_process:
+    if eval_prompts and acc.is_main_process and not state:
         initial = evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg, device,
                                   cfg.seed + 12345)
         summary.update({"initial_" + k: v for k, v in initial.items()})
         logger.log(0, initial)
 
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + acc.process_index)
     per_epoch = len(prompts) // cfg.rollout_batch_size
     if per_epoch == 0:
         raise RunError(f"{len(prompts)} prompts are fewer than one rollout batch ({cfg.rollout_batch_size})")
-    bar = progress(total=cfg.steps, desc="ppo", disable=not acc.is_main_process)
-    for it in range(1, cfg.steps + 1):
+    bar = progress(total=cfg.steps, initial=start, desc="ppo", disable=not acc.is_main_process)
+    for it in range(start + 1, cfg.steps + 1):
         t_gen, t_score, t_exp, t_train = Timer(), Timer(), Timer(), Timer()
         epoch, pos = divmod(it - 1, per_epoch)
         perm = epoch_permutation(len(prompts), cfg.seed, epoch)
@@ -454,7 +497,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         unwrap(policy).train()
         with t_train:
             stats = ppo_update(exp, policy, value_model, opt_p, opt_v, sched_p, sched_v, acc, cfg, mb_local, micro_bs,
-                               it, ptx_iter, ema)
+                               it, ptx_iter, ema, guard)
 
         seq_kl = exp.kl.sum(-1)
         mean_kl = acc.reduce(seq_kl.mean(), "mean").item()
@@ -487,6 +530,15 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         if cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.steps and eval_prompts and acc.is_main_process:
             logger.log(it, evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg,
                                            device, cfg.seed + 12345))
+        if cfg.save_every and (it % cfg.save_every == 0 or it == cfg.steps):
+            save_checkpoint(acc, out, it, models={"policy": policy, "value": value_model},
+                            optimizers={"policy": opt_p, "value": opt_v}, schedulers={"policy": sched_p, "value": sched_v},
+                            generators={"sampling": gen}, keep=cfg.save_total_limit,
+                            extra_tensors={"ema": ema.tensors()} if ema is not None else None,
+                            state={"kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict(),
+                                   "guard": guard.state_dict(), "ptx": ptx_iter.state_dict() if ptx_iter else None,
+                                   "initial": {k: v for k, v in summary.items() if k.startswith("initial_")}})
+        fault_point_step(it)
         bar.update(1)
     bar.close()
 
@@ -495,7 +547,8 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
                                 cfg.seed + 12345)
         summary.update(final)
         logger.log(cfg.steps, final)
-    summary.update({"steps": cfg.steps, "optimizer_steps": n_updates, "train_prompts": len(prompts),
+    summary.update({"steps": cfg.steps, "optimizer_steps": n_updates, "skipped_nonfinite_steps": guard.skipped,
+                    "train_prompts": len(prompts),
                     "eval_prompts": len(eval_prompts), "kl_coef_final": kl_ctl.value,
                     "train_seconds": round(time.time() - t_start, 1)})
     acc.wait_for_everyone()

@@ -15,6 +15,7 @@ tokenization of SFT and PPO.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -26,8 +27,9 @@ from ..algos.core import pairwise_rm_loss, reward_bias
 from ..config import ModelConfig, RMConfig, SampleConfig, dump_yaml
 from ..data.formats import DataError, PrefGroup, load_examples, parse_preference, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, global_batches, grad_accum_steps, make_accelerator, make_optimizer,
-                      make_scheduler, prepare_output_dir, progress, set_seed, shard, world_size, write_summary)
-from ..engine import backward, gathered_params, zero_stage
+                      make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, shard, world_size, write_summary)
+from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
+from ..engine import NonFiniteGuard, atomic_write_text, backward, gathered_params, optimizer_step, zero_stage
 from ..models import ModelError, count_parameters, disable_dropout, load_tokenizer, torch_dtype, unwrap
 from ..rewards import BIAS_KEY, forward_scores, score_head, score_sequences
 from ..rollout import right_pad
@@ -122,6 +124,21 @@ def evaluate_pairs(model, groups, pad_id: int, micro_batch_size: int, acc) -> di
 # ----------------------------------------------------------------------------- sampling K-way rankings
 
 
+def check_sample_config(sc: SampleConfig) -> None:
+    """Fail before anything is written: the sampling policy and prompt file must exist."""
+    if not sc.checkpoint or not sc.prompts:
+        raise DataError("recipe: 'sample.checkpoint' and 'sample.prompts' are required for sampling")
+    if not Path(sc.checkpoint).exists():
+        raise ModelError(f"recipe: 'sample.checkpoint' points at a missing checkpoint: {sc.checkpoint}")
+    from ..data.formats import parse_prompt
+
+    load_examples(sc.prompts, parse_prompt, max_samples=sc.max_prompts, what="prompts", field_name="sample.prompts")
+    if sc.judge and sc.judge != "none":
+        from ..rewards import load_reward_fn
+
+        load_reward_fn(sc.judge)
+
+
 def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, device=None) -> dict:
     """InstructGPT §3.4: K samples of the policy per prompt, scored by a judge -> K-way rankings."""
     from ..data.formats import load_examples as _load, parse_prompt
@@ -168,34 +185,49 @@ def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, devic
 # ----------------------------------------------------------------------------- the stage
 
 
-def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False) -> dict:
+def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
     tc = cfg.train
     accum, micro_bs = grad_accum_steps(tc.batch_size, tc.micro_batch_size, world_size())
     acc = make_accelerator(tc.mixed_precision, tc.deepspeed, micro_batch_size=micro_bs, grad_accum=accum,
                            max_grad_norm=tc.max_grad_norm)
-    out = prepare_output_dir(output_dir or cfg.output_dir, overwrite, acc.is_main_process)
+    out = check_output_dir(output_dir or cfg.output_dir, overwrite, resume)  # nothing is written before inputs check out
+    if resume and (out / "summary.json").exists():
+        log.info("%s: run already complete", out)
+        return json.loads((out / "summary.json").read_text())
     set_seed(cfg.seed)
     train_specs = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train or [])
-    summary: dict = {"stage": "rm"}
-    if cfg.sample is not None:  # rankings of the policy's own samples, made before training
-        path = out / "sampled_rankings.jsonl"
-        if acc.is_main_process:
-            summary.update(sample_rankings(cfg.sample, path, seed=cfg.seed))
-        acc.wait_for_everyone()
-        train_specs.append(str(path))
-    stats: dict = {}
-    groups, stats = load_examples(train_specs or None, parse_preference, split=cfg.data.split,
+    if not train_specs and cfg.sample is None:
+        raise DataError("recipe: 'data.train' is not set (and there is no 'sample' section)")
+    groups, stats = load_examples(train_specs, parse_preference, split=cfg.data.split,
                                   skip_bad_rows=cfg.data.skip_bad_rows, max_samples=cfg.data.max_samples,
-                                  what="preference rows")
+                                  what="preference rows") if train_specs else ([], {"skipped_bad_rows": 0})
+    eval_groups = []
     if cfg.data.eval:
         eval_groups, _ = load_examples(cfg.data.eval, parse_preference, skip_bad_rows=cfg.data.skip_bad_rows,
                                        what="preference rows", field_name="data.eval")
-    else:
-        groups, eval_groups = split_train_eval(groups, cfg.data.eval_split, cfg.seed)
-
     tok = load_tokenizer(cfg.model)
     model = load_reward_backbone(cfg.model, tok, cfg.seed)
+    if cfg.sample is not None:
+        check_sample_config(cfg.sample)
+    prepare_output_dir(out, overwrite, acc.is_main_process, resume)
+
+    summary: dict = {"stage": "rm"}
+    if cfg.sample is not None:  # rankings of the policy's own samples, made before training
+        path, stats_path = out / "sampled_rankings.jsonl", out / "sampled_rankings.summary.json"
+        if acc.is_main_process and not (resume and stats_path.exists()):  # a resumed run keeps its samples
+            atomic_write_text(stats_path, json.dumps(sample_rankings(cfg.sample, path, seed=cfg.seed)))
+        acc.wait_for_everyone()
+        summary.update(json.loads(stats_path.read_text()))
+        sampled, sstats = load_examples(str(path), parse_preference, skip_bad_rows=cfg.data.skip_bad_rows,
+                                        what="sampled rankings")
+        groups += sampled
+        for k, v in sstats.items():
+            if k != "rows":
+                stats[k] = stats.get(k, 0) + v
+    if not cfg.data.eval:
+        groups, eval_groups = split_train_eval(groups, cfg.data.eval_split, cfg.seed)
+
     enc = [(encode_group(tok, g, cfg.data.max_length), g.pairs) for g in groups]
     eval_enc = [(encode_group(tok, g, cfg.data.max_length), g.pairs) for g in eval_groups]
 
@@ -203,37 +235,47 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, (tc.adam_beta1, tc.adam_beta2), tc.adam_eps)
     scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)
     model, optimizer = acc.prepare(model, optimizer)
-    if acc.is_main_process:
+    guard = NonFiniteGuard(tc.max_nonfinite_steps)
+    start, state = resume_state(acc, out, resume, {"model": model}, {"model": optimizer}, {"model": scheduler})
+    if acc.is_main_process and not resume:
         dump_yaml(cfg, out / "recipe.yaml")
     logger = MetricsLogger(out, enabled=acc.is_main_process)
     n_pairs = sum(len(p) for _, p in enc)
-    log.info("RM: %d groups (%d pairs) train, %d groups eval, %d steps, %.2fM parameters", len(enc), n_pairs,
-             len(eval_enc), len(batches), count_parameters(unwrap(model)) / 1e6)
+    log.info("RM: %d groups (%d pairs) train, %d groups eval, %d steps, %.2fM parameters%s", len(enc), n_pairs,
+             len(eval_enc), len(batches), count_parameters(unwrap(model)) / 1e6,
+             f", resuming after step {start}" if start else "")
 
     model.train()
-    bar = progress(total=len(batches), desc="rm", disable=not acc.is_main_process)
-    win = {"loss": 0.0, "acc": 0.0, "pairs": 0}
+    bar = progress(total=len(batches), initial=start, desc="rm", disable=not acc.is_main_process)
+    win = state.get("window", {"loss": 0.0, "acc": 0.0, "pairs": 0})
+    if state:
+        guard.load_state_dict(state["guard"])
     for step, idx in enumerate(batches, 1):
+        if step <= start:  # the data position of a resumed run is its step count
+            continue
         batch = [enc[i] for i in idx]
         pairs_in_batch = sum(len(p) for _, p in batch)  # global: loss is a mean over every pair
         micro = chunks(shard(batch, acc.process_index, acc.num_processes), micro_bs)
         assert len(micro) == accum
+        step_loss, step_acc = 0.0, 0.0
         for k, mb in enumerate(micro):
             last = k == len(micro) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model):
                 losses, c, r = group_loss(model, mb, tok.pad_token_id, acc.device, cfg.margin)
-                backward(acc, losses.sum() / pairs_in_batch * acc.num_processes, accum, last)
-            win["loss"] += losses.sum().item()
-            win["acc"] += (c > r).float().sum().item()
-        win["pairs"] += pairs_in_batch
-        grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+                loss = inject_fault(losses.sum(), step)
+                backward(acc, loss / pairs_in_batch * acc.num_processes, accum, last)
+            step_loss += loss.item()
+            step_acc += (c > r).float().sum().item()
+        stepped, grad_norm = optimizer_step(acc, model, optimizer, scheduler, tc.max_grad_norm, math.isfinite(step_loss))
+        guard.update(stepped, step)
+        if stepped:
+            win["loss"] += step_loss
+            win["acc"] += step_acc
+            win["pairs"] += pairs_in_batch
         bar.update(1)
         if step % tc.log_every == 0 or step == len(batches):
             tot = acc.reduce(torch.tensor([win["loss"], win["acc"]], device=acc.device), "sum")
-            rec = {"loss": tot[0].item() / win["pairs"], "accuracy": tot[1].item() / win["pairs"],
+            rec = {"loss": tot[0].item() / max(win["pairs"], 1), "accuracy": tot[1].item() / max(win["pairs"], 1),
                    "lr": scheduler.get_last_lr()[0]}
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
@@ -242,10 +284,15 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
             win = {"loss": 0.0, "acc": 0.0, "pairs": 0}
         if tc.eval_every and step % tc.eval_every == 0 and step != len(batches):
             logger.log(step, evaluate_pairs(model, eval_enc, tok.pad_token_id, micro_bs, acc))
+        if tc.save_every and (step % tc.save_every == 0 or step == len(batches)):
+            save_checkpoint(acc, out, step, models={"model": model}, optimizers={"model": optimizer},
+                            schedulers={"model": scheduler}, keep=tc.save_total_limit,
+                            state={"window": win, "guard": guard.state_dict()})
+        fault_point_step(step)
     bar.close()
 
     summary.update({"steps": len(batches), "train_groups": len(enc), "train_pairs": n_pairs,
-                    "parameters": count_parameters(unwrap(model)),
+                    "parameters": count_parameters(unwrap(model)), "skipped_nonfinite_steps": guard.skipped,
                     **{k: v for k, v in stats.items() if k != "rows"}})
     summary.update(evaluate_pairs(model, eval_enc, tok.pad_token_id, micro_bs, acc))
     bias = 0.0

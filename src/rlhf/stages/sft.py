@@ -14,6 +14,7 @@ lack, and its checkpoints are neither atomic nor shared with our PPO's resume. O
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -22,11 +23,12 @@ from pathlib import Path
 import torch
 
 from ..algos.core import lm_loss_sum
-from ..config import SFTConfig, dump_yaml
+from ..config import ModelConfig, SFTConfig, dump_yaml
 from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, global_batches, grad_accum_steps, make_accelerator, make_optimizer,
-                      make_scheduler, prepare_output_dir, progress, set_seed, shard, world_size, write_summary)
-from ..engine import backward, gathered_params, zero_stage
+                      make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, shard, world_size, write_summary)
+from ..engine import NonFiniteGuard, backward, gathered_params, optimizer_step, zero_stage
+from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
 from ..evaluate import gold_accuracy, gold_examples
 from ..models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained, unwrap
 from ..tokenization import IGNORE_INDEX, encode_sft
@@ -96,13 +98,16 @@ def evaluate_loss(model, feats, pad_id: int, micro_batch_size: int, acc) -> floa
     return float(sums[0] / sums[1].clamp(min=1))
 
 
-def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = False) -> dict:
+def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
     tc = cfg.train
     accum, micro_bs = grad_accum_steps(tc.batch_size, tc.micro_batch_size, world_size())
     acc = make_accelerator(tc.mixed_precision, tc.deepspeed, micro_batch_size=micro_bs, grad_accum=accum,
                            max_grad_norm=tc.max_grad_norm)
-    out = prepare_output_dir(output_dir or cfg.output_dir, overwrite, acc.is_main_process)
+    out = check_output_dir(output_dir or cfg.output_dir, overwrite, resume)  # nothing is written before inputs check out
+    if resume and (out / "summary.json").exists():
+        log.info("%s: run already complete", out)
+        return json.loads((out / "summary.json").read_text())
     set_seed(cfg.seed)
     train_ex, stats = load_examples(cfg.data.train, parse_sft, split=cfg.data.split, skip_bad_rows=cfg.data.skip_bad_rows,
                                     max_samples=cfg.data.max_samples, what="SFT rows")
@@ -112,7 +117,10 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     else:
         train_ex, eval_ex = split_train_eval(train_ex, cfg.data.eval_split, cfg.seed)
 
-    tok = load_tokenizer(cfg.model, train_texts=_texts(train_ex))
+    if resume and cfg.model.init == "from_config" and not cfg.model.tokenizer and (out / "tokenizer.json").exists():
+        tok = load_tokenizer(ModelConfig(name_or_path=str(out)))  # the tokenizer this run trained
+    else:
+        tok = load_tokenizer(cfg.model, train_texts=_texts(train_ex))
     model = load_causal_lm(cfg.model, tok, seed=cfg.seed)
     train_feats = encode_examples(tok, train_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
     eval_feats = encode_examples(tok, eval_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
@@ -122,19 +130,30 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     batches = global_batches(len(train_feats), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, (tc.adam_beta1, tc.adam_beta2), tc.adam_eps)
     scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)
+    prepare_output_dir(out, overwrite, acc.is_main_process, resume)
     model, optimizer = acc.prepare(model, optimizer)
-    if acc.is_main_process:
+    guard = NonFiniteGuard(tc.max_nonfinite_steps)
+    start, state = resume_state(acc, out, resume, {"model": model}, {"model": optimizer}, {"model": scheduler})
+    if acc.is_main_process and not resume:
         dump_yaml(cfg, out / "recipe.yaml")
+        tok.save_pretrained(out)
     logger = MetricsLogger(out, enabled=acc.is_main_process)
-    log.info("SFT: %d train / %d eval examples, %d steps, %.2fM parameters", len(train_feats), len(eval_feats),
-             len(batches), count_parameters(unwrap(model)) / 1e6)
+    log.info("SFT: %d train / %d eval examples, %d steps, %.2fM parameters%s", len(train_feats), len(eval_feats),
+             len(batches), count_parameters(unwrap(model)) / 1e6, f", resuming after step {start}" if start else "")
 
-    initial_eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc) \
-        if eval_feats else None
+    if state:
+        initial_eval_loss = state["initial_eval_loss"]
+        window_loss, window_tokens = state["window_loss"], state["window_tokens"]
+        guard.load_state_dict(state["guard"])
+    else:
+        initial_eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc) if eval_feats else None
+        window_loss, window_tokens = 0.0, 0
     model.train()
-    bar = progress(total=len(batches), desc="sft", disable=not acc.is_main_process)
-    window_loss, window_tokens = 0.0, 0
+    bar = progress(total=len(batches), initial=start, desc="sft", disable=not acc.is_main_process)
+    micro_losses: list[float] = []
     for step, idx in enumerate(batches, 1):
+        if step <= start:  # the data position of a resumed run is its step count
+            continue
         batch = [train_feats[i] for i in idx]
         n_tokens = n_loss_tokens(batch)  # over the global batch: the loss is a true token mean
         micro = chunks(shard(batch, acc.process_index, acc.num_processes), micro_bs)
@@ -144,13 +163,16 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
             last = k == len(micro) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model):
                 loss_sum, _ = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+                loss_sum = inject_fault(loss_sum, step)
                 backward(acc, loss_sum / max(n_tokens, 1) * acc.num_processes, accum, last)
-            window_loss += loss_sum.item()
-        window_tokens += n_tokens
-        grad_norm = acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm) if tc.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(loss_sum.item())
+        loss_ok = all(math.isfinite(x) for x in micro_losses)
+        stepped, grad_norm = optimizer_step(acc, model, optimizer, scheduler, tc.max_grad_norm, loss_ok)
+        guard.update(stepped, step)
+        if stepped:
+            window_loss += sum(micro_losses)
+            window_tokens += n_tokens
+        micro_losses.clear()
         bar.update(1)
         if step % tc.log_every == 0 or step == len(batches):
             loss = acc.reduce(torch.tensor(window_loss, device=acc.device), "sum").item() / max(window_tokens, 1)
@@ -162,11 +184,17 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
             window_loss, window_tokens = 0.0, 0
         if tc.eval_every and step % tc.eval_every == 0 and step != len(batches):
             logger.log(step, {"eval_loss": evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc)})
+        if tc.save_every and (step % tc.save_every == 0 or step == len(batches)):
+            save_checkpoint(acc, out, step, models={"model": model}, optimizers={"model": optimizer},
+                            schedulers={"model": scheduler}, keep=tc.save_total_limit,
+                            state={"initial_eval_loss": initial_eval_loss, "window_loss": window_loss,
+                                   "window_tokens": window_tokens, "guard": guard.state_dict()})
+        fault_point_step(step)
     bar.close()
 
     summary = {"stage": "sft", "steps": len(batches), "train_examples": len(train_feats),
                "eval_examples": len(eval_feats), "parameters": count_parameters(unwrap(model)),
-               "skipped_bad_rows": stats["skipped_bad_rows"]}
+               "skipped_bad_rows": stats["skipped_bad_rows"], "skipped_nonfinite_steps": guard.skipped}
     if eval_feats:
         eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc)
         summary.update(initial_eval_loss=initial_eval_loss, eval_loss=eval_loss,

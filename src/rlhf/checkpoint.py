@@ -1,0 +1,208 @@
+"""Resumable checkpoints: atomic, kept K at a time, exact on resume.
+
+A checkpoint is ``OUTPUT_DIR/checkpoints/step-NNNNNNNN/``:
+
+- ``<name>.safetensors`` — each trained model's weights (policy, value, ...) and the EMA;
+- ``<name>.optim.pt`` / ``<name>.sched.pt`` — optimizer and LR-scheduler state dicts
+  (plain tensors and numbers: loaded with ``torch.load(weights_only=True)``);
+- ``rng-rank<R>.pt`` — every RNG of process R: python, numpy, torch and the stage's own
+  generators (torch tensors and lists only);
+- ``state.json`` — the step, data position, KL controller, reward statistics, and whatever
+  else the stage needs to continue exactly.
+
+It is written into ``checkpoints/.tmp-step-NNNNNNNN`` and renamed into place, so a crash (even
+``kill -9``) during the write never leaves a broken latest checkpoint; a leftover temporary
+folder is ignored and removed by the next save. Only the ``keep`` newest checkpoints remain.
+Nothing here unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CKPT_DIR = "checkpoints"
+PREFIX = "step-"
+
+
+def checkpoint_root(out: Path) -> Path:
+    return Path(out) / CKPT_DIR
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    root = checkpoint_root(out)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = list_checkpoints(out)
+    return ckpts[-1] if ckpts else None
+
+
+def _rng_state(generators: dict[str, torch.Generator]) -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
+
+
+def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+
+
+def save_checkpoint(acc, out: Path, step: int, *, models: dict, optimizers: dict, schedulers: dict, state: dict,
+                    generators: dict[str, torch.Generator] | None = None, keep: int = 2,
+                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path | None:
+    """Write checkpoint `step` atomically (collective: every process calls it). Returns its path."""
+    from safetensors.torch import save_file, save_model
+
+    from .models import unwrap
+
+    root = checkpoint_root(out)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    torch.save(_rng_state(generators or {}), tmp / f"rng-rank{acc.process_index}.pt")
+    if acc.is_main_process:
+        for name, model in models.items():
+            save_model(unwrap(model), str(tmp / f"{name}.safetensors"))
+        for name, tensors in (extra_tensors or {}).items():
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+        for name, opt in optimizers.items():
+            torch.save(_plain_optimizer(opt).state_dict(), tmp / f"{name}.optim.pt")
+        for name, sched in schedulers.items():
+            torch.save(sched.state_dict(), tmp / f"{name}.sched.pt")
+        _fault_point("checkpoint")  # tests kill the process here, mid-write
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: the checkpoint appears whole or not at all
+        for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(f".tmp-{PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(acc, ckpt: Path, *, models: dict, optimizers: dict, schedulers: dict,
+                    generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Restore everything `save_checkpoint` wrote; returns state.json's content."""
+    from safetensors.torch import load_model
+
+    from .models import unwrap
+
+    for name, model in models.items():
+        missing, unexpected = load_model(unwrap(model), str(ckpt / f"{name}.safetensors"), strict=True)
+    for name, opt in optimizers.items():
+        _plain_optimizer(opt).load_state_dict(torch.load(ckpt / f"{name}.optim.pt", weights_only=True))
+    for name, sched in schedulers.items():
+        sched.load_state_dict(torch.load(ckpt / f"{name}.sched.pt", weights_only=True))
+    rng = ckpt / f"rng-rank{acc.process_index}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=True), generators or {})
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _plain_optimizer(opt):
+    return getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records logged after `step` (they are re-logged by the resumed run)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _fault_point(where: str) -> None:
+    """Test hook: RLHF_FAULT=checkpoint:N kills this process with SIGKILL at the N-th pass here."""
+    spec = os.environ.get("RLHF_FAULT", "")
+    if not spec.startswith(where + ":"):
+        return
+    global _FAULT_COUNT
+    _FAULT_COUNT += 1
+    if _FAULT_COUNT == int(spec.split(":")[1]):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_COUNT = 0
+
+
+def fault_point_step(step: int) -> None:
+    """Test hook: RLHF_FAULT=step:N kills this process with SIGKILL right after optimizer step N."""
+    spec = os.environ.get("RLHF_FAULT", "")
+    if spec == f"step:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resume_state(acc, out: Path, resume: bool, models: dict, optimizers: dict, schedulers: dict,
+                 generators: dict | None = None) -> tuple[int, dict]:
+    """(step to continue after, saved state) — (0, {}) for a new run or a run with no checkpoint yet.
+    Records logged after the checkpoint are dropped (the resumed run logs them again)."""
+    if not resume:
+        return 0, {}
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        if acc.is_main_process:
+            truncate_jsonl(Path(out) / "metrics.jsonl", 0)
+            truncate_jsonl(Path(out) / "samples.jsonl", 0)
+        acc.wait_for_everyone()
+        return 0, {}
+    state = load_checkpoint(acc, ckpt, models=models, optimizers=optimizers, schedulers=schedulers,
+                            generators=generators)
+    if acc.is_main_process:
+        truncate_jsonl(Path(out) / "metrics.jsonl", state["step"])
+        truncate_jsonl(Path(out) / "samples.jsonl", state["step"])
+    acc.wait_for_everyone()
+    return state["step"], state
+
+
+def inject_fault(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Test hook: RLHF_FAULT=nan:N makes the loss of optimizer step N NaN (the guard must skip it)."""
+    spec = os.environ.get("RLHF_FAULT", "")
+    if spec == f"nan:{step}" and step not in _NAN_DONE:  # once: the first micro-batch of that step
+        _NAN_DONE.add(step)
+        return loss * float("nan")
+    return loss
+
+
+_NAN_DONE: set[int] = set()
