@@ -182,9 +182,9 @@ def resume_state(acc, out: Path, resume: bool, models: dict, optimizers: dict, s
         return 0, {}
     ckpt = latest_checkpoint(out)
     if ckpt is None:
-        if acc.is_main_process:
-            truncate_jsonl(Path(out) / "metrics.jsonl", 0)
-            truncate_jsonl(Path(out) / "samples.jsonl", 0)
+        if acc.is_main_process:  # nothing to keep: the run starts over, step 0 included
+            truncate_jsonl(Path(out) / "metrics.jsonl", -1)
+            truncate_jsonl(Path(out) / "samples.jsonl", -1)
         acc.wait_for_everyone()
         return 0, {}
     state = load_checkpoint(acc, ckpt, models=models, optimizers=optimizers, schedulers=schedulers,
