@@ -100,6 +100,12 @@ def test_generate_chat_sample_score(tmp_path, pipeline_dir):
     assert all("score_chosen" in r and "score_rejected" in r for r in rows)
     acc = sum(r["score_chosen"] > r["score_rejected"] for r in rows) / len(rows)
     assert acc > 0.5
+    ev = tmp_path / "ev.json"
+    run_cli("eval", rm, "--pairs", ROOT / "recipes/tiny/data/prefs_eval.jsonl", "--max_samples", "50", "--out", ev)
+    res = json.loads(ev.read_text())["checkpoints"][str(rm)]
+    assert res["rm_pairs"] == 50 and 0.0 <= res["rm_accuracy"] <= 1.0
+    report = pipeline_dir / "report.html"
+    assert report.exists() and (pipeline_dir / "ppo" / "report" / "index.html").exists()
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -93,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("ranks", help="rows with 'id' and 'ranks' (1 = best) or 'scores'")
     join.add_argument("--out", required=True)
 
+    ev = sub.add_parser("eval", help="evaluate checkpoints: perplexity, RM accuracy, reward, gold accuracy, win rate, BLEU")
+    ev.add_argument("checkpoints", nargs="+", help="policy (causal LM) and/or reward-model checkpoints")
+    ev.add_argument("--perplexity", help="SFT-format file: perplexity of each policy on its assistant tokens")
+    ev.add_argument("--pairs", help="preference file: accuracy and margin of each reward-model checkpoint")
+    ev.add_argument("--prompts", help="prompt file: sample each policy (reward, gold accuracy, BLEU, win rate)")
+    ev.add_argument("--reward_model", help="reward model scoring the samples (and judging the win rate)")
+    ev.add_argument("--reward_fn", action="append", default=[], help="reward function 'file.py:f' (repeatable)")
+    ev.add_argument("--judge", help="Python judge for the win rate (scores each completion; higher is better)")
+    ev.add_argument("--reference_field", help="prompt-row field holding the reference text for BLEU/chrF")
+    ev.add_argument("--max_samples", type=int, default=256)
+    ev.add_argument("--out", help="write the results JSON here")
+    _sampling_args(ev)
+
+    rep = sub.add_parser("report", help="(re)build the HTML + PNG report of a run folder (or a pipeline folder)")
+    rep.add_argument("run_dir")
+
     gen = sub.add_parser("generate", help="sample completions from a checkpoint")
     gen.add_argument("checkpoint")
     gen.add_argument("--prompts", help="JSONL file with 'prompt' rows, or a text file (one prompt a line); default stdin")
@@ -177,6 +193,25 @@ def _dispatch(args, rest: list[str]) -> int:
         return 0
     if args.command == "score":
         return _score(args)
+    if args.command == "eval":
+        from .evaluate import format_table, run_eval
+
+        result = run_eval(args.checkpoints, perplexity_data=args.perplexity, pairs=args.pairs, prompts=args.prompts,
+                          reward_model=args.reward_model, reward_fns=args.reward_fn, judge=args.judge,
+                          reference_field=args.reference_field, max_samples=args.max_samples,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, greedy=args.greedy, seed=args.seed, batch_size=args.batch_size)
+        if args.out:
+            from .engine import atomic_write_text
+
+            atomic_write_text(args.out, json.dumps(result, indent=2))
+        print(format_table(result))
+        return 0
+    if args.command == "report":
+        from .report import build_report
+
+        print(build_report(args.run_dir))
+        return 0
     if args.command == "generate":
         return _generate(args)
     if args.command == "chat":

@@ -57,3 +57,177 @@ def gold_examples(examples: list, limit: int) -> list:
         if len(out) >= limit:
             break
     return out
+
+
+# ----------------------------------------------------------------------------- metrics (pure)
+
+
+def perplexity(nll_sum: float, n_tokens: int) -> float:
+    """exp(mean next-token NLL) over the scored tokens."""
+    import math
+
+    return math.exp(nll_sum / max(n_tokens, 1))
+
+
+def win_rate(scores_a: list[float], scores_b: list[float], n_boot: int = 2000, seed: int = 0,
+             tie_tolerance: float = 0.0) -> dict:
+    """Win rate of A over B on the same prompts: (wins + ties / 2) / n, with a 95% bootstrap CI.
+
+    A pair whose scores differ by at most `tie_tolerance` is a tie (a judge returning equal
+    scores, e.g. both answers right).
+    """
+    import random
+
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise ValueError("win_rate needs two equally long, non-empty score lists")
+    outcome = [1.0 if a - b > tie_tolerance else 0.0 if b - a > tie_tolerance else 0.5
+               for a, b in zip(scores_a, scores_b)]
+    n = len(outcome)
+    rng = random.Random(seed)
+    boots = sorted(sum(rng.choice(outcome) for _ in range(n)) / n for _ in range(n_boot))
+    return {"win_rate": sum(outcome) / n, "wins": outcome.count(1.0), "ties": outcome.count(0.5),
+            "losses": outcome.count(0.0), "n": n, "ci95_low": boots[int(0.025 * n_boot)],
+            "ci95_high": boots[min(int(0.975 * n_boot), n_boot - 1)]}
+
+
+def bleu_chrf(hypotheses: list[str], references: list[str]) -> dict:
+    """Corpus BLEU and chrF (sacrebleu, default tokenisation) of hypotheses against one reference each."""
+    import sacrebleu
+
+    return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score}
+
+
+# ----------------------------------------------------------------------------- rlhf eval
+
+
+@torch.no_grad()
+def lm_perplexity(model, tok, examples: list, batch_size: int = 16) -> dict:
+    """Perplexity of a causal LM on SFT rows (assistant tokens only, as in SFT)."""
+    from .algos.core import lm_loss_sum
+    from .rollout import right_pad
+    from .tokenization import IGNORE_INDEX, encode_sft
+
+    feats = [encode_sft(tok, e.prompt, e.completion) for e in examples]
+    total, count = 0.0, 0
+    for i in range(0, len(feats), batch_size):
+        chunk = feats[i : i + batch_size]
+        ids = right_pad([f[0] for f in chunk], tok.pad_token_id)
+        labels = right_pad([f[1] for f in chunk], IGNORE_INDEX)
+        mask = right_pad([[1] * len(f[0]) for f in chunk], 0)
+        s, n = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+        total, count = total + float(s), count + n
+    return {"loss": total / max(count, 1), "perplexity": perplexity(total, count), "tokens": count}
+
+
+def run_eval(checkpoints: list[str], *, perplexity_data: str | None = None, pairs: str | None = None,
+             prompts: str | None = None, reward_model: str | None = None, reward_fns: list[str] | None = None,
+             judge: str | None = None, reference_field: str | None = None, max_samples: int | None = 256,
+             max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             greedy: bool = False, seed: int = 0, batch_size: int = 32) -> dict:
+    """Evaluate checkpoints; see `rlhf eval --help`. Returns a JSON-able dict."""
+    from transformers import AutoConfig
+
+    from .config import ModelConfig
+    from .data.formats import load_examples, parse_preference, parse_prompt, parse_sft
+    from .models import disable_dropout, load_causal_lm, load_tokenizer
+    from .rewards import RewardModel, call_reward_fn, load_reward_fn
+
+    gen_settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                    "greedy": greedy, "seed": seed, "max_samples": max_samples}
+    result: dict = {"generation": gen_settings, "checkpoints": {}}
+    rm = RewardModel(reward_model) if reward_model else None
+    fns = [(spec, load_reward_fn(spec)) for spec in (reward_fns or [])]
+    judge_fn = load_reward_fn(judge) if judge else None
+    prompt_rows = load_examples(prompts, parse_prompt, max_samples=max_samples, what="prompts",
+                                field_name="--prompts")[0] if prompts else []
+    judged: dict[str, list[float]] = {}
+    labels = [c if checkpoints.index(c) == i else f"{c}#{i + 1}" for i, c in enumerate(checkpoints)]
+    for label, ckpt in zip(labels, checkpoints):
+        arch = (AutoConfig.from_pretrained(ckpt).architectures or [""])[0]
+        res: dict = {}
+        if arch.endswith("ForSequenceClassification"):
+            if pairs:
+                from .stages.rm import group_loss
+
+                r = RewardModel(ckpt)
+                groups, _ = load_examples(pairs, parse_preference, max_samples=max_samples, what="preference rows",
+                                          field_name="--pairs")
+                from .tokenization import encode_prompt as ep, encode_response as er
+
+                enc = [([ep(r.tok, g.prompt) + er(r.tok, g.prompt, x) for x in g.responses], g.pairs) for g in groups]
+                c, rj = [], []
+                for i in range(0, len(enc), batch_size):
+                    _, cc, rr = group_loss(r.model, enc[i : i + batch_size], r.tok.pad_token_id, "cpu")
+                    c.append(cc)
+                    rj.append(rr)
+                c, rj = torch.cat(c), torch.cat(rj)
+                res["rm_accuracy"] = ((c > rj).float() + 0.5 * (c == rj).float()).mean().item()
+                res["rm_margin"] = (c - rj).mean().item()
+                res["rm_pairs"] = int(c.numel())
+            result["checkpoints"][label] = res
+            continue
+        mc = ModelConfig(name_or_path=ckpt)
+        tok = load_tokenizer(mc)
+        model = load_causal_lm(mc, tok).eval()
+        disable_dropout(model)
+        if perplexity_data:
+            demos, _ = load_examples(perplexity_data, parse_sft, max_samples=max_samples, what="SFT rows",
+                                     field_name="--perplexity")
+            res.update(lm_perplexity(model, tok, demos, batch_size))
+        if prompt_rows:
+            texts, eos = sample_texts(model, tok, [p.prompt for p in prompt_rows], max_new_tokens=max_new_tokens,
+                                      temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p,
+                                      batch_size=batch_size, seed=seed)
+            res["eos_rate"] = sum(eos) / len(eos)
+            res["response_chars"] = sum(len(t) for t in texts) / len(texts)
+            fields = {k: [p.meta.get(k) for p in prompt_rows] for k in prompt_rows[0].meta}
+            raw = [p.raw_prompt for p in prompt_rows]
+            if rm is not None:
+                res["reward_model_score"] = rm.score([p.prompt for p in prompt_rows], texts).mean().item()
+            for spec, fn in fns:
+                vals = call_reward_fn(fn, raw, texts, fields)
+                res[f"reward/{spec}"] = sum(vals) / len(vals)
+            if tasks.has_gold([p.meta for p in prompt_rows]):
+                g = tasks.gold_reward(None, texts, task=fields["task"], input=fields["input"])
+                res["gold_accuracy"] = sum(g) / len(g)
+            if reference_field:
+                refs = fields.get(reference_field)
+                if refs is None or any(not isinstance(x, str) for x in refs):
+                    from .data.formats import DataError
+
+                    raise DataError(f"{prompts}: every row needs a string field '{reference_field}' for BLEU/chrF")
+                res.update(bleu_chrf(texts, refs))
+            if judge_fn is not None:
+                judged[label] = call_reward_fn(judge_fn, raw, texts, fields)
+            elif rm is not None:
+                judged[label] = rm.score([p.prompt for p in prompt_rows], texts).tolist()
+        result["checkpoints"][label] = res
+    if len(judged) >= 2:
+        first, *others = list(judged)
+        result["win_rate"] = {f"{first} vs {o}": {**win_rate(judged[first], judged[o], seed=seed),
+                                                  "judge": judge or f"reward model {reward_model}"}
+                              for o in others}
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The eval result as a plain-text table (one row per checkpoint)."""
+    rows = result["checkpoints"]
+    keys = sorted({k for r in rows.values() for k in r})
+    if not keys:
+        return "(no metrics)"
+    width = max(len(c) for c in rows) + 2
+    lines = ["checkpoint".ljust(width) + "  ".join(k.rjust(max(len(k), 10)) for k in keys)]
+    for c, r in rows.items():
+        cells = []
+        for k in keys:
+            v = r.get(k, "")
+            cells.append((f"{v:.4f}" if isinstance(v, float) else str(v)).rjust(max(len(k), 10)))
+        lines.append(c.ljust(width) + "  ".join(cells))
+    for name, w in result.get("win_rate", {}).items():
+        lines.append(f"win rate {name}: {w['win_rate']:.3f} (95% CI {w['ci95_low']:.3f}-{w['ci95_high']:.3f}; "
+                     f"{w['wins']} wins, {w['ties']} ties, {w['losses']} losses; judge: {w['judge']})")
+    g = result["generation"]
+    lines.append("generation: " + ", ".join(f"{k}={v}" for k, v in g.items()))
+    return "\n".join(lines)

@@ -58,4 +58,7 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
     summary["total_seconds"] = round(time.time() - t0, 1)
     if is_main:
         write_summary(root, summary)
+        from ..report import report_after_run
+
+        report_after_run(root)
     return summary

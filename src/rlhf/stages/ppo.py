@@ -563,6 +563,10 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
             save_model_files(ema_model, tok, out / "ema")
         write_summary(out, summary)
     logger.close()
+    if acc.is_main_process:
+        from ..report import report_after_run
+
+        report_after_run(out)
     acc.wait_for_everyone()  # the checkpoint is on disk before any rank moves on
     return summary
 

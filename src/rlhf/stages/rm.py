@@ -317,6 +317,10 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         logger.log(len(batches), {k: v for k, v in summary.items() if k.startswith("eval_")})
         write_summary(out, summary)
     logger.close()
+    if acc.is_main_process:
+        from ..report import report_after_run
+
+        report_after_run(out)
     acc.wait_for_everyone()  # the checkpoint is on disk before any rank moves on
     return summary
 

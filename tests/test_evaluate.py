@@ -1,0 +1,97 @@
+"""Evaluation metrics on hand-made inputs, `rlhf eval`, and the run report."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from rlhf.evaluate import bleu_chrf, format_table, perplexity, win_rate
+
+
+def test_win_rate_with_ties_and_ci():
+    a = [1.0, 1.0, 0.0, 0.5, 0.2]
+    b = [0.0, 1.0, 1.0, 0.5, 0.1]
+    w = win_rate(a, b, n_boot=500, seed=1)
+    assert (w["wins"], w["ties"], w["losses"], w["n"]) == (2, 2, 1, 5)
+    assert w["win_rate"] == pytest.approx((2 + 0.5 * 2) / 5)
+    assert 0.0 <= w["ci95_low"] <= w["win_rate"] <= w["ci95_high"] <= 1.0
+    assert win_rate([1.0] * 20, [0.0] * 20)["ci95_low"] == 1.0
+    with pytest.raises(ValueError):
+        win_rate([1.0], [])
+
+
+def test_bleu_chrf_match_sacrebleu():
+    import sacrebleu
+
+    hyps = ["the cat sat on the mat", "a quick brown fox"]
+    refs = ["the cat sat on a mat", "the quick brown fox"]
+    got = bleu_chrf(hyps, refs)
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    assert bleu_chrf(refs, refs)["bleu"] == pytest.approx(100.0)
+
+
+def test_perplexity_is_exp_mean_loss(tiny_lm, tok):
+    from rlhf.data.formats import SFTExample
+    from rlhf.evaluate import lm_perplexity
+    from rlhf.tokenization import encode_sft
+
+    ex = [SFTExample([{"role": "user", "content": "Sort the digits: 21"}], [{"role": "assistant", "content": "12"}])]
+    res = lm_perplexity(tiny_lm, tok, ex)
+    ids, labels = encode_sft(tok, ex[0].prompt, ex[0].completion)
+    out = tiny_lm(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+    assert res["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
+    assert res["perplexity"] == pytest.approx(math.exp(out.loss.item()), rel=1e-5)
+    assert perplexity(0.0, 10) == 1.0
+
+
+def test_rlhf_eval_end_to_end(tmp_path, sft_checkpoint, task_dir):
+    judge = tmp_path / "judge.py"
+    judge.write_text("def length(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")
+    out = tmp_path / "eval.json"
+    p = run_cli("eval", sft_checkpoint, sft_checkpoint, "--perplexity", task_dir / "sft.jsonl", "--prompts",
+                task_dir / "eval_prompts.jsonl", "--reward_fn", "gold", "--judge", f"{judge}:length",
+                "--reference_field", "answer", "--max_samples", "16", "--max_new_tokens", "8", "--out", out)
+    res = json.loads(out.read_text())
+    r = res["checkpoints"][str(sft_checkpoint)]
+    for k in ("perplexity", "gold_accuracy", "reward/gold", "bleu", "chrf", "eos_rate"):
+        assert k in r, k
+    assert r["gold_accuracy"] == r["reward/gold"]
+    (w,) = res["win_rate"].values()
+    assert w["win_rate"] == 0.5 and w["ties"] == 16  # the same checkpoint and seed: every pair ties
+    assert res["generation"]["max_new_tokens"] == 8 and "win rate" in p.stdout and "perplexity" in p.stdout
+
+
+def test_format_table():
+    t = format_table({"checkpoints": {"a": {"x": 1.0}, "b": {"x": 2.5}}, "generation": {"temperature": 1.0}})
+    assert "2.5000" in t and "temperature=1.0" in t
+
+
+def test_report_has_nonempty_plots_for_each_stage(tmp_path):
+    from rlhf.report import PANELS, build_report
+
+    for stage, panels in PANELS.items():
+        run = tmp_path / stage
+        run.mkdir()
+        keys = {k for _, ks in panels for k in ks}
+        with open(run / "metrics.jsonl", "w") as f:
+            for step in range(1, 6):
+                f.write(json.dumps({"step": step, **{k: step * 0.1 for k in keys}}) + "\n")
+        (run / "summary.json").write_text(json.dumps({"stage": stage, "eval_x": 1.0}))
+        if stage == "ppo":
+            (run / "samples.jsonl").write_text(json.dumps({"step": 1, "prompt": "p", "completion": "<c>", "score": 1.0}) + "\n")
+        page = build_report(run)
+        pngs = sorted((run / "report").glob("*.png"))
+        assert len(pngs) == len(panels)
+        from PIL import Image
+
+        for png in pngs:
+            img = Image.open(png).convert("L")
+            lo, hi = img.getextrema()
+            assert img.size[0] > 300 and hi - lo > 100  # a real drawing, not a blank image
+        text = open(page).read()
+        assert text.count("data:image/png;base64,") == len(panels)
+        if stage == "ppo":
+            assert "&lt;c&gt;" in text  # samples are shown, HTML-escaped
