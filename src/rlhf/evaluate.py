@@ -153,9 +153,7 @@ def run_eval(checkpoints: list[str], *, perplexity_data: str | None = None, pair
                 r = RewardModel(ckpt)
                 groups, _ = load_examples(pairs, parse_preference, max_samples=max_samples, what="preference rows",
                                           field_name="--pairs")
-                from .tokenization import encode_prompt as ep, encode_response as er
-
-                enc = [([ep(r.tok, g.prompt) + er(r.tok, g.prompt, x) for x in g.responses], g.pairs) for g in groups]
+                enc = [([r.encode(g.prompt, x) for x in g.responses], g.pairs) for g in groups]
                 c, rj = [], []
                 for i in range(0, len(enc), batch_size):
                     _, cc, rr = group_loss(r.model, enc[i : i + batch_size], r.tok.pad_token_id, "cpu")

@@ -99,6 +99,8 @@ def load_tokenizer(cfg: ModelConfig, train_texts: list[str] | None = None):
 
 def prepare_tokenizer(tok, chat_template: str | None = None):
     """Distinct PAD and EOS, a chat template, left padding (for generation)."""
+    if tok.eos_token is None and getattr(tok, "sep_token", None) is not None:
+        tok.eos_token = tok.sep_token  # encoders (BERT-style): [SEP] ends the sequence
     if tok.eos_token is None:
         raise ModelError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no EOS token; set one in the tokenizer")
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:

@@ -165,9 +165,9 @@ class RewardModel:
         self.path = path
 
     def encode(self, prompt, response) -> list[int]:
-        from .tokenization import encode_prompt, encode_response
+        from .tokenization import encode_scored
 
-        return encode_prompt(self.tok, prompt) + encode_response(self.tok, prompt, response)
+        return encode_scored(self.tok, prompt, response)
 
     def score_ids(self, seqs: list[list[int]], normalized: bool = True, batch_size: int = 64) -> torch.Tensor:
         raw = score_sequences(self.model, seqs, self.tok.pad_token_id, batch_size)

@@ -115,3 +115,13 @@ def encode_sft(tok, prompt: Messages | str, completion: Messages) -> tuple[list[
 
 def decode_response(tok, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=True)
+
+
+def encode_scored(tok, prompt: Messages | str, response: Messages | str) -> list[int]:
+    """The sequence a reward model reads: prompt + response + EOS, behind [CLS] for encoders
+    whose classifier pools the first token (BERT-style tokenizers have a cls_token)."""
+    ids = encode_prompt(tok, prompt) + encode_response(tok, prompt, response)
+    cls = getattr(tok, "cls_token_id", None)
+    if cls is not None and (not ids or ids[0] != cls):
+        ids = [cls] + ids
+    return ids

@@ -33,6 +33,7 @@ from ..checkpoint import fault_point_step, inject_fault, latest_checkpoint, load
 from ..config import ModelConfig, PPOConfig, dump_yaml
 from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
 from ..data.tasks import has_gold, gold_reward
+from ..flops import count_flop_params, forward_flops, measure_matmul_peak, mfu, train_flops
 from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, chunks, epoch_permutation, make_accelerator, make_optimizer,
                       make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, write_summary)
 from ..models import ModelError, count_parameters, disable_dropout, load_causal_lm, load_tokenizer, unwrap
@@ -443,6 +444,9 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + acc.process_index)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+    peak = cfg.peak_tflops * 1e12 or measure_matmul_peak(device=str(device))
+    n_policy, n_value = count_flop_params(unwrap(policy)), count_flop_params(unwrap(value_model).backbone) + 1
+    n_rm = count_flop_params(reward_model.model) if reward_model is not None else 0
     # the reference was copied from the SFT weights above; a resumed run reloads only what trains
     start, state = resume_state(acc, out, resume, {"policy": policy, "value": value_model},
                                 {"policy": opt_p, "value": opt_v}, {"policy": sched_p, "value": sched_v},
@@ -522,6 +526,8 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
             m.update({"kl_coef": kl_ctl.value, "lr": sched_p.get_last_lr()[0], "time_generate": t_gen.total,
                       "time_score": t_score.total, "time_experience": t_exp.total, "time_train": t_train.total,
                       "tokens_generated": int(rm_.sum().item()) * acc.num_processes})
+            m.update(phase_throughput(ro, exp, t_gen.total, t_score.total + t_exp.total, t_train.total, n_policy,
+                                      n_value, n_rm, cfg.ppo_epochs, peak))
             logger.log(it, m)
             bar.set_postfix(score=f"{m['score']:.3f}", kl=f"{mean_kl:.3f}",
                             **({"gold": f"{m['gold_accuracy']:.2f}"} if "gold_accuracy" in m else {}))
@@ -569,6 +575,21 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         report_after_run(out)
     acc.wait_for_everyone()  # the checkpoint is on disk before any rank moves on
     return summary
+
+
+def phase_throughput(ro: Rollout, exp: Experience, t_gen: float, t_exp: float, t_train: float, n_policy: int,
+                     n_value: int, n_rm: int, ppo_epochs: int, peak: float) -> dict:
+    """Tokens/s and MFU of each phase of one iteration on this process (formulas: rlhf.flops)."""
+    gen_tokens = int(ro.gen.response_mask.sum())
+    prefill = int(ro.gen.prompt_mask.sum())
+    seq_tokens = int(exp.attention_mask.sum())
+    f_gen = forward_flops(n_policy, prefill + gen_tokens)
+    f_exp = forward_flops(2 * n_policy + n_value + n_rm, seq_tokens)  # policy, reference, value, RM
+    f_train = train_flops(n_policy + n_value, seq_tokens) * ppo_epochs
+    return {"tokens_per_s_generate": gen_tokens / max(t_gen, 1e-9),
+            "tokens_per_s_train": seq_tokens * ppo_epochs / max(t_train, 1e-9),
+            "mfu_generate": mfu(f_gen, t_gen, peak), "mfu_experience": mfu(f_exp, t_exp, peak),
+            "mfu_train": mfu(f_train, t_train, peak), "peak_tflops": peak / 1e12}
 
 
 def _log_samples(out: Path, logger: MetricsLogger, it: int, ro: Rollout, scores: torch.Tensor, n: int = 8) -> None:

@@ -33,7 +33,7 @@ from ..engine import NonFiniteGuard, atomic_write_text, backward, gathered_param
 from ..models import ModelError, count_parameters, disable_dropout, load_tokenizer, torch_dtype, unwrap
 from ..rewards import BIAS_KEY, forward_scores, score_head, score_sequences
 from ..rollout import right_pad
-from ..tokenization import encode_prompt, encode_response
+from ..tokenization import encode_scored
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ def load_reward_backbone(cfg: ModelConfig, tok, seed: int):
 
 
 def encode_group(tok, g: PrefGroup, max_length: int) -> list[list[int]]:
-    prompt = encode_prompt(tok, g.prompt)
-    seqs = [prompt + encode_response(tok, g.prompt, r) for r in g.responses]
+    seqs = [encode_scored(tok, g.prompt, r) for r in g.responses]
     longest = max(len(s) for s in seqs)
     if longest > max_length:
         raise DataError(f"{g.source}: {longest} tokens exceed data.max_length ({max_length})")
@@ -330,10 +329,5 @@ def reference_sequences(cfg: RMConfig, tok, groups: list[PrefGroup]) -> list[lis
     if cfg.normalize_data:
         demos, _ = load_examples(cfg.normalize_data, parse_sft, skip_bad_rows=True, what="SFT rows",
                                  field_name="normalize_data")
-        return [encode_prompt(tok, d.prompt) + encode_response(tok, d.prompt, d.completion) for d in demos]
-    seqs = []
-    for g in groups:
-        prompt = encode_prompt(tok, g.prompt)
-        for i in sorted({w for w, _, _ in g.pairs}):
-            seqs.append(prompt + encode_response(tok, g.prompt, g.responses[i]))
-    return seqs
+        return [encode_scored(tok, d.prompt, d.completion) for d in demos]
+    return [encode_scored(tok, g.prompt, g.responses[i]) for g in groups for i in sorted({w for w, _, _ in g.pairs})]

@@ -1,0 +1,44 @@
+"""Worker: `rlhf ppo` on the bench's models, in-process. Prints one JSON line like _trl_ppo.py,
+plus our per-phase seconds, tokens/s and MFU."""
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    for k in ("policy", "reward", "prompts"):
+        ap.add_argument(f"--{k}", required=True)
+    for k in ("iters", "batch", "minibatch", "micro", "epochs", "response"):
+        ap.add_argument(f"--{k}", type=int, required=True)
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--kl_coef", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peak_tflops", type=float, default=0.0)
+    a = ap.parse_args()
+
+    from rlhf.config import load_stage_config
+    from rlhf.stages import run
+
+    out = tempfile.mkdtemp() + "/ppo"
+    cfg = load_stage_config("ppo", None, {
+        "model.name_or_path": a.policy, "reward_model": a.reward, "value_init": "reward_model",
+        "data.train": a.prompts, "data.eval_split": 0.0, "steps": a.iters, "rollout_batch_size": a.batch,
+        "minibatch_size": a.minibatch, "micro_batch_size": a.micro, "ppo_epochs": a.epochs,
+        "max_new_tokens": a.response, "lr": a.lr, "kl_coef": a.kl_coef, "seed": a.seed, "sample_every": 0,
+        "peak_tflops": a.peak_tflops})
+    run("ppo", cfg, out)
+    m = [json.loads(l) for l in open(out + "/metrics.jsonl") if '"pg_loss"' in l]
+    stamps = [r["time"] for r in m]
+    phases = ("time_generate", "time_score", "time_experience", "time_train", "tokens_per_s_generate",
+              "tokens_per_s_train", "mfu_generate", "mfu_experience", "mfu_train")
+    print(json.dumps({"impl": "rlhf", "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "phases": {k: sorted(r[k] for r in m)[len(m) // 2] for k in phases}}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

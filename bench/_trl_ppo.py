@@ -1,0 +1,74 @@
+"""Worker: TRL 1.12.0's trl.experimental.ppo.PPOTrainer on the bench's models (run in the TRL venv).
+
+Prints one JSON line: seconds of each PPO iteration (update), peak RSS. Called by ppo_vs_trl.py.
+"""
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+
+import torch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--policy", required=True)
+    ap.add_argument("--reward", required=True)
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--iters", type=int, required=True)
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--minibatch", type=int, required=True)
+    ap.add_argument("--micro", type=int, required=True)
+    ap.add_argument("--epochs", type=int, required=True)
+    ap.add_argument("--response", type=int, required=True)
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--kl_coef", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+
+    import datasets
+    import trl
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    assert trl.__version__ == "1.12.0", trl.__version__
+    torch.manual_seed(a.seed)
+    tok = AutoTokenizer.from_pretrained(a.policy)
+    tok.padding_side = "left"
+    rows = [json.loads(l) for l in open(a.prompts)][: a.batch * a.iters + a.batch]
+    ids = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=False) for r in rows]
+    ids = [x["input_ids"] if isinstance(x, dict) else list(x) for x in ids]
+    ds = datasets.Dataset.from_dict({"input_ids": ids})
+    policy = AutoModelForCausalLM.from_pretrained(a.policy)
+    ref = AutoModelForCausalLM.from_pretrained(a.policy)
+    reward = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)
+    value = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)
+    ga = a.minibatch // a.micro * (a.batch // a.minibatch)
+    args = PPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.micro, gradient_accumulation_steps=ga,
+        num_mini_batches=a.batch // a.minibatch, num_ppo_epochs=a.epochs, total_episodes=a.batch * a.iters,
+        local_rollout_forward_batch_size=a.batch, response_length=a.response, stop_token="eos",
+        missing_eos_penalty=-1.0, temperature=1.0, kl_coef=a.kl_coef, learning_rate=a.lr,
+        num_sample_generations=0, report_to=[], save_strategy="no", logging_steps=10**6, bf16=False, fp16=False,
+        use_cpu=True, gradient_checkpointing=False, seed=a.seed, dataloader_num_workers=0)
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=ds, eval_dataset=ds.select(range(a.batch)),
+                         callbacks=[Clock()])
+    t0 = time.perf_counter()
+    trainer.train()
+    stamps = [t0] + times
+    print(json.dumps({"impl": "trl-1.12.0", "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+if __name__ == "__main__":
+    main()

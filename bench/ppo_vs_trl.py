@@ -1,0 +1,135 @@
+"""Side-by-side PPO benchmark: `rlhf ppo` vs TRL 1.12.0's PPOTrainer on the same work.
+
+    python bench/ppo_vs_trl.py                 # tiny models (149k params), 20 iterations x 3 reps
+    python bench/ppo_vs_trl.py --size 6m       # ~6M-parameter models (for MFU)
+
+Both implementations train the same policy / reference / value (initialised from the RM) /
+reward model for the same number of PPO iterations with the same rollout batch, minibatch,
+micro-batch, PPO epochs, prompts and response length, on the same torch/transformers install
+(TRL 1.12.0 is installed by this script into its own venv that sees this Python's packages,
+because trl >= 1.13 has no PPOTrainer). Runs alternate (ours, TRL, ours, TRL, ...) so drift on
+a shared machine cancels; the report gives medians of seconds per iteration (the first
+iteration of each run is warm-up and dropped), their ratio, peak RSS, and our per-phase times,
+tokens/s and MFU against a matmul peak measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / ".work"
+SIZES = {
+    "tiny": [],  # the tiny recipe's model: Llama, 2 layers, d=64 (149k parameters)
+    "6m": ["--model.arch", json.dumps({"model_type": "llama", "hidden_size": 256, "intermediate_size": 1024,
+                                       "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 8,
+                                       "max_position_embeddings": 64, "tie_word_embeddings": True})],
+}
+
+
+def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+    if p.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    return p
+
+
+def models(size: str) -> tuple[Path, Path]:
+    d = WORK / size
+    sft, rm = d / "sft", d / "rm"
+    if not (sft / "model.safetensors").exists():
+        print(f"training the {size} policy (SFT) ...", flush=True)
+        sh([sys.executable, "-m", "rlhf", "sft", "recipes/tiny/sft.yaml", "--output_dir", str(sft), "--overwrite",
+            "--train.max_steps", "300", "--gen_eval_samples", "8", *SIZES[size]])
+    if not (rm / "model.safetensors").exists():
+        print(f"training the {size} reward model ...", flush=True)
+        sh([sys.executable, "-m", "rlhf", "rm", "recipes/tiny/rm.yaml", "--output_dir", str(rm), "--overwrite",
+            "--model.name_or_path", str(sft), "--sample", "null", "--train.max_steps", "60"])
+    return sft, rm
+
+
+def trl_python() -> str:
+    venv = WORK / "venv-trl"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        print("creating the TRL 1.12.0 venv ...", flush=True)
+        sh([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
+        sh([str(py), "-m", "pip", "install", "-q", "--no-deps", "trl==1.12.0"])
+    return str(py)
+
+
+def measure_peak() -> float:
+    code = "from rlhf.flops import measure_matmul_peak; print(measure_matmul_peak(2048, 10) / 1e12)"
+    return float(sh([sys.executable, "-c", code]).stdout.strip())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=list(SIZES), default="tiny")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--minibatch", type=int, default=16)
+    ap.add_argument("--micro", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--response", type=int, default=12)
+    ap.add_argument("--only", choices=["ours", "trl"], help="run one side only")
+    ap.add_argument("--out", help="JSON results file (default bench/results/ppo_vs_trl_<size>.json)")
+    a = ap.parse_args()
+
+    policy, reward = models(a.size)
+    peak = measure_peak()
+    print(f"matmul peak here: {peak * 1e3:.1f} GFLOP/s (fp32, 2048^3)", flush=True)
+    common = ["--policy", str(policy), "--reward", str(reward), "--prompts",
+              str(ROOT / "recipes/tiny/data/rl_prompts.jsonl"), "--iters", str(a.iters), "--batch", str(a.batch),
+              "--minibatch", str(a.minibatch), "--micro", str(a.micro), "--epochs", str(a.epochs),
+              "--response", str(a.response)]
+    sides = {"ours": [sys.executable, str(ROOT / "bench/_ours_ppo.py"), *common, "--peak_tflops", str(peak)],
+             "trl": [trl_python(), str(ROOT / "bench/_trl_ppo.py"), *common]}
+    if a.only:
+        sides = {a.only: sides[a.only]}
+    runs: dict[str, list[dict]] = {k: [] for k in sides}
+    for rep in range(a.reps):
+        for name, cmd in sides.items():  # alternate: ours, trl, ours, trl, ...
+            t = time.time()
+            res = json.loads(sh(cmd).stdout.strip().splitlines()[-1])
+            runs[name].append(res)
+            per = statistics.median(res["iter_seconds"][1:])
+            print(f"rep {rep + 1} {name:4s}: {per:.3f} s/iteration (median), peak RSS {res['peak_rss_mb']:.0f} MB, "
+                  f"run {time.time() - t:.0f} s", flush=True)
+    summary = {"size": a.size, "settings": vars(a), "peak_tflops": peak}
+    for name, rs in runs.items():
+        per_iter = [s for r in rs for s in r["iter_seconds"][1:]]
+        summary[name] = {"median_s_per_iter": statistics.median(per_iter),
+                         "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+        if "phases" in rs[0]:
+            summary[name]["phases"] = {k: statistics.median(r["phases"][k] for r in rs) for k in rs[0]["phases"]}
+    print("\n== result ==")
+    for name in runs:
+        print(f"{name:5s} {summary[name]['median_s_per_iter']:.3f} s/iteration, peak RSS "
+              f"{summary[name]['peak_rss_mb']:.0f} MB")
+    if len(runs) == 2:
+        summary["speedup"] = summary["trl"]["median_s_per_iter"] / summary["ours"]["median_s_per_iter"]
+        print(f"speed-up of rlhf over TRL 1.12.0: {summary['speedup']:.2f}x per PPO iteration")
+    if "phases" in summary.get("ours", {}):
+        ph = summary["ours"]["phases"]
+        print("ours by phase (median s): " + ", ".join(f"{k[5:]} {ph[k]:.3f}" for k in ph if k.startswith("time_")))
+        print(f"ours: generate {ph['tokens_per_s_generate']:.0f} tok/s (MFU {ph['mfu_generate']:.1%}), "
+              f"experience MFU {ph['mfu_experience']:.1%}, train {ph['tokens_per_s_train']:.0f} tok/s "
+              f"(MFU {ph['mfu_train']:.1%})")
+    out = Path(a.out or ROOT / f"bench/results/ppo_vs_trl_{a.size}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

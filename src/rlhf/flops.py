@@ -1,0 +1,62 @@
+"""FLOP accounting for model FLOP utilisation (MFU), as nanoGPT's ``estimate_mfu`` does.
+
+A transformer with N parameters spends about 2·N FLOPs per token in a forward pass and 6·N in a
+forward + backward pass (Kaplan et al. 2020, §2.1; the attention term 2·n_layer·ctx·d is small at
+the lengths used here and left out). PPO's phases:
+
+- generate:   2 · N_policy per token processed (prompt prefill + each sampled token, KV cache);
+- experience: 2 · (N_policy + N_reference + N_value [+ N_rm]) per sequence token (no-grad passes);
+- train:      6 · (N_policy + N_value) per sequence token, per PPO epoch.
+
+MFU = FLOPs / seconds / peak, with the peak measured on the same machine by
+:func:`measure_matmul_peak` (a large fp32 matmul), or given.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def count_flop_params(model) -> int:
+    """Parameters that do matmul work per token: all except input embedding tables (an
+    embedding lookup costs no FLOPs); a tied LM head still multiplies, so it counts once."""
+    params = {id(p): p for p in model.parameters()}
+    n = sum(p.numel() for p in params.values())
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and (out is None or out.weight is not emb.weight):
+        n -= emb.weight.numel()
+    return n
+
+
+def forward_flops(n_params: int, tokens: int) -> float:
+    """2 · N · tokens."""
+    return 2.0 * n_params * tokens
+
+
+def train_flops(n_params: int, tokens: int) -> float:
+    """6 · N · tokens (forward + backward)."""
+    return 6.0 * n_params * tokens
+
+
+def mfu(flops: float, seconds: float, peak_flops: float) -> float:
+    return flops / max(seconds, 1e-12) / peak_flops if peak_flops > 0 else 0.0
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=torch.float32, device="cpu") -> float:
+    """FLOP/s of the best of `repeats` n x n x n matmuls (2 n^3 FLOPs each) at the current thread count."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    torch.matmul(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
