@@ -95,3 +95,43 @@ def test_report_has_nonempty_plots_for_each_stage(tmp_path):
         assert text.count("data:image/png;base64,") == len(panels)
         if stage == "ppo":
             assert "&lt;c&gt;" in text  # samples are shown, HTML-escaped
+
+
+def test_wandb_logging_when_a_recipe_turns_it_on(tmp_path, monkeypatch):
+    """MetricsLogger hands every record to wandb (a stand-in module here: no network, no account)."""
+    import sys
+    import types
+
+    calls = {"log": [], "init": None, "finished": False}
+
+    class Run:
+        def log(self, rec, step):
+            calls["log"].append((step, rec))
+
+        def finish(self):
+            calls["finished"] = True
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.__setitem__("init", kw) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    from rlhf.engine import MetricsLogger
+
+    lg = MetricsLogger(tmp_path, tensorboard=False, wandb_project="proj", config={"lr": 1.0})
+    lg.log(3, {"loss": 0.5})
+    lg.close()
+    import os
+
+    assert calls["init"]["project"] == "proj" and calls["init"]["config"] == {"lr": 1.0}
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert calls["log"][0][0] == 3 and calls["log"][0][1]["loss"] == 0.5 and calls["finished"]
+
+
+def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from rlhf.engine import MetricsLogger, RunError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
+    with pytest.raises(RunError, match="pip install wandb"):
+        MetricsLogger(tmp_path, wandb_project="p")

@@ -169,6 +169,8 @@ class SFTConfig:
     """Pack several examples into each max_length row (attention is not reset between them)."""
     gen_eval_samples: int = 256
     """Held-out prompts sampled (T=1.0 and greedy) for gold accuracy when a gold checker exists."""
+    wandb_project: str | None = None
+    """Also log metrics to Weights & Biases under this project (offline unless WANDB_MODE says otherwise)."""
     max_new_tokens: int = 64
     """Generation budget for the gold evaluation."""
 
@@ -195,6 +197,8 @@ class RMConfig:
     """Reference set for normalisation (prompt/completion rows); None: the chosen responses."""
     sample: SampleConfig | None = None
     """Optionally build K-way rankings from a policy's own samples before training."""
+    wandb_project: str | None = None
+    """Also log metrics to Weights & Biases under this project (offline unless WANDB_MODE says otherwise)."""
 
 
 @dataclass
@@ -330,6 +334,8 @@ class PPOConfig:
     """Iterations between metrics.jsonl records."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s for the logged MFU per phase; 0 measures a large fp32 matmul at start."""
+    wandb_project: str | None = None
+    """Also log metrics to Weights & Biases under this project (offline unless WANDB_MODE says otherwise)."""
     sample_every: int = 10
     """Iterations between logged tables of sample completions."""
     eval_every: int = 0

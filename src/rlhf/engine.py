@@ -300,10 +300,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 class MetricsLogger:
     """metrics.jsonl (one JSON object per logged step, with `step`) + TensorBoard when installed."""
 
-    def __init__(self, out_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, enabled: bool = True, tensorboard: bool = True, wandb_project: str | None = None,
+                 config: dict | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tb = None
+        self.wandb = None
+        if enabled and wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RunError("recipe: 'wandb_project' is set but wandb is not installed (pip install wandb)") from None
+            os.environ.setdefault("WANDB_MODE", "offline")  # offline-friendly: `wandb sync` later
+            self.wandb = wandb.init(project=wandb_project, dir=str(out_dir), config=config or {},
+                                    name=Path(out_dir).name, resume="allow")
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -327,6 +337,8 @@ class MetricsLogger:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in rec.items() if k != "step"}, step=step)
 
     def text(self, step: int, tag: str, text: str) -> None:
         if self.enabled and self.tb is not None:
@@ -335,6 +347,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:

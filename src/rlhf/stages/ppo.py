@@ -30,7 +30,7 @@ from torch import nn
 
 from ..algos import core
 from ..checkpoint import fault_point_step, inject_fault, latest_checkpoint, load_tensors, resume_state, save_checkpoint
-from ..config import ModelConfig, PPOConfig, dump_yaml
+from ..config import ModelConfig, PPOConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
 from ..data.tasks import has_gold, gold_reward
 from ..flops import count_flop_params, forward_flops, measure_matmul_peak, mfu, train_flops
@@ -463,7 +463,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
             ema.load(load_tensors(latest_checkpoint(out) / "ema.safetensors"))
     if acc.is_main_process and not resume:
         dump_yaml(cfg, out / "recipe.yaml")
-    logger = MetricsLogger(out, enabled=acc.is_main_process)
+    logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
     log.info("PPO: %d prompts, %d held out, %d iterations x %d rollouts, %d optimizer steps, policy %.2fM params%s",
              len(prompts), len(eval_prompts), cfg.steps, cfg.rollout_batch_size, n_updates,
              count_parameters(unwrap(policy)) / 1e6, f", resuming after iteration {start}" if start else "")

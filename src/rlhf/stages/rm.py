@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..algos.core import pairwise_rm_loss, reward_bias
-from ..config import ModelConfig, RMConfig, SampleConfig, dump_yaml
+from ..config import ModelConfig, RMConfig, SampleConfig, dump_yaml, to_dict
 from ..data.formats import DataError, PrefGroup, load_examples, parse_preference, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, global_batches, grad_accum_steps, make_accelerator, make_optimizer,
                       make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, shard, world_size, write_summary)
@@ -238,7 +238,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     start, state = resume_state(acc, out, resume, {"model": model}, {"model": optimizer}, {"model": scheduler})
     if acc.is_main_process and not resume:
         dump_yaml(cfg, out / "recipe.yaml")
-    logger = MetricsLogger(out, enabled=acc.is_main_process)
+    logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
     n_pairs = sum(len(p) for _, p in enc)
     log.info("RM: %d groups (%d pairs) train, %d groups eval, %d steps, %.2fM parameters%s", len(enc), n_pairs,
              len(eval_enc), len(batches), count_parameters(unwrap(model)) / 1e6,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..algos.core import lm_loss_sum
-from ..config import ModelConfig, SFTConfig, dump_yaml
+from ..config import ModelConfig, SFTConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, global_batches, grad_accum_steps, make_accelerator, make_optimizer,
                       make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, shard, world_size, write_summary)
@@ -137,7 +137,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     if acc.is_main_process and not resume:
         dump_yaml(cfg, out / "recipe.yaml")
         tok.save_pretrained(out)
-    logger = MetricsLogger(out, enabled=acc.is_main_process)
+    logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
     log.info("SFT: %d train / %d eval examples, %d steps, %.2fM parameters%s", len(train_feats), len(eval_feats),
              len(batches), count_parameters(unwrap(model)) / 1e6, f", resuming after step {start}" if start else "")
 
