@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from rlhf.evaluate import bleu_chrf, format_table, perplexity, win_rate
 
 

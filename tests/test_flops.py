@@ -1,7 +1,6 @@
 """FLOP accounting behind the logged MFU."""
 
 import pytest
-import torch
 
 from rlhf.flops import count_flop_params, forward_flops, measure_matmul_peak, mfu, train_flops
 

@@ -1,7 +1,5 @@
 """Tokenizer training, chat template, and the SFT loss mask on hand-built examples."""
 
-import pytest
-import torch
 
 from rlhf.models import DEFAULT_CHAT_TEMPLATE, prepare_tokenizer
 from rlhf.tokenization import IGNORE_INDEX, encode_prompt, encode_response, encode_sft

@@ -250,11 +250,16 @@ def _generate(args) -> int:
                               seed=args.seed)
     rows = [{"prompt": p[-1]["content"] if isinstance(p, list) else p, "completion": t, "eos": e}
             for p, t, e in zip(prompts, texts, eos)]
-    if args.out:
+    return _emit_rows(rows, args.out, "completions")
+
+
+def _emit_rows(rows: list[dict], out: str | None, what: str) -> int:
+    """JSONL to `out` (atomically), or to stdout."""
+    if out:
         from .data.tasks import write_jsonl
 
-        write_jsonl(args.out, rows)
-        print(f"wrote {len(rows)} completions to {args.out}")
+        write_jsonl(out, rows)
+        print(f"wrote {len(rows)} {what} to {out}")
     else:
         for r in rows:
             print(json.dumps(r))
@@ -286,15 +291,7 @@ def _score(args) -> int:
                 row["score" if f in ("response", "completion") else f"score_{f}"] = scores[k]
                 k += 1
         out.append(row)
-    if args.out:
-        from .data.tasks import write_jsonl
-
-        write_jsonl(args.out, out)
-        print(f"scored {len(out)} rows -> {args.out}")
-    else:
-        for row in out:
-            print(json.dumps(row))
-    return 0
+    return _emit_rows(out, args.out, "scored rows")
 
 
 def _chat(args) -> int:

@@ -351,6 +351,31 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def start_run(tc, output_dir, overwrite: bool, resume: bool):
+    """Common start of the SFT and RM loops: accelerator (DDP / DeepSpeed with the recipe's batch
+    split), the run folder checked (not yet touched), and the summary of a run --resume finds
+    already complete. Returns (acc, grad_accum, micro_batch_size, out, finished_summary | None)."""
+    accum, micro_bs = grad_accum_steps(tc.batch_size, tc.micro_batch_size, world_size())
+    acc = make_accelerator(tc.mixed_precision, tc.deepspeed, micro_batch_size=micro_bs, grad_accum=accum,
+                           max_grad_norm=tc.max_grad_norm)
+    out = check_output_dir(output_dir, overwrite, resume)  # nothing is written before the inputs check out
+    done = json.loads((out / "summary.json").read_text()) if resume and (out / "summary.json").exists() else None
+    if done is not None:
+        log.info("%s: run already complete", out)
+    return acc, accum, micro_bs, out, done
+
+
+def finish_run(acc, logger: "MetricsLogger", out: Path) -> None:
+    """Common end of every stage: close the logs, build the report, and wait until the model is on
+    disk before any process moves on (the next stage reads it)."""
+    logger.close()
+    if acc.is_main_process:
+        from .report import report_after_run
+
+        report_after_run(out)
+    acc.wait_for_everyone()
+
+
 def write_summary(out_dir: Path, summary: dict) -> None:
     atomic_write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
 

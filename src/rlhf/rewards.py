@@ -118,7 +118,7 @@ def score_head(model):
 @torch.no_grad()
 def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, device=None) -> torch.Tensor:
     """Raw RM scores (N,) of token sequences, read at the last non-pad token of each."""
-    from .rollout import position_ids_from_mask, right_pad
+    from .rollout import right_pad
 
     out = []
     device = device or next(model.parameters()).device

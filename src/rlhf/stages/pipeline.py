@@ -9,7 +9,6 @@ Python reward functions only has no rm section).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -30,16 +30,16 @@ from torch import nn
 
 from ..algos import core
 from ..checkpoint import fault_point_step, inject_fault, latest_checkpoint, load_tensors, resume_state, save_checkpoint
-from ..config import ModelConfig, PPOConfig, dump_yaml, to_dict
+from ..config import PPOConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
 from ..data.tasks import has_gold, gold_reward
 from ..flops import count_flop_params, forward_flops, measure_matmul_peak, mfu, train_flops
-from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, chunks, epoch_permutation, make_accelerator, make_optimizer,
+from ..engine import (MetricsLogger, NonFiniteGuard, finish_run, RunError, Timer, chunks, epoch_permutation, make_accelerator, make_optimizer,
                       make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, write_summary)
 from ..models import ModelError, count_parameters, disable_dropout, load_causal_lm, load_tokenizer, unwrap
-from ..rewards import RewardError, RewardModel, call_reward_fn, load_reward_fn, score_head
+from ..rewards import RewardModel, call_reward_fn, load_reward_fn, score_head
 from ..rollout import Generation, generate, position_ids_from_mask, response_logprobs
-from ..tokenization import IGNORE_INDEX, decode_response, encode_prompt, encode_sft
+from ..tokenization import decode_response, encode_prompt, encode_sft
 
 log = logging.getLogger(__name__)
 
@@ -568,12 +568,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
             (out / "ema").mkdir(exist_ok=True)
             save_model_files(ema_model, tok, out / "ema")
         write_summary(out, summary)
-    logger.close()
-    if acc.is_main_process:
-        from ..report import report_after_run
-
-        report_after_run(out)
-    acc.wait_for_everyone()  # the checkpoint is on disk before any rank moves on
+    finish_run(acc, logger, out)
     return summary
 
 

@@ -26,10 +26,10 @@ import torch
 from ..algos.core import pairwise_rm_loss, reward_bias
 from ..config import ModelConfig, RMConfig, SampleConfig, dump_yaml, to_dict
 from ..data.formats import DataError, PrefGroup, load_examples, parse_preference, parse_sft, split_train_eval
-from ..engine import (MetricsLogger, chunks, global_batches, grad_accum_steps, make_accelerator, make_optimizer,
-                      make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, shard, world_size, write_summary)
+from ..engine import (MetricsLogger, chunks, global_batches, make_optimizer, make_scheduler, prepare_output_dir,
+                      progress, set_seed, shard, write_summary)
 from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
-from ..engine import NonFiniteGuard, atomic_write_text, backward, gathered_params, optimizer_step, zero_stage
+from ..engine import NonFiniteGuard, finish_run, start_run, atomic_write_text, backward, gathered_params, optimizer_step, zero_stage
 from ..models import ModelError, count_parameters, disable_dropout, load_tokenizer, torch_dtype, unwrap
 from ..rewards import BIAS_KEY, forward_scores, score_head, score_sequences
 from ..rollout import right_pad
@@ -187,13 +187,9 @@ def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, devic
 def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
     tc = cfg.train
-    accum, micro_bs = grad_accum_steps(tc.batch_size, tc.micro_batch_size, world_size())
-    acc = make_accelerator(tc.mixed_precision, tc.deepspeed, micro_batch_size=micro_bs, grad_accum=accum,
-                           max_grad_norm=tc.max_grad_norm)
-    out = check_output_dir(output_dir or cfg.output_dir, overwrite, resume)  # nothing is written before inputs check out
-    if resume and (out / "summary.json").exists():
-        log.info("%s: run already complete", out)
-        return json.loads((out / "summary.json").read_text())
+    acc, accum, micro_bs, out, done = start_run(tc, output_dir or cfg.output_dir, overwrite, resume)
+    if done is not None:
+        return done
     set_seed(cfg.seed)
     train_specs = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train or [])
     if not train_specs and cfg.sample is None:
@@ -315,12 +311,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         save_model_files(model, tok, out, extra_config={BIAS_KEY: bias}, state_dict=state_dict)
         logger.log(len(batches), {k: v for k, v in summary.items() if k.startswith("eval_")})
         write_summary(out, summary)
-    logger.close()
-    if acc.is_main_process:
-        from ..report import report_after_run
-
-        report_after_run(out)
-    acc.wait_for_everyone()  # the checkpoint is on disk before any rank moves on
+    finish_run(acc, logger, out)
     return summary
 
 

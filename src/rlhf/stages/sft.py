@@ -14,7 +14,6 @@ lack, and its checkpoints are neither atomic nor shared with our PPO's resume. O
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -25,9 +24,9 @@ import torch
 from ..algos.core import lm_loss_sum
 from ..config import ModelConfig, SFTConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
-from ..engine import (MetricsLogger, chunks, global_batches, grad_accum_steps, make_accelerator, make_optimizer,
-                      make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, shard, world_size, write_summary)
-from ..engine import NonFiniteGuard, backward, gathered_params, optimizer_step, zero_stage
+from ..engine import (MetricsLogger, chunks, global_batches, make_optimizer, make_scheduler, prepare_output_dir,
+                      progress, set_seed, shard, write_summary)
+from ..engine import NonFiniteGuard, finish_run, start_run, backward, gathered_params, optimizer_step, zero_stage
 from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
 from ..evaluate import gold_accuracy, gold_examples
 from ..models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained, unwrap
@@ -101,13 +100,9 @@ def evaluate_loss(model, feats, pad_id: int, micro_batch_size: int, acc) -> floa
 def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
     tc = cfg.train
-    accum, micro_bs = grad_accum_steps(tc.batch_size, tc.micro_batch_size, world_size())
-    acc = make_accelerator(tc.mixed_precision, tc.deepspeed, micro_batch_size=micro_bs, grad_accum=accum,
-                           max_grad_norm=tc.max_grad_norm)
-    out = check_output_dir(output_dir or cfg.output_dir, overwrite, resume)  # nothing is written before inputs check out
-    if resume and (out / "summary.json").exists():
-        log.info("%s: run already complete", out)
-        return json.loads((out / "summary.json").read_text())
+    acc, accum, micro_bs, out, done = start_run(tc, output_dir or cfg.output_dir, overwrite, resume)
+    if done is not None:
+        return done
     set_seed(cfg.seed)
     train_ex, stats = load_examples(cfg.data.train, parse_sft, split=cfg.data.split, skip_bad_rows=cfg.data.skip_bad_rows,
                                     max_samples=cfg.data.max_samples, what="SFT rows")
@@ -216,12 +211,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         save_model_files(model, tok, out, state_dict=state_dict)
         logger.log(len(batches), {k: v for k, v in summary.items() if k.startswith("eval_")})
         write_summary(out, summary)
-    logger.close()
-    if acc.is_main_process:
-        from ..report import report_after_run
-
-        report_after_run(out)
-    acc.wait_for_everyone()  # the checkpoint is on disk before any rank moves on
+    finish_run(acc, logger, out)
     return summary
 
 
