@@ -195,6 +195,8 @@ class RMConfig:
     """After training, store a bias so the reference set scores mean 0 (InstructGPT)."""
     normalize_data: str | None = None
     """Reference set for normalisation (prompt/completion rows); None: the chosen responses."""
+    normalize_max_samples: int | None = 2000
+    """Score at most this many reference rows (the first ones) for the bias; None: all."""
     sample: SampleConfig | None = None
     """Optionally build K-way rankings from a policy's own samples before training."""
     wandb_project: str | None = None

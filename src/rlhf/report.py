@@ -83,6 +83,8 @@ def build_report(run_dir: str | Path) -> str:
         return _pipeline_report(run, summary)
     out = run / "report"
     out.mkdir(exist_ok=True)
+    for old in out.glob("*.png"):  # panels are renumbered when the set changes
+        old.unlink()
     records = _read_jsonl(run / "metrics.jsonl")
     stage = summary.get("stage") or _guess_stage(records)
     imgs = []

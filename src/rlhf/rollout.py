@@ -147,7 +147,9 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     position's distribution.
     """
     pos = position_ids_from_mask(attention_mask)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits
+    # only the last R + 1 positions need the LM head (a large share of the work at big vocabularies)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                   logits_to_keep=response_len + 1).logits
     logits = logits[:, -response_len - 1 : -1, :].float() / temperature  # (B, R, V)
     targets = input_ids[:, -response_len:]
     logp_all = F.log_softmax(logits, dim=-1)

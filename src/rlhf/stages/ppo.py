@@ -224,6 +224,8 @@ def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sche
                 with (contextlib.nullcontext() if sync else acc.no_sync(policy)), \
                         (contextlib.nullcontext() if sync else acc.no_sync(value_model)):
                     logp, ent = response_logprobs(policy, ids, mask, R, cfg.temperature, return_entropy=True)
+                    if cfg.entropy_coef == 0:
+                        ent = ent.detach()  # logged only: no backward through the entropy
                     pg_loss, pst = core.policy_loss(logp, exp.old_logprobs[idx], exp.advantages[idx], rmask,
                                                     cfg.cliprange, cfg.log_ratio_clamp, n_tok / acc.num_processes)
                     vpred = value_model(ids, mask, position_ids_from_mask(mask))[:, -R - 1 : -1]

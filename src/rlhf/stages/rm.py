@@ -319,6 +319,7 @@ def reference_sequences(cfg: RMConfig, tok, groups: list[PrefGroup]) -> list[lis
     """Sequences whose mean score becomes 0: `normalize_data` (demonstrations) or the chosen responses."""
     if cfg.normalize_data:
         demos, _ = load_examples(cfg.normalize_data, parse_sft, skip_bad_rows=True, what="SFT rows",
-                                 field_name="normalize_data")
+                                 field_name="normalize_data", max_samples=cfg.normalize_max_samples)
         return [encode_scored(tok, d.prompt, d.completion) for d in demos]
-    return [encode_scored(tok, g.prompt, g.responses[i]) for g in groups for i in sorted({w for w, _, _ in g.pairs})]
+    seqs = [encode_scored(tok, g.prompt, g.responses[i]) for g in groups for i in sorted({w for w, _, _ in g.pairs})]
+    return seqs[: cfg.normalize_max_samples] if cfg.normalize_max_samples else seqs
