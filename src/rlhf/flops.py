@@ -47,16 +47,17 @@ def mfu(flops: float, seconds: float, peak_flops: float) -> float:
 
 def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=torch.float32, device="cpu") -> float:
     """FLOP/s of the best of `repeats` n x n x n matmuls (2 n^3 FLOPs each) at the current thread count."""
+    cuda = torch.device(device).type == "cuda"
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     torch.matmul(a, b)  # warm-up
     best = float("inf")
     for _ in range(repeats):
-        if device != "cpu":
+        if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
         torch.matmul(a, b)
-        if device != "cpu":
+        if cuda:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2.0 * n**3 / best
