@@ -331,6 +331,8 @@ class PPOConfig:
     """AdamW epsilon (1e-5 as in the reference PPO implementations)."""
     mixed_precision: str = "auto"
     """'auto', 'no', 'bf16' or 'fp16'."""
+    deepspeed: str | None = None
+    """DeepSpeed ZeRO-2/3 JSON: policy and value train as one engine (ZeRO-3: weights gathered once per rollout)."""
     # logging / eval / checkpoints
     log_every: int = 1
     """Iterations between metrics.jsonl records."""

@@ -81,10 +81,18 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         _SET_DS_ENV = True
-    acc = Accelerator(mixed_precision=mp, kwargs_handlers=handlers,
-                      deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config))
-    log.info("DeepSpeed ZeRO-%s on %d processes (%s)", ds_config.get("zero_optimization", {}).get("stage", 0),
-             acc.num_processes, ds_path)
+    use_cpu = os.environ.pop("ACCELERATE_USE_CPU", None)  # it makes accelerate drop DeepSpeed for plain DDP
+    try:
+        acc = Accelerator(mixed_precision=mp, kwargs_handlers=handlers,
+                          deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config))
+    finally:
+        if use_cpu is not None:
+            os.environ["ACCELERATE_USE_CPU"] = use_cpu
+    if not is_deepspeed(acc):
+        log.warning("DeepSpeed config %s not used: accelerate runs this single process without DeepSpeed", ds_path)
+    else:
+        log.info("DeepSpeed ZeRO-%s on %d processes (%s)", ds_config.get("zero_optimization", {}).get("stage", 0),
+                 acc.num_processes, ds_path)
     return acc
 
 

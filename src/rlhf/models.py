@@ -149,7 +149,8 @@ def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
         hf_cfg.bos_token_id = tok.bos_token_id
         if seed is not None:
             torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
+        with _outside_zero3_init():  # the same initial weights on 1 process, DDP and ZeRO-3
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     elif cfg.init == "pretrained":
         if not cfg.name_or_path:
             raise ModelError("recipe: 'model.name_or_path' is not set")
@@ -169,6 +170,29 @@ def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
     if cfg.lora.enabled:
         model = add_lora(model, cfg)
     return model
+
+
+def _outside_zero3_init():
+    """Build a model from a config with ordinary (not partitioned) initialisation even when a
+    ZeRO-3 accelerator exists: DeepSpeed partitions it at prepare, and the weights match a
+    1-process run (zero.Init draws the random init differently)."""
+    import contextlib
+
+    try:
+        import transformers.integrations.deepspeed as hf_ds
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def ctx():
+        saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+        hf_ds._hf_deepspeed_config_weak_ref = None
+        try:
+            yield
+        finally:
+            hf_ds._hf_deepspeed_config_weak_ref = saved
+
+    return ctx()
 
 
 def clear_quantization(model) -> None:

@@ -34,8 +34,10 @@ from ..config import PPOConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
 from ..data.tasks import has_gold, gold_reward
 from ..flops import count_flop_params, forward_flops, measure_matmul_peak, mfu, train_flops
+from ..engine import backward, gathered_params, is_deepspeed, world_size, zero_stage
 from ..engine import (MetricsLogger, NonFiniteGuard, finish_run, RunError, Timer, chunks, epoch_permutation, make_accelerator, make_optimizer,
                       make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, write_summary)
+from ..models import _outside_zero3_init
 from ..models import ModelError, count_parameters, disable_dropout, load_causal_lm, load_tokenizer, unwrap
 from ..rewards import RewardModel, call_reward_fn, load_reward_fn, score_head
 from ..rollout import Generation, generate, position_ids_from_mask, response_logprobs
@@ -45,6 +47,15 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- value model
+
+
+class PolicyValue(nn.Module):
+    """Policy and value model as one module, so one DeepSpeed engine trains both (their forward
+    passes are called on the submodules)."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module):
+        super().__init__()
+        self.policy, self.value = policy, value
 
 
 class ValueModel(nn.Module):
@@ -239,7 +250,7 @@ def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sche
                         _add(sums, "ptx_loss", ptx_loss.item() * len(micro) / max(len(micro), 1))
                     loss = inject_fault(loss, iteration)
                     loss_ok = loss_ok and bool(torch.isfinite(loss))
-                    acc.backward(loss)
+                    backward(acc, loss, len(micro), sync)
                 w = len(mi) / len(mb)
                 _add(sums, "pg_loss", pg_loss.item())
                 _add(sums, "vf_loss", vf_loss.item())
@@ -254,17 +265,17 @@ def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sche
             gn_v = float(acc.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else inf))
             bad = acc.reduce(torch.tensor(0.0 if loss_ok else 1.0, device=exp.input_ids.device), "sum").item()
             ok = bad == 0 and math.isfinite(gn_p) and math.isfinite(gn_v)
-            if ok:
-                opt_policy.step()
-                opt_value.step()
-                sched_policy.step()
-                sched_value.step()
+            if ok:  # (under DeepSpeed the engine stepped in backward; these steps are no-ops there)
+                for o in (opt_policy, opt_value, sched_policy, sched_value):
+                    if o is not None:
+                        o.step()
                 if ema is not None:
                     ema.update(policy)
                 _add(sums, "policy_grad_norm", gn_p)
                 _add(sums, "value_grad_norm", gn_v)
-            opt_policy.zero_grad(set_to_none=True)
-            opt_value.zero_grad(set_to_none=True)
+            for o in (opt_policy, opt_value):
+                if o is not None:
+                    o.zero_grad(set_to_none=True)
             if guard is not None:
                 guard.update(ok, iteration)
             counts += 1
@@ -391,11 +402,12 @@ def _check(cfg: PPOConfig, world: int) -> tuple[int, int]:
 
 def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
-    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-        raise RunError("PPO does not run under DeepSpeed yet (it trains two models); launch it with DDP "
-                       "(torchrun / accelerate launch without a DeepSpeed config)")
-    acc = make_accelerator(cfg.mixed_precision)
-    b_local, mb_local, micro_bs = _check(cfg, acc.num_processes)
+    b_local, mb_local, micro_bs = _check(cfg, world_size())
+    acc = make_accelerator(cfg.mixed_precision, cfg.deepspeed, micro_batch_size=micro_bs,
+                           grad_accum=mb_local // micro_bs, max_grad_norm=cfg.max_grad_norm)
+    use_ds, zero3 = is_deepspeed(acc), zero_stage(acc) == 3
+    if use_ds and (cfg.save_every or resume):
+        raise RunError("resumable PPO checkpoints are not supported under DeepSpeed yet: set save_every: 0")
     out = check_output_dir(output_dir or cfg.output_dir, overwrite, resume)  # nothing is written before inputs check out
     if resume and (out / "summary.json").exists():
         log.info("%s: run already complete", out)
@@ -419,21 +431,36 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         n = len(encode_prompt(tok, p.prompt))
         if n > cfg.data.max_prompt_length:
             raise DataError(f"{p.where}: prompt of {n} tokens exceeds data.max_prompt_length ({cfg.data.max_prompt_length})")
-    policy = load_causal_lm(cfg.model, tok)
-    disable_dropout(policy)
-    ref_policy = None
-    if not cfg.model.lora.enabled:
-        ref_policy = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
-    reward_model = RewardModel(cfg.reward_model, device=device) if cfg.reward_model else None
-    value_model = load_value_model(cfg, tok, reward_model)
+    # loaded whole even under ZeRO-3: the engine partitions policy + value at prepare; the frozen
+    # reference and reward model stay whole on every process (not sharded yet)
+    with _outside_zero3_init():
+        policy = load_causal_lm(cfg.model, tok)
+        disable_dropout(policy)
+        ref_policy = None
+        if not cfg.model.lora.enabled:
+            ref_policy = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
+        reward_model = RewardModel(cfg.reward_model, device=device) if cfg.reward_model else None
+        value_model = load_value_model(cfg, tok, reward_model)
 
     n_updates = cfg.steps * cfg.ppo_epochs * (b_local // mb_local)
     opt_p = make_optimizer(policy.parameters(), cfg.lr, cfg.weight_decay, (0.9, 0.95), cfg.adam_eps)
-    opt_v = make_optimizer(value_model.parameters(), cfg.value_lr or cfg.lr, cfg.weight_decay, (0.9, 0.95), cfg.adam_eps)
+    if use_ds:  # one engine trains both: the value model's parameters join the optimizer with their own lr
+        for g in make_optimizer(value_model.parameters(), cfg.value_lr or cfg.lr, cfg.weight_decay).param_groups:
+            opt_p.add_param_group({"params": g["params"], "weight_decay": g["weight_decay"], "lr": cfg.value_lr or cfg.lr})
+        opt_v = sched_v = None
+    else:
+        opt_v = make_optimizer(value_model.parameters(), cfg.value_lr or cfg.lr, cfg.weight_decay, (0.9, 0.95),
+                               cfg.adam_eps)
+        sched_v = make_scheduler(opt_v, cfg.lr_scheduler, n_updates, cfg.warmup_ratio)
     sched_p = make_scheduler(opt_p, cfg.lr_scheduler, n_updates, cfg.warmup_ratio)
-    sched_v = make_scheduler(opt_v, cfg.lr_scheduler, n_updates, cfg.warmup_ratio)
     prepare_output_dir(out, overwrite, acc.is_main_process, resume)
-    policy, value_model, opt_p, opt_v = acc.prepare(policy, value_model, opt_p, opt_v)
+    engine = None
+    if use_ds:
+        engine, opt_p = acc.prepare(PolicyValue(policy, value_model), opt_p)
+        policy, value_model = engine.module.policy, engine.module.value
+    else:
+        policy, value_model, opt_p, opt_v = acc.prepare(policy, value_model, opt_p, opt_v)
+    gathered = (lambda: gathered_params(acc, engine.module)) if zero3 else contextlib.nullcontext
     kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else core.FixedKLController(cfg.kl_coef))
     moments = core.RunningMoments()
@@ -470,8 +497,9 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
              len(prompts), len(eval_prompts), cfg.steps, cfg.rollout_batch_size, n_updates,
              count_parameters(unwrap(policy)) / 1e6, f", resuming after iteration {start}" if start else "")
 
-    if eval_prompts and acc.is_main_process and not state:
-        initial = evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg, device,
+    if eval_prompts and (acc.is_main_process or zero3) and not state:
+        with gathered():
+            initial = evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg, device,
                                   cfg.seed + 12345)
         summary.update({"initial_" + k: v for k, v in initial.items()})
         logger.log(0, initial)
@@ -488,7 +516,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         batch = [prompts[i] for i in batch_idx[acc.process_index * b_local : (acc.process_index + 1) * b_local]]
 
         unwrap(policy).eval()
-        with t_gen:
+        with t_gen, gathered():  # ZeRO-3: the weights are gathered once for the whole rollout
             ro = make_rollout(unwrap(policy), tok, batch, cfg, gen, device)
         with t_score:
             raw_scores, parts = compute_scores(ro, tok, reward_model, reward_fns, cfg, device)
@@ -497,7 +525,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
                 moments.update(acc.gather(raw_scores))
                 scores = scores / max(moments.std, 1e-8)
             scores = core.clip_scores(scores, cfg.reward_clip)
-        with t_exp:
+        with t_exp, gathered():
             exp = make_experience(ro, scores, unwrap(policy), ref_policy, unwrap(value_model), kl_ctl.value, cfg,
                                   micro_bs)
         unwrap(policy).train()
@@ -535,9 +563,11 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
                             **({"gold": f"{m['gold_accuracy']:.2f}"} if "gold_accuracy" in m else {}))
         if acc.is_main_process and cfg.sample_every and (it % cfg.sample_every == 0 or it == 1):
             _log_samples(out, logger, it, ro, raw_scores)
-        if cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.steps and eval_prompts and acc.is_main_process:
-            logger.log(it, evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg,
-                                           device, cfg.seed + 12345))
+        if cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.steps and eval_prompts and \
+                (acc.is_main_process or zero3):
+            with gathered():
+                logger.log(it, evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg,
+                                               device, cfg.seed + 12345))
         if cfg.save_every and (it % cfg.save_every == 0 or it == cfg.steps):
             save_checkpoint(acc, out, it, models={"policy": policy, "value": value_model},
                             optimizers={"policy": opt_p, "value": opt_v}, schedulers={"policy": sched_p, "value": sched_v},
@@ -550,20 +580,25 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         bar.update(1)
     bar.close()
 
-    if eval_prompts and acc.is_main_process:
-        final = evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg, device,
+    if eval_prompts and (acc.is_main_process or zero3):
+        with gathered():
+            final = evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg, device,
                                 cfg.seed + 12345)
         summary.update(final)
         logger.log(cfg.steps, final)
     summary.update({"steps": cfg.steps, "optimizer_steps": n_updates, "skipped_nonfinite_steps": guard.skipped,
                     "train_prompts": len(prompts),
                     "eval_prompts": len(eval_prompts), "kl_coef_final": kl_ctl.value,
-                    "train_seconds": round(time.time() - t_start, 1)})
+                    "train_seconds": round(time.time() - t_start, 1), "num_processes": acc.num_processes})
+    policy_state = None
+    if zero3:  # consolidate the sharded policy (collective)
+        full = acc.get_state_dict(engine)
+        policy_state = {k[len("policy."):]: v for k, v in full.items() if k.startswith("policy.")} if full else None
     acc.wait_for_everyone()
     if acc.is_main_process:
         from .sft import save_model_files
 
-        save_model_files(policy, tok, out)
+        save_model_files(policy, tok, out, state_dict=policy_state)
         if ema is not None:
             ema_model = copy.deepcopy(unwrap(policy))
             ema.copy_to(ema_model)

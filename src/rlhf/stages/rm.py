@@ -30,6 +30,7 @@ from ..engine import (MetricsLogger, chunks, global_batches, make_optimizer, mak
                       progress, set_seed, shard, write_summary)
 from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
 from ..engine import NonFiniteGuard, finish_run, start_run, atomic_write_text, backward, gathered_params, optimizer_step, zero_stage
+from ..models import _outside_zero3_init
 from ..models import ModelError, count_parameters, disable_dropout, load_tokenizer, torch_dtype, unwrap
 from ..rewards import BIAS_KEY, forward_scores, score_head, score_sequences
 from ..rollout import right_pad
@@ -58,17 +59,27 @@ def load_reward_backbone(cfg: ModelConfig, tok, seed: int):
         cfg.name_or_path, num_labels=1, dtype=torch_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision, ignore_mismatched_sizes=True)
     model.config.pad_token_id = tok.pad_token_id
-    if model.get_input_embeddings().weight.shape[0] < len(tok):
+    emb = model.get_input_embeddings().weight
+    if getattr(emb, "ds_shape", emb.shape)[0] < len(tok):  # ds_shape: the full shape of a ZeRO-3 partition
         model.resize_token_embeddings(len(tok))
     if fresh_head:
         head = score_head(model)
-        d = head.weight.shape[1]
-        torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(d + 1))
-        if getattr(head, "bias", None) is not None:
-            torch.nn.init.zeros_(head.bias)
+        params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+        partitioned = hasattr(head.weight, "ds_id")  # loaded under ZeRO-3: gather, initialise, re-partition
+        ctx = _gathered_for_init(params) if partitioned else contextlib.nullcontext()
+        with ctx:
+            torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
+            if getattr(head, "bias", None) is not None:
+                torch.nn.init.zeros_(head.bias)
     model.config.architectures = [type(model).__name__]
     disable_dropout(model)
     return model
+
+
+def _gathered_for_init(params):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 # ----------------------------------------------------------------------------- data
@@ -152,7 +163,8 @@ def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, devic
     judge = None if sc.judge == "none" else load_reward_fn(sc.judge or "judge")
     mc = ModelConfig(name_or_path=sc.checkpoint)
     tok = load_tokenizer(mc)
-    policy = load_causal_lm(mc, tok)
+    with _outside_zero3_init():  # sampled by one process: a ZeRO-3-partitioned copy would wait on the others
+        policy = load_causal_lm(mc, tok)
     disable_dropout(policy)
     if device is not None:
         policy.to(device)
@@ -228,8 +240,9 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
 
     batches = global_batches(len(enc), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, (tc.adam_beta1, tc.adam_beta2), tc.adam_eps)
-    scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)
     model, optimizer = acc.prepare(model, optimizer)
+    # after prepare: ZeRO-3 regroups the optimizer's parameters, the schedule must see its groups
+    scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)
     guard = NonFiniteGuard(tc.max_nonfinite_steps)
     start, state = resume_state(acc, out, resume, {"model": model}, {"model": optimizer}, {"model": scheduler})
     if acc.is_main_process and not resume:

@@ -124,9 +124,10 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
 
     batches = global_batches(len(train_feats), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, (tc.adam_beta1, tc.adam_beta2), tc.adam_eps)
-    scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)
     prepare_output_dir(out, overwrite, acc.is_main_process, resume)
     model, optimizer = acc.prepare(model, optimizer)
+    # after prepare: ZeRO-3 regroups the optimizer's parameters, the schedule must see its groups
+    scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)
     guard = NonFiniteGuard(tc.max_nonfinite_steps)
     start, state = resume_state(acc, out, resume, {"model": model}, {"model": optimizer}, {"model": scheduler})
     if acc.is_main_process and not resume:
