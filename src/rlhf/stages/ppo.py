@@ -20,7 +20,6 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
