@@ -499,7 +499,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     if eval_prompts and (acc.is_main_process or zero3) and not state:
         with gathered():
             initial = evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg, device,
-                                  cfg.seed + 12345)
+                                      cfg.seed + 12345)
         summary.update({"initial_" + k: v for k, v in initial.items()})
         logger.log(0, initial)
 
@@ -582,7 +582,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     if eval_prompts and (acc.is_main_process or zero3):
         with gathered():
             final = evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg, device,
-                                cfg.seed + 12345)
+                                    cfg.seed + 12345)
         summary.update(final)
         logger.log(cfg.steps, final)
     summary.update({"steps": cfg.steps, "optimizer_steps": n_updates, "skipped_nonfinite_steps": guard.skipped,
