@@ -5,6 +5,11 @@ A checkpoint is ``OUTPUT_DIR/checkpoints/step-NNNNNNNN/``:
 - ``<name>.safetensors`` — each trained model's weights (policy, value, ...) and the EMA;
 - ``<name>.optim.pt`` / ``<name>.sched.pt`` — optimizer and LR-scheduler state dicts
   (plain tensors and numbers: loaded with ``torch.load(weights_only=True)``);
+- under DeepSpeed, ``<name>/`` instead of the first two — the engine's own resumable checkpoint
+  (``engine.save_checkpoint``): the ZeRO-partitioned weights and optimizer states, one file per
+  process, reloaded by the same number of processes (a DeepSpeed checkpoint is torch-pickled: it
+  is only ever read back from a run's own output folder); ``<name>.ema-rank<R>.safetensors`` —
+  each process's shard of a ZeRO-3 EMA;
 - ``rng-rank<R>.pt`` — every RNG of process R: python, numpy, torch and the stage's own
   generators (torch tensors and lists only);
 - ``state.json`` — the step, data position, KL controller, reward statistics, and whatever
@@ -71,8 +76,13 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
 
 def save_checkpoint(acc, out: Path, step: int, *, models: dict, optimizers: dict, schedulers: dict, state: dict,
                     generators: dict[str, torch.Generator] | None = None, keep: int = 2,
-                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path | None:
-    """Write checkpoint `step` atomically (collective: every process calls it). Returns its path."""
+                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+                    sharded_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path | None:
+    """Write checkpoint `step` atomically (collective: every process calls it). Returns its path.
+
+    `models` may hold DeepSpeed engines: each saves its weights and optimizer states itself, and
+    the optimizers it owns are skipped. `extra_tensors` are written by the main process,
+    `sharded_tensors` by every process (its own shard)."""
     from safetensors.torch import save_file, save_model
 
     from .models import unwrap
@@ -85,13 +95,20 @@ def save_checkpoint(acc, out: Path, step: int, *, models: dict, optimizers: dict
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     torch.save(_rng_state(generators or {}), tmp / f"rng-rank{acc.process_index}.pt")
+    for name, model in models.items():
+        if _is_engine(model):  # collective: each process writes its partitions (and its optimizer states)
+            model.save_checkpoint(str(tmp), tag=name, save_latest=False)
+    for name, tensors in (sharded_tensors or {}).items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}-rank{acc.process_index}.safetensors"))
     if acc.is_main_process:
         for name, model in models.items():
-            save_model(unwrap(model), str(tmp / f"{name}.safetensors"))
+            if not _is_engine(model):
+                save_model(unwrap(model), str(tmp / f"{name}.safetensors"))
         for name, tensors in (extra_tensors or {}).items():
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         for name, opt in optimizers.items():
-            torch.save(_plain_optimizer(opt).state_dict(), tmp / f"{name}.optim.pt")
+            if not _is_engine_optimizer(opt):
+                torch.save(_plain_optimizer(opt).state_dict(), tmp / f"{name}.optim.pt")
         for name, sched in schedulers.items():
             torch.save(sched.state_dict(), tmp / f"{name}.sched.pt")
         _fault_point("checkpoint")  # tests kill the process here, mid-write
@@ -117,15 +134,46 @@ def load_checkpoint(acc, ckpt: Path, *, models: dict, optimizers: dict, schedule
     from .models import unwrap
 
     for name, model in models.items():
-        missing, unexpected = load_model(unwrap(model), str(ckpt / f"{name}.safetensors"), strict=True)
+        if _is_engine(model):
+            _check_engine_checkpoint(acc, ckpt / name)
+            path, _ = model.load_checkpoint(str(ckpt), tag=name, load_optimizer_states=True,
+                                            load_lr_scheduler_states=False, load_module_strict=True)
+            if path is None:
+                raise RuntimeError(f"{ckpt / name}: DeepSpeed could not load this checkpoint")
+        else:
+            load_model(unwrap(model), str(ckpt / f"{name}.safetensors"), strict=True)
     for name, opt in optimizers.items():
-        _plain_optimizer(opt).load_state_dict(torch.load(ckpt / f"{name}.optim.pt", weights_only=True))
+        if not _is_engine_optimizer(opt):
+            _plain_optimizer(opt).load_state_dict(torch.load(ckpt / f"{name}.optim.pt", weights_only=True))
     for name, sched in schedulers.items():
         sched.load_state_dict(torch.load(ckpt / f"{name}.sched.pt", weights_only=True))
     rng = ckpt / f"rng-rank{acc.process_index}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=True), generators or {})
     return json.loads((ckpt / "state.json").read_text())
+
+
+def _is_engine(model) -> bool:
+    try:
+        from deepspeed import DeepSpeedEngine
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, DeepSpeedEngine)
+
+
+def _is_engine_optimizer(opt) -> bool:
+    """accelerate's wrapper of a DeepSpeed engine's optimizer (the engine checkpoints it)."""
+    return type(opt).__name__ == "DeepSpeedOptimizerWrapper"
+
+
+def _check_engine_checkpoint(acc, path: Path) -> None:
+    """A DeepSpeed checkpoint resumes on the process count that wrote it (one optimizer shard each)."""
+    from .engine import RunError
+
+    shards = len(list(path.glob("*optim_states.pt")))
+    if shards and shards != acc.num_processes:
+        raise RunError(f"{path}: written by {shards} processes, resumed by {acc.num_processes}; resume with "
+                       f"{shards} (or convert it with DeepSpeed's zero_to_fp32.py and start a new run)")
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -333,6 +333,10 @@ class PPOConfig:
     """'auto', 'no', 'bf16' or 'fp16'."""
     deepspeed: str | None = None
     """DeepSpeed ZeRO-2/3 JSON: policy and value train as one engine (ZeRO-3: weights gathered once per rollout)."""
+    frozen_models: str = "auto"
+    """Where the frozen reference and reward model live under DeepSpeed: 'auto' (sharded under ZeRO-3, whole
+    otherwise), 'whole' (a full copy on every process), 'sharded' (ZeRO-3-partitioned across processes, also
+    when training under ZeRO-2) or 'offload' (sharded, parameters in CPU memory, fetched layer by layer)."""
     # logging / eval / checkpoints
     log_every: int = 1
     """Iterations between metrics.jsonl records."""

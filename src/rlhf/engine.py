@@ -151,6 +151,68 @@ def gathered_params(acc, model):
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
+FROZEN_PLACEMENTS = ("auto", "whole", "sharded", "offload")
+
+
+def frozen_placement(acc, setting: str) -> str:
+    """'whole', 'sharded' or 'offload': where frozen models (PPO's reference and reward model) go."""
+    if setting not in FROZEN_PLACEMENTS:
+        raise RunError(f"recipe: 'frozen_models' must be one of {', '.join(FROZEN_PLACEMENTS)}, got '{setting}'")
+    if not is_deepspeed(acc):
+        if setting in ("sharded", "offload"):
+            raise RunError(f"recipe: 'frozen_models: {setting}' needs a DeepSpeed run ('deepspeed: <ZeRO JSON>')")
+        return "whole"
+    if setting == "auto":
+        return "sharded" if zero_stage(acc) == 3 else "whole"
+    return setting
+
+
+def prepare_frozen(acc, model, placement: str):
+    """A frozen model for no-grad forwards under the run's engine; returns the module to call.
+
+    'whole': on this process's device. 'sharded'/'offload': a ZeRO-3 inference engine (no
+    optimizer) built from the run's DeepSpeed config, as TRL's and OpenRLHF's reference models
+    are: every process keeps 1/N of each parameter, and each submodule's forward gathers its
+    weights for the moment it runs (so every process must make the same forward calls);
+    'offload' keeps the shards in CPU memory (ZeRO-Inference). The model was loaded whole; its
+    full copy is freed as it is partitioned here.
+    """
+    model.eval().requires_grad_(False)
+    if placement == "whole":
+        return model.to(acc.device)
+    import copy
+
+    import deepspeed
+
+    cfg = copy.deepcopy(acc.state.deepspeed_plugin.deepspeed_config)
+    for k in ("optimizer", "scheduler"):
+        cfg.pop(k, None)
+    zo = cfg.setdefault("zero_optimization", {})
+    zo.pop("offload_optimizer", None)
+    zo["stage"] = 3
+    if placement == "offload":
+        zo["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    else:
+        zo.pop("offload_param", None)
+    d = getattr(getattr(model, "config", None), "hidden_size", None)
+    if d:  # small buckets for a model that only runs forward [TRL prepare_deepspeed]
+        zo.update({"reduce_bucket_size": d * d, "stage3_param_persistence_threshold": 10 * d,
+                   "stage3_prefetch_bucket_size": int(0.9 * d * d)})
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
+    local, full = partition_sizes(engine.module)
+    log.info("frozen %s: ZeRO-3 %s, %d of %d parameters on this process", type(engine.module).__name__,
+             "offloaded to CPU" if placement == "offload" else "sharded", local, full)
+    return engine.module
+
+
+def partition_sizes(model) -> tuple[int, int]:
+    """(parameters held by this process, parameters of the whole model) of a ZeRO-3 model."""
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return local, full
+
+
 def world_size() -> int:
     """Processes of this run, known from the launcher's environment before accelerate starts."""
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -235,12 +235,31 @@ def save_pretrained(model, tok, out_dir: str | Path, extra_config: dict | None =
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         import copy
 
-        model = copy.deepcopy(model).merge_and_unload()
+        if state_dict is None:
+            model = copy.deepcopy(model).merge_and_unload()
+        else:  # weights given apart from the (e.g. ZeRO-3-partitioned) model: merge them in a plain copy
+            model = _plain_peft_copy(model, state_dict).merge_and_unload()
+            state_dict = None
     if extra_config:
         for k, v in extra_config.items():
             setattr(model.config, k, v)
     model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(out_dir)
+
+
+def _plain_peft_copy(peft_model, state_dict: dict):
+    """A non-partitioned CPU copy of a peft model holding `state_dict` (peft's key names)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_cfg = peft_model.get_base_model().config
+    dtype = next(iter(state_dict.values())).dtype
+    with _outside_zero3_init():
+        base = AutoModelForCausalLM.from_config(base_cfg, dtype=dtype)
+    name = peft_model.active_adapter if isinstance(peft_model.active_adapter, str) else "default"
+    copy_ = get_peft_model(base, peft_model.peft_config[name])
+    copy_.load_state_dict(state_dict, strict=True)
+    return copy_
 
 
 def count_parameters(model) -> int:

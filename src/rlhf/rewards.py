@@ -161,6 +161,7 @@ class RewardModel:
         self.model.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)
+        self.device = device  # where inputs go; None: the model's first parameter's device
         self.bias = float(getattr(self.model.config, BIAS_KEY, 0.0) or 0.0)
         self.path = path
 
@@ -170,7 +171,7 @@ class RewardModel:
         return encode_scored(self.tok, prompt, response)
 
     def score_ids(self, seqs: list[list[int]], normalized: bool = True, batch_size: int = 64) -> torch.Tensor:
-        raw = score_sequences(self.model, seqs, self.tok.pad_token_id, batch_size)
+        raw = score_sequences(self.model, seqs, self.tok.pad_token_id, batch_size, self.device)
         return raw + self.bias if normalized else raw
 
     def score(self, prompts: list, responses: list, normalized: bool = True, batch_size: int = 64) -> torch.Tensor:

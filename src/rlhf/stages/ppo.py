@@ -33,7 +33,7 @@ from ..config import PPOConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
 from ..data.tasks import has_gold, gold_reward
 from ..flops import count_flop_params, forward_flops, measure_matmul_peak, mfu, train_flops
-from ..engine import backward, gathered_params, is_deepspeed, world_size, zero_stage
+from ..engine import backward, frozen_placement, gathered_params, is_deepspeed, prepare_frozen, world_size, zero_stage
 from ..engine import (MetricsLogger, NonFiniteGuard, finish_run, RunError, Timer, chunks, epoch_permutation, make_accelerator, make_optimizer,
                       make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, write_summary)
 from ..models import _outside_zero3_init
@@ -315,15 +315,26 @@ class PtxIterator:
         return s / max(n, 1)
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter: its ZeRO-3 partition (flat, padded), else the whole tensor."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p
+
+
 class EMA:
-    """Exponential moving average of the policy weights [IGPT: 0.992], kept on the CPU."""
+    """Exponential moving average of the policy weights [IGPT: 0.992], kept on the CPU in fp32.
+
+    Under ZeRO-3 each process averages only its own partition of every parameter (1/N of the
+    weights, updated after each optimizer step like the partition itself); `full_state_dict`
+    all-gathers the partitions when the EMA policy is saved."""
 
     def __init__(self, model, decay: float):
         self.decay = decay
-        self.params = [p.detach().float().cpu().clone() for p in unwrap(model).parameters()]
+        params = list(unwrap(model).parameters())
+        self.sharded = any(hasattr(p, "ds_tensor") for p in params)
+        self.params = [_local(p).detach().float().cpu().clone() for p in params]
 
     def update(self, model) -> None:
-        core.ema_update(self.params, [p.detach().cpu() for p in unwrap(model).parameters()], self.decay)
+        core.ema_update(self.params, [_local(p).detach().cpu() for p in unwrap(model).parameters()], self.decay)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {str(i): p for i, p in enumerate(self.params)}
@@ -331,10 +342,20 @@ class EMA:
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         self.params = [tensors[str(i)].clone() for i in range(len(self.params))]
 
-    def copy_to(self, model) -> None:
-        with torch.no_grad():
-            for e, p in zip(self.params, unwrap(model).parameters()):
-                p.copy_(e.to(p.dtype))
+    def full_state_dict(self, model, acc) -> dict[str, torch.Tensor]:
+        """name -> full EMA tensor in the model's dtype (collective under ZeRO-3; every process gets it)."""
+        m = unwrap(model)
+        names: dict[int, list[str]] = {}  # every name of each parameter (tied weights have two)
+        for name, p in m.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        aliases = {n for ns in names.values() for n in ns}
+        out = {k: v for k, v in m.state_dict().items() if k not in aliases}  # persistent buffers
+        for p, e in zip(m.parameters(), self.params):
+            if self.sharded and hasattr(p, "ds_tensor"):  # partitions are consecutive slices of the flat tensor
+                e = acc.gather(e.to(acc.device)).cpu()[: p.ds_numel].view(p.ds_shape)
+            for name in names[id(p)]:
+                out[name] = e.to(p.dtype)
+        return out
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -405,8 +426,6 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     acc = make_accelerator(cfg.mixed_precision, cfg.deepspeed, micro_batch_size=micro_bs,
                            grad_accum=mb_local // micro_bs, max_grad_norm=cfg.max_grad_norm)
     use_ds, zero3 = is_deepspeed(acc), zero_stage(acc) == 3
-    if use_ds and (cfg.save_every or resume):
-        raise RunError("resumable PPO checkpoints are not supported under DeepSpeed yet: set save_every: 0")
     out = check_output_dir(output_dir or cfg.output_dir, overwrite, resume)  # nothing is written before inputs check out
     if resume and (out / "summary.json").exists():
         log.info("%s: run already complete", out)
@@ -430,16 +449,24 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         n = len(encode_prompt(tok, p.prompt))
         if n > cfg.data.max_prompt_length:
             raise DataError(f"{p.where}: prompt of {n} tokens exceeds data.max_prompt_length ({cfg.data.max_prompt_length})")
-    # loaded whole even under ZeRO-3: the engine partitions policy + value at prepare; the frozen
-    # reference and reward model stay whole on every process (not sharded yet)
+    # Every model is loaded whole (the same initial weights as a 1-process run) and partitioned as
+    # it is handed to DeepSpeed: policy + value as one trained engine at prepare, the frozen
+    # reference and RM each as an inference engine right after loading, so at most policy + one
+    # frozen model + value are ever whole in this process's memory.
+    placement = frozen_placement(acc, cfg.frozen_models)
     with _outside_zero3_init():
         policy = load_causal_lm(cfg.model, tok)
         disable_dropout(policy)
         ref_policy = None
         if not cfg.model.lora.enabled:
-            ref_policy = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
-        reward_model = RewardModel(cfg.reward_model, device=device) if cfg.reward_model else None
+            ref_policy = prepare_frozen(acc, copy.deepcopy(policy), placement)
+        reward_model = RewardModel(cfg.reward_model) if cfg.reward_model else None
+        n_rm = count_flop_params(reward_model.model) if reward_model is not None else 0
         value_model = load_value_model(cfg, tok, reward_model)
+        if reward_model is not None:
+            reward_model.model, reward_model.device = prepare_frozen(acc, reward_model.model, placement), device
+    # under sharded frozen models every process takes part in each of their forwards (evaluation too)
+    collective = zero3 or placement != "whole"
 
     n_updates = cfg.steps * cfg.ppo_epochs * (b_local // mb_local)
     opt_p = make_optimizer(policy.parameters(), cfg.lr, cfg.weight_decay, (0.9, 0.95), cfg.adam_eps)
@@ -459,7 +486,9 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         policy, value_model = engine.module.policy, engine.module.value
     else:
         policy, value_model, opt_p, opt_v = acc.prepare(policy, value_model, opt_p, opt_v)
-    gathered = (lambda: gathered_params(acc, engine.module)) if zero3 else contextlib.nullcontext
+    # ZeRO-3: the policy's full weights are gathered once per generation (not per token); the
+    # no-grad passes of make_experience fetch one layer at a time like the training passes
+    gathered = (lambda: gathered_params(acc, engine.module.policy)) if zero3 else contextlib.nullcontext
     kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else core.FixedKLController(cfg.kl_coef))
     moments = core.RunningMoments()
@@ -474,11 +503,13 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)
     peak = cfg.peak_tflops * 1e12 or measure_matmul_peak(device=str(device))
     n_policy, n_value = count_flop_params(unwrap(policy)), count_flop_params(unwrap(value_model).backbone) + 1
-    n_rm = count_flop_params(reward_model.model) if reward_model is not None else 0
     # the reference was copied from the SFT weights above; a resumed run reloads only what trains
-    start, state = resume_state(acc, out, resume, {"policy": policy, "value": value_model},
-                                {"policy": opt_p, "value": opt_v}, {"policy": sched_p, "value": sched_v},
-                                generators={"sampling": gen})
+    # what a resumable checkpoint holds: under DeepSpeed the engine saves policy + value and the
+    # (partitioned) optimizer states itself
+    ckpt_parts = dict(models={"engine": engine}, optimizers={}, schedulers={"policy": sched_p}) if use_ds else \
+        dict(models={"policy": policy, "value": value_model}, optimizers={"policy": opt_p, "value": opt_v},
+             schedulers={"policy": sched_p, "value": sched_v})
+    start, state = resume_state(acc, out, resume, **ckpt_parts, generators={"sampling": gen})
     summary: dict = {"stage": "ppo"}
     if state:
         kl_ctl.load_state_dict(state["kl_ctl"])
@@ -488,7 +519,8 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         if ptx_iter is not None:
             ptx_iter.load_state_dict(state["ptx"])
         if ema is not None:
-            ema.load(load_tensors(latest_checkpoint(out) / "ema.safetensors"))
+            ema.load(load_tensors(latest_checkpoint(out) / (f"ema-rank{acc.process_index}.safetensors" if ema.sharded
+                                                            else "ema.safetensors")))
     if acc.is_main_process and not resume:
         dump_yaml(cfg, out / "recipe.yaml")
     logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
@@ -496,7 +528,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
              len(prompts), len(eval_prompts), cfg.steps, cfg.rollout_batch_size, n_updates,
              count_parameters(unwrap(policy)) / 1e6, f", resuming after iteration {start}" if start else "")
 
-    if eval_prompts and (acc.is_main_process or zero3) and not state:
+    if eval_prompts and (acc.is_main_process or collective) and not state:
         with gathered():
             initial = evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg, device,
                                       cfg.seed + 12345)
@@ -524,7 +556,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
                 moments.update(acc.gather(raw_scores))
                 scores = scores / max(moments.std, 1e-8)
             scores = core.clip_scores(scores, cfg.reward_clip)
-        with t_exp, gathered():
+        with t_exp:
             exp = make_experience(ro, scores, unwrap(policy), ref_policy, unwrap(value_model), kl_ctl.value, cfg,
                                   micro_bs)
         unwrap(policy).train()
@@ -563,15 +595,15 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         if acc.is_main_process and cfg.sample_every and (it % cfg.sample_every == 0 or it == 1):
             _log_samples(out, logger, it, ro, raw_scores)
         if cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.steps and eval_prompts and \
-                (acc.is_main_process or zero3):
+                (acc.is_main_process or collective):
             with gathered():
                 logger.log(it, evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg,
                                                device, cfg.seed + 12345))
         if cfg.save_every and (it % cfg.save_every == 0 or it == cfg.steps):
-            save_checkpoint(acc, out, it, models={"policy": policy, "value": value_model},
-                            optimizers={"policy": opt_p, "value": opt_v}, schedulers={"policy": sched_p, "value": sched_v},
-                            generators={"sampling": gen}, keep=cfg.save_total_limit,
-                            extra_tensors={"ema": ema.tensors()} if ema is not None else None,
+            ema_t = {"ema": ema.tensors()} if ema is not None else None
+            save_checkpoint(acc, out, it, **ckpt_parts, generators={"sampling": gen}, keep=cfg.save_total_limit,
+                            extra_tensors=None if ema is None or ema.sharded else ema_t,
+                            sharded_tensors=ema_t if ema is not None and ema.sharded else None,
                             state={"kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict(),
                                    "guard": guard.state_dict(), "ptx": ptx_iter.state_dict() if ptx_iter else None,
                                    "initial": {k: v for k, v in summary.items() if k.startswith("initial_")}})
@@ -579,7 +611,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         bar.update(1)
     bar.close()
 
-    if eval_prompts and (acc.is_main_process or zero3):
+    if eval_prompts and (acc.is_main_process or collective):
         with gathered():
             final = evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg, device,
                                     cfg.seed + 12345)
@@ -593,16 +625,15 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     if zero3:  # consolidate the sharded policy (collective)
         full = acc.get_state_dict(engine)
         policy_state = {k[len("policy."):]: v for k, v in full.items() if k.startswith("policy.")} if full else None
+    ema_state = ema.full_state_dict(policy, acc) if ema is not None else None  # collective under ZeRO-3
     acc.wait_for_everyone()
     if acc.is_main_process:
         from .sft import save_model_files
 
         save_model_files(policy, tok, out, state_dict=policy_state)
         if ema is not None:
-            ema_model = copy.deepcopy(unwrap(policy))
-            ema.copy_to(ema_model)
             (out / "ema").mkdir(exist_ok=True)
-            save_model_files(ema_model, tok, out / "ema")
+            save_model_files(policy, tok, out / "ema", state_dict=ema_state)
         write_summary(out, summary)
     finish_run(acc, logger, out)
     return summary
