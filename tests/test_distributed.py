@@ -73,11 +73,15 @@ def test_sft_two_processes_agree_with_one(tmp_path, sft_one, engine):
     assert AutoModelForCausalLM.from_pretrained(out).num_parameters() == s1["parameters"]
 
 
-def test_rm_and_ppo_under_ddp_and_rm_under_zero3(tmp_path, sft_one):
-    rm_args = ["rm", "recipes/tiny/rm.yaml", "--model.name_or_path", sft_one, "--train.max_steps", "6",
-               "--train.micro_batch_size", "8", "--sample.checkpoint", sft_one, "--sample.max_prompts", "8",
-               "--train.log_every", "3"]
-    _launch(1, *rm_args, "--output_dir", tmp_path / "rm1")
+def RM_ARGS(sft):
+    return ["rm", "recipes/tiny/rm.yaml", "--model.name_or_path", sft, "--train.max_steps", "6",
+            "--train.micro_batch_size", "8", "--sample.checkpoint", sft, "--sample.max_prompts", "8",
+            "--train.log_every", "3"]
+
+
+def test_rm_and_ppo_under_ddp_and_rm_under_zero3(tmp_path, sft_one, rm_one):
+    rm_args = RM_ARGS(sft_one)
+    (tmp_path / "rm1").symlink_to(rm_one)
     _launch(2, *rm_args, "--output_dir", tmp_path / "rm2")
     _launch(2, *rm_args, "--output_dir", tmp_path / "rm3", "--train.deepspeed", "recipes/deepspeed/zero3.json")
     (s1, l1), (s2, l2), (s3, l3) = (_final(tmp_path / d) for d in ("rm1", "rm2", "rm3"))
@@ -99,36 +103,104 @@ def test_rm_and_ppo_under_ddp_and_rm_under_zero3(tmp_path, sft_one):
     assert len(m) == 2 and all(r["tokens_generated"] > 0 for r in m)
 
 
-def test_ppo_under_zero2_and_zero3(tmp_path, sft_one):
-    """Policy and value as one DeepSpeed engine on 2 processes. ZeRO-3 (weights gathered once per
-    rollout) reproduces ZeRO-2; both start from DDP's evaluation (same seeds and weights) and differ
-    from DDP later only through DeepSpeed's clipping of the joint policy+value gradient norm."""
-    args = ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", sft_one, "--steps", "2",
-            "--rollout_batch_size", "16", "--minibatch_size", "8", "--micro_batch_size", "4", "--eval_samples", "16",
-            "--value_init", "policy"]
-    runs = {}
-    for engine in ("ddp", "zero2", "zero3"):
-        extra = [] if engine == "ddp" else ["--deepspeed", f"recipes/deepspeed/{engine}.json"]
-        p = _launch(2, *args, "--output_dir", tmp_path / engine, *extra)
-        if engine != "ddp":
-            assert f"DeepSpeed ZeRO-{engine[-1]} on 2 processes" in p.stderr
-        runs[engine] = json.loads((tmp_path / engine / "summary.json").read_text())
-    for engine in ("zero2", "zero3"):
-        assert runs[engine]["initial_eval_reward"] == pytest.approx(runs["ddp"]["initial_eval_reward"], abs=1e-6)
-        assert runs[engine]["optimizer_steps"] == runs["ddp"]["optimizer_steps"]
-    for k in ("eval_reward", "eval_kl"):
-        assert runs["zero3"][k] == pytest.approx(runs["zero2"][k], rel=1e-4, abs=1e-5), k
-    from transformers import AutoModelForCausalLM
-
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "zero3").num_parameters() > 0  # consolidated
+@pytest.fixture(scope="module")
+def rm_one(sft_one):
+    out = sft_one.parent / "rm1"
+    _launch(1, *RM_ARGS(sft_one), "--output_dir", out)
+    return out
 
 
-def test_ppo_under_deepspeed_refuses_resumable_checkpoints(tmp_path, sft_one):
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"))
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _max_diff(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+PPO_DS = ["ppo", "recipes/tiny/ppo.yaml", "--steps", "2", "--rollout_batch_size", "16", "--minibatch_size", "8",
+          "--micro_batch_size", "4", "--eval_samples", "16", "--ema_decay", "0.5"]
+
+
+def test_ppo_under_zero2_and_zero3_with_sharded_reference_and_rm(tmp_path, sft_one, rm_one):
+    """Policy and value as one DeepSpeed engine on 2 processes, the frozen reference and RM as
+    ZeRO-3 inference engines (sharded, or offloaded to CPU memory). ZeRO-3 (policy gathered once
+    per rollout, EMA kept per partition) reproduces ZeRO-2 with whole frozen models; offloading
+    the frozen models changes nothing; all start from DDP's evaluation (same seeds and weights)
+    and differ from DDP later only through DeepSpeed's clipping of the joint policy+value norm."""
+    args = [*PPO_DS, "--model.name_or_path", sft_one, "--reward_model", rm_one]
+    runs = {"ddp": [], "zero2": ["--deepspeed", "recipes/deepspeed/zero2.json"],
+            "zero3": ["--deepspeed", "recipes/deepspeed/zero3.json"],
+            "zero2_offload": ["--deepspeed", "recipes/deepspeed/zero2.json", "--frozen_models", "offload"]}
+    summary = {}
+    for name, extra in runs.items():
+        p = _launch(2, *args, "--output_dir", tmp_path / name, *extra)
+        if name != "ddp":
+            assert f"DeepSpeed ZeRO-{name[4]} on 2 processes" in p.stderr
+        frozen = {"zero3": "sharded", "zero2_offload": "offloaded to CPU"}.get(name)
+        for model in ("LlamaForCausalLM", "LlamaForSequenceClassification"):  # reference, RM
+            line = f"frozen {model}: ZeRO-3 {frozen}, 74"
+            assert (line in p.stderr) == (frozen is not None), (name, model)
+        summary[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    for name in ("zero2", "zero3", "zero2_offload"):
+        assert summary[name]["initial_eval_reward"] == pytest.approx(summary["ddp"]["initial_eval_reward"], abs=1e-6)
+        assert summary[name]["optimizer_steps"] == summary["ddp"]["optimizer_steps"]
+    moved = _max_diff(tmp_path / "zero2" / "model.safetensors", sft_one / "model.safetensors")
+    assert moved > 1e-5  # the policy trained
+    for name in ("zero3", "zero2_offload"):
+        for k in ("eval_reward", "eval_kl"):
+            assert summary[name][k] == pytest.approx(summary["zero2"][k], rel=1e-4, abs=1e-5), (name, k)
+        for f in ("model.safetensors", "ema/model.safetensors"):  # consolidated policy and EMA
+            assert _max_diff(tmp_path / name / f, tmp_path / "zero2" / f) < 1e-3 * moved, (name, f)
+    assert _max_diff(tmp_path / "zero3" / "ema/model.safetensors", tmp_path / "zero3" / "model.safetensors") > 0
+
+
+def _kill_resume_2proc(tmp_path, args, fault):
+    """2-process run vs the same run SIGKILLed at `fault` and resumed: bit-identical weights."""
+    _launch(2, *args, "--output_dir", tmp_path / "full")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1",
+               PYTHONPATH=str(ROOT / "src"), RLHF_FAULT=fault)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29500 + os.getpid() % 1000 + 7), "-m", "rlhf", "ppo", "recipes/tiny/ppo_reward_fn.yaml",
-                        "--model.name_or_path", str(sft_one), "--deepspeed", "recipes/deepspeed/zero2.json",
-                        "--save_every", "1", "--output_dir", str(tmp_path / "o")], capture_output=True, text=True,
-                       cwd=ROOT, env=env, timeout=300)
-    assert p.returncode != 0 and "not supported under DeepSpeed yet" in p.stderr, p.stderr[-2000:]
-    assert not (tmp_path / "o").exists()  # refused before anything was written
+                        str(29500 + os.getpid() % 1000 + 11), "-m", "rlhf", *map(str, args), "--output_dir",
+                        str(tmp_path / "cut")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert p.returncode != 0 and not (tmp_path / "cut" / "summary.json").exists(), p.stderr[-2000:]
+    _launch(2, *args, "--output_dir", tmp_path / "cut", "--resume")
+    return tmp_path / "full", tmp_path / "cut"
+
+
+def _metrics(path):
+    timing = ("time", "tokens_per_s", "mfu", "peak_tflops")
+    return [{k: v for k, v in json.loads(l).items() if not k.startswith(timing)} for l in open(path)]
+
+
+def test_sft_under_zero2_kill9_mid_checkpoint_resumes_exactly(tmp_path):
+    args = [*SFT, "--train.save_every", "3", "--train.log_every", "2", "--train.deepspeed",
+            "recipes/deepspeed/zero2.json"]
+    full, cut = _kill_resume_2proc(tmp_path, args, "checkpoint:2")  # killed while writing step 6
+    assert (cut / "checkpoints" / "step-00000008" / "model").is_dir()  # the engine's own (sharded) checkpoint
+    assert _max_diff(full / "model.safetensors", cut / "model.safetensors") == 0
+    assert _metrics(full / "metrics.jsonl") == _metrics(cut / "metrics.jsonl")
+
+
+def test_ppo_under_zero3_kill9_resumes_exactly_and_refuses_another_process_count(tmp_path, sft_one, rm_one):
+    args = [*PPO_DS, "--steps", "4", "--model.name_or_path", sft_one, "--reward_model", rm_one, "--save_every", "1",
+            "--deepspeed", "recipes/deepspeed/zero3.json"]
+    full, cut = _kill_resume_2proc(tmp_path, args, "step:2")
+    ckpt = cut / "checkpoints" / "step-00000004"
+    assert {"engine", "ema-rank0.safetensors", "ema-rank1.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    for f in ("model.safetensors", "ema/model.safetensors"):
+        assert _max_diff(full / f, cut / f) == 0, f
+    assert _metrics(full / "metrics.jsonl") == _metrics(cut / "metrics.jsonl")
+    # a sharded checkpoint resumes only on the process count that wrote it
+    (cut / "summary.json").unlink()
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"))
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.run([sys.executable, "-m", "rlhf", *map(str, args), "--output_dir", str(cut), "--resume"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode == 2 and "a DeepSpeed checkpoint written by 2 processes cannot resume on 1" in p.stderr, \
+        p.stderr[-2000:]
+    assert (ckpt / "engine").is_dir()  # untouched

@@ -10,6 +10,7 @@ A checkpoint is ``OUTPUT_DIR/checkpoints/step-NNNNNNNN/``:
   process, reloaded by the same number of processes (a DeepSpeed checkpoint is torch-pickled: it
   is only ever read back from a run's own output folder); ``<name>.ema-rank<R>.safetensors`` —
   each process's shard of a ZeRO-3 EMA;
+- ``state-rank<R>.json`` — what differs between processes (running metric sums);
 - ``rng-rank<R>.pt`` — every RNG of process R: python, numpy, torch and the stage's own
   generators (torch tensors and lists only);
 - ``state.json`` — the step, data position, KL controller, reward statistics, and whatever
@@ -77,12 +78,14 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
 def save_checkpoint(acc, out: Path, step: int, *, models: dict, optimizers: dict, schedulers: dict, state: dict,
                     generators: dict[str, torch.Generator] | None = None, keep: int = 2,
                     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
-                    sharded_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path | None:
+                    sharded_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+                    rank_state: dict | None = None) -> Path | None:
     """Write checkpoint `step` atomically (collective: every process calls it). Returns its path.
 
     `models` may hold DeepSpeed engines: each saves its weights and optimizer states itself, and
     the optimizers it owns are skipped. `extra_tensors` are written by the main process,
-    `sharded_tensors` by every process (its own shard)."""
+    `sharded_tensors` by every process (its own shard), and so is `rank_state` (what differs
+    between processes, e.g. each one's running loss sums), returned as state["rank"] on resume."""
     from safetensors.torch import save_file, save_model
 
     from .models import unwrap
@@ -95,6 +98,8 @@ def save_checkpoint(acc, out: Path, step: int, *, models: dict, optimizers: dict
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     torch.save(_rng_state(generators or {}), tmp / f"rng-rank{acc.process_index}.pt")
+    if rank_state is not None:
+        (tmp / f"state-rank{acc.process_index}.json").write_text(json.dumps(rank_state))
     for name, model in models.items():
         if _is_engine(model):  # collective: each process writes its partitions (and its optimizer states)
             model.save_checkpoint(str(tmp), tag=name, save_latest=False)
@@ -112,7 +117,9 @@ def save_checkpoint(acc, out: Path, step: int, *, models: dict, optimizers: dict
         for name, sched in schedulers.items():
             torch.save(sched.state_dict(), tmp / f"{name}.sched.pt")
         _fault_point("checkpoint")  # tests kill the process here, mid-write
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        engines = sorted(name for name, model in models.items() if _is_engine(model))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state, "num_processes": acc.num_processes,
+                                                    "deepspeed_engines": engines}, indent=1))
     acc.wait_for_everyone()
     if acc.is_main_process:
         if final.exists():
@@ -133,9 +140,10 @@ def load_checkpoint(acc, ckpt: Path, *, models: dict, optimizers: dict, schedule
 
     from .models import unwrap
 
+    state = json.loads((ckpt / "state.json").read_text())
+    _check_compatible(acc, ckpt, state, models)
     for name, model in models.items():
         if _is_engine(model):
-            _check_engine_checkpoint(acc, ckpt / name)
             path, _ = model.load_checkpoint(str(ckpt), tag=name, load_optimizer_states=True,
                                             load_lr_scheduler_states=False, load_module_strict=True)
             if path is None:
@@ -150,7 +158,10 @@ def load_checkpoint(acc, ckpt: Path, *, models: dict, optimizers: dict, schedule
     rng = ckpt / f"rng-rank{acc.process_index}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=True), generators or {})
-    return json.loads((ckpt / "state.json").read_text())
+    rank_file = ckpt / f"state-rank{acc.process_index}.json"
+    if rank_file.exists():
+        state["rank"] = json.loads(rank_file.read_text())
+    return state
 
 
 def _is_engine(model) -> bool:
@@ -166,14 +177,21 @@ def _is_engine_optimizer(opt) -> bool:
     return type(opt).__name__ == "DeepSpeedOptimizerWrapper"
 
 
-def _check_engine_checkpoint(acc, path: Path) -> None:
-    """A DeepSpeed checkpoint resumes on the process count that wrote it (one optimizer shard each)."""
+def _check_compatible(acc, ckpt: Path, state: dict, models: dict) -> None:
+    """A DeepSpeed checkpoint resumes under DeepSpeed on the process count that wrote it (one
+    partition of the weights and optimizer states each); a plain one resumes without DeepSpeed."""
     from .engine import RunError
 
-    shards = len(list(path.glob("*optim_states.pt")))
-    if shards and shards != acc.num_processes:
-        raise RunError(f"{path}: written by {shards} processes, resumed by {acc.num_processes}; resume with "
-                       f"{shards} (or convert it with DeepSpeed's zero_to_fp32.py and start a new run)")
+    saved = state.get("deepspeed_engines", [])
+    now = sorted(name for name, model in models.items() if _is_engine(model))
+    if saved != now:
+        how = lambda e: "under DeepSpeed" if e else "without DeepSpeed"  # noqa: E731
+        raise RunError(f"{ckpt}: written {how(saved)}, resumed {how(now)}; resume with the same 'deepspeed' setting "
+                       f"and process count")
+    n = state.get("num_processes", acc.num_processes)
+    if saved and n != acc.num_processes:
+        raise RunError(f"{ckpt}: a DeepSpeed checkpoint written by {n} processes cannot resume on "
+                       f"{acc.num_processes}; resume with {n} (or convert it with its zero_to_fp32.py and start anew)")
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

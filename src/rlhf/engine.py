@@ -81,6 +81,9 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         _SET_DS_ENV = True
+    if "RANK" not in os.environ:  # one process started without a launcher: a one-process group, not MPI discovery
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     use_cpu = os.environ.pop("ACCELERATE_USE_CPU", None)  # it makes accelerate drop DeepSpeed for plain DDP
     try:
         acc = Accelerator(mixed_precision=mp, kwargs_handlers=handlers,
@@ -94,6 +97,14 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
         log.info("DeepSpeed ZeRO-%s on %d processes (%s)", ds_config.get("zero_optimization", {}).get("stage", 0),
                  acc.num_processes, ds_path)
     return acc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def deepspeed_config(path: str, mixed_precision: str, micro_batch_size: int, grad_accum: int, max_grad_norm: float,
@@ -279,6 +290,7 @@ def make_optimizer(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.9
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups (LoRA has no 1-D weights)
     # the fused kernel (CPU and CUDA, torch >= 2.4) is ~4x faster per step than the for-loop one
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
                 for p in params)

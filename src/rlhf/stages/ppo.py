@@ -477,8 +477,6 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     else:
         opt_v = make_optimizer(value_model.parameters(), cfg.value_lr or cfg.lr, cfg.weight_decay, (0.9, 0.95),
                                cfg.adam_eps)
-        sched_v = make_scheduler(opt_v, cfg.lr_scheduler, n_updates, cfg.warmup_ratio)
-    sched_p = make_scheduler(opt_p, cfg.lr_scheduler, n_updates, cfg.warmup_ratio)
     prepare_output_dir(out, overwrite, acc.is_main_process, resume)
     engine = None
     if use_ds:
@@ -486,6 +484,8 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         policy, value_model = engine.module.policy, engine.module.value
     else:
         policy, value_model, opt_p, opt_v = acc.prepare(policy, value_model, opt_p, opt_v)
+        sched_v = make_scheduler(opt_v, cfg.lr_scheduler, n_updates, cfg.warmup_ratio)
+    sched_p = make_scheduler(opt_p, cfg.lr_scheduler, n_updates, cfg.warmup_ratio)  # on the prepared optimizer
     # ZeRO-3: the policy's full weights are gathered once per generation (not per token); the
     # no-grad passes of make_experience fetch one layer at a time like the training passes
     gathered = (lambda: gathered_params(acc, engine.module.policy)) if zero3 else contextlib.nullcontext
@@ -583,7 +583,9 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
                 m["gold_accuracy"] = torch.tensor(sum(g) / len(g), device=device)
             m = {k: acc.reduce(torch.as_tensor(v, device=device, dtype=torch.float32).clone(), "mean").item()
                  for k, v in m.items()}
-            m.update(stats)
+            # each process's losses are its share of the global minibatch mean: their mean is the global value
+            m.update({k: acc.reduce(torch.tensor(v, device=device, dtype=torch.float32), "mean").item()
+                      for k, v in sorted(stats.items())})
             m.update({"kl_coef": kl_ctl.value, "lr": sched_p.get_last_lr()[0], "time_generate": t_gen.total,
                       "time_score": t_score.total, "time_experience": t_exp.total, "time_train": t_train.total,
                       "tokens_generated": int(rm_.sum().item()) * acc.num_processes})

@@ -255,7 +255,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
 
     model.train()
     bar = progress(total=len(batches), initial=start, desc="rm", disable=not acc.is_main_process)
-    win = state.get("window", {"loss": 0.0, "acc": 0.0, "pairs": 0})
+    win = state["rank"]["window"] if state else {"loss": 0.0, "acc": 0.0, "pairs": 0}  # this process's sums
     if state:
         guard.load_state_dict(state["guard"])
     for step, idx in enumerate(batches, 1):
@@ -295,7 +295,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         if tc.save_every and (step % tc.save_every == 0 or step == len(batches)):
             save_checkpoint(acc, out, step, models={"model": model}, optimizers={"model": optimizer},
                             schedulers={"model": scheduler}, keep=tc.save_total_limit,
-                            state={"window": win, "guard": guard.state_dict()})
+                            state={"guard": guard.state_dict()}, rank_state={"window": win})
         fault_point_step(step)
     bar.close()
 

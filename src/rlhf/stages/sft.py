@@ -139,7 +139,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
 
     if state:
         initial_eval_loss = state["initial_eval_loss"]
-        window_loss, window_tokens = state["window_loss"], state["window_tokens"]
+        window_loss, window_tokens = state["rank"]["window_loss"], state["window_tokens"]
         guard.load_state_dict(state["guard"])
     else:
         initial_eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc) if eval_feats else None
@@ -183,8 +183,8 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         if tc.save_every and (step % tc.save_every == 0 or step == len(batches)):
             save_checkpoint(acc, out, step, models={"model": model}, optimizers={"model": optimizer},
                             schedulers={"model": scheduler}, keep=tc.save_total_limit,
-                            state={"initial_eval_loss": initial_eval_loss, "window_loss": window_loss,
-                                   "window_tokens": window_tokens, "guard": guard.state_dict()})
+                            state={"initial_eval_loss": initial_eval_loss, "window_tokens": window_tokens,
+                                   "guard": guard.state_dict()}, rank_state={"window_loss": window_loss})
         fault_point_step(step)
     bar.close()
 
