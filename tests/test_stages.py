@@ -185,7 +185,8 @@ def test_ppo_every_option_runs(tmp_path, sft_checkpoint, task_dir, rm_run):
     cfg = _ppo_cfg(sft_checkpoint, task_dir, reward_model=str(rm_dir), value_init="reward_model",
                    reward_fns=[{"fn": "gold", "weight": 0.5}], kl_estimator="k3", adaptive_kl=True, kl_target=0.01,
                    kl_horizon=100, scale_reward="running_std", whiten_rewards=True, ptx_coef=0.5,
-                   ptx_data=str(task_dir / "sft.jsonl"), ema_decay=0.9, eval_every=1, steps=2, entropy_coef=0.01)
+                   ptx_data=str(task_dir / "sft.jsonl"), ema_decay=0.9, eval_every=1, steps=2, entropy_coef=0.01,
+                   **{"model.gradient_checkpointing": True})
     s = run("ppo", cfg, str(tmp_path / "ppo"), overwrite=True)
     m = [json.loads(l) for l in open(tmp_path / "ppo" / "metrics.jsonl")]
     train = [r for r in m if "pg_loss" in r]
@@ -216,6 +217,28 @@ def test_lora_sft_and_ppo(tmp_path, sft_checkpoint, task_dir):
     pcfg = _ppo_cfg(sft_checkpoint, task_dir, **{"model.lora": {"enabled": True, "r": 4}}, steps=1)
     s = run("ppo", pcfg, str(tmp_path / "ppo"), overwrite=True)
     assert s["initial_eval_kl"] == pytest.approx(0.0, abs=1e-6) and "eval_kl" in s
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, sft_checkpoint, task_dir):
+    """Recomputing activations changes memory, not the math: SFT and RM with and without it end
+    with the same weights."""
+    from safetensors.torch import load_file
+
+    for stage, extra in (("sft", {"data.train": str(task_dir / "sft.jsonl"), "data.max_length": 48,
+                                  "gen_eval_samples": 0}),
+                         ("rm", {"data.train": str(task_dir / "prefs.jsonl"), "data.max_length": 48,
+                                 "train.micro_batch_size": 4})):
+        w = {}
+        for gc in (False, True):
+            cfg = load_stage_config(stage, None, {"model.name_or_path": str(sft_checkpoint),
+                                                  "model.gradient_checkpointing": gc, "train.max_steps": 3,
+                                                  "train.batch_size": 8, "train.lr": 1e-3, **extra})
+            run(stage, cfg, str(tmp_path / f"{stage}{gc}"), overwrite=True)
+            w[gc] = load_file(str(tmp_path / f"{stage}{gc}" / "model.safetensors"))
+        base = load_file(str(sft_checkpoint / "model.safetensors"))
+        for k in w[False]:
+            torch.testing.assert_close(w[True][k], w[False][k], rtol=1e-5, atol=1e-6)
+        assert any(not torch.equal(w[True][k], base[k]) for k in base), stage  # it trained
 
 
 def test_packing():

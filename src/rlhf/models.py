@@ -167,9 +167,25 @@ def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
     else:
         raise ModelError(f"recipe: 'model.init' must be 'pretrained' or 'from_config', got '{cfg.init}'")
     _sync_special_ids(model, tok)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if cfg.lora.enabled:
         model = add_lora(model, cfg)
     return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Activation recomputation in training-mode forwards (transformers' own; the non-reentrant
+    variant, which works with frozen inputs, LoRA and ZeRO-3). Eval-mode forwards, generation
+    included, are unaffected and keep their KV cache."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"recipe: 'model.gradient_checkpointing': {type(model).__name__} does not support it")
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # pragma: no cover - older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # LoRA: the checkpointed blocks' inputs must carry grad
 
 
 def _outside_zero3_init():

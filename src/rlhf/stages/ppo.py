@@ -37,7 +37,8 @@ from ..engine import backward, frozen_placement, gathered_params, is_deepspeed, 
 from ..engine import (MetricsLogger, NonFiniteGuard, finish_run, RunError, Timer, chunks, epoch_permutation, make_accelerator, make_optimizer,
                       make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, write_summary)
 from ..models import _outside_zero3_init
-from ..models import ModelError, count_parameters, disable_dropout, load_causal_lm, load_tokenizer, unwrap
+from ..models import (ModelError, count_parameters, disable_dropout, enable_gradient_checkpointing, load_causal_lm,
+                      load_tokenizer, unwrap)
 from ..rewards import RewardModel, call_reward_fn, load_reward_fn, score_head
 from ..rollout import Generation, generate, position_ids_from_mask, response_logprobs
 from ..tokenization import decode_response, encode_prompt, encode_sft
@@ -90,6 +91,8 @@ def load_value_model(cfg: PPOConfig, policy_tok, reward_model: RewardModel | Non
         nn.init.normal_(head.weight, std=1.0 / math.sqrt(d + 1))
     else:
         raise ModelError(f"recipe: 'value_init' must be 'reward_model' or 'policy', got '{cfg.value_init}'")
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(backbone)
     model = ValueModel(backbone, head)
     disable_dropout(model)
     return model

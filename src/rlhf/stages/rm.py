@@ -31,7 +31,8 @@ from ..engine import (MetricsLogger, chunks, global_batches, make_optimizer, mak
 from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
 from ..engine import NonFiniteGuard, finish_run, start_run, atomic_write_text, backward, gathered_params, optimizer_step, zero_stage
 from ..models import _outside_zero3_init
-from ..models import ModelError, count_parameters, disable_dropout, load_tokenizer, torch_dtype, unwrap
+from ..models import (ModelError, count_parameters, disable_dropout, enable_gradient_checkpointing, load_tokenizer,
+                      torch_dtype, unwrap)
 from ..rewards import BIAS_KEY, forward_scores, score_head, score_sequences
 from ..rollout import right_pad
 from ..tokenization import encode_scored
@@ -73,6 +74,8 @@ def load_reward_backbone(cfg: ModelConfig, tok, seed: int):
                 torch.nn.init.zeros_(head.bias)
     model.config.architectures = [type(model).__name__]
     disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model
 
 
