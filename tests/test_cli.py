@@ -138,3 +138,10 @@ def test_existing_run_is_not_overwritten(tmp_path, pipeline_dir):
     p = run_cli("sft", "recipes/tiny/sft.yaml", "--output_dir", out, check=False)
     assert p.returncode == 2 and "--overwrite" in p.stderr
     assert json.loads((out / "summary.json").read_text()) == {"keep": True}
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_dropped():
+    from rlhf.cli import _drop_local_rank
+
+    assert _drop_local_rank(["--local_rank=1", "sft", "r.yaml", "--train.lr", "1"]) == ["sft", "r.yaml", "--train.lr", "1"]
+    assert _drop_local_rank(["sft", "--local_rank", "0", "r.yaml"]) == ["sft", "r.yaml"]

@@ -73,6 +73,26 @@ def test_sft_two_processes_agree_with_one(tmp_path, sft_one, engine):
     assert AutoModelForCausalLM.from_pretrained(out).num_parameters() == s1["parameters"]
 
 
+def test_sft_under_the_deepspeed_launcher_agrees_with_one_process(tmp_path, sft_one):
+    """`deepspeed --num_gpus 2 --module rlhf ...` (the launcher adds --local_rank=N to each process)."""
+    import shutil
+
+    launcher = shutil.which("deepspeed")
+    if launcher is None:
+        pytest.skip("the deepspeed launcher script is not on PATH")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        env.pop(k, None)
+    p = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000 + 23), "--module",
+                        "rlhf", *SFT, "--train.deepspeed", "recipes/deepspeed/zero2.json", "--output_dir",
+                        str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "DeepSpeed ZeRO-2 on 2 processes" in p.stdout + p.stderr
+    (s1, loss1), (s2, loss2) = _final(sft_one), _final(tmp_path / "o")
+    assert s2["num_processes"] == 2 and loss2 == pytest.approx(loss1, rel=1e-4)
+    assert s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-4)
+
+
 def RM_ARGS(sft):
     return ["rm", "recipes/tiny/rm.yaml", "--model.name_or_path", sft, "--train.max_steps", "6",
             "--train.micro_batch_size", "8", "--sample.checkpoint", sft, "--sample.max_prompts", "8",

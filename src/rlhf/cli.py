@@ -133,7 +133,7 @@ def _sampling_args(p) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _drop_local_rank(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -150,6 +150,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher passes --local_rank=N to each process (and sets LOCAL_RANK, which
+    accelerate reads): drop the argument."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+        else:
+            out.append(a)
+    return out
 
 
 def _dispatch(args, rest: list[str]) -> int:
