@@ -165,6 +165,8 @@ def test_ppo_under_zero2_and_zero3_with_sharded_reference_and_rm(tmp_path, sft_o
         for model in ("LlamaForCausalLM", "LlamaForSequenceClassification"):  # reference, RM
             line = f"frozen {model}: ZeRO-3 {frozen}, 74"
             assert (line in p.stderr) == (frozen is not None), (name, model)
+        if name == "zero3":  # no process ever held a whole model
+            assert "read straight into partitions: policy, reference, RM, value model; loaded whole" in p.stderr
         summary[name] = json.loads((tmp_path / name / "summary.json").read_text())
     for name in ("zero2", "zero3", "zero2_offload"):
         assert summary[name]["initial_eval_reward"] == pytest.approx(summary["ddp"]["initial_eval_reward"], abs=1e-6)

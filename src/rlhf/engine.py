@@ -200,6 +200,8 @@ def prepare_frozen(acc, model, placement: str):
         cfg.pop(k, None)
     zo = cfg.setdefault("zero_optimization", {})
     zo.pop("offload_optimizer", None)
+    for k in [k for k, v in zo.items() if v == "auto"]:  # filled by accelerate only for the trained engine
+        zo.pop(k)
     zo["stage"] = 3
     if placement == "offload":
         zo["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}

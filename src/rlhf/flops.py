@@ -19,15 +19,19 @@ import time
 import torch
 
 
+def _numel(p) -> int:
+    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition knows its full size
+
+
 def count_flop_params(model) -> int:
     """Parameters that do matmul work per token: all except input embedding tables (an
     embedding lookup costs no FLOPs); a tied LM head still multiplies, so it counts once."""
     params = {id(p): p for p in model.parameters()}
-    n = sum(p.numel() for p in params.values())
+    n = sum(_numel(p) for p in params.values())
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if emb is not None and (out is None or out.weight is not emb.weight):
-        n -= emb.weight.numel()
+        n -= _numel(emb.weight)
     return n
 
 

@@ -279,4 +279,4 @@ def _plain_peft_copy(peft_model, state_dict: dict):
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # full size of ZeRO-3 partitions

@@ -38,7 +38,7 @@ from ..engine import (MetricsLogger, NonFiniteGuard, finish_run, RunError, Timer
                       make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, write_summary)
 from ..models import _outside_zero3_init
 from ..models import (ModelError, count_parameters, disable_dropout, enable_gradient_checkpointing, load_causal_lm,
-                      load_tokenizer, unwrap)
+                      load_tokenizer, torch_dtype, unwrap)
 from ..rewards import RewardModel, call_reward_fn, load_reward_fn, score_head
 from ..rollout import Generation, generate, position_ids_from_mask, response_logprobs
 from ..tokenization import decode_response, encode_prompt, encode_sft
@@ -67,7 +67,7 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids=None):
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        return self.head(h).squeeze(-1).float()
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
 def load_value_model(cfg: PPOConfig, policy_tok, reward_model: RewardModel | None) -> ValueModel:
@@ -85,10 +85,13 @@ def load_value_model(cfg: PPOConfig, policy_tok, reward_model: RewardModel | Non
         backbone = getattr(rm, rm.base_model_prefix)
         head = score_head(rm)
     elif cfg.value_init == "policy":
-        backbone = AutoModel.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        backbone = AutoModel.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                                             dtype=torch_dtype(cfg.model.dtype))
         d = backbone.config.hidden_size
-        head = nn.Linear(d, 1, bias=False)
-        nn.init.normal_(head.weight, std=1.0 / math.sqrt(d + 1))
+        head = nn.Linear(d, 1, bias=False, dtype=torch.float32)
+        with torch.no_grad():  # its own seeded stream: the same head however the backbone was loaded
+            g = torch.Generator().manual_seed(cfg.seed)
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) / math.sqrt(d + 1))
     else:
         raise ModelError(f"recipe: 'value_init' must be 'reward_model' or 'policy', got '{cfg.value_init}'")
     if cfg.model.gradient_checkpointing:
@@ -206,6 +209,10 @@ def _reference(policy, ref_policy):
     else:
         with unwrap(policy).disable_adapter():
             yield policy
+
+
+def _partitioned(model) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def _slices(n: int, size: int) -> list[slice]:
@@ -452,22 +459,43 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         n = len(encode_prompt(tok, p.prompt))
         if n > cfg.data.max_prompt_length:
             raise DataError(f"{p.where}: prompt of {n} tokens exceeds data.max_prompt_length ({cfg.data.max_prompt_length})")
-    # Every model is loaded whole (the same initial weights as a 1-process run) and partitioned as
-    # it is handed to DeepSpeed: policy + value as one trained engine at prepare, the frozen
-    # reference and RM each as an inference engine right after loading, so at most policy + one
-    # frozen model + value are ever whole in this process's memory.
+    # Under ZeRO-3 the checkpoints are read straight into partitions (transformers' zero.Init
+    # path: no process ever holds a whole model) -- the policy, the value model and, when they
+    # are sharded, the reference and the RM. Otherwise a model is loaded whole and partitioned as
+    # it is handed to DeepSpeed (models built from a config always are: the same random init as a
+    # 1-process run). `_outside_zero3_init` is the "load whole" switch.
     placement = frozen_placement(acc, cfg.frozen_models)
-    with _outside_zero3_init():
+    into_parts = zero3 and cfg.model.init == "pretrained" and not cfg.model.gguf_file
+    whole = contextlib.nullcontext if into_parts else _outside_zero3_init
+    with whole():
         policy = load_causal_lm(cfg.model, tok)
-        disable_dropout(policy)
-        ref_policy = None
-        if not cfg.model.lora.enabled:
-            ref_policy = prepare_frozen(acc, copy.deepcopy(policy), placement)
-        reward_model = RewardModel(cfg.reward_model) if cfg.reward_model else None
-        n_rm = count_flop_params(reward_model.model) if reward_model is not None else 0
+    disable_dropout(policy)
+    read_into_parts = [("policy", _partitioned(policy))]
+    ref_policy = None
+    if not cfg.model.lora.enabled:  # (with LoRA the reference is the policy with its adapters off)
+        if into_parts:  # the policy is partitioned: read the reference from its checkpoint again
+            with contextlib.nullcontext() if placement == "sharded" else _outside_zero3_init():
+                ref = load_causal_lm(cfg.model, tok)
+            disable_dropout(ref)
+            read_into_parts.append(("reference", _partitioned(ref)))
+        else:
+            ref = copy.deepcopy(policy)
+        ref_policy = prepare_frozen(acc, ref, placement)
+    reward_model = None
+    if cfg.reward_model:
+        with contextlib.nullcontext() if zero3 and placement == "sharded" else _outside_zero3_init():
+            reward_model = RewardModel(cfg.reward_model)
+        read_into_parts.append(("RM", _partitioned(reward_model.model)))
+    n_rm = count_flop_params(reward_model.model) if reward_model is not None else 0
+    with whole():
         value_model = load_value_model(cfg, tok, reward_model)
-        if reward_model is not None:
-            reward_model.model, reward_model.device = prepare_frozen(acc, reward_model.model, placement), device
+    read_into_parts.append(("value model", _partitioned(value_model.backbone)))
+    if reward_model is not None:
+        reward_model.model, reward_model.device = prepare_frozen(acc, reward_model.model, placement), device
+    if zero3:
+        log.info("ZeRO-3: read straight into partitions: %s; loaded whole, then partitioned: %s",
+                 ", ".join(n for n, yes in read_into_parts if yes) or "-",
+                 ", ".join(n for n, yes in read_into_parts if not yes) or "-")
     # under sharded frozen models every process takes part in each of their forwards (evaluation too)
     collective = zero3 or placement != "whole"
 
