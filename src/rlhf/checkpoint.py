@@ -185,9 +185,9 @@ def _check_compatible(acc, ckpt: Path, state: dict, models: dict) -> None:
     saved = state.get("deepspeed_engines", [])
     now = sorted(name for name, model in models.items() if _is_engine(model))
     if saved != now:
-        how = lambda e: "under DeepSpeed" if e else "without DeepSpeed"  # noqa: E731
-        raise RunError(f"{ckpt}: written {how(saved)}, resumed {how(now)}; resume with the same 'deepspeed' setting "
-                       f"and process count")
+        how = ["without DeepSpeed", "under DeepSpeed"]
+        raise RunError(f"{ckpt}: written {how[bool(saved)]}, resumed {how[bool(now)]}; resume with the same "
+                       f"'deepspeed' setting and process count")
     n = state.get("num_processes", acc.num_processes)
     if saved and n != acc.num_processes:
         raise RunError(f"{ckpt}: a DeepSpeed checkpoint written by {n} processes cannot resume on "

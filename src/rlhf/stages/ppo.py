@@ -537,9 +537,9 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     # the reference was copied from the SFT weights above; a resumed run reloads only what trains
     # what a resumable checkpoint holds: under DeepSpeed the engine saves policy + value and the
     # (partitioned) optimizer states itself
-    ckpt_parts = dict(models={"engine": engine}, optimizers={}, schedulers={"policy": sched_p}) if use_ds else \
-        dict(models={"policy": policy, "value": value_model}, optimizers={"policy": opt_p, "value": opt_v},
-             schedulers={"policy": sched_p, "value": sched_v})
+    ckpt_parts = {"models": {"engine": engine}, "optimizers": {}, "schedulers": {"policy": sched_p}} if use_ds else \
+        {"models": {"policy": policy, "value": value_model}, "optimizers": {"policy": opt_p, "value": opt_v},
+         "schedulers": {"policy": sched_p, "value": sched_v}}
     start, state = resume_state(acc, out, resume, **ckpt_parts, generators={"sampling": gen})
     summary: dict = {"stage": "ppo"}
     if state:
