@@ -57,7 +57,7 @@ def sft_one(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "zero3_offload"])
 def test_sft_two_processes_agree_with_one(tmp_path, sft_one, engine):
     out = tmp_path / engine
     extra = [] if engine == "ddp" else ["--train.deepspeed", f"recipes/deepspeed/{engine}.json"]
