@@ -466,6 +466,20 @@ def finish_run(acc, logger: "MetricsLogger", out: Path) -> None:
     acc.wait_for_everyone()
 
 
+def peak_memory(acc) -> dict:
+    """Peak memory of the busiest process so far (collective): resident CPU memory in MiB
+    (`peak_rss_mb`) and, on CUDA, the most GPU memory torch allocated (`peak_gpu_mb`)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    peak = acc.gather(torch.tensor([[rss, gpu]], dtype=torch.float64, device=acc.device)).amax(0).tolist()
+    out = {"peak_rss_mb": round(peak[0], 1)}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = round(peak[1], 1)
+    return out
+
+
 def write_summary(out_dir: Path, summary: dict) -> None:
     atomic_write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
 

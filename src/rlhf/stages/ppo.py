@@ -35,7 +35,8 @@ from ..data.tasks import has_gold, gold_reward
 from ..flops import count_flop_params, forward_flops, measure_matmul_peak, mfu, train_flops
 from ..engine import backward, frozen_placement, gathered_params, is_deepspeed, prepare_frozen, world_size, zero_stage
 from ..engine import (MetricsLogger, NonFiniteGuard, finish_run, RunError, Timer, chunks, epoch_permutation, make_accelerator, make_optimizer,
-                      make_scheduler, check_output_dir, prepare_output_dir, progress, set_seed, write_summary)
+                      make_scheduler, check_output_dir, peak_memory, prepare_output_dir, progress, set_seed,
+                      write_summary)
 from ..models import _outside_zero3_init
 from ..models import (ModelError, count_parameters, disable_dropout, enable_gradient_checkpointing, load_causal_lm,
                       load_tokenizer, torch_dtype, unwrap)
@@ -654,6 +655,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
                     "train_prompts": len(prompts),
                     "eval_prompts": len(eval_prompts), "kl_coef_final": kl_ctl.value,
                     "train_seconds": round(time.time() - t_start, 1), "num_processes": acc.num_processes})
+    summary.update(peak_memory(acc))  # collective
     policy_state = None
     if zero3:  # consolidate the sharded policy (collective)
         full = acc.get_state_dict(engine)

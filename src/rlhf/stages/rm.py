@@ -27,7 +27,7 @@ from ..algos.core import pairwise_rm_loss, reward_bias
 from ..config import ModelConfig, RMConfig, SampleConfig, dump_yaml, to_dict
 from ..data.formats import DataError, PrefGroup, load_examples, parse_preference, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, global_batches, make_optimizer, make_scheduler, prepare_output_dir,
-                      progress, set_seed, shard, write_summary)
+                      peak_memory, progress, set_seed, shard, write_summary)
 from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
 from ..engine import NonFiniteGuard, finish_run, start_run, atomic_write_text, backward, gathered_params, optimizer_step, zero_stage
 from ..models import _outside_zero3_init
@@ -319,6 +319,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
             summary[k + "_normalized"] = summary[k] + bias
     summary["train_seconds"] = round(time.time() - t_start, 1)
     summary["num_processes"] = acc.num_processes
+    summary.update(peak_memory(acc))  # collective
     state_dict = acc.get_state_dict(model) if zero_stage(acc) == 3 else None  # collective under ZeRO-3
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -25,7 +25,7 @@ from ..algos.core import lm_loss_sum
 from ..config import ModelConfig, SFTConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, global_batches, make_optimizer, make_scheduler, prepare_output_dir,
-                      progress, set_seed, shard, write_summary)
+                      peak_memory, progress, set_seed, shard, write_summary)
 from ..engine import NonFiniteGuard, finish_run, start_run, backward, gathered_params, optimizer_step, zero_stage
 from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
 from ..evaluate import gold_accuracy, gold_examples
@@ -206,6 +206,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         summary["eval_gold_prompts"] = len(gold)
     summary["train_seconds"] = round(time.time() - t_start, 1)
     summary["num_processes"] = acc.num_processes
+    summary.update(peak_memory(acc))  # collective
     state_dict = acc.get_state_dict(model) if sharded else None  # collective under ZeRO-3
     acc.wait_for_everyone()
     if acc.is_main_process:
