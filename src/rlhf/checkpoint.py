@@ -8,7 +8,7 @@ A checkpoint is ``OUTPUT_DIR/checkpoints/step-NNNNNNNN/``:
 - under DeepSpeed, ``<name>/`` instead of the first two — the engine's own resumable checkpoint
   (``engine.save_checkpoint``): the ZeRO-partitioned weights and optimizer states, one file per
   process, reloaded by the same number of processes (a DeepSpeed checkpoint is torch-pickled: it
-  is only ever read back from a run's own output folder); ``<name>.ema-rank<R>.safetensors`` —
+  is only ever read back from a run's own output folder); ``ema-rank<R>.safetensors`` —
   each process's shard of a ZeRO-3 EMA;
 - ``state-rank<R>.json`` — what differs between processes (running metric sums);
 - ``rng-rank<R>.pt`` — every RNG of process R: python, numpy, torch and the stage's own

@@ -81,7 +81,8 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         _SET_DS_ENV = True
-    if "RANK" not in os.environ:  # one process started without a launcher: a one-process group, not MPI discovery
+    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE"))
+    if "RANK" not in os.environ and not mpi:  # one process, no launcher: a one-process group, not MPI discovery
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     use_cpu = os.environ.pop("ACCELERATE_USE_CPU", None)  # it makes accelerate drop DeepSpeed for plain DDP

@@ -129,7 +129,8 @@ def _sync_special_ids(model, tok) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
         model.generation_config.eos_token_id = tok.eos_token_id
-    if model.get_input_embeddings().weight.shape[0] < len(tok):
+    emb = model.get_input_embeddings().weight
+    if getattr(emb, "ds_shape", emb.shape)[0] < len(tok):  # ds_shape: the full shape of a ZeRO-3 partition
         model.resize_token_embeddings(len(tok))
 
 
@@ -268,10 +269,10 @@ def _plain_peft_copy(peft_model, state_dict: dict):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base_cfg = peft_model.get_base_model().config
-    dtype = next(iter(state_dict.values())).dtype
+    base_model = peft_model.get_base_model()
+    dtype = next(v.dtype for k, v in state_dict.items() if "lora_" not in k and v.is_floating_point())
     with _outside_zero3_init():
-        base = AutoModelForCausalLM.from_config(base_cfg, dtype=dtype)
+        base = AutoModelForCausalLM.from_config(base_model.config, dtype=dtype)
     name = peft_model.active_adapter if isinstance(peft_model.active_adapter, str) else "default"
     copy_ = get_peft_model(base, peft_model.peft_config[name])
     copy_.load_state_dict(state_dict, strict=True)

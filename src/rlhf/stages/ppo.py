@@ -592,6 +592,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
             exp = make_experience(ro, scores, unwrap(policy), ref_policy, unwrap(value_model), kl_ctl.value, cfg,
                                   micro_bs)
         unwrap(policy).train()
+        unwrap(value_model).train()  # (dropout is off; training mode is what activation checkpointing needs)
         with t_train:
             stats = ppo_update(exp, policy, value_model, opt_p, opt_v, sched_p, sched_v, acc, cfg, mb_local, micro_bs,
                                it, ptx_iter, ema, guard)
@@ -660,7 +661,9 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     if zero3:  # consolidate the sharded policy (collective)
         full = acc.get_state_dict(engine)
         policy_state = {k[len("policy."):]: v for k, v in full.items() if k.startswith("policy.")} if full else None
-    ema_state = ema.full_state_dict(policy, acc) if ema is not None else None  # collective under ZeRO-3
+    ema_state = None
+    if ema is not None and (ema.sharded or acc.is_main_process):  # collective under ZeRO-3
+        ema_state = ema.full_state_dict(policy, acc)
     acc.wait_for_everyone()
     if acc.is_main_process:
         from .sft import save_model_files

@@ -258,7 +258,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
 
     model.train()
     bar = progress(total=len(batches), initial=start, desc="rm", disable=not acc.is_main_process)
-    win = state["rank"]["window"] if state else {"loss": 0.0, "acc": 0.0, "pairs": 0}  # this process's sums
+    win = state.get("rank", {}).get("window", {"loss": 0.0, "acc": 0.0, "pairs": 0})  # this process's sums
     if state:
         guard.load_state_dict(state["guard"])
     for step, idx in enumerate(batches, 1):

@@ -139,7 +139,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
 
     if state:
         initial_eval_loss = state["initial_eval_loss"]
-        window_loss, window_tokens = state["rank"]["window_loss"], state["window_tokens"]
+        window_loss, window_tokens = state.get("rank", {}).get("window_loss", 0.0), state["window_tokens"]
         guard.load_state_dict(state["guard"])
     else:
         initial_eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc) if eval_feats else None
