@@ -61,7 +61,12 @@ def sft_one(tmp_path_factory):
 def test_sft_two_processes_agree_with_one(tmp_path, sft_one, engine):
     out = tmp_path / engine
     extra = [] if engine == "ddp" else ["--train.deepspeed", f"recipes/deepspeed/{engine}.json"]
-    _launch(2, *SFT, "--output_dir", out, *extra)
+    p = _launch(2, *SFT, "--output_dir", out, *extra)
+    # one voice per job: one summary, INFO lines from the main process only, no progress bars elsewhere
+    assert p.stdout.count('"stage": "sft"') == 1
+    assert p.stderr.count("INFO rlhf.stages.sft: SFT:") == 1
+    assert not [line for line in p.stderr.splitlines() if "[rank 1]" in line and " INFO " in line]
+    assert "Loading weights" not in p.stderr or p.stderr.count("Loading weights: 100%") <= 1
     s1, loss1 = _final(sft_one)
     s2, loss2 = _final(out)
     assert s2["num_processes"] == 2 and s2["steps"] == s1["steps"] == 8
@@ -227,3 +232,23 @@ def test_ppo_under_zero3_kill9_resumes_exactly_and_refuses_another_process_count
     assert p.returncode == 2 and "a DeepSpeed checkpoint written by 2 processes cannot resume on 1" in p.stderr, \
         p.stderr[-2000:]
     assert (ckpt / "engine").is_dir()  # untouched
+
+
+def test_nonfinite_loss_under_deepspeed_never_reaches_the_weights(tmp_path, sft_one, rm_one):
+    """Under DeepSpeed the engine steps inside backward; a NaN loss must still not update: the
+    engine skips the step (its non-finite norm check), the guard reads `was_step_applied` and
+    counts it, and the schedule and EMA do not move."""
+    args = [*PPO_DS, "--model.name_or_path", sft_one, "--reward_model", rm_one, "--deepspeed",
+            "recipes/deepspeed/zero2.json", "--output_dir", tmp_path / "nan"]
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"), RLHF_FAULT="nan:1")
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.run([sys.executable, "-m", "rlhf", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=600, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "DeepSpeed ZeRO-2 on 1 processes" in p.stderr
+    s = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert s["skipped_nonfinite_steps"] == 1
+    for f in ("model.safetensors", "ema/model.safetensors"):
+        assert all(w.isfinite().all() for w in _weights(tmp_path / "nan" / f).values()), f
+    m = [json.loads(l) for l in open(tmp_path / "nan" / "metrics.jsonl") if '"pg_loss"' in l]
+    assert "grad_norm_joint" in m[0] and "policy_grad_norm" not in m[0]  # DeepSpeed clips policy + value jointly

@@ -11,10 +11,10 @@ A checkpoint is ``OUTPUT_DIR/checkpoints/step-NNNNNNNN/``:
   is only ever read back from a run's own output folder); ``ema-rank<R>.safetensors`` —
   each process's shard of a ZeRO-3 EMA;
 - ``state-rank<R>.json`` — what differs between processes (running metric sums);
-- ``rng-rank<R>.pt`` — every RNG of process R: python, numpy, torch and the stage's own
-  generators (torch tensors and lists only);
-- ``state.json`` — the step, data position, KL controller, reward statistics, and whatever
-  else the stage needs to continue exactly.
+- ``rng-rank<R>.pt`` — every RNG of process R: python, numpy, torch (CPU and, once used, its
+  CUDA device) and the stage's own generators, wherever they live (torch tensors and lists only);
+- ``state.json`` — the step, data position, KL controller, reward statistics, the fp16 loss
+  scale, and whatever else the stage needs to continue exactly.
 
 It is written into ``checkpoints/.tmp-step-NNNNNNNN`` and renamed into place, so a crash (even
 ``kill -9``) during the write never leaves a broken latest checkpoint; a leftover temporary
@@ -61,6 +61,7 @@ def _rng_state(generators: dict[str, torch.Generator]) -> dict:
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "generators": {k: g.get_state() for k, g in generators.items()},
     }
 
@@ -71,6 +72,8 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     for k, g in generators.items():
         g.set_state(state["generators"][k])
 
@@ -118,8 +121,10 @@ def save_checkpoint(acc, out: Path, step: int, *, models: dict, optimizers: dict
             torch.save(sched.state_dict(), tmp / f"{name}.sched.pt")
         _fault_point("checkpoint")  # tests kill the process here, mid-write
         engines = sorted(name for name, model in models.items() if _is_engine(model))
+        scaler = getattr(acc, "scaler", None)  # fp16: the loss scale and its growth tracker
         (tmp / "state.json").write_text(json.dumps({"step": step, **state, "num_processes": acc.num_processes,
-                                                    "deepspeed_engines": engines}, indent=1))
+                                                    "deepspeed_engines": engines,
+                                                    "grad_scaler": scaler.state_dict() if scaler else None}, indent=1))
     acc.wait_for_everyone()
     if acc.is_main_process:
         if final.exists():
@@ -155,6 +160,8 @@ def load_checkpoint(acc, ckpt: Path, *, models: dict, optimizers: dict, schedule
             _plain_optimizer(opt).load_state_dict(torch.load(ckpt / f"{name}.optim.pt", weights_only=True))
     for name, sched in schedulers.items():
         sched.load_state_dict(torch.load(ckpt / f"{name}.sched.pt", weights_only=True))
+    if state.get("grad_scaler") and getattr(acc, "scaler", None) is not None:
+        acc.scaler.load_state_dict(state["grad_scaler"])
     rng = ckpt / f"rng-rank{acc.process_index}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=True), generators or {})

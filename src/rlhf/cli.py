@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--judge", help="'file.py:function' or 'module:function' scoring each sample (default: task "
                                       "judge); 'none' writes unranked rows with ids for human ranking")
     samp.add_argument("--max_prompts", type=int)
-    samp.add_argument("--temperature", type=float, default=1.0)
+    samp.add_argument("--temperature", type=_positive_float, default=1.0)
     samp.add_argument("--max_new_tokens", type=int, default=64)
     samp.add_argument("--batch_size", type=int, default=64)
     samp.add_argument("--mix_with", help="preference file appended to the output")
@@ -122,8 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text} (for greedy decoding pass --greedy)")
+    return v
+
+
 def _sampling_args(p) -> None:
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=_positive_float, default=1.0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--max_new_tokens", type=int, default=64)
@@ -136,10 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = _drop_local_rank(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    rank = process_rank()
+    _setup_logging(args.verbose, rank)
     if rest and args.command not in ("sft", "rm", "ppo", "pipeline"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
@@ -150,6 +155,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def process_rank() -> int:
+    """This process's global rank from the launcher's environment (0 without a launcher)."""
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _setup_logging(verbose: bool, rank: int) -> None:
+    """One voice per job: the main process logs INFO; the others log warnings and errors only,
+    each line naming its rank, and draw no progress bars (ours are off there already;
+    transformers' weight-loading bars too)."""
+    level = logging.DEBUG if verbose else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if rank != 0:
+        level, fmt = logging.WARNING, f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DS_LOG_LEVEL", "warning")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _drop_local_rank(argv: list[str]) -> list[str]:
@@ -180,7 +216,8 @@ def _dispatch(args, rest: list[str]) -> int:
         # stdout carries only the summary JSON; libraries that print (DeepSpeed's logger) go to stderr
         with contextlib.redirect_stdout(sys.stderr):
             summary = stages.run(args.command, cfg, args.output_dir, overwrite=args.overwrite, resume=args.resume)
-        print(json.dumps(summary, indent=2, default=float))
+        if process_rank() == 0:  # one summary per job, not one per process
+            print(json.dumps(summary, indent=2, default=float))
         return 0
     if args.command == "data" and args.data_command == "join-ranks":
         from .data.formats import join_ranks
@@ -205,18 +242,22 @@ def _dispatch(args, rest: list[str]) -> int:
         sc = SampleConfig(checkpoint=args.checkpoint, prompts=args.prompts, k=args.k, judge=args.judge,
                           max_prompts=args.max_prompts, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mix_with=args.mix_with)
-        print(json.dumps(sample_rankings(sc, args.out, seed=args.seed), indent=2))
+        from .engine import runtime_device
+
+        print(json.dumps(sample_rankings(sc, args.out, seed=args.seed, device=runtime_device()), indent=2))
         return 0
     if args.command == "score":
         return _score(args)
     if args.command == "eval":
+        from .engine import runtime_device
         from .evaluate import format_table, run_eval
 
         result = run_eval(args.checkpoints, perplexity_data=args.perplexity, pairs=args.pairs, prompts=args.prompts,
                           reward_model=args.reward_model, reward_fns=args.reward_fn, judge=args.judge,
                           reference_field=args.reference_field, max_samples=args.max_samples,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, greedy=args.greedy, seed=args.seed, batch_size=args.batch_size)
+                          top_k=args.top_k, greedy=args.greedy, seed=args.seed, batch_size=args.batch_size,
+                          device=runtime_device())
         if args.out:
             from .engine import atomic_write_text
 
@@ -239,11 +280,13 @@ def _load_policy(path: str):
     from .config import ModelConfig
     from .models import disable_dropout, load_causal_lm, load_tokenizer
 
+    from .engine import runtime_device
+
     mc = ModelConfig(name_or_path=path)
     tok = load_tokenizer(mc)
     model = load_causal_lm(mc, tok)
     disable_dropout(model)
-    model.eval()
+    model.eval().to(runtime_device())  # the GPU when there is one
     return model, tok
 
 
@@ -286,7 +329,9 @@ def _score(args) -> int:
     from .data.formats import DataError, _text_or_messages, read_rows
     from .rewards import RewardModel
 
-    rm = RewardModel(args.checkpoint)
+    from .engine import runtime_device
+
+    rm = RewardModel(args.checkpoint, device=runtime_device())
     rows = read_rows(args.file)
     prompts, responses, keys = [], [], []
     for r in rows:

@@ -15,13 +15,40 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the config schema (one line, names the key)."""
+
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+"""transformers schedulers that need nothing but warmup and total steps (tests build each one)."""
+LRScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                      "inverse_sqrt"]
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+
+
+def _problems(cfg, rules: dict[str, tuple]) -> list[tuple[str, str]]:
+    """(field, message) for each field of `cfg` outside its range. A rule is (low, high) with
+    inclusive bounds, None for unbounded, or ('>', x) for a strict lower bound."""
+    out = []
+    for name, rule in rules.items():
+        v = getattr(cfg, name)
+        if v is None:
+            continue
+        if rule[0] == ">":
+            if not v > rule[1]:
+                out.append((name, f"must be > {rule[1]}, got {v!r}"))
+            continue
+        lo, hi = rule
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            want = f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}"
+            out.append((name, f"must be {want}, got {v!r}"))
+    return out
 
 
 # ----------------------------------------------------------------------------- shared parts
@@ -40,12 +67,15 @@ class LoraConfig:
     target_modules: list[str] | None = None
     """Module names to adapt; None lets peft choose for the architecture."""
 
+    def problems(self) -> list[tuple[str, str]]:
+        return _problems(self, {"r": (1, None), "alpha": (">", 0), "dropout": (0.0, 0.99)})
+
 
 @dataclass
 class ModelConfig:
     name_or_path: str | None = None
     """Local folder or hub id of a transformers model (with init=pretrained)."""
-    init: str = "pretrained"
+    init: Literal["pretrained", "from_config"] = "pretrained"
     """'pretrained' loads name_or_path; 'from_config' builds random weights from `arch`."""
     arch: dict = field(default_factory=dict)
     """With init=from_config: `model_type` (llama, gpt2, ...) plus config kwargs."""
@@ -59,7 +89,7 @@ class ModelConfig:
     """Hub revision (branch, tag or commit)."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub repo. Off unless a recipe asks for it."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weight dtype when loading: float32, bfloat16 or float16."""
     chat_template: str | None = None
     """Jinja chat template to use instead of the tokenizer's (a default is set when it has none)."""
@@ -108,6 +138,12 @@ class DataConfig:
     max_samples: int | None = None
     """Use only the first N training rows."""
 
+    def problems(self) -> list[tuple[str, str]]:
+        out = _problems(self, {"max_length": (1, None), "max_prompt_length": (1, None), "max_samples": (1, None)})
+        if not 0 <= self.eval_split < 1:
+            out.append(("eval_split", f"must be in [0, 1), got {self.eval_split!r}"))
+        return out
+
 
 @dataclass
 class TrainConfig:
@@ -121,8 +157,8 @@ class TrainConfig:
     """Sequences per forward pass per process; gradient accumulation fills the global batch."""
     lr: float = 1e-5
     """Peak learning rate."""
-    lr_scheduler: str = "cosine"
-    """Any transformers scheduler name (linear, cosine, constant_with_warmup, ...)."""
+    lr_scheduler: LRScheduler = "cosine"
+    """A transformers schedule that needs only warmup and total steps (linear, cosine, constant_with_warmup, ...)."""
     warmup_ratio: float = 0.03
     """Share of steps spent in linear warmup."""
     weight_decay: float = 0.0
@@ -135,7 +171,7 @@ class TrainConfig:
     """AdamW epsilon."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clip (<= 0 disables)."""
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = "auto"
     """'auto' (bf16 on a GPU that has it, else fp32), 'no', 'bf16' or 'fp16'."""
     deepspeed: str | None = None
     """DeepSpeed ZeRO JSON (recipes/deepspeed/); batch, accumulation, clipping and precision fields are filled in."""
@@ -149,6 +185,16 @@ class TrainConfig:
     """Resumable checkpoints kept (the oldest are deleted once a newer one is complete)."""
     max_nonfinite_steps: int = 5
     """Stop after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = _problems(self, {"epochs": (">", 0), "batch_size": (1, None), "micro_batch_size": (1, None),
+                               "lr": (">", 0), "warmup_ratio": (0.0, 1.0), "weight_decay": (0.0, None),
+                               "adam_beta1": (0.0, 0.9999), "adam_beta2": (0.0, 0.9999), "adam_eps": (">", 0),
+                               "log_every": (1, None), "eval_every": (0, None), "save_every": (0, None),
+                               "save_total_limit": (1, None), "max_nonfinite_steps": (1, None)})
+        if self.max_steps == 0 or self.max_steps < -1:
+            out.append(("max_steps", f"must be -1 (use epochs) or >= 1, got {self.max_steps}"))
+        return out
 
 
 # ----------------------------------------------------------------------------- stages
@@ -176,6 +222,9 @@ class SFTConfig:
     """Also log metrics to Weights & Biases under this project (offline unless WANDB_MODE says otherwise)."""
     max_new_tokens: int = 64
     """Generation budget for the gold evaluation."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return _problems(self, {"max_new_tokens": (1, None), "gen_eval_samples": (0, None)})
 
 
 @dataclass
@@ -205,6 +254,9 @@ class RMConfig:
     wandb_project: str | None = None
     """Also log metrics to Weights & Biases under this project (offline unless WANDB_MODE says otherwise)."""
 
+    def problems(self) -> list[tuple[str, str]]:
+        return _problems(self, {"normalize_max_samples": (1, None)})
+
 
 @dataclass
 class SampleConfig:
@@ -228,6 +280,10 @@ class SampleConfig:
     """Prompts per generation batch."""
     mix_with: str | None = None
     """Preference file to append to the sampled rankings (e.g. the built-in pairs)."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return _problems(self, {"k": (2, None), "temperature": (">", 0), "max_new_tokens": (1, None),
+                                "batch_size": (1, None), "max_prompts": (1, None)})
 
 
 @dataclass
@@ -254,7 +310,7 @@ class PPOConfig:
     """Weight of the RM's (normalised) score in the summed score."""
     reward_fns: list[RewardSpec] = field(default_factory=list)
     """Python reward functions added to the score, each with a weight."""
-    value_init: str = "reward_model"
+    value_init: Literal["reward_model", "policy"] = "reward_model"
     """'reward_model' (InstructGPT) or 'policy' (fresh scalar head on the policy's backbone)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Prompts: rows with `prompt` (string or messages) plus fields reward functions read."""
@@ -280,7 +336,7 @@ class PPOConfig:
     # reward shaping / KL
     kl_coef: float = 0.05
     """Initial beta of the per-token KL penalty (InstructGPT 0.02, N+ 0.05)."""
-    kl_estimator: str = "k1"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     """Per-token KL estimator in the reward: k1, k2 or k3 [Schulman 2020]."""
     adaptive_kl: bool = False
     """Use the lm-human-preferences adaptive controller for beta."""
@@ -290,7 +346,7 @@ class PPOConfig:
     """Horizon of the adaptive controller."""
     reward_clip: float = 10.0
     """Clip the score to [-c, c] (<= 0 disables) [Zheng et al. 2023]."""
-    scale_reward: str = "none"
+    scale_reward: Literal["none", "running_std"] = "none"
     """'none' or 'running_std' (divide the score by its running std) [Zheng et al. 2023]."""
     # advantages / losses
     gamma: float = 1.0
@@ -317,26 +373,28 @@ class PPOConfig:
     """Pretraining/SFT data for PPO-ptx (prompt/completion or messages rows)."""
     ema_decay: float = 0.0
     """Keep an EMA of the policy weights (InstructGPT 0.992) saved as ema/ (0 disables)."""
+    ema_offload: bool = False
+    """Keep the EMA (fp32, trained parameters only) in CPU memory instead of beside the weights on the GPU."""
     # optimisation
     lr: float = 1e-5
     """Policy learning rate (billion-scale: ~3e-6; tiny models need more)."""
     value_lr: float | None = None
     """Value-model learning rate (default: lr)."""
-    lr_scheduler: str = "linear"
-    """Any transformers scheduler name; linear anneals to 0 [N+]."""
+    lr_scheduler: LRScheduler = "linear"
+    """A transformers schedule (as in TrainConfig); linear anneals to 0 [N+]."""
     warmup_ratio: float = 0.0
     """Share of optimizer steps in linear warmup."""
     max_grad_norm: float = 1.0
-    """Global gradient-norm clip per model."""
+    """Gradient-norm clip, per model (policy, value); under DeepSpeed one joint norm (logged as grad_norm_joint)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_eps: float = 1e-5
     """AdamW epsilon (1e-5 as in the reference PPO implementations)."""
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = "auto"
     """'auto', 'no', 'bf16' or 'fp16'."""
     deepspeed: str | None = None
     """DeepSpeed ZeRO-2/3 JSON: policy and value train as one engine (ZeRO-3: weights gathered once per rollout)."""
-    frozen_models: str = "auto"
+    frozen_models: Literal["auto", "whole", "sharded", "offload"] = "auto"
     """Where the frozen reference and reward model live under DeepSpeed: 'auto' (sharded under ZeRO-3, whole
     otherwise), 'whole' (a full copy on every process), 'sharded' (ZeRO-3-partitioned across processes, also
     when training under ZeRO-2) or 'offload' (sharded, parameters in CPU memory, fetched layer by layer)."""
@@ -344,7 +402,7 @@ class PPOConfig:
     log_every: int = 1
     """Iterations between metrics.jsonl records."""
     peak_tflops: float = 0.0
-    """Peak TFLOP/s for the logged MFU per phase; 0 measures a large fp32 matmul at start."""
+    """Peak TFLOP/s for the logged MFU per phase; 0 measures a large matmul in the run's compute dtype at start."""
     wandb_project: str | None = None
     """Also log metrics to Weights & Biases under this project (offline unless WANDB_MODE says otherwise)."""
     sample_every: int = 10
@@ -359,6 +417,26 @@ class PPOConfig:
     """Resumable checkpoints kept (the oldest are deleted once a newer one is complete)."""
     max_nonfinite_steps: int = 5
     """Stop after this many minibatch updates in a row skipped for a non-finite loss or gradient."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Ranges and cross-field rules a GPU run would otherwise meet an hour in (the split of
+        batches across processes is checked once the process count is known)."""
+        out = _problems(self, {
+            "steps": (1, None), "rollout_batch_size": (1, None), "minibatch_size": (1, None),
+            "micro_batch_size": (1, None), "ppo_epochs": (1, None), "max_new_tokens": (1, None),
+            "temperature": (">", 0), "kl_coef": (0.0, None), "kl_target": (">", 0), "kl_horizon": (1, None),
+            "gamma": (0.0, 1.0), "lam": (0.0, 1.0), "cliprange": (">", 0), "cliprange_value": (">", 0),
+            "vf_coef": (0.0, None), "entropy_coef": (0.0, None), "log_ratio_clamp": (">", 0), "ptx_coef": (0.0, None),
+            "ema_decay": (0.0, 0.999999), "lr": (">", 0), "value_lr": (">", 0), "warmup_ratio": (0.0, 1.0),
+            "weight_decay": (0.0, None), "adam_eps": (">", 0), "log_every": (1, None), "peak_tflops": (0.0, None),
+            "sample_every": (0, None), "eval_every": (0, None), "eval_samples": (0, None), "save_every": (0, None),
+            "save_total_limit": (1, None), "max_nonfinite_steps": (1, None)})
+        if self.rollout_batch_size % self.minibatch_size:
+            out.append(("rollout_batch_size", f"must be a multiple of minibatch_size ({self.minibatch_size}), "
+                                              f"got {self.rollout_batch_size}"))
+        if self.ptx_coef > 0 and not self.ptx_data:
+            out.append(("ptx_data", "must be set when ptx_coef > 0"))
+        return out
 
 
 @dataclass
@@ -405,6 +483,13 @@ def _coerce(value: Any, tp: Any, key: str, hints_ns: dict) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}{hint}")
+        return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -469,9 +554,13 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key, globals())
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+    check = getattr(obj, "problems", None)
+    for name, message in check() if check else []:  # ranges and rules between fields, at load time
+        raise ConfigError(f"{prefix}{name}: {message}")
+    return obj
 
 
 def to_dict(cfg: Any) -> dict:

@@ -72,6 +72,7 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
     ds_path = deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if not ds_path:
         acc = Accelerator(mixed_precision=mp, kwargs_handlers=handlers)
+        _cpu_grad_scaler_for_tests(acc, mp)
         log.info("accelerate: %s on %d process(es), mixed precision %s", acc.distributed_type, acc.num_processes, mp)
         return acc
     from accelerate.utils import DeepSpeedPlugin
@@ -98,6 +99,45 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
         log.info("DeepSpeed ZeRO-%s on %d processes (%s)", ds_config.get("zero_optimization", {}).get("stage", 0),
                  acc.num_processes, ds_path)
     return acc
+
+
+def _cpu_grad_scaler_for_tests(acc, mp: str) -> None:
+    """Test hook: RLHF_CPU_GRAD_SCALER=1 gives an fp16 run on the CPU the autocast + GradScaler path
+    that accelerate uses on a GPU (accelerate itself runs CPU 'fp16' in plain fp32), so the
+    scaler's rules (one unscale per step, one update per step) are exercised without a GPU."""
+    if mp != "fp16" or acc.scaler is not None or acc.device.type != "cpu" or \
+            os.environ.get("RLHF_CPU_GRAD_SCALER") != "1":
+        return
+    acc.native_amp = True
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # (tiny test models overflow at 2**16)
+
+
+def compute_dtype(acc, model_dtype: str = "float32") -> torch.dtype:
+    """The dtype the matmuls of a training run actually execute in: the autocast / DeepSpeed
+    precision if mixed precision is on, else the weights' dtype."""
+    mp = acc.mixed_precision if not is_deepspeed(acc) else _ds_precision(acc)
+    if mp == "bf16":
+        return torch.bfloat16
+    if mp == "fp16":
+        return torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model_dtype, torch.float32)
+
+
+def _ds_precision(acc) -> str:
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "no"
+
+
+def runtime_device() -> torch.device:
+    """The device accelerate picks for this process (cuda:LOCAL_RANK on a GPU machine, else the
+    CPU): every command that runs a model puts it, its inputs and its sampling generator there."""
+    from accelerate import PartialState
+
+    return PartialState().device
 
 
 def _free_port() -> int:
@@ -191,7 +231,13 @@ def prepare_frozen(acc, model, placement: str):
     """
     model.eval().requires_grad_(False)
     if placement == "whole":
-        return model.to(acc.device)
+        if is_deepspeed(acc):  # the engine runs the policy in its precision: so runs the frozen copy
+            dtype = compute_dtype(acc)
+            model = model.to(acc.device)
+            return model.to(dtype) if dtype != torch.float32 else model
+        # on the device, and under the autocast the trained models run in (bf16/fp16), so the
+        # reference sees exactly the policy's arithmetic: the KL at step 0 is exactly 0
+        return acc.prepare_model(model, evaluation_mode=True)
     import copy
 
     import deepspeed
@@ -249,30 +295,104 @@ def grad_accum_steps(batch_size: int, micro_batch_size: int, world_size: int, wh
 
 
 def optimizer_step(acc, model, optimizer, scheduler, max_grad_norm: float, loss_ok: bool = True):
-    """Clip the global gradient norm and step — unless the loss or the gradient is non-finite on any
-    process: then the step is skipped, so no NaN/inf ever reaches the weights, the optimizer moments
-    or the schedule. Returns (stepped, grad_norm). (Under DeepSpeed the engine steps inside
-    backward and applies its own overflow check.)"""
-    norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
-    norm = float(norm) if norm is not None else None
-    bad = acc.reduce(torch.tensor(0.0 if loss_ok else 1.0, device=acc.device), "sum").item()
-    ok = bad == 0 and (norm is None or math.isfinite(norm))
-    if ok:
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return ok, norm
+    """One model: see :func:`step_models`. Returns (stepped, grad_norm) with `.overflow`."""
+    res = step_models(acc, [(model, optimizer, scheduler)], max_grad_norm, loss_ok)
+    return StepResult(res[0], res[1][0], overflow=res.overflow)
+
+
+def step_models(acc, parts: list[tuple], max_grad_norm: float, loss_ok: bool = True) -> tuple[bool, list]:
+    """Clip each model's gradient norm and step its optimizer and schedule, all or none.
+
+    `parts` is [(model, optimizer, scheduler)]; each model is clipped to `max_grad_norm` on its
+    own (<= 0: no clipping). Nothing steps if the loss was non-finite on any process or a
+    gradient norm is non-finite, so no NaN/inf reaches the weights, the optimizer moments or the
+    schedule. Returns (stepped, [grad norm per model]).
+
+    - fp16 (GradScaler): the scaler unscales every optimizer once, steps them and updates its
+      scale once per step, as torch's AMP recipe for several optimizers asks (one
+      `clip_grad_norm_` per model through accelerate would unscale twice). An overflow skips the
+      step and lowers the scale: :attr:`StepResult.overflow`.
+    - DeepSpeed: the engine already stepped inside `backward` at the accumulation boundary,
+      clipping the *joint* norm of everything it trains, and skipped the update itself if that
+      norm was non-finite; `was_step_applied` says whether it did. The norm returned (once, for
+      the whole engine) is the engine's.
+    """
+    bad = acc.reduce(torch.tensor(0.0 if loss_ok else 1.0, device=acc.device), "sum").item() > 0
+    if is_deepspeed(acc):
+        engine = acc.deepspeed_engine_wrapped.engine
+        applied = engine.was_step_applied()
+        if bad and applied:  # an old DeepSpeed without its own non-finite check
+            raise RunError("DeepSpeed applied an optimizer step whose loss was non-finite; upgrade deepspeed "
+                           "(>= 0.16 skips such steps) and resume from the last checkpoint")
+        norm = engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else None
+        if applied:
+            for _, _, sched in parts:
+                if sched is not None:
+                    sched.step()
+        return StepResult(applied, [norm], overflow=False)
+    acc.unscale_gradients()  # fp16: every optimizer unscaled once (a no-op otherwise)
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    norms = [float(torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.grad is not None], limit))
+             for m, _, _ in parts]
+    finite = all(math.isfinite(n) for n in norms)
+    scaler = acc.scaler
+    overflow = scaler is not None and not bad and not finite
+    if scaler is not None and not bad:
+        # the scaler skips optimizers whose gradients hold inf/nan and lowers its scale once
+        for _, opt, _ in parts:
+            scaler.step(_plain(opt))
+            opt._opt_called = True  # (what the schedule's step counter on the wrapper looks for)
+        scaler.update()
+    elif not bad and finite:
+        for _, opt, _ in parts:
+            opt.step()
+    stepped = not bad and finite
+    if stepped:
+        for _, _, sched in parts:
+            if sched is not None:
+                sched.step()
+    for _, opt, _ in parts:
+        opt.zero_grad(set_to_none=True)
+    return StepResult(stepped, norms, overflow=overflow)
+
+
+def loss_scale(acc) -> float | None:
+    """The fp16 GradScaler's current scale (None without one)."""
+    return float(acc.scaler.get_scale()) if getattr(acc, "scaler", None) is not None else None
+
+
+class StepResult(tuple):
+    """(stepped, norm(s)) with `.overflow`: an fp16 step the GradScaler skipped (loss finite,
+    scaled gradients overflowed) -- expected while the scale settles, not a sign of bad data."""
+
+    def __new__(cls, stepped: bool, norms: list, overflow: bool = False):
+        obj = super().__new__(cls, (stepped, norms))
+        obj.overflow = overflow
+        return obj
+
+
+def _plain(opt):
+    return getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
 
 
 class NonFiniteGuard:
     """Counts skipped non-finite steps; stops the run after `limit` in a row."""
 
     def __init__(self, limit: int):
-        self.limit, self.streak, self.skipped = limit, 0, 0
+        self.limit, self.streak, self.skipped, self.overflows = limit, 0, 0, 0
 
-    def update(self, ok: bool, step: int) -> None:
+    def update(self, ok: bool, step: int, overflow: bool = False, scale: float | None = None) -> None:
+        """`overflow`: an fp16 step the GradScaler skipped. It is counted (skipped_overflow) but
+        does not feed the streak while the loss scale is >= 1: the scaler halves the scale until
+        the gradients fit, which is how fp16 training starts. Below a scale of 1 an overflow is a
+        real non-finite gradient."""
         if ok:
             self.streak = 0
+            return
+        if overflow and (scale is None or scale >= 1.0):
+            self.overflows += 1
+            log.info("step %d: fp16 gradient overflow, step skipped, loss scale lowered to %g", step, scale or 0)
             return
         self.streak += 1
         self.skipped += 1
@@ -281,11 +401,15 @@ class NonFiniteGuard:
             raise RunError(f"{self.streak} optimizer steps in a row had a non-finite loss or gradient (last at step "
                            f"{step}); lower the learning rate or check the data. The last checkpoint is intact.")
 
+    def summary(self) -> dict:
+        """`skipped_overflow_steps` once an fp16 overflow happened (absent otherwise)."""
+        return {"skipped_overflow_steps": self.overflows} if self.overflows else {}
+
     def state_dict(self) -> dict:
-        return {"streak": self.streak, "skipped": self.skipped}
+        return {"streak": self.streak, "skipped": self.skipped, "overflows": self.overflows}
 
     def load_state_dict(self, d: dict) -> None:
-        self.streak, self.skipped = d["streak"], d["skipped"]
+        self.streak, self.skipped, self.overflows = d["streak"], d["skipped"], d.get("overflows", 0)
 
 
 def make_optimizer(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8):

@@ -18,7 +18,8 @@ def sample_texts(model, tok, prompts: list, *, max_new_tokens: int, temperature:
 
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=device or "cpu").manual_seed(seed)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the model's device: CUDA sampling needs it
     texts, eos = [], []
     encoded = [encode_prompt(tok, p) for p in prompts]
     starts = list(range(0, len(encoded), batch_size))
@@ -109,12 +110,13 @@ def lm_perplexity(model, tok, examples: list, batch_size: int = 16) -> dict:
     from .tokenization import IGNORE_INDEX, encode_sft
 
     feats = [encode_sft(tok, e.prompt, e.completion) for e in examples]
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(feats), batch_size):
         chunk = feats[i : i + batch_size]
-        ids = right_pad([f[0] for f in chunk], tok.pad_token_id)
-        labels = right_pad([f[1] for f in chunk], IGNORE_INDEX)
-        mask = right_pad([[1] * len(f[0]) for f in chunk], 0)
+        ids = right_pad([f[0] for f in chunk], tok.pad_token_id, device)
+        labels = right_pad([f[1] for f in chunk], IGNORE_INDEX, device)
+        mask = right_pad([[1] * len(f[0]) for f in chunk], 0, device)
         s, n = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
         total, count = total + float(s), count + n
     return {"loss": total / max(count, 1), "perplexity": perplexity(total, count), "tokens": count}
@@ -124,8 +126,9 @@ def run_eval(checkpoints: list[str], *, perplexity_data: str | None = None, pair
              prompts: str | None = None, reward_model: str | None = None, reward_fns: list[str] | None = None,
              judge: str | None = None, reference_field: str | None = None, max_samples: int | None = 256,
              max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             greedy: bool = False, seed: int = 0, batch_size: int = 32) -> dict:
-    """Evaluate checkpoints; see `rlhf eval --help`. Returns a JSON-able dict."""
+             greedy: bool = False, seed: int = 0, batch_size: int = 32, device=None) -> dict:
+    """Evaluate checkpoints; see `rlhf eval --help`. Returns a JSON-able dict. Every model runs on
+    `device` (default: the CPU)."""
     from transformers import AutoConfig
 
     from .config import ModelConfig
@@ -136,7 +139,8 @@ def run_eval(checkpoints: list[str], *, perplexity_data: str | None = None, pair
     gen_settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                     "greedy": greedy, "seed": seed, "max_samples": max_samples}
     result: dict = {"generation": gen_settings, "checkpoints": {}}
-    rm = RewardModel(reward_model) if reward_model else None
+    device = torch.device(device or "cpu")
+    rm = RewardModel(reward_model, device=device) if reward_model else None
     fns = [(spec, load_reward_fn(spec)) for spec in (reward_fns or [])]
     judge_fn = load_reward_fn(judge) if judge else None
     prompt_rows = load_examples(prompts, parse_prompt, max_samples=max_samples, what="prompts",
@@ -150,13 +154,13 @@ def run_eval(checkpoints: list[str], *, perplexity_data: str | None = None, pair
             if pairs:
                 from .stages.rm import group_loss
 
-                r = RewardModel(ckpt)
+                r = RewardModel(ckpt, device=device)
                 groups, _ = load_examples(pairs, parse_preference, max_samples=max_samples, what="preference rows",
                                           field_name="--pairs")
                 enc = [([r.encode(g.prompt, x) for x in g.responses], g.pairs) for g in groups]
                 c, rj = [], []
                 for i in range(0, len(enc), batch_size):
-                    _, cc, rr = group_loss(r.model, enc[i : i + batch_size], r.tok.pad_token_id, "cpu")
+                    _, cc, rr = group_loss(r.model, enc[i : i + batch_size], r.tok.pad_token_id, device)
                     c.append(cc)
                     rj.append(rr)
                 c, rj = torch.cat(c), torch.cat(rj)
@@ -167,7 +171,7 @@ def run_eval(checkpoints: list[str], *, perplexity_data: str | None = None, pair
             continue
         mc = ModelConfig(name_or_path=ckpt)
         tok = load_tokenizer(mc)
-        model = load_causal_lm(mc, tok).eval()
+        model = load_causal_lm(mc, tok).eval().to(device)
         disable_dropout(model)
         if perplexity_data:
             demos, _ = load_examples(perplexity_data, parse_sft, max_samples=max_samples, what="SFT rows",
@@ -176,7 +180,7 @@ def run_eval(checkpoints: list[str], *, perplexity_data: str | None = None, pair
         if prompt_rows:
             texts, eos = sample_texts(model, tok, [p.prompt for p in prompt_rows], max_new_tokens=max_new_tokens,
                                       temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p,
-                                      batch_size=batch_size, seed=seed)
+                                      batch_size=batch_size, seed=seed, device=device)
             res["eos_rate"] = sum(eos) / len(eos)
             res["response_chars"] = sum(len(t) for t in texts) / len(texts)
             fields = {k: [p.meta.get(k) for p in prompt_rows] for k in prompt_rows[0].meta}

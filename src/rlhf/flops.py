@@ -9,7 +9,8 @@ the lengths used here and left out). PPO's phases:
 - train:      6 · (N_policy + N_value) per sequence token, per PPO epoch.
 
 MFU = FLOPs / seconds / peak, with the peak measured on the same machine by
-:func:`measure_matmul_peak` (a large fp32 matmul), or given.
+:func:`measure_matmul_peak` (a large matmul in the dtype the run computes in: fp32, or bf16/fp16
+under mixed precision), or given.
 """
 
 from __future__ import annotations
@@ -49,19 +50,28 @@ def mfu(flops: float, seconds: float, peak_flops: float) -> float:
     return flops / max(seconds, 1e-12) / peak_flops if peak_flops > 0 else 0.0
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype=torch.float32, device="cpu") -> float:
-    """FLOP/s of the best of `repeats` n x n x n matmuls (2 n^3 FLOPs each) at the current thread count."""
-    cuda = torch.device(device).type == "cuda"
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
+def measure_matmul_peak(n: int | None = None, repeats: int = 5, dtype=torch.float32, device="cpu") -> float:
+    """FLOP/s of the best of `repeats` n x n x n matmuls (2 n^3 FLOPs each) in `dtype` on `device`,
+    at the current thread count: the peak MFU is quoted against. Measure it in the dtype the run's
+    matmuls execute in (bf16 under bf16 autocast): a GPU's bf16 peak is ~15x its fp32 one.
+
+    n defaults to 8192 on an accelerator (smaller products do not fill an H100/H200), 2048 for
+    fp32 on the CPU and 512 for half precision on the CPU (emulated there, far slower)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if n is None:
+        n = 8192 if device.type != "cpu" else 2048 if dtype == torch.float32 else 512
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     torch.matmul(a, b)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         t = time.perf_counter()
         torch.matmul(a, b)
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t)
+    del a, b
     return 2.0 * n**3 / best

@@ -93,9 +93,23 @@ def _cache_of(out):
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id: int, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             generator: torch.Generator | None = None, device=None) -> Generation:
-    """Sample up to `max_new_tokens` for each prompt with a KV cache (one model call per token)."""
-    device = device or next(model.parameters()).device
+             generator: torch.Generator | None = None, device=None, sync_every: int | None = None) -> Generation:
+    """Sample up to `max_new_tokens` for each prompt with a KV cache (one model call per token).
+
+    `generator` must live on `device` (the model's): torch samples a CUDA tensor only with a
+    CUDA generator. Whether every row has finished is read back from the device every
+    `sync_every` tokens (default: every token on the CPU, where reading is free; every 8 on an
+    accelerator, where each read stalls the queue); columns after the last EOS are cut, so the
+    result has the same shape either way (only the generator's position differs).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"sampling generator on {generator.device}, model inputs on {device}: create it with "
+                         f"torch.Generator(device=...) on the model's device")
+    if temperature <= 0 and not greedy:
+        raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy decoding instead")
+    if sync_every is None:
+        sync_every = 1 if device.type == "cpu" else 8
     ids, mask = left_pad(prompts, pad_token_id, device)
     bsz = ids.shape[0]
     pos = position_ids_from_mask(mask)
@@ -116,7 +130,7 @@ def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id
         responses[:, t] = token
         finished |= token == eos_token_id
         steps = t + 1
-        if bool(finished.all()) or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or ((t + 1) % sync_every == 0 and bool(finished.all())):
             break
         mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=device)], dim=1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
@@ -125,6 +139,9 @@ def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id
         next_pos = next_pos + 1
     responses = responses[:, :steps]
     response_mask, has_eos = eos_mask(responses, eos_token_id)
+    if sync_every > 1:  # columns sampled after every row had finished are all padding: cut them
+        width = int(response_mask.sum(0).nonzero().max()) + 1 if response_mask.any() else 0
+        responses, response_mask = responses[:, :width], response_mask[:, :width]
     return Generation(ids, mask[:, : ids.shape[1]], responses, response_mask, has_eos)
 
 

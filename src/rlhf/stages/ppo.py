@@ -33,7 +33,7 @@ from ..config import PPOConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
 from ..data.tasks import has_gold, gold_reward
 from ..flops import count_flop_params, forward_flops, measure_matmul_peak, mfu, train_flops
-from ..engine import backward, frozen_placement, gathered_params, is_deepspeed, prepare_frozen, world_size, zero_stage
+from ..engine import backward, compute_dtype, frozen_placement, loss_scale, step_models, gathered_params, is_deepspeed, prepare_frozen, world_size, zero_stage
 from ..engine import (MetricsLogger, NonFiniteGuard, finish_run, RunError, Timer, chunks, epoch_permutation, make_accelerator, make_optimizer,
                       make_scheduler, check_output_dir, peak_memory, prepare_output_dir, progress, set_seed,
                       write_summary)
@@ -270,24 +270,20 @@ def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sche
                 _add(sums, "ratio_mean", pst.ratio_mean.item() * w)
                 _add(sums, "value_clipfrac", vclip.item() * w)
             # one optimizer step for both models, skipped whole if anything is non-finite on any process
-            inf = float("inf")
-            gn_p = float(acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else inf))
-            gn_v = float(acc.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else inf))
-            bad = acc.reduce(torch.tensor(0.0 if loss_ok else 1.0, device=exp.input_ids.device), "sum").item()
-            ok = bad == 0 and math.isfinite(gn_p) and math.isfinite(gn_v)
-            if ok:  # (under DeepSpeed the engine stepped in backward; these steps are no-ops there)
-                for o in (opt_policy, opt_value, sched_policy, sched_value):
-                    if o is not None:
-                        o.step()
+            parts = [(policy, opt_policy, sched_policy)]
+            if opt_value is not None:  # (under DeepSpeed one engine trains both: one joint norm)
+                parts.append((value_model, opt_value, sched_value))
+            res = step_models(acc, parts, cfg.max_grad_norm, loss_ok)
+            if res[0]:
                 if ema is not None:
                     ema.update(policy)
-                _add(sums, "policy_grad_norm", gn_p)
-                _add(sums, "value_grad_norm", gn_v)
-            for o in (opt_policy, opt_value):
-                if o is not None:
-                    o.zero_grad(set_to_none=True)
+                if len(parts) == 2:
+                    _add(sums, "policy_grad_norm", res[1][0])
+                    _add(sums, "value_grad_norm", res[1][1])
+                elif res[1][0] is not None:
+                    _add(sums, "grad_norm_joint", res[1][0])
             if guard is not None:
-                guard.update(ok, iteration)
+                guard.update(res[0], iteration, overflow=res.overflow, scale=loss_scale(acc))
             counts += 1
     return {k: v / counts for k, v in sums.items()}
 
@@ -332,40 +328,56 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 
 class EMA:
-    """Exponential moving average of the policy weights [IGPT: 0.992], kept on the CPU in fp32.
+    """Exponential moving average of the policy weights [IGPT: 0.992], in fp32.
 
-    Under ZeRO-3 each process averages only its own partition of every parameter (1/N of the
-    weights, updated after each optimizer step like the partition itself); `full_state_dict`
-    all-gathers the partitions when the EMA policy is saved."""
+    Only trained parameters are averaged (a frozen LoRA base never changes: its EMA is itself),
+    kept beside them on their device, or in CPU memory with `offload`. Under ZeRO-3 each
+    process averages only its own partition of every parameter (1/N of the weights, updated
+    after each optimizer step like the partition itself); `full_state_dict` all-gathers the
+    partitions when the EMA policy is saved. Tensors are keyed by the parameter's index in
+    `model.parameters()`."""
 
-    def __init__(self, model, decay: float):
-        self.decay = decay
+    def __init__(self, model, decay: float, offload: bool = False):
+        self.decay, self.offload = decay, offload
         params = list(unwrap(model).parameters())
         self.sharded = any(hasattr(p, "ds_tensor") for p in params)
-        self.params = [_local(p).detach().float().cpu().clone() for p in params]
+        self.index = [i for i, p in enumerate(params) if p.requires_grad]
+        self.params = [self._copy(_local(params[i])) for i in self.index]
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu" if self.offload else t.device, torch.float32, copy=True)
 
     def update(self, model) -> None:
-        core.ema_update(self.params, [_local(p).detach().cpu() for p in unwrap(model).parameters()], self.decay)
+        params = list(unwrap(model).parameters())
+        local = [_local(params[i]).detach() for i in self.index]
+        if self.offload:
+            local = [p.to("cpu", non_blocking=True) for p in local]
+        core.ema_update(self.params, local, self.decay)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {str(i): p for i, p in enumerate(self.params)}
+        return {str(i): p.cpu() for i, p in zip(self.index, self.params)}
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.params = [tensors[str(i)].clone() for i in range(len(self.params))]
+        """(Checkpoints from before the EMA skipped frozen parameters hold every index: the
+        trained ones are read.)"""
+        self.params = [tensors[str(i)].to(p.device, p.dtype) for i, p in zip(self.index, self.params)]
 
     def full_state_dict(self, model, acc) -> dict[str, torch.Tensor]:
-        """name -> full EMA tensor in the model's dtype (collective under ZeRO-3; every process gets it)."""
+        """name -> full EMA tensor in the model's dtype, on the CPU (collective under ZeRO-3;
+        every process gets it)."""
         m = unwrap(model)
         names: dict[int, list[str]] = {}  # every name of each parameter (tied weights have two)
         for name, p in m.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), []).append(name)
         aliases = {n for ns in names.values() for n in ns}
         out = {k: v for k, v in m.state_dict().items() if k not in aliases}  # persistent buffers
-        for p, e in zip(m.parameters(), self.params):
+        ema = dict(zip(self.index, self.params))
+        for i, p in enumerate(m.parameters()):
+            e = ema[i] if i in ema else _local(p).detach()  # a frozen parameter is its own average
             if self.sharded and hasattr(p, "ds_tensor"):  # partitions are consecutive slices of the flat tensor
-                e = acc.gather(e.to(acc.device)).cpu()[: p.ds_numel].view(p.ds_shape)
+                e = acc.gather(e.to(acc.device))[: p.ds_numel].view(p.ds_shape)
             for name in names[id(p)]:
-                out[name] = e.to(p.dtype)
+                out[name] = e.to("cpu", p.dtype)
         return out
 
 
@@ -379,7 +391,7 @@ def evaluate_policy(policy, ref_policy, tok, prompts: list, reward_model, reward
     policy_m = unwrap(policy)
     was = policy_m.training
     policy_m.eval()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     scores, kls, k3s, golds, lengths, eos = [], [], [], [], [], []
     for chunk in chunks(prompts, cfg.rollout_batch_size):
         ro = make_rollout(policy_m, tok, chunk, cfg, gen, device)
@@ -411,23 +423,15 @@ def evaluate_policy(policy, ref_policy, tok, prompts: list, reward_model, reward
 
 
 def _check(cfg: PPOConfig, world: int) -> tuple[int, int]:
-    if cfg.kl_estimator not in core.KL_ESTIMATORS:
-        raise RunError(f"recipe: 'kl_estimator' must be one of {', '.join(core.KL_ESTIMATORS)}, got '{cfg.kl_estimator}'")
-    if cfg.scale_reward not in ("none", "running_std"):
-        raise RunError(f"recipe: 'scale_reward' must be 'none' or 'running_std', got '{cfg.scale_reward}'")
     if cfg.reward_model is None and not cfg.reward_fns:
         raise RunError("recipe: PPO needs a reward: set 'reward_model' and/or 'reward_fns'")
     if cfg.rollout_batch_size % world or cfg.minibatch_size % world:
         raise RunError(f"recipe: rollout_batch_size and minibatch_size must be multiples of the {world} processes")
     b_local, mb_local = cfg.rollout_batch_size // world, cfg.minibatch_size // world
-    if b_local % mb_local:
-        raise RunError("recipe: 'rollout_batch_size' must be a multiple of 'minibatch_size'")
     micro = min(cfg.micro_batch_size, mb_local)
     if mb_local % micro:
         raise RunError(f"recipe: 'minibatch_size' per process ({mb_local}) must be a multiple of 'micro_batch_size' "
                        f"({micro})")
-    if cfg.ptx_coef > 0 and not cfg.ptx_data:
-        raise RunError("recipe: 'ptx_coef' > 0 needs 'ptx_data'")
     return b_local, mb_local, micro
 
 
@@ -524,16 +528,19 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else core.FixedKLController(cfg.kl_coef))
     moments = core.RunningMoments()
-    ema = EMA(policy, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = EMA(policy, cfg.ema_decay, cfg.ema_offload) if cfg.ema_decay > 0 else None
     ptx_iter = None
     if cfg.ptx_coef > 0:
         demos, _ = load_examples(cfg.ptx_data, parse_sft, skip_bad_rows=True, what="ptx rows", field_name="ptx_data")
         ptx_iter = PtxIterator([encode_sft(tok, d.prompt, d.completion) for d in demos], micro_bs,
                                tok.pad_token_id, cfg.seed + acc.process_index, device)
 
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + acc.process_index)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + acc.process_index)  # sampling, on the device
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)
-    peak = cfg.peak_tflops * 1e12 or measure_matmul_peak(device=str(device))
+    peak_dtype = compute_dtype(acc, cfg.model.dtype)  # MFU against the peak of the dtype that runs
+    peak = cfg.peak_tflops * 1e12 or measure_matmul_peak(dtype=peak_dtype, device=device)
+    log.info("MFU against %s %.3g TFLOP/s (%s matmul peak)", "a given" if cfg.peak_tflops else "a measured",
+             peak / 1e12, str(peak_dtype).replace("torch.", ""))
     n_policy, n_value = count_flop_params(unwrap(policy)), count_flop_params(unwrap(value_model).backbone) + 1
     # the reference was copied from the SFT weights above; a resumed run reloads only what trains
     # what a resumable checkpoint holds: under DeepSpeed the engine saves policy + value and the
@@ -653,7 +660,8 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         summary.update(final)
         logger.log(cfg.steps, final)
     summary.update({"steps": cfg.steps, "optimizer_steps": n_updates, "skipped_nonfinite_steps": guard.skipped,
-                    "train_prompts": len(prompts),
+                    **guard.summary(),
+                    "train_prompts": len(prompts), "mfu_peak_dtype": str(peak_dtype).replace("torch.", ""),
                     "eval_prompts": len(eval_prompts), "kl_coef_final": kl_ctl.value,
                     "train_seconds": round(time.time() - t_start, 1), "num_processes": acc.num_processes})
     summary.update(peak_memory(acc))  # collective

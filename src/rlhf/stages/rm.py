@@ -29,7 +29,7 @@ from ..data.formats import DataError, PrefGroup, load_examples, parse_preference
 from ..engine import (MetricsLogger, chunks, global_batches, make_optimizer, make_scheduler, prepare_output_dir,
                       peak_memory, progress, set_seed, shard, write_summary)
 from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
-from ..engine import NonFiniteGuard, finish_run, start_run, atomic_write_text, backward, gathered_params, optimizer_step, zero_stage
+from ..engine import NonFiniteGuard, finish_run, start_run, atomic_write_text, backward, gathered_params, loss_scale, optimizer_step, zero_stage
 from ..models import _outside_zero3_init
 from ..models import (ModelError, count_parameters, disable_dropout, enable_gradient_checkpointing, load_tokenizer,
                       torch_dtype, unwrap)
@@ -123,7 +123,7 @@ def evaluate_pairs(model, groups, pad_id: int, micro_batch_size: int, acc) -> di
         _, c, r = group_loss(model, mb, pad_id, acc.device)
         correct = (c > r).float() + 0.5 * (c == r).float()
         sums += torch.stack([correct.sum(), (c - r).sum(), c.sum(), r.sum(), pairwise_rm_loss(c, r).sum(),
-                             torch.tensor(float(c.numel()))]).double()
+                             torch.tensor(float(c.numel()), device=c.device)]).double()
     model.train()
     sums = acc.reduce(sums, "sum")
     n = float(sums[5])
@@ -226,7 +226,8 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     if cfg.sample is not None:  # rankings of the policy's own samples, made before training
         path, stats_path = out / "sampled_rankings.jsonl", out / "sampled_rankings.summary.json"
         if acc.is_main_process and not (resume and stats_path.exists()):  # a resumed run keeps its samples
-            atomic_write_text(stats_path, json.dumps(sample_rankings(cfg.sample, path, seed=cfg.seed)))
+            atomic_write_text(stats_path, json.dumps(sample_rankings(cfg.sample, path, seed=cfg.seed,
+                                                                     device=acc.device)))
         acc.wait_for_everyone()
         summary.update(json.loads(stats_path.read_text()))
         sampled, sstats = load_examples(str(path), parse_preference, skip_bad_rows=cfg.data.skip_bad_rows,
@@ -277,8 +278,9 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
                 backward(acc, loss / pairs_in_batch * acc.num_processes, accum, last)
             step_loss += loss.item()
             step_acc += (c > r).float().sum().item()
-        stepped, grad_norm = optimizer_step(acc, model, optimizer, scheduler, tc.max_grad_norm, math.isfinite(step_loss))
-        guard.update(stepped, step)
+        res = optimizer_step(acc, model, optimizer, scheduler, tc.max_grad_norm, math.isfinite(step_loss))
+        stepped, grad_norm = res
+        guard.update(stepped, step, overflow=res.overflow, scale=loss_scale(acc))
         if stepped:
             win["loss"] += step_loss
             win["acc"] += step_acc
@@ -304,6 +306,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
 
     summary.update({"steps": len(batches), "train_groups": len(enc), "train_pairs": n_pairs,
                     "parameters": count_parameters(unwrap(model)), "skipped_nonfinite_steps": guard.skipped,
+                    **guard.summary(),
                     **{k: v for k, v in stats.items() if k != "rows"}})
     summary.update(evaluate_pairs(model, eval_enc, tok.pad_token_id, micro_bs, acc))
     bias = 0.0

@@ -26,7 +26,7 @@ from ..config import ModelConfig, SFTConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, global_batches, make_optimizer, make_scheduler, prepare_output_dir,
                       peak_memory, progress, set_seed, shard, write_summary)
-from ..engine import NonFiniteGuard, finish_run, start_run, backward, gathered_params, optimizer_step, zero_stage
+from ..engine import NonFiniteGuard, finish_run, start_run, backward, gathered_params, loss_scale, optimizer_step, zero_stage
 from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
 from ..evaluate import gold_accuracy, gold_examples
 from ..models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained, unwrap
@@ -163,8 +163,9 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
                 backward(acc, loss_sum / max(n_tokens, 1) * acc.num_processes, accum, last)
             micro_losses.append(loss_sum.item())
         loss_ok = all(math.isfinite(x) for x in micro_losses)
-        stepped, grad_norm = optimizer_step(acc, model, optimizer, scheduler, tc.max_grad_norm, loss_ok)
-        guard.update(stepped, step)
+        res = optimizer_step(acc, model, optimizer, scheduler, tc.max_grad_norm, loss_ok)
+        stepped, grad_norm = res
+        guard.update(stepped, step, overflow=res.overflow, scale=loss_scale(acc))
         if stepped:
             window_loss += sum(micro_losses)
             window_tokens += n_tokens
@@ -190,7 +191,8 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
 
     summary = {"stage": "sft", "steps": len(batches), "train_examples": len(train_feats),
                "eval_examples": len(eval_feats), "parameters": count_parameters(unwrap(model)),
-               "skipped_bad_rows": stats["skipped_bad_rows"], "skipped_nonfinite_steps": guard.skipped}
+               "skipped_bad_rows": stats["skipped_bad_rows"], "skipped_nonfinite_steps": guard.skipped,
+                    **guard.summary()}
     if eval_feats:
         eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc)
         summary.update(initial_eval_loss=initial_eval_loss, eval_loss=eval_loss,
