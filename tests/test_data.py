@@ -126,7 +126,17 @@ def test_duplicate_responses_handled(tmp_path):
     ({"prompt": "q", "responses": ["a", "b"]}, "field 'ranks': give exactly one of"),
     ({"prompt": "q", "responses": ["a", "b"], "scores": [1, "x"]}, "field 'scores[1]': expected a finite number"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "field 'margin': expected a finite number"),
-    ({"chosen": "abc", "rejected": "xyz"}, "share no prompt prefix"),
+    ({"chosen": "abc", "rejected": "xyz"}, "do not share their prompt"),
+    ({"chosen": "Human: What is 2+2? Assistant: 4", "rejected": "Human: What is 3+3? Assistant: 6"},
+     "field 'chosen': chosen and rejected do not share their prompt"),  # never split into "Human: What is "
+    ({"prompt": [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}], "chosen": "a",
+      "rejected": "b"}, "field 'prompt[1].role': two user turns in a row"),
+    ({"prompt": [{"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"},
+     "field 'prompt[0].role': unknown role 'human' (expected system, user, assistant, tool) (did you mean 'user'?)"),
+    ({"prompt": "q", "chosen": None, "rejected": "b"}, "field 'chosen': is null"),
+    ({"prompt": [{"role": "user", "content": "q"}], "responses": ["a", "b"], "ranks": [1, 2],
+      "extra": 1} | {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "field 'prompt[1].role': the conversation ends on an assistant turn; a user or tool turn is expected here"),
 ])
 def test_preference_validation_errors(tmp_path, row, needle):
     p = write(tmp_path, "p.jsonl", [row])

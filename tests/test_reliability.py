@@ -13,6 +13,8 @@ import torch
 
 from conftest import ROOT
 
+from rlhf.rundir import staging_path
+
 
 def _rlhf(*args, env_extra=None, check=True):
     env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"))
@@ -102,12 +104,13 @@ def test_checkpoints_are_kept_k_and_never_half_written(tmp_path):
     p = _rlhf("sft", "recipes/tiny/sft.yaml", "--output_dir", out, "--train.max_steps", "12", "--train.save_every", "2",
               "--train.save_total_limit", "2", "--gen_eval_samples", "4", env_extra={"RLHF_FAULT": "checkpoint:4"},
               check=False)
-    assert p.returncode == -9
-    ckpts = sorted(d.name for d in (out / "checkpoints").iterdir())
+    assert p.returncode == -9 and not out.exists()  # a new run lives in its staging folder until it finishes
+    staged = staging_path(out)
+    ckpts = sorted(d.name for d in (staged / "checkpoints").iterdir())
     # step 8's checkpoint was being written: its temporary folder is there, the last complete ones are intact
     assert ckpts == [".tmp-step-00000008", "step-00000004", "step-00000006"], ckpts
     for d in ("step-00000004", "step-00000006"):
-        assert (out / "checkpoints" / d / "state.json").exists()
+        assert (staged / "checkpoints" / d / "state.json").exists()
     _rlhf("sft", "recipes/tiny/sft.yaml", "--output_dir", out, "--train.max_steps", "12", "--train.save_every", "2",
           "--train.save_total_limit", "2", "--gen_eval_samples", "4", "--resume")
     assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-00000010", "step-00000012"]
@@ -120,8 +123,10 @@ def test_pipeline_resume_continues_the_stage_it_stopped_in(tmp_path):
              "--ppo.rollout_batch_size", "16", "--ppo.eval_samples", "8"]
     p = _rlhf("pipeline", "recipes/tiny/pipeline.yaml", "--output_dir", out, *small,
               env_extra={"RLHF_FAULT": "checkpoint:2"}, check=False)  # dies in the RM stage's 2nd checkpoint
-    assert p.returncode == -9 and (out / "sft" / "summary.json").exists() and not (out / "rm" / "summary.json").exists()
-    sft_before = (out / "sft" / "model.safetensors").stat().st_mtime_ns
+    staged = staging_path(out)  # the pipeline is one run: staged whole until its last stage finishes
+    assert p.returncode == -9 and (staged / "sft" / "summary.json").exists()
+    assert not (staged / "rm" / "summary.json").exists() and not out.exists()
+    sft_before = (staged / "sft" / "model.safetensors").stat().st_mtime_ns
     _rlhf("pipeline", "recipes/tiny/pipeline.yaml", "--output_dir", out, *small, "--resume")
     assert (out / "sft" / "model.safetensors").stat().st_mtime_ns == sft_before  # the finished stage was kept
     assert json.loads((out / "summary.json").read_text())["stages"] == ["sft", "rm", "ppo"]
@@ -136,6 +141,23 @@ def _bad(tmp_path, name, text):
     return p
 
 
+def _reward(tmp_path, body):
+    f = tmp_path / "reward.py"
+    f.write_text("import math, time\n\ndef helper(x):\n    return x\n\n\ndef r(prompts, completions, **kw):\n"
+                 + "".join(f"    {line}\n" for line in body.splitlines()))
+    return ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--reward_fns", f"[{{fn: '{f}:r'}}]", "--reward_timeout", "2"]
+
+
+def _msgs(*roles):
+    return [{"role": r, "content": f"{r} says {i}"} for i, r in enumerate(roles)]
+
+
+def _rows(tmp_path, name, *rows):
+    return _bad(tmp_path, name, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+HH = {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: What is 3+3?\n\nAssistant: 6"}
+
 CASES = [
     # (id, builder(tmp) -> args, expected message regex)
     ("malformed-jsonl", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",
@@ -143,41 +165,168 @@ CASES = [
      r"d\.jsonl:2: malformed JSON"),
     ("missing-field", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",
                                  _bad(t, "d.jsonl", '{"prompt": "a"}\n')], r"d\.jsonl:1: field 'completion': missing"),
+    ("null-field", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",
+                              _bad(t, "d.jsonl", '{"prompt": "a", "completion": null}\n')],
+     r"d\.jsonl:1: field 'completion': is null"),
     ("mistyped-field", lambda t: ["rm", "recipes/tiny/rm.yaml", "--data.train",
                                   _bad(t, "p.jsonl", '{"prompt": "a", "chosen": 1, "rejected": "b"}\n')],
      r"p\.jsonl:1: field 'chosen': expected a string"),
     ("empty-dataset", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train", _bad(t, "e.jsonl", "")],
      r"e\.jsonl: empty dataset"),
-    ("prompt-too-long", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.max_length", "8"],
-     r"sft\.jsonl:\d+: \d+ tokens exceed data\.max_length \(8\)"),
+    ("row-too-long", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.max_length", "8"],
+     r"sft\.jsonl:1: field 'completion': \d+ tokens with the prompt, more than data\.max_length \(8\)"),
+    ("rm-row-too-long-before-model-and-sampling", lambda t: [
+        "rm", "recipes/tiny/rm.yaml", "--model.name_or_path", t / "out", "--data.train",
+        _rows(t, "p.jsonl", {"prompt": "a", "chosen": "b", "rejected": "c " * 60})],
+     r"p\.jsonl:1: field 'rejected': \d+ tokens with the prompt, more than data\.max_length \(48\)"),
+    ("unknown-role", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",
+                                _rows(t, "c.jsonl", {"messages": _msgs("human", "assistant")})],
+     r"c\.jsonl:1: field 'messages\[0\]\.role': unknown role 'human' .*did you mean 'user'"),
+    ("two-user-turns", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",
+                                  _rows(t, "c.jsonl", {"messages": _msgs("user", "user", "assistant")})],
+     r"c\.jsonl:1: field 'messages\[1\]\.role': two user turns in a row"),
+    ("sft-ends-on-user", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",
+                                    _rows(t, "c.jsonl", {"messages": _msgs("system", "user", "assistant", "user")})],
+     r"c\.jsonl:1: field 'messages\[3\]\.role': the conversation ends on a user turn"),
+    ("system-not-first", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",
+                                    _rows(t, "c.jsonl", {"messages": _msgs("user", "system", "assistant")})],
+     r"c\.jsonl:1: field 'messages\[1\]\.role': a system message may only come first"),
+    ("prompt-ends-on-assistant", lambda t: ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--data.train",
+                                            _rows(t, "q.jsonl", {"prompt": _msgs("user", "assistant")})],
+     r"q\.jsonl:1: field 'prompt\[1\]\.role': the conversation ends on an assistant turn"),
+    ("hh-prompts-differ", lambda t: ["rm", "recipes/tiny/rm.yaml", "--data.train", _rows(t, "hh.jsonl", HH)],
+     r"hh\.jsonl:1: field 'chosen': chosen and rejected do not share their prompt"),
+    ("invalid-utf8", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",
+                                _bad_bytes(t, "u.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9"}\n')],
+     r"u\.jsonl:2:16: not UTF-8 \(byte 0xe9\)"),
+    ("duplicate-recipe-key", lambda t: ["sft", _bad(t, "r.yaml", Path("recipes/tiny/sft.yaml").read_text()
+                                                    + "seed: 3\n")],
+     r"r\.yaml:\d+: invalid YAML \(duplicate key 'seed' \(first at line \d+, again at line \d+\)\)"),
     ("unknown-key", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--kl_coeff", "0.1"],
-     r"unknown key 'kl_coeff' \(did you mean 'kl_coef'\?\)"),
-    ("mistyped-key", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--steps", "ten"], r"steps: expected an integer"),
+     r"command line --kl_coeff: unknown key 'kl_coeff' \(did you mean 'kl_coef'\?\)"),
+    ("unknown-key-in-recipe", lambda t: ["sft", _bad(t, "r.yaml", "seed: 0\ntrain:\n  learnig_rate: 0.1\n")],
+     r"r\.yaml:3: unknown key 'train\.learnig_rate' \(did you mean 'train\.lr'\?\)"),
+    ("mistyped-key", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--steps", "ten"],
+     r"command line --steps: expected an integer"),
+    ("out-of-range-in-recipe", lambda t: ["ppo", _bad(t, "r.yaml", "steps: 5\ntemperature: 0\n")],
+     r"r\.yaml:2: temperature: must be > 0"),
     ("missing-checkpoint", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--model.name_or_path", "./runs/nope"],
-     r"points at a missing checkpoint: \./runs/nope"),
+     r"command line --model\.name_or_path: 'model\.name_or_path' points at a missing checkpoint: \./runs/nope"),
+    ("missing-checkpoint-in-recipe", lambda t: ["ppo", "recipes/tiny/ppo.yaml"],
+     r"recipes/tiny/ppo\.yaml:5: 'model\.name_or_path' points at a missing checkpoint: runs/tiny/sft"),
     ("reward-import", lambda t: ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--reward_fns", "[{fn: no_such_mod_x:f}]"],
      r"reward function 'no_such_mod_x:f': cannot import"),
+    ("reward-no-such-function", lambda t: _reward(t, "return [0.0] * len(completions)")[:2]
+     + ["--reward_fns", f"[{{fn: '{t / 'reward.py'}:score'}}]"],
+     r"reward\.py has no function 'score'; it has: helper, r"),
+    ("reward-raises", lambda t: _reward(t, "raise ValueError('boom')"),
+     r"reward function '.*reward\.py:r' raised ValueError: boom .*\[at the check before the run"),
+    ("reward-wrong-count", lambda t: _reward(t, "return [0.0]"),
+     r"returned 1 values for 4 samples \[at the check before the run"),
+    ("reward-wrong-type", lambda t: _reward(t, "return ['high'] * len(completions)"),
+     r"returned 'high' for sample 0, expected a float"),
+    ("reward-nan", lambda t: _reward(t, "return [math.nan] * len(completions)"),
+     r"returned nan for sample 0"),
+    ("reward-hangs", lambda t: _reward(t, "time.sleep(60)\nreturn [0.0] * len(completions)"),
+     r"took longer than reward_timeout \(2 s\) \[at the check before the run"),
     ("bad-yaml", lambda t: ["sft", _bad(t, "r.yaml", "train: [1,\n")], r"r\.yaml:\d+: invalid YAML"),
     ("bad-deepspeed-json", lambda t: ["sft", "recipes/tiny/sft.yaml", "--train.deepspeed", _bad(t, "ds.json", "{")],
      r"ds\.json:1: invalid JSON"),
 ]
 
 
+def _bad_bytes(tmp_path, name, data: bytes):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A completed run folder (the tiny SFT), the earlier run every bad input must leave intact."""
+    out = tmp_path_factory.mktemp("earlier") / "out"
+    _rlhf("sft", "recipes/tiny/sft.yaml", "--output_dir", out, "--train.max_steps", "2", "--gen_eval_samples", "2",
+          "--train.log_every", "1")
+    return out
+
+
+@pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "no-overwrite"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_malformed_input_one_line_exit_2_output_untouched(tmp_path, case):
+def test_malformed_input_one_line_exit_2_earlier_run_untouched(tmp_path, case, overwrite, finished_run):
+    """Every bad input: exit 2, one line naming file:line:field, no traceback, and the finished
+    run it would replace byte-identical, with --overwrite and without (then the message also says
+    the folder holds a run: inputs are validated first, and both problems are named)."""
+    import shutil
+
     _, build, pattern = case
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "summary.json").write_text('{"earlier": "run"}')  # an earlier run that --overwrite would replace
-    (out / "model.safetensors").write_bytes(b"weights")
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    args = build(tmp_path)
-    p = _rlhf(*args, "--output_dir", out, "--overwrite", check=False)
+    shutil.copytree(finished_run, out)
+    before = _tree(out)
+    p = _rlhf(*build(tmp_path), "--output_dir", out, *(["--overwrite"] if overwrite else []), check=False)
     err = [l for l in p.stderr.strip().splitlines() if "error:" in l]
     assert p.returncode == 2, p.stderr[-2000:]
     assert len(err) == 1 and re.search(pattern, err[0]), p.stderr[-2000:]
     assert "Traceback" not in p.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing already written was lost
+    assert ("already holds a run" in err[0]) == (not overwrite), err[0]
+    assert _tree(out) == before  # nothing already written was lost
+    assert not staging_path(out).exists()  # and nothing half-made was left beside it
+
+
+def test_a_fresh_run_that_fails_leaves_no_folder(tmp_path):
+    out = tmp_path / "new"
+    p = _rlhf(*_reward(tmp_path, "raise ValueError('boom')"), "--output_dir", out, check=False)
+    assert p.returncode == 2 and not out.exists() and not staging_path(out).exists()
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    from rlhf.config import read_yaml
+    from rlhf.data.formats import read_rows
+
+    d = _bad_bytes(tmp_path, "b.jsonl", b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n')
+    assert read_rows(str(d))[0].data == {"prompt": "a", "completion": "b"}
+    r = _bad_bytes(tmp_path, "r.yaml", b"\xef\xbb\xbfseed: 3\n")
+    assert read_yaml(r) == {"seed": 3}
+
+
+def test_identical_pair_is_warned_once_with_its_line(tmp_path, caplog):
+    from rlhf.data.formats import load_examples, parse_preference
+
+    f = _rows(tmp_path, "p.jsonl", {"prompt": "q", "chosen": "a", "rejected": "b"},
+              {"prompt": "q", "chosen": "same", "rejected": "same"}, {"prompt": "q", "chosen": "x", "rejected": "x"})
+    with caplog.at_level("WARNING"):
+        groups, stats = load_examples(str(f), parse_preference)
+    warned = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert stats["duplicate_pairs"] == 2 and len(groups) == 1
+    assert len(warned) == 1 and f"{f}:2: field 'rejected': chosen and rejected are the same" in warned[0]
+
+
+def test_reward_failure_mid_run_names_the_row_and_resumes_exactly(tmp_path, tiny_sft):
+    """A reward function that fails at iteration 3 stops the run with its name and the prompt's
+    file:line, after saving the state before iteration 3; once fixed, --resume finishes the run
+    exactly as an uninterrupted one."""
+    f = tmp_path / "flaky.py"
+    f.write_text("import os\nCALLS = [0]\n\ndef r(prompts, completions, **kw):\n    CALLS[0] += 1\n"
+                 "    if CALLS[0] == int(os.environ.get('FAIL_AT_CALL', 0)):\n        raise RuntimeError('judge down')\n"
+                 "    return [float(len(c) % 3) for c in completions]\n")
+    args = ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", tiny_sft, "--reward_fns",
+            f"[{{fn: '{f}:r'}}]", "--steps", "4", "--save_every", "5", "--rollout_batch_size", "16",
+            "--eval_samples", "16", "--sample_every", "0"]
+    _rlhf(*args, "--output_dir", tmp_path / "full")
+    # calls: 1 the check before the run, 2 the initial evaluation, 3 and 4 iterations 1 and 2, 5 iteration 3
+    p = _rlhf(*args, "--output_dir", tmp_path / "cut", env_extra={"FAIL_AT_CALL": "5"}, check=False)
+    err = [l for l in p.stderr.splitlines() if "error:" in l]
+    assert p.returncode == 2 and len(err) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert re.search(r"iteration 3: reward function '.*flaky\.py:r' raised RuntimeError: judge down on a batch of "
+                     r"16 samples \(first row recipes/tiny/data/rl_prompts\.jsonl:\d+\).*resumable from step-00000002",
+                     err[0]), err[0]
+    staged = staging_path(tmp_path / "cut")
+    assert (staged / "FAILED").exists() and (staged / "checkpoints" / "step-00000002").is_dir()
+    _rlhf(*args, "--output_dir", tmp_path / "cut", "--resume")
+    _assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
 def test_tokenizer_without_eos_is_an_error():
@@ -251,3 +400,42 @@ def test_no_unsafe_loading_in_the_code():
     from rlhf.config import ModelConfig
 
     assert ModelConfig().trust_remote_code is False
+
+
+def test_overwrite_killed_at_any_moment_keeps_the_old_run_or_the_new_one(tmp_path, finished_run):
+    """kill -9 at random moments of a run that overwrites a finished run (fault points after a
+    step, in a checkpoint write, between the two halves of the promotion, and at random times):
+    afterwards the old run is intact, or the new run is complete, or it is resumable and
+    `--resume` completes it -- never neither. The kill points are seeded (RLHF_TEST_SEED)."""
+    import shutil
+    import signal
+    import time
+
+    seed = int(os.environ.get("RLHF_TEST_SEED", "0"))
+    rng = random.Random(seed)
+    new = ["sft", "recipes/tiny/sft.yaml", "--train.max_steps", "6", "--train.save_every", "2", "--seed", "7",
+           "--gen_eval_samples", "2", "--train.log_every", "1"]
+    kills = ["promote:1", f"step:{rng.randint(1, 5)}", f"checkpoint:{rng.randint(1, 3)}",
+             f"time:{rng.uniform(1.0, 6.0):.2f}", f"time:{rng.uniform(1.0, 6.0):.2f}"]
+    old = _tree(finished_run)
+    for i, kill in enumerate(kills):
+        out = tmp_path / f"run{i}"
+        shutil.copytree(finished_run, out)
+        env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"))
+        cmd = [sys.executable, "-m", "rlhf", *new, "--output_dir", str(out), "--overwrite"]
+        if kill.startswith("time:"):
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(float(kill[5:]))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        else:
+            rc = subprocess.run(cmd, cwd=ROOT, env={**env, "RLHF_FAULT": kill}, capture_output=True).returncode
+            assert rc == -9, (seed, kill, rc)
+        old_intact = _tree(out) == old
+        new_complete = (out / "summary.json").exists() and "seed: 7" in (out / "recipe.yaml").read_text()
+        assert old_intact or new_complete, (seed, kill)
+        resumable = staging_path(out).exists() and not new_complete
+        _rlhf(*new, "--output_dir", out, "--resume")  # finishes a resumable run; cleans up an interrupted promotion
+        if resumable:
+            assert "seed: 7" in (out / "recipe.yaml").read_text(), (seed, kill)
+        assert (out / "summary.json").exists() and not staging_path(out).exists(), (seed, kill)

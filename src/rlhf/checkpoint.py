@@ -66,6 +66,11 @@ def _rng_state(generators: dict[str, torch.Generator]) -> dict:
     }
 
 
+def rng_snapshot(generators: dict[str, torch.Generator]) -> dict:
+    """Every RNG state of this process now, to checkpoint later as if saved at this moment."""
+    return _rng_state(generators)
+
+
 def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -75,20 +80,28 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     for k, g in generators.items():
-        g.set_state(state["generators"][k])
+        try:
+            g.set_state(state["generators"][k])
+        except RuntimeError:  # written by a generator on another device (CPU vs CUDA: different states)
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "the '%s' generator's state was saved on another kind of device; it keeps its seed here, so "
+                "sampling after this resume is not the uninterrupted run's", k)
 
 
 def save_checkpoint(acc, out: Path, step: int, *, models: dict, optimizers: dict, schedulers: dict, state: dict,
                     generators: dict[str, torch.Generator] | None = None, keep: int = 2,
                     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
                     sharded_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
-                    rank_state: dict | None = None) -> Path | None:
+                    rank_state: dict | None = None, rng_state: dict | None = None) -> Path | None:
     """Write checkpoint `step` atomically (collective: every process calls it). Returns its path.
 
     `models` may hold DeepSpeed engines: each saves its weights and optimizer states itself, and
     the optimizers it owns are skipped. `extra_tensors` are written by the main process,
     `sharded_tensors` by every process (its own shard), and so is `rank_state` (what differs
-    between processes, e.g. each one's running loss sums), returned as state["rank"] on resume."""
+    between processes, e.g. each one's running loss sums), returned as state["rank"] on resume.
+    `rng_state` (from :func:`rng_snapshot`) saves the RNGs as they were then instead of now."""
     from safetensors.torch import save_file, save_model
 
     from .models import unwrap
@@ -100,7 +113,7 @@ def save_checkpoint(acc, out: Path, step: int, *, models: dict, optimizers: dict
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    torch.save(_rng_state(generators or {}), tmp / f"rng-rank{acc.process_index}.pt")
+    torch.save(rng_state or _rng_state(generators or {}), tmp / f"rng-rank{acc.process_index}.pt")
     if rank_state is not None:
         (tmp / f"state-rank{acc.process_index}.json").write_text(json.dumps(rank_state))
     for name, model in models.items():

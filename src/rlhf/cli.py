@@ -18,18 +18,10 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-    from .data.formats import DataError
-    from .engine import RunError
-    from .models import ModelError
-    from .rewards import RewardError
-    from .tokenization import TemplateError
+    from .engine import user_errors
 
-    return ConfigError, DataError, RunError, ModelError, RewardError, TemplateError
+    return user_errors()
 
 
 def _training_parser(sub, name: str, help: str):
@@ -75,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--judge", help="'file.py:function' or 'module:function' scoring each sample (default: task "
                                       "judge); 'none' writes unranked rows with ids for human ranking")
     samp.add_argument("--max_prompts", type=int)
-    samp.add_argument("--temperature", type=_positive_float, default=1.0)
+    samp.add_argument("--temperature", type=float, default=1.0)
     samp.add_argument("--max_new_tokens", type=int, default=64)
     samp.add_argument("--batch_size", type=int, default=64)
     samp.add_argument("--mix_with", help="preference file appended to the output")
@@ -122,15 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text} (for greedy decoding pass --greedy)")
-    return v
-
-
 def _sampling_args(p) -> None:
-    p.add_argument("--temperature", type=_positive_float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--max_new_tokens", type=int, default=64)
@@ -205,17 +190,33 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
 
 
 def _dispatch(args, rest: list[str]) -> int:
-    from .config import load_stage_config, parse_overrides
+    from .config import ConfigError, load_stage_config, parse_overrides
 
+    if getattr(args, "temperature", 1.0) <= 0 and not getattr(args, "greedy", False):
+        raise ConfigError(f"--temperature must be > 0 for sampling, got {args.temperature:g}"
+                          + (" (or pass --greedy)" if hasattr(args, "greedy") else ""))
     if args.command in ("sft", "rm", "ppo", "pipeline"):
-        cfg = load_stage_config(args.command, args.recipe, parse_overrides(rest))
         import contextlib
 
         from . import stages
+        from .config import locate_message
 
-        # stdout carries only the summary JSON; libraries that print (DeepSpeed's logger) go to stderr
-        with contextlib.redirect_stdout(sys.stderr):
-            summary = stages.run(args.command, cfg, args.output_dir, overwrite=args.overwrite, resume=args.resume)
+        overrides = {}
+        try:
+            overrides = parse_overrides(rest)
+            cfg = load_stage_config(args.command, args.recipe, overrides)
+            # stdout carries only the summary JSON; libraries that print (DeepSpeed's logger) go to stderr
+            with contextlib.redirect_stdout(sys.stderr):
+                summary = stages.run(args.command, cfg, args.output_dir, overwrite=args.overwrite, resume=args.resume)
+        except _user_errors() as e:  # name the recipe line of the key at fault, and a run folder problem too
+            section = stages.CURRENT[0] if args.command == "pipeline" and stages.CURRENT else ""
+            message = locate_message(str(e), args.recipe, overrides, section)
+            folder = _folder_problem(args)
+            if folder and folder not in message and "resumable from" not in message:
+                message = f"{message}; and {folder}"
+            if message != str(e):
+                raise type(e)(message) from None
+            raise
         if process_rank() == 0:  # one summary per job, not one per process
             print(json.dumps(summary, indent=2, default=float))
         return 0
@@ -274,6 +275,15 @@ def _dispatch(args, rest: list[str]) -> int:
     if args.command == "chat":
         return _chat(args)
     raise AssertionError(args.command)
+
+
+def _folder_problem(args) -> str | None:
+    """What is wrong with --output_dir for this run, if anything (reads, touches nothing)."""
+    if not args.output_dir:
+        return None
+    from .rundir import plan
+
+    return plan(args.output_dir, args.overwrite, args.resume).problem
 
 
 def _load_policy(path: str):

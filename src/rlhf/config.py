@@ -21,7 +21,25 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A recipe or override that does not fit the config schema (one line, names the key)."""
+    """A recipe or override that does not fit the config schema (one line, names the key).
+
+    `key` is the dotted key at fault (relative to the config being built), so the loader can
+    prefix the recipe's file:line or the command-line override that set it."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+SYNONYMS = {  # names from other toolkits (transformers' TrainingArguments, TRL) -> ours
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "micro_batch_size",
+    "train_batch_size": "batch_size", "lr_scheduler_type": "lr_scheduler", "max_seq_length": "max_length",
+    "beta": "kl_coef", "init_kl_coef": "kl_coef", "kl_penalty": "kl_estimator", "num_ppo_epochs": "ppo_epochs",
+    "response_length": "max_new_tokens", "model_name_or_path": "name_or_path", "bf16": "mixed_precision",
+    "fp16": "mixed_precision", "mini_batch_size": "minibatch_size", "batch_size_rollout": "rollout_batch_size",
+    "max_grad_norm_clip": "max_grad_norm", "num_generations": "k", "eval_steps": "eval_every",
+    "save_steps": "save_every", "logging_steps": "log_every", "warmup_steps": "warmup_ratio",
+}
 
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -310,6 +328,8 @@ class PPOConfig:
     """Weight of the RM's (normalised) score in the summed score."""
     reward_fns: list[RewardSpec] = field(default_factory=list)
     """Python reward functions added to the score, each with a weight."""
+    reward_timeout: float = 300.0
+    """Seconds one call of a reward function (one rollout batch) may take before the run stops (0: no limit)."""
     value_init: Literal["reward_model", "policy"] = "reward_model"
     """'reward_model' (InstructGPT) or 'policy' (fresh scalar head on the policy's backbone)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -430,7 +450,7 @@ class PPOConfig:
             "ema_decay": (0.0, 0.999999), "lr": (">", 0), "value_lr": (">", 0), "warmup_ratio": (0.0, 1.0),
             "weight_decay": (0.0, None), "adam_eps": (">", 0), "log_every": (1, None), "peak_tflops": (0.0, None),
             "sample_every": (0, None), "eval_every": (0, None), "eval_samples": (0, None), "save_every": (0, None),
-            "save_total_limit": (1, None), "max_nonfinite_steps": (1, None)})
+            "save_total_limit": (1, None), "max_nonfinite_steps": (1, None), "reward_timeout": (0.0, None)})
         if self.rollout_batch_size % self.minibatch_size:
             out.append(("rollout_batch_size", f"must be a multiple of minibatch_size ({self.minibatch_size}), "
                                               f"got {self.rollout_batch_size}"))
@@ -482,28 +502,28 @@ def _coerce(value: Any, tp: Any, key: str, hints_ns: dict) -> Any:
                 return _coerce(value, arg, key, hints_ns)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}", key)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}{hint}")
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}{hint}", key)
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}", key)
         return from_dict(tp, value, prefix=key + ".")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}", key)
         (item_tp,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{key}[{i}]", hints_ns) for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}", key)
         return dict(value)
     if tp is Any:
         return value
@@ -512,7 +532,7 @@ def _coerce(value: Any, tp: Any, key: str, hints_ns: dict) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}", key)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -521,7 +541,7 @@ def _coerce(value: Any, tp: Any, key: str, hints_ns: dict) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {value!r}", key)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -530,14 +550,14 @@ def _coerce(value: Any, tp: Any, key: str, hints_ns: dict) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {value!r}", key)
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp}")
+        raise ConfigError(f"{key}: expected a string, got {value!r}", key)
+    raise ConfigError(f"{key}: unsupported type {tp}", key)
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -549,9 +569,9 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+            near = near_miss(cls, str(key))
+            hint = f" (did you mean '{prefix}{near}'?)" if near else ""
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}", prefix + str(key))
         kwargs[key] = _coerce(value, hints[key], prefix + key, globals())
     try:
         obj = cls(**kwargs)
@@ -559,8 +579,40 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
     check = getattr(obj, "problems", None)
     for name, message in check() if check else []:  # ranges and rules between fields, at load time
-        raise ConfigError(f"{prefix}{name}: {message}")
+        raise ConfigError(f"{prefix}{name}: {message}", prefix + name)
     return obj
+
+
+def dotted_fields(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts ('train.lr', 'model.lora.r', ...)."""
+    hints = typing.get_type_hints(cls, globalns=globals())
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or [tp]
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(inner[0]):
+            out += dotted_fields(inner[0], prefix + f.name + ".")
+    return out
+
+
+def near_miss(cls: type, key: str) -> str | None:
+    """The key the user probably meant: a close spelling in the same section, a synonym from
+    transformers/TRL, or the same name in a sub-section ('lr' in an SFT recipe -> 'train.lr')."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    if close:
+        return close[0]
+    every = dotted_fields(cls)
+    synonym = SYNONYMS.get(key) or next(iter(difflib.get_close_matches(key, list(SYNONYMS), n=1, cutoff=0.85)), None)
+    want = SYNONYMS.get(synonym, key) if synonym else key
+    if want in names:
+        return want
+    nested = [k for k in every if k.rsplit(".", 1)[-1] == want]
+    if nested:
+        return nested[0]
+    close = difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in every], n=1, cutoff=0.75)
+    return next((k for k in every if close and k.endswith("." + close[0])), None)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -607,20 +659,62 @@ def apply_overrides(doc: dict, overrides: dict[str, Any]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A recipe as a dict: strict UTF-8 (BOM accepted) and strict YAML (a repeated key is an
+    error naming both lines)."""
+    from .textio import load_yaml, read_text
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    doc = load_yaml(read_text(path, ConfigError), path, ConfigError)
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys")
     return doc
+
+
+def recipe_lines(path: str | Path | None) -> dict[str, int]:
+    """{dotted key: line} of a recipe file ({} without one)."""
+    if not path or not Path(path).is_file():
+        return {}
+    from .textio import read_text, yaml_key_lines
+
+    try:
+        return yaml_key_lines(read_text(path, ConfigError))
+    except ConfigError:
+        return {}
+
+
+def where_set(key: str, recipe: str | Path | None, overrides: dict | None, section: str = "") -> str | None:
+    """Where the user set dotted `key` (relative to `section`, a pipeline recipe's stage):
+    'recipe.yaml:12' or 'command line --ppo.lr'; None if neither did."""
+    overrides = overrides or {}
+    full = f"{section}.{key}" if section else key
+    for name in (full, key):  # an override beats the recipe; it may name the section or not
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):
+            if ".".join(parts[:i]) in overrides:
+                return f"command line --{'.'.join(parts[:i])}"
+    lines = recipe_lines(recipe)
+    for name in (full, key):
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):
+            if ".".join(parts[:i]) in lines:
+                return f"{recipe}:{lines['.'.join(parts[:i])]}"
+    return None
+
+
+def locate_message(message: str, recipe: str | Path | None, overrides: dict | None, section: str = "") -> str:
+    """A run-time error about a recipe key ("recipe: 'model.name_or_path' points at ...") with
+    'recipe' replaced by where the key was set (file:line, or the command-line override)."""
+    import re
+
+    if not message.startswith("recipe: "):
+        return message
+    m = re.search(r"'([A-Za-z_]\w*(?:\.\w+)*)'", message)
+    where = where_set(m.group(1), recipe, overrides, section) if m else None
+    return f"{where}: {message[len('recipe: '):]}" if where else message
 
 
 def is_pipeline_doc(doc: dict) -> bool:
@@ -635,25 +729,38 @@ def load_stage_config(stage: str, recipe: str | Path | None, overrides: dict[str
     """
     doc = read_yaml(recipe) if recipe else {}
     overrides = dict(overrides or {})
-    if stage == "pipeline":
-        doc = apply_overrides(doc, overrides)
-        for name in ("sft", "rm", "ppo"):  # the top-level seed is every stage's default
-            if "seed" in doc and doc.get(name) is None:
-                doc[name] = {}
-            if "seed" in doc and isinstance(doc.get(name), dict) and "seed" not in doc[name]:
-                doc[name]["seed"] = doc["seed"]
-        return from_dict(PipelineConfig, doc)
-    if is_pipeline_doc(doc):
-        section = dict(doc.get(stage) or {})
-        if "seed" in doc and "seed" not in section:
-            section["seed"] = doc["seed"]
-        unknown = set(doc) - {"sft", "rm", "ppo", "seed", "output_dir"}
-        if unknown:
-            raise ConfigError(f"unknown key '{sorted(unknown)[0]}' at the top of a pipeline recipe")
-        doc = section
-    stage_overrides = {(k[len(stage) + 1 :] if k.startswith(stage + ".") else k): v for k, v in overrides.items()}
-    doc = apply_overrides(doc, stage_overrides)
-    return from_dict(STAGES[stage], doc)
+    section = ""
+    try:
+        if stage == "pipeline":
+            doc = apply_overrides(doc, overrides)
+            for name in ("sft", "rm", "ppo"):  # the top-level seed is every stage's default
+                if "seed" in doc and doc.get(name) is None:
+                    doc[name] = {}
+                if "seed" in doc and isinstance(doc.get(name), dict) and "seed" not in doc[name]:
+                    doc[name]["seed"] = doc["seed"]
+            return from_dict(PipelineConfig, doc)
+        if is_pipeline_doc(doc):
+            unknown = sorted(set(doc) - {"sft", "rm", "ppo", "seed", "output_dir"})
+            if unknown:
+                near = near_miss(PipelineConfig, str(unknown[0]))
+                hint = f" (did you mean '{near}'?)" if near else ""
+                raise ConfigError(f"unknown key '{unknown[0]}' at the top of a pipeline recipe{hint}", str(unknown[0]))
+            section = stage
+            sec = dict(doc.get(stage) or {})
+            if "seed" in doc and "seed" not in sec:
+                sec["seed"] = doc["seed"]
+            doc = sec
+        stage_overrides = {(k[len(stage) + 1 :] if k.startswith(stage + ".") else k): v for k, v in overrides.items()}
+        doc = apply_overrides(doc, stage_overrides)
+        return from_dict(STAGES[stage], doc)
+    except ConfigError as e:
+        where = where_set(e.key, recipe, overrides, section) if e.key else None
+        if not where or str(e).startswith(where):
+            raise
+        msg = str(e)
+        if where.startswith("command line") and msg.startswith(f"{e.key}: "):
+            msg = msg[len(e.key) + 2:]  # "command line --lr: must be > 0", not "... --lr: lr: ..."
+        raise ConfigError(f"{where}: {msg}", e.key) from None
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:

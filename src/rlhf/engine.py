@@ -8,12 +8,12 @@ epoch e is a permutation seeded by (seed, e), so a run's data position is just i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +115,8 @@ def _cpu_grad_scaler_for_tests(acc, mp: str) -> None:
 def compute_dtype(acc, model_dtype: str = "float32") -> torch.dtype:
     """The dtype the matmuls of a training run actually execute in: the autocast / DeepSpeed
     precision if mixed precision is on, else the weights' dtype."""
-    mp = acc.mixed_precision if not is_deepspeed(acc) else _ds_precision(acc)
+    mp = _ds_precision(acc) if is_deepspeed(acc) else acc.mixed_precision if acc.native_amp else "no"
+    # (accelerate runs 'fp16' on a CPU in plain fp32: no autocast there)
     if mp == "bf16":
         return torch.bfloat16
     if mp == "fp16":
@@ -163,10 +164,22 @@ def deepspeed_config(path: str, mixed_precision: str, micro_batch_size: int, gra
     cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
     cfg["gradient_clipping"] = max_grad_norm if max_grad_norm > 0 else 0.0
     cfg.setdefault("zero_allow_untested_optimizer", True)  # our AdamW is the client optimizer
-    cfg["bf16"] = {"enabled": mixed_precision == "bf16"}
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": mixed_precision == "bf16"}
+    if _ds_has_bf16_overflow_check():  # skip (not apply) a bf16 step whose gradient norm is NaN/inf
+        cfg["bf16"].setdefault("check_grad_overflow", True)
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": mixed_precision == "fp16"}
     cfg.setdefault("steps_per_print", 10**9)
     return cfg
+
+
+def _ds_has_bf16_overflow_check() -> bool:
+    """Whether the installed DeepSpeed's bf16 config knows `check_grad_overflow` (older ones
+    refuse unknown keys)."""
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return False
+    return "check_grad_overflow" in getattr(DeepSpeedBF16Config, "model_fields", {})
 
 
 def is_deepspeed(acc) -> bool:
@@ -194,7 +207,6 @@ def backward(acc, loss, grad_accum: int, last: bool) -> None:
 def gathered_params(acc, model):
     """Context in which a ZeRO-3 model's full weights are present on every rank (once, e.g. for a
     whole generation); a no-op otherwise."""
-    import contextlib
 
     if zero_stage(acc) != 3:
         return contextlib.nullcontext()
@@ -321,33 +333,35 @@ def step_models(acc, parts: list[tuple], max_grad_norm: float, loss_ok: bool = T
     if is_deepspeed(acc):
         engine = acc.deepspeed_engine_wrapped.engine
         applied = engine.was_step_applied()
-        if bad and applied:  # an old DeepSpeed without its own non-finite check
-            raise RunError("DeepSpeed applied an optimizer step whose loss was non-finite; upgrade deepspeed "
-                           "(>= 0.16 skips such steps) and resume from the last checkpoint")
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
+        if applied and (bad or (norm is not None and not math.isfinite(norm))):
+            raise RunError("DeepSpeed applied an optimizer step whose loss or gradient was non-finite (this DeepSpeed "
+                           "does not skip such steps in this precision); upgrade deepspeed and resume from the last "
+                           "checkpoint")
         if applied:
-            for _, _, sched in parts:
+            for _, opt, sched in parts:
+                opt._opt_called = True  # (the engine stepped; what the schedule's step counter looks for)
                 if sched is not None:
                     sched.step()
-        return StepResult(applied, [norm], overflow=False)
+        overflow = not applied and not bad and engine.fp16_enabled()  # DeepSpeed's own loss scaler skipped it
+        return StepResult(applied, [norm], overflow=overflow)
     acc.unscale_gradients()  # fp16: every optimizer unscaled once (a no-op otherwise)
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     norms = [float(torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.grad is not None], limit))
              for m, _, _ in parts]
-    finite = all(math.isfinite(n) for n in norms)
+    stepped = not bad and all(math.isfinite(n) for n in norms)
     scaler = acc.scaler
-    overflow = scaler is not None and not bad and not finite
-    if scaler is not None and not bad:
-        # the scaler skips optimizers whose gradients hold inf/nan and lowers its scale once
+    if stepped:
         for _, opt, _ in parts:
-            scaler.step(_plain(opt))
-            opt._opt_called = True  # (what the schedule's step counter on the wrapper looks for)
+            if scaler is not None:
+                scaler.step(_plain(opt))  # (already unscaled: the scaler only steps)
+                opt._opt_called = True  # (what the schedule's step counter on the wrapper looks for)
+            else:
+                opt.step()
+    if scaler is not None:  # after every unscale, found inf or not: lowers the scale on inf/nan, resets its state
         scaler.update()
-    elif not bad and finite:
-        for _, opt, _ in parts:
-            opt.step()
-    stepped = not bad and finite
+    overflow = scaler is not None and not bad and not stepped
     if stepped:
         for _, _, sched in parts:
             if sched is not None:
@@ -358,8 +372,16 @@ def step_models(acc, parts: list[tuple], max_grad_norm: float, loss_ok: bool = T
 
 
 def loss_scale(acc) -> float | None:
-    """The fp16 GradScaler's current scale (None without one)."""
-    return float(acc.scaler.get_scale()) if getattr(acc, "scaler", None) is not None else None
+    """The current fp16 loss scale: accelerate's GradScaler or DeepSpeed's (None without one)."""
+    if getattr(acc, "scaler", None) is not None:
+        return float(acc.scaler.get_scale())
+    if is_deepspeed(acc) and acc.deepspeed_engine_wrapped is not None:
+        engine = acc.deepspeed_engine_wrapped.engine
+        if engine.fp16_enabled():
+            opt = engine.optimizer
+            scale = getattr(opt, "loss_scale", None) or getattr(opt, "cur_scale", None)
+            return float(scale) if scale is not None else None
+    return None
 
 
 class StepResult(tuple):
@@ -472,37 +494,70 @@ def chunks(items: list, size: int) -> list[list]:
 # ----------------------------------------------------------------------------- output
 
 
-RUN_MARKERS = ("recipe.yaml", "summary.json", "metrics.jsonl")
+def open_run(acc, output_dir, overwrite: bool = False, resume: bool = False):
+    """Plan this run's folder (see :mod:`rlhf.rundir`): after finishing any promotion a crash
+    interrupted, decide where the run writes. Touches nothing else; a problem with the folder is
+    kept in `.problem` and reported by :func:`inputs_first` after the inputs were read."""
+    from . import rundir
+
+    if acc.is_main_process:
+        rundir.recover(output_dir)
+    acc.wait_for_everyone()
+    return rundir.plan(output_dir, overwrite, resume)
 
 
-def check_output_dir(path: str | Path | None, overwrite: bool = False, resume: bool = False) -> Path:
-    """Refuse, before anything is written, a run folder that already holds a run (unless
-    --overwrite) or, with --resume, one that holds none. Touches nothing."""
-    if not path:
-        raise RunError("no output directory: pass --output_dir or set output_dir in the recipe")
-    path = Path(path)
-    if resume and overwrite:
-        raise RunError("--resume and --overwrite exclude each other")
-    holds_run = path.exists() and any((path / f).exists() for f in RUN_MARKERS)
-    if resume and not holds_run:
-        raise RunError(f"{path}: no run to resume")
-    if not resume and holds_run and not overwrite:
-        raise RunError(f"{path}: already holds a run; pass --overwrite to replace it (or --resume to continue)")
-    return path
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user can fix: one line, exit status 2."""
+    from .config import ConfigError
+    from .data.formats import DataError
+    from .models import ModelError
+    from .rewards import RewardError
+    from .tokenization import TemplateError
+
+    return ConfigError, DataError, RunError, ModelError, RewardError, TemplateError
 
 
-def prepare_output_dir(path: str | Path | None, overwrite: bool = False, is_main: bool = True,
-                       resume: bool = False) -> Path:
-    """Create the run folder (after every input was validated); with --overwrite, clear the old run."""
-    path = check_output_dir(path, overwrite, resume)
-    if is_main and overwrite:
-        for f in (*RUN_MARKERS, "samples.jsonl"):
-            (path / f).unlink(missing_ok=True)
-        for d in ("checkpoints", "tb"):
-            shutil.rmtree(path / d, ignore_errors=True)
-    if is_main:
-        path.mkdir(parents=True, exist_ok=True)
-    return path
+@contextlib.contextmanager
+def inputs_first(rf):
+    """Validate a run's inputs inside this block, then refuse a run folder that cannot take the
+    run: the user fixes both at once (both are named when both are wrong)."""
+    try:
+        yield
+    except user_errors() as e:
+        if rf.problem:
+            raise type(e)(f"{e}; and {rf.problem}") from None
+        raise
+    if rf.problem:
+        raise RunError(rf.problem)
+
+
+_OPEN: list = []
+"""Run folders this process has opened and not yet finished (`fail_open_runs` marks them)."""
+
+
+def prepare_output_dir(acc, rf, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create the folder this run writes into (the staging folder of a new run), once every
+    input was validated; returns it."""
+    from . import rundir
+
+    if acc.is_main_process:
+        rundir.open_folder(rf, overwrite, resume)
+    acc.wait_for_everyone()
+    _OPEN.append(rf)
+    if rf.staged:
+        log.info("writing the run into %s; it replaces %s when it finishes", rf.work, rf.final)
+    return rf.work
+
+
+def fail_open_runs(error: BaseException, is_main: bool = True, since: int = 0) -> str:
+    """After an error: of the run folders opened since `since`, remove staged ones without a
+    checkpoint, mark the others FAILED. Returns a note for the error message (where the
+    resumable run is)."""
+    from . import rundir
+
+    notes = [rundir.fail(rf, error) for rf in _OPEN[since:]] if is_main else []
+    del _OPEN[since:]
+    return "".join(notes)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -568,26 +623,41 @@ class MetricsLogger:
 
 def start_run(tc, output_dir, overwrite: bool, resume: bool):
     """Common start of the SFT and RM loops: accelerator (DDP / DeepSpeed with the recipe's batch
-    split), the run folder checked (not yet touched), and the summary of a run --resume finds
-    already complete. Returns (acc, grad_accum, micro_batch_size, out, finished_summary | None)."""
+    split), the run folder planned (not yet touched), and the summary of a run --resume finds
+    already complete. Returns (acc, grad_accum, micro_batch_size, run_folder, finished_summary | None)."""
     accum, micro_bs = grad_accum_steps(tc.batch_size, tc.micro_batch_size, world_size())
     acc = make_accelerator(tc.mixed_precision, tc.deepspeed, micro_batch_size=micro_bs, grad_accum=accum,
                            max_grad_norm=tc.max_grad_norm)
-    out = check_output_dir(output_dir, overwrite, resume)  # nothing is written before the inputs check out
-    done = json.loads((out / "summary.json").read_text()) if resume and (out / "summary.json").exists() else None
+    rf = open_run(acc, output_dir, overwrite, resume)  # nothing is written before the inputs check out
+    done = json.loads((rf.final / "summary.json").read_text()) if rf.done else None
     if done is not None:
-        log.info("%s: run already complete", out)
-    return acc, accum, micro_bs, out, done
+        log.info("%s: run already complete", rf.final)
+    return acc, accum, micro_bs, rf, done
 
 
 def finish_run(acc, logger: "MetricsLogger", out: Path) -> None:
-    """Common end of every stage: close the logs, build the report, and wait until the model is on
-    disk before any process moves on (the next stage reads it)."""
+    """Common end of every stage: close the logs, build the report, move a staged run to its
+    final path, and wait until the model is there before any process moves on (the next stage
+    reads it)."""
+    from . import rundir
+
     logger.close()
     if acc.is_main_process:
         from .report import report_after_run
 
         report_after_run(out)
+    finish_folder(acc, out)
+
+
+def finish_folder(acc, out: Path) -> None:
+    """A finished run (summary written) takes its final path if it was staged (collective)."""
+    from . import rundir
+
+    acc.wait_for_everyone()
+    for rf in [rf for rf in _OPEN if rf.work == out]:
+        if acc.is_main_process:
+            rundir.promote(rf)
+        _OPEN.remove(rf)
     acc.wait_for_everyone()
 
 

@@ -27,9 +27,9 @@ def sample_texts(model, tok, prompts: list, *, max_new_tokens: int, temperature:
         g = generate(model, encoded[s : s + batch_size], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      greedy=greedy, generator=gen, device=device)
-        for row, m, e in zip(g.response_ids, g.response_mask, g.has_eos):
-            texts.append(decode_response(tok, row[m.bool()].tolist()))
-            eos.append(bool(e))
+        for row, m, e in zip(g.response_ids.cpu(), g.response_mask.cpu().bool(), g.has_eos.tolist()):  # one copy
+            texts.append(decode_response(tok, row[m].tolist()))
+            eos.append(e)
     model.train(was_training)
     return texts, eos
 

@@ -74,6 +74,13 @@ STYLE = ("<style>body{font-family:sans-serif;margin:2em;max-width:1100px}img{mar
          "text-align:left}</style>")
 
 
+def final_path_of(run: Path) -> Path:
+    """The path a run has once promoted (a staging folder '.NAME.staging' becomes 'NAME')."""
+    from .rundir import final_path
+
+    return final_path(Path(run))
+
+
 def build_report(run_dir: str | Path) -> str:
     """Write RUN_DIR/report/index.html (+ PNGs); returns the page's path."""
     run = Path(run_dir)
@@ -94,7 +101,7 @@ def build_report(run_dir: str | Path) -> str:
             data = base64.b64encode(png.read_bytes()).decode()
             imgs.append(f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">')
     parts = [f"<html><head><meta charset='utf-8'><title>rlhf {stage} report</title>{STYLE}</head><body>",
-             f"<h1>{html.escape(stage.upper())} run: {html.escape(str(run))}</h1>", "<h2>Summary</h2>",
+             f"<h1>{html.escape(stage.upper())} run: {html.escape(str(final_path_of(run)))}</h1>", "<h2>Summary</h2>",
              _table(summary), "<h2>Curves</h2>", "".join(imgs) or "<p>(no metrics logged)</p>"]
     samples = _read_jsonl(run / "samples.jsonl")
     if samples:
@@ -117,7 +124,7 @@ def _guess_stage(records: list[dict]) -> str:
 
 def _pipeline_report(run: Path, summary: dict) -> str:
     parts = [f"<html><head><meta charset='utf-8'><title>rlhf pipeline report</title>{STYLE}</head><body>",
-             f"<h1>Pipeline run: {html.escape(str(run))}</h1>"]
+             f"<h1>Pipeline run: {html.escape(str(final_path_of(run)))}</h1>"]
     for stage in ("sft", "rm", "ppo"):
         if not (run / stage / "metrics.jsonl").exists():
             continue

@@ -61,19 +61,44 @@ def load_reward_fn(spec: str) -> Callable:
         raise RewardError(f"reward function '{spec}': cannot import {target} ({type(e).__name__}: {e})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise RewardError(f"reward function '{spec}': {target} has no function '{name}'")
+        have = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                      and getattr(v, "__module__", None) == module.__name__)
+        listing = f"; it has: {', '.join(have)}" if have else "; it defines no functions"
+        raise RewardError(f"reward function '{spec}': {target} has no function '{name}'{listing}")
     fn.__rlhf_name__ = spec
     return fn
 
 
-def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: dict[str, list]) -> list[float]:
-    """Call a reward function and check what it returns (count, type, finiteness)."""
-    name = getattr(fn, "__rlhf_name__", getattr(fn, "__name__", repr(fn)))
+DRY_COMPLETIONS = ("", "a", "The answer is 42.")
+
+
+def dry_call(fn: Callable, prompts: list, fields: dict[str, list], timeout: float = 0.0) -> None:
+    """Call a reward function once before anything is written or loaded: a few real prompts (with
+    their fields) and dummy completions; it must return one finite float each, in time."""
+    n = len(prompts)
+    completions = [DRY_COMPLETIONS[i % len(DRY_COMPLETIONS)] for i in range(n)]
     try:
-        out = fn(prompts, completions, **fields)
+        call_reward_fn(fn, prompts, completions, fields, timeout=timeout)
+    except RewardError as e:
+        raise RewardError(f"{e} [at the check before the run, on {n} prompts with dummy completions]") from None
+
+
+def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: dict[str, list],
+                   where: list[str] | None = None, timeout: float = 0.0) -> list[float]:
+    """Call a reward function and check what it returns (count, type, finiteness) and how long it
+    takes (`timeout` seconds, 0 = no limit). Errors name the function and, with `where` (each
+    sample's file:line), the data row of the sample at fault."""
+    name = getattr(fn, "__rlhf_name__", getattr(fn, "__name__", repr(fn)))
+    row = (lambda i: f" (row {where[i]})") if where else (lambda i: "")
+    try:
+        with time_limit(timeout, name):
+            out = fn(prompts, completions, **fields)
+    except RewardError:
+        raise
     except Exception as e:
-        raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {e} "
-                          f"(first sample's prompt: {_short(prompts[0])})") from None
+        raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {e} on a batch of "
+                          f"{len(completions)} samples{row(0).replace('row', 'first row')} "
+                          f"(first prompt: {_short(prompts[0])})") from None
     if isinstance(out, torch.Tensor):
         out = out.detach().flatten().tolist()
     try:
@@ -87,12 +112,57 @@ def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: 
         try:
             v = float(v)
         except (TypeError, ValueError):
-            raise RewardError(f"reward function '{name}' returned {v!r} for sample {i}, expected a float") from None
+            raise RewardError(f"reward function '{name}' returned {v!r} for sample {i}{row(i)}, expected a float") \
+                from None
         if not math.isfinite(v):
-            raise RewardError(f"reward function '{name}' returned {v} for sample {i} "
+            raise RewardError(f"reward function '{name}' returned {v} for sample {i}{row(i)} "
                               f"(prompt: {_short(prompts[i])}, completion: {completions[i]!r})")
         values.append(v)
     return values
+
+
+class time_limit:
+    """Raise RewardError if the block runs longer than `seconds` (0: no limit).
+
+    SIGALRM interrupts the Python code of the reward function in this (main) thread, so nothing
+    is left running afterwards: no thread, no process. Off the main thread, or where SIGALRM does
+    not exist, the limit cannot be enforced and is skipped with a warning."""
+
+    def __init__(self, seconds: float, name: str):
+        self.seconds, self.name, self.armed = seconds, name, False
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if self.seconds <= 0:
+            return self
+        if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+            import logging
+
+            logging.getLogger(__name__).warning("reward_timeout cannot be enforced here (not the main thread)")
+            return self
+        self.previous = signal.signal(signal.SIGALRM, self._expired)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        self.armed = True
+        return self
+
+    def _expired(self, signum, frame):
+        raise _TimedOut  # a BaseException: a reward function's `except Exception` cannot swallow it
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.armed:
+            import signal
+
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+        if exc_type is _TimedOut:
+            raise RewardError(f"reward function '{self.name}' took longer than reward_timeout ({self.seconds:g} s)")
+        return False
+
+
+class _TimedOut(BaseException):
+    pass
 
 
 def _short(p: Any) -> str:

@@ -79,18 +79,20 @@ def read_rows(spec: str, split: str = "train") -> list[Row]:
 
 
 def _read_jsonl(path: Path) -> list[Row]:
+    """Rows of a JSONL file: strict UTF-8 (a leading BOM is accepted; a bad byte is file:line:column)."""
+    from ..textio import read_text
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{i}: a row must be a JSON object")
-            rows.append(Row(obj, str(path), i))
+    for i, line in enumerate(read_text(path, DataError).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{i}: a row must be a JSON object")
+        rows.append(Row(obj, str(path), i))
     return rows
 
 
@@ -112,7 +114,7 @@ def _is_messages(v: Any) -> bool:
 def _text_or_messages(row: Row, fld: str, *, required: bool = True, allow_empty: bool = False) -> str | Messages | None:
     if fld not in row.data or row.data[fld] is None:
         if required:
-            raise DataError(f"{row.where(fld)}: missing")
+            raise DataError(f"{row.where(fld)}: {'missing' if fld not in row.data else 'is null'}")
         return None
     v = row.data[fld]
     if isinstance(v, str):
@@ -125,6 +127,44 @@ def _text_or_messages(row: Row, fld: str, *, required: bool = True, allow_empty:
         return v
     raise DataError(f"{row.where(fld)}: expected a string or a list of {{role, content}} messages, "
                     f"got {type(v).__name__}")
+
+
+ROLES = ("system", "user", "assistant", "tool")
+_ROLE_HINTS = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
+               "function": "tool", "ipython": "tool"}
+
+
+def check_turns(row: Row, turns: list[tuple[str, dict]], ends_on: tuple[str, ...]) -> None:
+    """Validate a conversation given as [(field path, message)]: known roles, a system message only
+    first, user and assistant alternating (tool results only right after an assistant turn, and
+    followed by the assistant), and the last turn's role in `ends_on` (SFT conversations end on
+    the assistant, prompts on the user). Each violation names file:line and the message's field."""
+    prev = None
+    for i, (fld, m) in enumerate(turns):
+        role = m["role"]
+        if role not in ROLES:
+            hint = f" (did you mean '{_ROLE_HINTS[role.lower()]}'?)" if role.lower() in _ROLE_HINTS else ""
+            raise DataError(f"{row.where(fld + '.role')}: unknown role '{role}' (expected {', '.join(ROLES)}){hint}")
+        if role == "system" and i > 0:
+            raise DataError(f"{row.where(fld + '.role')}: a system message may only come first")
+        allowed = {None: ("system", "user"), "system": ("user",), "user": ("assistant",),
+                   "assistant": ("user", "tool"), "tool": ("tool", "assistant")}[prev]
+        if role not in allowed:
+            what = f"two {role} turns in a row" if role == prev else f"{_a(role)} turn after {_a(prev)} turn"
+            raise DataError(f"{row.where(fld + '.role')}: {what}; turns must alternate user / assistant "
+                            f"(tool results only after an assistant turn)")
+        prev = role
+    if turns and prev not in ends_on:
+        raise DataError(f"{row.where(turns[-1][0] + '.role')}: the conversation ends on {_a(prev)} turn; "
+                        f"{_a(' or '.join(ends_on))} turn is expected here")
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "ao" else "a ") + word  # (roles: an assistant, a user, a system, a tool)
+
+
+def _turns(fld: str, msgs: Messages) -> list[tuple[str, dict]]:
+    return [(f"{fld}[{i}]", m) for i, m in enumerate(msgs)]
 
 
 def as_prompt_messages(p: str | Messages) -> Messages:
@@ -141,6 +181,8 @@ class SFTExample:
     completion: Messages
     """Assistant (and possibly further) turns; loss on assistant turns only."""
     meta: dict = field(default_factory=dict)
+    fields: tuple[str, str] = ("prompt", "completion")
+    """The row's fields holding prompt and completion (('messages', 'messages') for conversations)."""
 
 
 def parse_sft(row: Row) -> SFTExample:
@@ -152,14 +194,19 @@ def parse_sft(row: Row) -> SFTExample:
         first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
         if first is None:
             raise DataError(f"{row.where('messages')}: no assistant message to learn from")
-        if first == 0:
+        if first == 0 or (first == 1 and msgs[0]["role"] == "system"):
             raise DataError(f"{row.where('messages')}: conversation starts with the assistant; no prompt")
-        return SFTExample(msgs[:first], msgs[first:], _meta(d, ("messages",)))
+        check_turns(row, _turns("messages", msgs), ends_on=("assistant",))
+        return SFTExample(msgs[:first], msgs[first:], _meta(d, ("messages",)), ("messages", "messages"))
     if "prompt" not in d and "completion" not in d:
         raise DataError(f"{row.where()}: expected fields 'prompt' and 'completion', or 'messages'")
     prompt = _text_or_messages(row, "prompt")
     completion = _text_or_messages(row, "completion")
-    return SFTExample(as_prompt_messages(prompt), as_response_messages(completion), _meta(d, ("prompt", "completion")))
+    p, c = as_prompt_messages(prompt), as_response_messages(completion)
+    check_turns(row, _turns("prompt", p) + _turns("completion", c), ends_on=("assistant",))
+    if c[0]["role"] != "assistant":
+        raise DataError(f"{row.where('completion[0].role')}: a completion starts with the assistant turn")
+    return SFTExample(p, c, _meta(d, ("prompt", "completion")))
 
 
 @dataclass
@@ -172,6 +219,8 @@ class PrefGroup:
     pairs: list[tuple[int, int, float]]
     """(chosen index, rejected index, margin) into `responses`."""
     source: str = ""
+    fields: list[str] = field(default_factory=lambda: ["chosen", "rejected"])
+    """The row's field holding each response (for errors: 'rejected', 'responses[2]')."""
 
 
 def _number(row: Row, fld: str, v: Any) -> float:
@@ -193,6 +242,8 @@ def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
     whole = [d.get(f) for f in ("chosen", "rejected")]
     if all(_is_messages(v) and v and v[0]["role"] != "assistant" for v in whole):
         # whole conversations (UltraFeedback-binarized style, even with a 'prompt' field): split the shared prefix
+        for fld, v in zip(("chosen", "rejected"), whole):
+            check_turns(row, _turns(fld, v), ends_on=("assistant",))
         prompt_m, c, r = split_implicit_prompt(whole[0], whole[1], row)
         return PrefGroup(prompt_m, [c, r], [(0, 1, margin)], row.where())
     if "prompt" in d and d["prompt"] is not None:
@@ -204,20 +255,33 @@ def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
                 raise DataError(f"{row.where('chosen')}: chosen and rejected must both be strings or both messages")
         prompt_m = as_prompt_messages(prompt)
         responses = [as_response_messages(chosen), as_response_messages(rejected)]
+        for fld, r in zip(("chosen", "rejected"), responses):
+            check_turns(row, _turns("prompt", prompt_m) + _turns(fld, r), ends_on=("assistant",))
+            if r and r[0]["role"] != "assistant":
+                raise DataError(f"{row.where(fld + '[0].role')}: a response starts with the assistant turn")
     else:  # implicit prompt: two transcripts sharing a prefix
         chosen = _text_or_messages(row, "chosen")
         rejected = _text_or_messages(row, "rejected")
         prompt_m, c, r = split_implicit_prompt(chosen, rejected, row)
         responses = [c, r]
     if responses[0] == responses[1]:
-        stats["duplicate_pairs"] = stats.get("duplicate_pairs", 0) + 1
+        _duplicate(row, "rejected", "chosen and rejected are the same response", stats)
         return None
     return PrefGroup(prompt_m, responses, [(0, 1, margin)], row.where())
+
+
+def _duplicate(row: Row, fld: str, what: str, stats: dict) -> None:
+    """Count a pair that carries no signal; warn once per run with its file:line."""
+    stats["duplicate_pairs"] = stats.get("duplicate_pairs", 0) + 1
+    if stats["duplicate_pairs"] == 1:
+        log.warning("%s: %s: the pair is dropped (counted as duplicate_pairs in summary.json; further ones "
+                    "are not warned about)", row.where(fld), what)
 
 
 def _parse_ranking(row: Row, stats: dict) -> PrefGroup | None:
     d = row.data
     prompt = _text_or_messages(row, "prompt")
+    check_turns(row, _turns("prompt", as_prompt_messages(prompt)), ends_on=("user", "tool"))
     resp = d["responses"]
     if not isinstance(resp, list) or len(resp) < 2:
         raise DataError(f"{row.where('responses')}: expected a list of at least 2 responses")
@@ -240,13 +304,15 @@ def _parse_ranking(row: Row, stats: dict) -> PrefGroup | None:
             stats["tied_pairs"] = stats.get("tied_pairs", 0) + 1
             continue
         if responses[i] == responses[j]:  # same text ranked differently: contradictory, no signal
-            stats["duplicate_pairs"] = stats.get("duplicate_pairs", 0) + 1
+            _duplicate(row, f"responses[{j}]", f"responses[{i}] and [{j}] are the same text, ranked differently",
+                       stats)
             continue
         w, l = (i, j) if goodness[i] > goodness[j] else (j, i)
         pairs.append((w, l, 0.0))
     if not pairs:
         return None
-    return PrefGroup(as_prompt_messages(prompt), responses, pairs, row.where())
+    return PrefGroup(as_prompt_messages(prompt), responses, pairs, row.where(),
+                     [f"responses[{i}]" for i in range(len(responses))])
 
 
 def split_implicit_prompt(chosen, rejected, row: Row):
@@ -254,8 +320,9 @@ def split_implicit_prompt(chosen, rejected, row: Row):
 
     Message lists: the prompt is the longest common prefix of whole messages, and must end
     before an assistant turn. Strings (Anthropic HH style "\\n\\nHuman: ... \\n\\nAssistant: ..."):
-    the prompt runs to the end of the last "Assistant:" marker inside the common prefix, or to
-    the last whitespace in it when there is no marker; the prompt stays raw text (no template).
+    the prompt runs to the end of the last "Assistant:" marker inside the common prefix; without
+    one the two transcripts do not share a prompt and the row is an error (cutting at the last
+    whitespace trained on prompts such as "What is "). The prompt stays raw text (no template).
     """
     if isinstance(chosen, list) and isinstance(rejected, list):
         n = 0
@@ -264,6 +331,11 @@ def split_implicit_prompt(chosen, rejected, row: Row):
         if n == 0 or n == len(chosen) or n == len(rejected):
             raise DataError(f"{row.where('chosen')}: chosen and rejected share no prompt prefix "
                             f"or one is a prefix of the other")
+        while n > 0 and chosen[n - 1]["role"] == "assistant":  # the prompt ends before an assistant turn
+            n -= 1
+        if n == 0 or chosen[n - 1]["role"] not in ("user", "tool"):
+            raise DataError(f"{row.where(f'chosen[{max(n - 1, 0)}].role')}: the shared prompt of chosen and "
+                            f"rejected does not end on a user turn")
         return chosen[:n], chosen[n:], rejected[n:]
     if isinstance(chosen, str) and isinstance(rejected, str):
         n = 0
@@ -271,14 +343,19 @@ def split_implicit_prompt(chosen, rejected, row: Row):
             n += 1
         common = chosen[:n]
         marker = common.rfind("Assistant:")
-        if marker >= 0:
-            cut = marker + len("Assistant:")
-        else:
-            cut = max(common.rfind(" "), common.rfind("\n")) + 1
-        if cut <= 0 or cut >= len(chosen) or cut >= len(rejected):
-            raise DataError(f"{row.where('chosen')}: chosen and rejected share no prompt prefix")
+        if marker < 0:  # cutting anywhere else would train on a cut prompt ("What is ")
+            raise DataError(f"{row.where('chosen')}: chosen and rejected do not share their prompt: the text they "
+                            f"have in common ({_clip(common)}) does not end in an 'Assistant:' turn marker; give "
+                            f"'prompt' explicitly, or transcripts that differ only after the last 'Assistant:'")
+        cut = marker + len("Assistant:")
+        if cut >= len(chosen) or cut >= len(rejected):
+            raise DataError(f"{row.where('chosen')}: chosen or rejected has no reply after the shared prompt")
         return chosen[:cut], chosen[cut:], rejected[cut:]
     raise DataError(f"{row.where('chosen')}: chosen and rejected must both be strings or both messages")
+
+
+def _clip(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else "..." + text[-n:])
 
 
 @dataclass
@@ -293,7 +370,9 @@ class PromptExample:
 
 def parse_prompt(row: Row) -> PromptExample:
     p = _text_or_messages(row, "prompt")
-    return PromptExample(as_prompt_messages(p), _meta(row.data, ("prompt",)), p)
+    messages = as_prompt_messages(p)
+    check_turns(row, _turns("prompt", messages), ends_on=("user", "tool"))  # the assistant answers next
+    return PromptExample(messages, _meta(row.data, ("prompt",)), p)
 
 
 def _meta(d: dict, drop: tuple[str, ...]) -> dict:

@@ -3,7 +3,30 @@
 from __future__ import annotations
 
 
+CURRENT: list[str] = []
+"""The stage running now (a pipeline runs several): errors about a recipe key are located in its section."""
+
+
 def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
+    """Run one stage (or the pipeline). If it stops with an error, the run folder it was writing
+    is cleaned up: a staged run without a checkpoint is removed, one with a checkpoint is kept,
+    marked FAILED and resumable (the error message says where)."""
+    from ..engine import _OPEN, fail_open_runs, user_errors
+
+    opened = len(_OPEN)  # (a pipeline's stages run inside it: each cleans up only what it opened)
+    try:
+        return _run(stage, cfg, output_dir, overwrite, resume)
+    except BaseException as e:
+        from accelerate import PartialState
+
+        note = fail_open_runs(e, PartialState().is_main_process, since=opened)
+        if note and isinstance(e, user_errors()) and note not in str(e) and "resumable from" not in str(e):
+            raise type(e)(f"{e}{note}") from None
+        raise
+
+
+def _run(stage: str, cfg, output_dir: str | None, overwrite: bool, resume: bool) -> dict:
+    CURRENT[:] = [stage]
     if stage == "sft":
         from .sft import run_sft
 

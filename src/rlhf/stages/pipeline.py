@@ -9,26 +9,31 @@ Python reward functions only has no rm section).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from ..config import PipelineConfig, dump_yaml
-from ..engine import RunError, check_output_dir, write_summary
+from ..engine import RunError, write_summary
 
 
 def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: bool = False,
                  resume: bool = False) -> dict:
-    from ..engine import make_accelerator
+    """The whole pipeline is one run folder: a new pipeline is written into a staging folder and
+    replaces the old one only when its last stage has finished (:mod:`rlhf.rundir`); its stages
+    write in place inside it."""
+    from ..engine import finish_folder, make_accelerator, open_run, prepare_output_dir
     from . import run
 
-    root = Path(output_dir or cfg.output_dir or "")
-    if not str(root) or str(root) == ".":
-        raise RunError("no output directory: pass --output_dir or set output_dir in the recipe")
     # the Accelerator (not a bare PartialState) first: it sets up gloo for multi-process CPU runs
-    is_main = make_accelerator(cfg.sft.train.mixed_precision).is_main_process
-    check_output_dir(root, overwrite, resume)  # each stage clears its own folder once its inputs check out
-    if is_main and not resume:
-        root.mkdir(parents=True, exist_ok=True)
+    acc = make_accelerator(cfg.sft.train.mixed_precision)
+    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume)
+    if rf.done:
+        return json.loads((rf.final / "summary.json").read_text())
+    if rf.problem:
+        raise RunError(rf.problem)
+    root = prepare_output_dir(acc, rf, overwrite, resume)
+    if acc.is_main_process and not (root / "recipe.yaml").exists():
         dump_yaml(cfg, root / "recipe.yaml")
 
     def started(stage_dir: Path) -> bool:  # --resume continues the stage it stopped in; later ones start anew
@@ -55,9 +60,10 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
         summary["ppo"] = run("ppo", cfg.ppo, str(root / "ppo"), overwrite, started(root / "ppo"))
         summary["stages"].append("ppo")
     summary["total_seconds"] = round(time.time() - t0, 1)
-    if is_main:
+    if acc.is_main_process:
         write_summary(root, summary)
         from ..report import report_after_run
 
         report_after_run(root)
+    finish_folder(acc, root)
     return summary

@@ -28,19 +28,20 @@ import torch
 from torch import nn
 
 from ..algos import core
-from ..checkpoint import fault_point_step, inject_fault, latest_checkpoint, load_tensors, resume_state, save_checkpoint
+from ..checkpoint import (fault_point_step, inject_fault, latest_checkpoint, load_tensors, resume_state, rng_snapshot,
+                          save_checkpoint)
 from ..config import PPOConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
 from ..data.tasks import has_gold, gold_reward
 from ..flops import count_flop_params, forward_flops, measure_matmul_peak, mfu, train_flops
 from ..engine import backward, compute_dtype, frozen_placement, loss_scale, step_models, gathered_params, is_deepspeed, prepare_frozen, world_size, zero_stage
 from ..engine import (MetricsLogger, NonFiniteGuard, finish_run, RunError, Timer, chunks, epoch_permutation, make_accelerator, make_optimizer,
-                      make_scheduler, check_output_dir, peak_memory, prepare_output_dir, progress, set_seed,
+                      make_scheduler, inputs_first, open_run, peak_memory, prepare_output_dir, progress, set_seed,
                       write_summary)
 from ..models import _outside_zero3_init
 from ..models import (ModelError, count_parameters, disable_dropout, enable_gradient_checkpointing, load_causal_lm,
                       load_tokenizer, torch_dtype, unwrap)
-from ..rewards import RewardModel, call_reward_fn, load_reward_fn, score_head
+from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call, load_reward_fn, score_head
 from ..rollout import Generation, generate, position_ids_from_mask, response_logprobs
 from ..tokenization import decode_response, encode_prompt, encode_sft
 
@@ -117,8 +118,14 @@ def make_rollout(policy, tok, prompts: list, cfg: PPOConfig, generator: torch.Ge
     encoded = [encode_prompt(tok, p.prompt) for p in prompts]
     gen = generate(policy, encoded, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator, device=device)
-    texts = [decode_response(tok, r[m.bool()].tolist()) for r, m in zip(gen.response_ids, gen.response_mask)]
+    texts = decode_responses(tok, gen)
     return Rollout(gen, prompts, texts)
+
+
+def decode_responses(tok, gen: Generation) -> list[str]:
+    """Each row's response text up to its EOS (copied to the host once, not row by row)."""
+    ids, mask = gen.response_ids.cpu(), gen.response_mask.cpu().bool()
+    return [decode_response(tok, r[m].tolist()) for r, m in zip(ids, mask)]
 
 
 def compute_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_fns: list, cfg: PPOConfig,
@@ -129,9 +136,9 @@ def compute_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_fn
     parts: dict[str, torch.Tensor] = {}
     if reward_model is not None:
         if reward_model.same_tokenizer(tok):  # reuse the sampled tokens: exactly what the RM was trained on
-            g = ro.gen
-            seqs = [p[pm.bool()].tolist() + r[rm.bool()].tolist()
-                    for p, pm, r, rm in zip(g.prompt_ids, g.prompt_mask, g.response_ids, g.response_mask)]
+            g = ro.gen  # (copied to the host once)
+            seqs = [p[pm].tolist() + r[rm].tolist() for p, pm, r, rm in
+                    zip(g.prompt_ids.cpu(), g.prompt_mask.cpu().bool(), g.response_ids.cpu(), g.response_mask.cpu().bool())]
             rm_score = reward_model.score_ids(seqs).to(device)
         else:
             rm_score = reward_model.score([p.prompt for p in ro.prompts], ro.texts).to(device)
@@ -139,7 +146,9 @@ def compute_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_fn
         score = score + cfg.reward_model_weight * rm_score
     for spec, fn in reward_fns:
         fields = {k: [p.meta.get(k) for p in ro.prompts] for k in ro.prompts[0].meta}
-        vals = torch.tensor(call_reward_fn(fn, [p.raw_prompt for p in ro.prompts], ro.texts, fields), device=device)
+        vals = torch.tensor(call_reward_fn(fn, [p.raw_prompt for p in ro.prompts], ro.texts, fields,
+                                           where=[getattr(p, "where", "?") for p in ro.prompts],
+                                           timeout=cfg.reward_timeout), device=device)
         parts[f"reward_fn/{spec.fn}"] = vals
         score = score + spec.weight * vals
     if cfg.penalize_missing_eos:
@@ -229,7 +238,7 @@ def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sche
     """ppo_epochs passes over the rollout, reshuffled each time; minibatch -> micro-batches."""
     B = exp.input_ids.shape[0]
     R = exp.response_mask.shape[1]
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor | float] = {}  # kept on the device: read back once, at the end
     counts = 0
     for epoch in range(cfg.ppo_epochs):
         perm = epoch_permutation(B, cfg.seed + 7919 * acc.process_index, iteration * 1000 + epoch)
@@ -237,7 +246,7 @@ def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sche
             # token count of the whole (global) minibatch: every micro-batch divides by it
             n_tok = acc.reduce(exp.response_mask[mb].sum().detach().clone(), "sum").item()
             micro = chunks(mb, micro_batch_size)
-            loss_ok = True
+            finite = torch.ones((), dtype=torch.bool, device=exp.input_ids.device)
             for k, mi in enumerate(micro):
                 idx = torch.tensor(mi, device=exp.input_ids.device)
                 ids, mask, rmask = exp.input_ids[idx], exp.attention_mask[idx], exp.response_mask[idx]
@@ -257,23 +266,23 @@ def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sche
                     if ptx_iter is not None and cfg.ptx_coef > 0:
                         ptx_loss = ptx_iter.loss(policy) / len(micro)
                         loss = loss + cfg.ptx_coef * ptx_loss
-                        _add(sums, "ptx_loss", ptx_loss.item() * len(micro) / max(len(micro), 1))
+                        _add(sums, "ptx_loss", ptx_loss)
                     loss = inject_fault(loss, iteration)
-                    loss_ok = loss_ok and bool(torch.isfinite(loss))
+                    finite &= torch.isfinite(loss.detach())
                     backward(acc, loss, len(micro), sync)
                 w = len(mi) / len(mb)
-                _add(sums, "pg_loss", pg_loss.item())
-                _add(sums, "vf_loss", vf_loss.item())
-                _add(sums, "entropy", entropy.item())
-                _add(sums, "policy_clipfrac", pst.clipfrac.item() * w)
-                _add(sums, "approx_kl", pst.approx_kl.item() * w)
-                _add(sums, "ratio_mean", pst.ratio_mean.item() * w)
-                _add(sums, "value_clipfrac", vclip.item() * w)
+                _add(sums, "pg_loss", pg_loss)
+                _add(sums, "vf_loss", vf_loss)
+                _add(sums, "entropy", entropy)
+                _add(sums, "policy_clipfrac", pst.clipfrac.double() * w)
+                _add(sums, "approx_kl", pst.approx_kl.double() * w)
+                _add(sums, "ratio_mean", pst.ratio_mean.double() * w)
+                _add(sums, "value_clipfrac", vclip.double() * w)
             # one optimizer step for both models, skipped whole if anything is non-finite on any process
             parts = [(policy, opt_policy, sched_policy)]
             if opt_value is not None:  # (under DeepSpeed one engine trains both: one joint norm)
                 parts.append((value_model, opt_value, sched_value))
-            res = step_models(acc, parts, cfg.max_grad_norm, loss_ok)
+            res = step_models(acc, parts, cfg.max_grad_norm, bool(finite))
             if res[0]:
                 if ema is not None:
                     ema.update(policy)
@@ -285,11 +294,13 @@ def ppo_update(exp: Experience, policy, value_model, opt_policy, opt_value, sche
             if guard is not None:
                 guard.update(res[0], iteration, overflow=res.overflow, scale=loss_scale(acc))
             counts += 1
-    return {k: v / counts for k, v in sums.items()}
+    return {k: float(v) / counts for k, v in sums.items()}
 
 
-def _add(d: dict, k: str, v: float) -> None:
-    d[k] = d.get(k, 0.0) + v
+def _add(d: dict, k: str, v) -> None:
+    """Accumulate a statistic: device tensors in float64 (no host sync per micro-batch), floats as they are."""
+    v = v.detach().double() if isinstance(v, torch.Tensor) else v
+    d[k] = d[k] + v if k in d else v
 
 
 class PtxIterator:
@@ -351,7 +362,7 @@ class EMA:
         params = list(unwrap(model).parameters())
         local = [_local(params[i]).detach() for i in self.index]
         if self.offload:
-            local = [p.to("cpu", non_blocking=True) for p in local]
+            local = [p.to("cpu") for p in local]  # (blocking: the update reads them on the host at once)
         core.ema_update(self.params, local, self.decay)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -441,29 +452,34 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     acc = make_accelerator(cfg.mixed_precision, cfg.deepspeed, micro_batch_size=micro_bs,
                            grad_accum=mb_local // micro_bs, max_grad_norm=cfg.max_grad_norm)
     use_ds, zero3 = is_deepspeed(acc), zero_stage(acc) == 3
-    out = check_output_dir(output_dir or cfg.output_dir, overwrite, resume)  # nothing is written before inputs check out
-    if resume and (out / "summary.json").exists():
-        log.info("%s: run already complete", out)
-        return json.loads((out / "summary.json").read_text())
+    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume)  # planned; nothing written yet
+    if rf.done:
+        log.info("%s: run already complete", rf.final)
+        return json.loads((rf.final / "summary.json").read_text())
     set_seed(cfg.seed + acc.process_index)  # a different sampling seed per rank [N]
     device = acc.device
 
-    prompts, pstats = load_examples(cfg.data.train, parse_prompt, split=cfg.data.split,
-                                    skip_bad_rows=cfg.data.skip_bad_rows, max_samples=cfg.data.max_samples,
-                                    what="prompts")
-    if cfg.data.eval:
-        eval_prompts, _ = load_examples(cfg.data.eval, parse_prompt, skip_bad_rows=cfg.data.skip_bad_rows,
-                                        what="prompts", field_name="data.eval")
-    else:
-        prompts, eval_prompts = split_train_eval(prompts, cfg.data.eval_split, cfg.seed)
-    eval_prompts = eval_prompts[: cfg.eval_samples]
-
-    reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]  # fail fast on a bad path
-    tok = load_tokenizer(cfg.model)
-    for p in prompts[:1000]:
-        n = len(encode_prompt(tok, p.prompt))
-        if n > cfg.data.max_prompt_length:
-            raise DataError(f"{p.where}: prompt of {n} tokens exceeds data.max_prompt_length ({cfg.data.max_prompt_length})")
+    with inputs_first(rf):  # prompts, reward functions (imported and called once) and tokenizer first
+        prompts, pstats = load_examples(cfg.data.train, parse_prompt, split=cfg.data.split,
+                                        skip_bad_rows=cfg.data.skip_bad_rows, max_samples=cfg.data.max_samples,
+                                        what="prompts")
+        if cfg.data.eval:
+            eval_prompts, _ = load_examples(cfg.data.eval, parse_prompt, skip_bad_rows=cfg.data.skip_bad_rows,
+                                            what="prompts", field_name="data.eval")
+        else:
+            prompts, eval_prompts = split_train_eval(prompts, cfg.data.eval_split, cfg.seed)
+        eval_prompts = eval_prompts[: cfg.eval_samples]
+        reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]
+        probe = prompts[:4]
+        for _, fn in reward_fns:
+            dry_call(fn, [p.raw_prompt for p in probe], {k: [p.meta.get(k) for p in probe] for k in probe[0].meta},
+                     cfg.reward_timeout)
+        tok = load_tokenizer(cfg.model)
+        for p in prompts + eval_prompts:
+            n = len(encode_prompt(tok, p.prompt))
+            if n > cfg.data.max_prompt_length:
+                raise DataError(f"{p.where}: field 'prompt': {n} tokens, more than data.max_prompt_length "
+                                f"({cfg.data.max_prompt_length})")
     # Under ZeRO-3 the checkpoints are read straight into partitions (transformers' zero.Init
     # path: no process ever holds a whole model) -- the policy, the value model and, when they
     # are sharded, the reference and the RM. Otherwise a model is loaded whole and partitioned as
@@ -513,7 +529,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     else:
         opt_v = make_optimizer(value_model.parameters(), cfg.value_lr or cfg.lr, cfg.weight_decay, (0.9, 0.95),
                                cfg.adam_eps)
-    prepare_output_dir(out, overwrite, acc.is_main_process, resume)
+    out = prepare_output_dir(acc, rf, overwrite, resume)
     engine = None
     if use_ds:
         engine, opt_p = acc.prepare(PolicyValue(policy, value_model), opt_p)
@@ -577,9 +593,19 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     per_epoch = len(prompts) // cfg.rollout_batch_size
     if per_epoch == 0:
         raise RunError(f"{len(prompts)} prompts are fewer than one rollout batch ({cfg.rollout_batch_size})")
+    def save(step: int, rng_state: dict | None = None) -> None:
+        ema_t = {"ema": ema.tensors()} if ema is not None else None
+        save_checkpoint(acc, out, step, **ckpt_parts, generators={"sampling": gen}, keep=cfg.save_total_limit,
+                        extra_tensors=None if ema is None or ema.sharded else ema_t,
+                        sharded_tensors=ema_t if ema is not None and ema.sharded else None, rng_state=rng_state,
+                        state={"kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict(),
+                               "guard": guard.state_dict(), "ptx": ptx_iter.state_dict() if ptx_iter else None,
+                               "initial": {k: v for k, v in summary.items() if k.startswith("initial_")}})
+
     bar = progress(total=cfg.steps, initial=start, desc="ppo", disable=not acc.is_main_process)
     for it in range(start + 1, cfg.steps + 1):
         t_gen, t_score, t_exp, t_train = Timer(), Timer(), Timer(), Timer()
+        rng_at_start = rng_snapshot({"sampling": gen})  # a reward failure saves the state of iteration it - 1
         epoch, pos = divmod(it - 1, per_epoch)
         perm = epoch_permutation(len(prompts), cfg.seed, epoch)
         batch_idx = perm[pos * cfg.rollout_batch_size : (pos + 1) * cfg.rollout_batch_size]
@@ -589,7 +615,13 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         with t_gen, gathered():  # ZeRO-3: the weights are gathered once for the whole rollout
             ro = make_rollout(unwrap(policy), tok, batch, cfg, gen, device)
         with t_score:
-            raw_scores, parts = compute_scores(ro, tok, reward_model, reward_fns, cfg, device)
+            try:
+                raw_scores, parts, failure = *compute_scores(ro, tok, reward_model, reward_fns, cfg, device), None
+            except RewardError as e:
+                raw_scores, parts, failure = None, None, e
+            if acc.reduce(torch.tensor(float(failure is not None), device=device), "sum").item():  # on any process
+                already_saved = it > 1 and (it - 1) % cfg.save_every == 0 if cfg.save_every else True
+                raise reward_failure(failure, it, not already_saved, lambda: save(it - 1, rng_at_start), out)
             scores = raw_scores
             if cfg.scale_reward == "running_std":
                 moments.update(acc.gather(raw_scores))
@@ -642,13 +674,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
                 logger.log(it, evaluate_policy(policy, ref_policy, tok, eval_prompts, reward_model, reward_fns, cfg,
                                                device, cfg.seed + 12345))
         if cfg.save_every and (it % cfg.save_every == 0 or it == cfg.steps):
-            ema_t = {"ema": ema.tensors()} if ema is not None else None
-            save_checkpoint(acc, out, it, **ckpt_parts, generators={"sampling": gen}, keep=cfg.save_total_limit,
-                            extra_tensors=None if ema is None or ema.sharded else ema_t,
-                            sharded_tensors=ema_t if ema is not None and ema.sharded else None,
-                            state={"kl_ctl": kl_ctl.state_dict(), "moments": moments.state_dict(),
-                                   "guard": guard.state_dict(), "ptx": ptx_iter.state_dict() if ptx_iter else None,
-                                   "initial": {k: v for k, v in summary.items() if k.startswith("initial_")}})
+            save(it)
         fault_point_step(it)
         bar.update(1)
     bar.close()
@@ -683,6 +709,18 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         write_summary(out, summary)
     finish_run(acc, logger, out)
     return summary
+
+
+def reward_failure(error: RewardError | None, it: int, save_now: bool, save, out: Path) -> RewardError:
+    """The error that stops a run whose reward failed at iteration `it` (on this or another
+    process), after saving the state before that iteration when checkpoints are on (collective),
+    so `--resume` retries the same rollout once the reward function is fixed."""
+    if save_now:
+        save()
+    ckpt = latest_checkpoint(out)
+    resume = f"; resumable from {ckpt.name} with --resume once fixed" if ckpt is not None else ""
+    reason = str(error) if error is not None else "a reward function failed on another process"
+    return RewardError(f"iteration {it}: {reason}{resume}")
 
 
 def phase_throughput(ro: Rollout, exp: Experience, t_gen: float, t_exp: float, t_train: float, n_policy: int,

@@ -26,7 +26,7 @@ import torch
 from ..algos.core import pairwise_rm_loss, reward_bias
 from ..config import ModelConfig, RMConfig, SampleConfig, dump_yaml, to_dict
 from ..data.formats import DataError, PrefGroup, load_examples, parse_preference, parse_sft, split_train_eval
-from ..engine import (MetricsLogger, chunks, global_batches, make_optimizer, make_scheduler, prepare_output_dir,
+from ..engine import (MetricsLogger, chunks, global_batches, inputs_first, make_optimizer, make_scheduler, prepare_output_dir,
                       peak_memory, progress, set_seed, shard, write_summary)
 from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
 from ..engine import NonFiniteGuard, finish_run, start_run, atomic_write_text, backward, gathered_params, loss_scale, optimizer_step, zero_stage
@@ -90,10 +90,26 @@ def _gathered_for_init(params):
 
 def encode_group(tok, g: PrefGroup, max_length: int) -> list[list[int]]:
     seqs = [encode_scored(tok, g.prompt, r) for r in g.responses]
-    longest = max(len(s) for s in seqs)
-    if longest > max_length:
-        raise DataError(f"{g.source}: {longest} tokens exceed data.max_length ({max_length})")
+    longest = max(range(len(seqs)), key=lambda i: len(seqs[i]))
+    if len(seqs[longest]) > max_length:
+        raise DataError(f"{g.source}: field '{g.fields[longest]}': {len(seqs[longest])} tokens with the prompt, more "
+                        f"than data.max_length ({max_length}); raise it or set data.skip_bad_rows")
     return seqs
+
+
+def encode_groups(tok, groups: list[PrefGroup], max_length: int, skip_bad_rows: bool, stats: dict) -> list[tuple]:
+    """[(group, token sequences)]; a group longer than max_length is an error naming its row and
+    field, or with skip_bad_rows skipped and counted (stats['skipped_bad_rows'])."""
+    out = []
+    for g in groups:
+        try:
+            out.append((g, encode_group(tok, g, max_length)))
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            stats["skipped_bad_rows"] = stats.get("skipped_bad_rows", 0) + 1
+            log.warning("skipping: %s", e)
+    return out
 
 
 def group_loss(model, groups: list[tuple[list[list[int]], list[tuple[int, int, float]]]], pad_id: int, device,
@@ -202,25 +218,28 @@ def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, devic
 def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
     tc = cfg.train
-    acc, accum, micro_bs, out, done = start_run(tc, output_dir or cfg.output_dir, overwrite, resume)
+    acc, accum, micro_bs, rf, done = start_run(tc, output_dir or cfg.output_dir, overwrite, resume)
     if done is not None:
         return done
     set_seed(cfg.seed)
-    train_specs = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train or [])
-    if not train_specs and cfg.sample is None:
-        raise DataError("recipe: 'data.train' is not set (and there is no 'sample' section)")
-    groups, stats = load_examples(train_specs, parse_preference, split=cfg.data.split,
-                                  skip_bad_rows=cfg.data.skip_bad_rows, max_samples=cfg.data.max_samples,
-                                  what="preference rows") if train_specs else ([], {"skipped_bad_rows": 0})
-    eval_groups = []
-    if cfg.data.eval:
-        eval_groups, _ = load_examples(cfg.data.eval, parse_preference, skip_bad_rows=cfg.data.skip_bad_rows,
-                                       what="preference rows", field_name="data.eval")
-    tok = load_tokenizer(cfg.model)
+    with inputs_first(rf):  # data, tokenizer, lengths and the sampling setup, before any model or folder
+        train_specs = [cfg.data.train] if isinstance(cfg.data.train, str) else list(cfg.data.train or [])
+        if not train_specs and cfg.sample is None:
+            raise DataError("recipe: 'data.train' is not set (and there is no 'sample' section)")
+        groups, stats = load_examples(train_specs, parse_preference, split=cfg.data.split,
+                                      skip_bad_rows=cfg.data.skip_bad_rows, max_samples=cfg.data.max_samples,
+                                      what="preference rows") if train_specs else ([], {"skipped_bad_rows": 0})
+        eval_groups = []
+        if cfg.data.eval:
+            eval_groups, _ = load_examples(cfg.data.eval, parse_preference, skip_bad_rows=cfg.data.skip_bad_rows,
+                                           what="preference rows", field_name="data.eval")
+        tok = load_tokenizer(cfg.model)
+        encoded = encode_groups(tok, groups, cfg.data.max_length, cfg.data.skip_bad_rows, stats)
+        eval_encoded = encode_groups(tok, eval_groups, cfg.data.max_length, cfg.data.skip_bad_rows, {})
+        if cfg.sample is not None:
+            check_sample_config(cfg.sample)
     model = load_reward_backbone(cfg.model, tok, cfg.seed)
-    if cfg.sample is not None:
-        check_sample_config(cfg.sample)
-    prepare_output_dir(out, overwrite, acc.is_main_process, resume)
+    out = prepare_output_dir(acc, rf, overwrite, resume)
 
     summary: dict = {"stage": "rm"}
     if cfg.sample is not None:  # rankings of the policy's own samples, made before training
@@ -232,15 +251,15 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         summary.update(json.loads(stats_path.read_text()))
         sampled, sstats = load_examples(str(path), parse_preference, skip_bad_rows=cfg.data.skip_bad_rows,
                                         what="sampled rankings")
-        groups += sampled
+        encoded += encode_groups(tok, sampled, cfg.data.max_length, cfg.data.skip_bad_rows, sstats)
         for k, v in sstats.items():
             if k != "rows":
                 stats[k] = stats.get(k, 0) + v
     if not cfg.data.eval:
-        groups, eval_groups = split_train_eval(groups, cfg.data.eval_split, cfg.seed)
-
-    enc = [(encode_group(tok, g, cfg.data.max_length), g.pairs) for g in groups]
-    eval_enc = [(encode_group(tok, g, cfg.data.max_length), g.pairs) for g in eval_groups]
+        encoded, eval_encoded = split_train_eval(encoded, cfg.data.eval_split, cfg.seed)
+    groups = [g for g, _ in encoded]
+    enc = [(seqs, g.pairs) for g, seqs in encoded]
+    eval_enc = [(seqs, g.pairs) for g, seqs in eval_encoded]
 
     batches = global_batches(len(enc), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, (tc.adam_beta1, tc.adam_beta2), tc.adam_eps)

@@ -24,7 +24,7 @@ import torch
 from ..algos.core import lm_loss_sum
 from ..config import ModelConfig, SFTConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
-from ..engine import (MetricsLogger, chunks, global_batches, make_optimizer, make_scheduler, prepare_output_dir,
+from ..engine import (MetricsLogger, chunks, global_batches, inputs_first, make_optimizer, make_scheduler, prepare_output_dir,
                       peak_memory, progress, set_seed, shard, write_summary)
 from ..engine import NonFiniteGuard, finish_run, start_run, backward, gathered_params, loss_scale, optimizer_step, zero_stage
 from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
@@ -52,7 +52,9 @@ def encode_examples(tok, examples, max_length: int, skip_bad_rows: bool = False)
             if skip_bad_rows:
                 skipped += 1
                 continue
-            raise DataError(f"{e.where}: {len(ids)} tokens exceed data.max_length ({max_length})")
+            fld = e.fields[1] if e.fields[1] != "messages" else "messages"
+            raise DataError(f"{e.where}: field '{fld}': {len(ids)} tokens with the prompt, more than data.max_length "
+                            f"({max_length}); raise it or set data.skip_bad_rows")
         feats.append((ids, labels))
     if skipped:
         log.warning("skipped %d rows longer than data.max_length", skipped)
@@ -100,31 +102,33 @@ def evaluate_loss(model, feats, pad_id: int, micro_batch_size: int, acc) -> floa
 def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
     tc = cfg.train
-    acc, accum, micro_bs, out, done = start_run(tc, output_dir or cfg.output_dir, overwrite, resume)
+    acc, accum, micro_bs, rf, done = start_run(tc, output_dir or cfg.output_dir, overwrite, resume)
     if done is not None:
         return done
     set_seed(cfg.seed)
-    train_ex, stats = load_examples(cfg.data.train, parse_sft, split=cfg.data.split, skip_bad_rows=cfg.data.skip_bad_rows,
-                                    max_samples=cfg.data.max_samples, what="SFT rows")
-    if cfg.data.eval:
-        eval_ex, _ = load_examples(cfg.data.eval, parse_sft, skip_bad_rows=cfg.data.skip_bad_rows, what="SFT rows",
-                                   field_name="data.eval")
-    else:
-        train_ex, eval_ex = split_train_eval(train_ex, cfg.data.eval_split, cfg.seed)
-
-    if resume and cfg.model.init == "from_config" and not cfg.model.tokenizer and (out / "tokenizer.json").exists():
-        tok = load_tokenizer(ModelConfig(name_or_path=str(out)))  # the tokenizer this run trained
-    else:
-        tok = load_tokenizer(cfg.model, train_texts=_texts(train_ex))
+    with inputs_first(rf):  # every input is read and checked before the run folder is judged or touched
+        train_ex, stats = load_examples(cfg.data.train, parse_sft, split=cfg.data.split,
+                                        skip_bad_rows=cfg.data.skip_bad_rows, max_samples=cfg.data.max_samples,
+                                        what="SFT rows")
+        if cfg.data.eval:
+            eval_ex, _ = load_examples(cfg.data.eval, parse_sft, skip_bad_rows=cfg.data.skip_bad_rows, what="SFT rows",
+                                       field_name="data.eval")
+        else:
+            train_ex, eval_ex = split_train_eval(train_ex, cfg.data.eval_split, cfg.seed)
+        trained_tok = rf.work / "tokenizer.json"
+        if resume and cfg.model.init == "from_config" and not cfg.model.tokenizer and trained_tok.exists():
+            tok = load_tokenizer(ModelConfig(name_or_path=str(rf.work)))  # the tokenizer this run trained
+        else:
+            tok = load_tokenizer(cfg.model, train_texts=_texts(train_ex))
+        train_feats = encode_examples(tok, train_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
+        eval_feats = encode_examples(tok, eval_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
     model = load_causal_lm(cfg.model, tok, seed=cfg.seed)
-    train_feats = encode_examples(tok, train_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
-    eval_feats = encode_examples(tok, eval_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
     if cfg.packing:
         train_feats = pack(train_feats, cfg.data.max_length)
 
     batches = global_batches(len(train_feats), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, (tc.adam_beta1, tc.adam_beta2), tc.adam_eps)
-    prepare_output_dir(out, overwrite, acc.is_main_process, resume)
+    out = prepare_output_dir(acc, rf, overwrite, resume)
     model, optimizer = acc.prepare(model, optimizer)
     # after prepare: ZeRO-3 regroups the optimizer's parameters, the schedule must see its groups
     scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)

@@ -1,0 +1,219 @@
+"""Run folders: a run never destroys the run it replaces until it has earned it.
+
+A new run (into a new folder, or ``--overwrite`` of a finished one) writes into a staging folder
+beside its final path, ``PARENT/.NAME.staging/`` (marked by a ``.rlhf-staging`` file), and takes
+the final path only when it has finished: an atomic exchange of the two folders
+(``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere two renames, which :func:`recover` completes
+after a crash in between), after which the old run is deleted. Until then the old run at
+``PARENT/NAME`` is untouched, and a crash at any moment leaves either the old run intact or the
+new one complete or resumable.
+
+- ``--resume`` continues an interrupted staged run from its latest checkpoint (from step 0 if it
+  had none), then promotes it.
+- ``--overwrite`` discards an interrupted staged run and starts a new one; the finished run at
+  the final path stays until the new one finishes.
+- A run that stops with an error leaves nothing half-made: without a checkpoint its staging
+  folder is removed; with one it stays, holding ``FAILED`` (the error), for ``--resume``.
+- Inside a staged folder (a pipeline's stages) runs write in place: the pipeline is promoted as a
+  whole. Runs started before staging existed resume in place too.
+
+Every function that changes the file system runs on the main process only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MARK = ".rlhf-staging"
+FAILED = "FAILED"
+RUN_MARKERS = ("recipe.yaml", "summary.json", "metrics.jsonl")
+
+
+@dataclass
+class RunFolder:
+    final: Path
+    """Where the finished run lives."""
+    work: Path
+    """Where this run writes: the staging folder, or `final` itself (in place)."""
+    problem: str | None = None
+    """Why the run may not start here; reported once the inputs have been validated."""
+    done: bool = False
+    """`--resume` of a run that already finished: nothing to do."""
+
+    @property
+    def staged(self) -> bool:
+        return self.work != self.final
+
+
+def staging_path(final: Path) -> Path:
+    return final.parent / f".{final.name}.staging"
+
+
+def final_path(path: Path) -> Path:
+    """`path` with every staging component ('.NAME.staging') named as it will be once promoted."""
+    parts = [p[1 : -len(".staging")] if p.startswith(".") and p.endswith(".staging") else p for p in Path(path).parts]
+    return Path(*parts) if parts else Path(path)
+
+
+def _trash_path(final: Path) -> Path:
+    return final.parent / f".{final.name}.replaced"
+
+
+def holds_run(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in RUN_MARKERS)
+
+
+def _inside_staging(folder: Path) -> bool:
+    """Whether `folder` or one above it is a staging folder."""
+    folder = folder.resolve()
+    return any((p / MARK).exists() for p in (folder, *folder.parents))
+
+
+def plan(path: str | Path | None, overwrite: bool = False, resume: bool = False) -> RunFolder:
+    """Decide where a run writes, touching nothing (call :func:`recover` first)."""
+    if not path:
+        return RunFolder(Path("."), Path("."), "no output directory: pass --output_dir or set output_dir in the recipe")
+    final = Path(path)
+    if resume and overwrite:
+        return RunFolder(final, final, "--resume and --overwrite exclude each other")
+    staging = staging_path(final)
+    interrupted = (staging / MARK).exists()
+    if _inside_staging(final.parent):  # a stage of a staged pipeline: the pipeline is promoted whole
+        in_place = RunFolder(final, final)
+        if resume and not holds_run(final):
+            in_place.problem = f"{final}: no run to resume"
+        elif not resume and holds_run(final) and not overwrite:
+            in_place.problem = f"{final}: already holds a run; pass --overwrite to replace it (or --resume)"
+        in_place.done = resume and (final / "summary.json").exists()
+        return in_place
+    if resume:
+        if interrupted:
+            return RunFolder(final, staging)
+        if holds_run(final):  # finished, or an interrupted run from before staging existed
+            return RunFolder(final, final, done=(final / "summary.json").exists())
+        return RunFolder(final, staging, f"{final}: no run to resume")
+    rf = RunFolder(final, staging)
+    if interrupted and not overwrite:
+        rf.problem = (f"{final}: an interrupted run is in {staging}; pass --resume to continue it or --overwrite to "
+                      f"start over")
+    elif holds_run(final) and not overwrite:
+        rf.problem = f"{final}: already holds a run; pass --overwrite to replace it (or --resume to continue it)"
+    elif final.is_dir() and any(final.iterdir()) and not holds_run(final):
+        rf.problem = (f"{final}: exists, is not empty and holds no run; give a new or empty folder (a run "
+                      f"replaces only a folder that holds a run)")
+    return rf
+
+
+def open_folder(rf: RunFolder, overwrite: bool, resume: bool) -> Path:
+    """Create (or clear) the folder the run writes into; returns it. Main process only."""
+    if rf.staged:
+        if rf.work.exists() and not resume:  # --overwrite of an interrupted staged run
+            shutil.rmtree(rf.work)
+        rf.work.mkdir(parents=True, exist_ok=True)
+        (rf.work / FAILED).unlink(missing_ok=True)
+        if not (rf.work / MARK).exists():
+            (rf.work / MARK).write_text(json.dumps({"final": str(rf.final), "started": time.time(),
+                                                    "pid": os.getpid()}) + "\n")
+        return rf.work
+    if overwrite:  # in place (inside a staged pipeline): clear the old run's files
+        for f in (*RUN_MARKERS, "samples.jsonl"):
+            (rf.work / f).unlink(missing_ok=True)
+        for d in ("checkpoints", "tb", "report"):
+            shutil.rmtree(rf.work / d, ignore_errors=True)
+    rf.work.mkdir(parents=True, exist_ok=True)
+    return rf.work
+
+
+def promote(rf: RunFolder) -> None:
+    """Move a finished staged run to its final path, replacing the old run there. Main process only."""
+    if not rf.staged:
+        return
+    from .checkpoint import _fault_point
+
+    final, work = rf.final, rf.work
+    if final.exists():
+        if _exchange(work, final):  # atomic: `final` is the new run, `work` now holds the old one
+            _fault_point("promote")  # tests kill the process here
+            shutil.rmtree(work)
+        else:
+            trash = _trash_path(final)
+            os.replace(final, trash)
+            _fault_point("promote")
+            os.replace(work, final)
+            shutil.rmtree(trash)
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(work, final)
+    _repoint_recipes(final, work)
+    (final / MARK).unlink(missing_ok=True)
+
+
+def _repoint_recipes(final: Path, work: Path) -> None:
+    """The recipe.yaml files of a promoted run (a pipeline's stages name each other's folders)
+    point at the final path, not at the staging folder they were written in."""
+    old, new = str(work), str(final)
+    for recipe in [final / "recipe.yaml", *final.glob("*/recipe.yaml")]:
+        if recipe.is_file():
+            text = recipe.read_text()
+            if old in text:
+                tmp = recipe.with_name(".recipe.yaml.tmp")
+                tmp.write_text(text.replace(old, new))
+                os.replace(tmp, recipe)
+
+
+def recover(final: str | Path | None) -> None:
+    """Finish a promotion that a crash interrupted (main process, before planning a run)."""
+    if not final:
+        return
+    final = Path(final)
+    staging, trash = staging_path(final), _trash_path(final)
+    if (final / MARK).exists():  # exchanged, not yet cleaned up: `staging` holds the old run
+        if staging.exists() and not (staging / MARK).exists():
+            shutil.rmtree(staging)
+        (final / MARK).unlink()
+    if trash.exists():
+        if not final.exists() and (staging / "summary.json").exists():  # between the two renames
+            os.replace(staging, final)
+            (final / MARK).unlink(missing_ok=True)
+        if final.exists():
+            shutil.rmtree(trash)
+        else:  # the new run is not complete: put the old one back
+            os.replace(trash, final)
+    if (staging / MARK).exists() and (staging / "summary.json").exists():  # finished, never promoted
+        promote(RunFolder(final, staging))
+
+
+def fail(rf: RunFolder, error: BaseException) -> str:
+    """A run stopped with an error: remove a staged run with no checkpoint, else mark it FAILED
+    (resumable). Returns what became of it, for the error message. Main process only."""
+    from .checkpoint import latest_checkpoint
+
+    if not rf.staged or not rf.work.exists():
+        return ""
+    ckpt = latest_checkpoint(rf.work)
+    stages_done = sorted(p.parent.name for p in rf.work.glob("*/summary.json"))  # a pipeline's finished stages
+    stage_ckpts = [c for c in rf.work.glob("*/checkpoints/step-*") if (c / "state.json").exists()]
+    if ckpt is None and not stages_done and not stage_ckpts:
+        shutil.rmtree(rf.work, ignore_errors=True)
+        return ""
+    (rf.work / FAILED).write_text(f"{type(error).__name__}: {error}\n")
+    what = ckpt.name if ckpt is not None else "its finished stages and checkpoints"
+    return f" (the run stays resumable from {what} in {rf.work}: fix the cause and pass --resume)"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

@@ -1,0 +1,91 @@
+"""Reading text that users write: strict UTF-8 and strict YAML, errors as file:line:column.
+
+- Text files are decoded strictly as UTF-8; a leading byte-order mark (Windows editors write
+  one) is accepted and dropped. A byte that is not UTF-8 is reported as ``file:line:column``.
+- YAML is read with ``yaml.SafeLoader`` plus one rule: a key given twice in one mapping is an
+  error naming both lines (plain YAML silently keeps the last value). :func:`yaml_key_lines`
+  maps every dotted key of a document to its line, so later errors about a key can name it.
+"""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+
+import yaml
+
+
+class InputError(ValueError):
+    """A text file that cannot be read as asked (one line: file:line[:column]: what)."""
+
+
+def decode_utf8(raw: bytes, source: str | Path, error: type[Exception] = InputError) -> str:
+    """`raw` as UTF-8 text, without a leading BOM; a bad byte raises `error` naming line and column."""
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = len(raw[line_start : e.start].decode("utf-8", errors="replace")) + 1
+        raise error(f"{source}:{line}:{column}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") \
+            from None
+
+
+def read_text(path: str | Path, error: type[Exception] = InputError) -> str:
+    return decode_utf8(Path(path).read_bytes(), path, error)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges are not duplicates
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first at line {seen[key]}, again at line {line})",
+                key_node.start_mark)
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def load_yaml(text: str, source: str | Path, error: type[Exception] = InputError):
+    """Parse YAML strictly (duplicate keys refused); errors as ``source:line: ...``."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise error(f"{source}{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
+def yaml_key_lines(text: str) -> dict[str, int]:
+    """{'ppo.model.name_or_path': 12, ...}: the line of every key of the document's mappings."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = prefix + str(key_node.value)
+            lines.setdefault(key, key_node.start_mark.line + 1)
+            walk(value, key + ".")
+
+    walk(root, "")
+    return lines
