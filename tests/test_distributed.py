@@ -30,7 +30,7 @@ def test_batch_that_cannot_split_is_an_error():
 
 def _launch(nproc, *args):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1",
-               PYTHONPATH=str(ROOT / "src"))
+               PYTHONPATH=str(ROOT))
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "rlhf", *map(str, args)] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
@@ -57,6 +57,7 @@ def sft_one(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "zero3_offload"])
 def test_sft_two_processes_agree_with_one(tmp_path, sft_one, engine):
     out = tmp_path / engine
@@ -78,6 +79,7 @@ def test_sft_two_processes_agree_with_one(tmp_path, sft_one, engine):
     assert AutoModelForCausalLM.from_pretrained(out).num_parameters() == s1["parameters"]
 
 
+@pytest.mark.slow
 def test_sft_under_the_deepspeed_launcher_agrees_with_one_process(tmp_path, sft_one):
     """`deepspeed --num_gpus 2 --module rlhf ...` (the launcher adds --local_rank=N to each process)."""
     import shutil
@@ -85,7 +87,7 @@ def test_sft_under_the_deepspeed_launcher_agrees_with_one_process(tmp_path, sft_
     launcher = shutil.which("deepspeed")
     if launcher is None:
         pytest.skip("the deepspeed launcher script is not on PATH")
-    env = dict(os.environ, OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
         env.pop(k, None)
     p = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000 + 23), "--module",
@@ -104,6 +106,7 @@ def RM_ARGS(sft):
             "--train.log_every", "3"]
 
 
+@pytest.mark.slow
 def test_rm_and_ppo_under_ddp_and_rm_under_zero3(tmp_path, sft_one, rm_one):
     rm_args = RM_ARGS(sft_one)
     (tmp_path / "rm1").symlink_to(rm_one)
@@ -151,6 +154,7 @@ PPO_DS = ["ppo", "recipes/tiny/ppo.yaml", "--steps", "2", "--rollout_batch_size"
           "--micro_batch_size", "4", "--eval_samples", "16", "--ema_decay", "0.5"]
 
 
+@pytest.mark.slow
 def test_ppo_under_zero2_and_zero3_with_sharded_reference_and_rm(tmp_path, sft_one, rm_one):
     """Policy and value as one DeepSpeed engine on 2 processes, the frozen reference and RM as
     ZeRO-3 inference engines (sharded, or offloaded to CPU memory). ZeRO-3 (policy gathered once
@@ -190,7 +194,7 @@ def _kill_resume_2proc(tmp_path, args, fault):
     """2-process run vs the same run SIGKILLed at `fault` and resumed: bit-identical weights."""
     _launch(2, *args, "--output_dir", tmp_path / "full")
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1",
-               PYTHONPATH=str(ROOT / "src"), RLHF_FAULT=fault)
+               PYTHONPATH=str(ROOT), RLHF_FAULT=fault)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         str(29500 + os.getpid() % 1000 + 11), "-m", "rlhf", *map(str, args), "--output_dir",
                         str(tmp_path / "cut")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
@@ -205,6 +209,7 @@ def _metrics(path):
     return [{k: v for k, v in json.loads(l).items() if not k.startswith(timing)} for l in open(path)]
 
 
+@pytest.mark.slow
 def test_sft_under_zero2_kill9_mid_checkpoint_resumes_exactly(tmp_path):
     args = [*SFT, "--train.save_every", "3", "--train.log_every", "2", "--train.deepspeed",
             "recipes/deepspeed/zero2.json"]
@@ -214,6 +219,7 @@ def test_sft_under_zero2_kill9_mid_checkpoint_resumes_exactly(tmp_path):
     assert _metrics(full / "metrics.jsonl") == _metrics(cut / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_ppo_under_zero3_kill9_resumes_exactly_and_refuses_another_process_count(tmp_path, sft_one, rm_one):
     args = [*PPO_DS, "--steps", "4", "--model.name_or_path", sft_one, "--reward_model", rm_one, "--save_every", "1",
             "--deepspeed", "recipes/deepspeed/zero3.json"]
@@ -225,7 +231,7 @@ def test_ppo_under_zero3_kill9_resumes_exactly_and_refuses_another_process_count
     assert _metrics(full / "metrics.jsonl") == _metrics(cut / "metrics.jsonl")
     # a sharded checkpoint resumes only on the process count that wrote it
     (cut / "summary.json").unlink()
-    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
     env.pop("WORLD_SIZE", None)
     p = subprocess.run([sys.executable, "-m", "rlhf", *map(str, args), "--output_dir", str(cut), "--resume"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300, check=False)
@@ -234,13 +240,14 @@ def test_ppo_under_zero3_kill9_resumes_exactly_and_refuses_another_process_count
     assert (ckpt / "engine").is_dir()  # untouched
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_under_deepspeed_never_reaches_the_weights(tmp_path, sft_one, rm_one):
     """Under DeepSpeed the engine steps inside backward; a NaN loss must still not update: the
     engine skips the step (its non-finite norm check), the guard reads `was_step_applied` and
     counts it, and the schedule and EMA do not move."""
     args = [*PPO_DS, "--model.name_or_path", sft_one, "--reward_model", rm_one, "--deepspeed",
             "recipes/deepspeed/zero2.json", "--output_dir", tmp_path / "nan"]
-    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"), RLHF_FAULT="nan:1")
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT), RLHF_FAULT="nan:1")
     env.pop("WORLD_SIZE", None)
     p = subprocess.run([sys.executable, "-m", "rlhf", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
                        env=env, timeout=600, check=False)

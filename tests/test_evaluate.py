@@ -47,6 +47,7 @@ def test_perplexity_is_exp_mean_loss(tiny_lm, tok):
     assert perplexity(0.0, 10) == 1.0
 
 
+@pytest.mark.slow
 def test_rlhf_eval_end_to_end(tmp_path, sft_checkpoint, task_dir):
     judge = tmp_path / "judge.py"
     judge.write_text("def length(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")

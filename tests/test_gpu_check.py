@@ -5,12 +5,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_passes_every_check(tmp_path):
     out = tmp_path / "gpu_check.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), RLHF_NO_PROGRESS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RLHF_NO_PROGRESS="1")
     p = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--out", str(out), "--work",
                         str(tmp_path / "work")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -35,11 +35,13 @@ def test_fp16_two_optimizers_unscale_and_update_once(monkeypatch):
     """PPO steps a policy and a value optimizer with one GradScaler: each is unscaled once, the
     scale is updated once per step (accelerate's clip_grad_norm_ per model unscaled every
     optimizer twice and raised "unscale_() has already been called")."""
+    from rlhf.config import OptimConfig
     from rlhf.engine import make_optimizer, step_models
 
     acc = _scaler_accelerator(monkeypatch)
     a, b = _two_models()
-    oa, ob = make_optimizer(a.parameters(), 1e-2), make_optimizer(b.parameters(), 1e-2)
+    optim = OptimConfig(lr=1e-2)
+    oa, ob = make_optimizer(a.parameters(), optim), make_optimizer(b.parameters(), optim)
     a, b, oa, ob = acc.prepare(a, b, oa, ob)
     before = [p.detach().clone() for p in (*a.parameters(), *b.parameters())]
     x = torch.randn(8, 4)
@@ -55,11 +57,13 @@ def test_fp16_two_optimizers_unscale_and_update_once(monkeypatch):
 
 
 def test_fp16_overflow_skips_step_halves_scale_once_and_is_not_a_nonfinite_streak(monkeypatch):
+    from rlhf.config import OptimConfig
     from rlhf.engine import NonFiniteGuard, loss_scale, make_optimizer, step_models
 
     acc = _scaler_accelerator(monkeypatch)
     a, b = _two_models()
-    oa, ob = make_optimizer(a.parameters(), 1e-2), make_optimizer(b.parameters(), 1e-2)
+    optim = OptimConfig(lr=1e-2)
+    oa, ob = make_optimizer(a.parameters(), optim), make_optimizer(b.parameters(), optim)
     a, b, oa, ob = acc.prepare(a, b, oa, ob)
     before = [p.detach().clone() for p in (*a.parameters(), *b.parameters())]
     x = torch.full((8, 4), 1e4)  # scaled gradients overflow in fp16
@@ -74,6 +78,7 @@ def test_fp16_overflow_skips_step_halves_scale_once_and_is_not_a_nonfinite_strea
     assert guard.streak == 0 and guard.overflows == 1 and guard.summary() == {"skipped_overflow_steps": 1}
 
 
+@pytest.mark.slow
 def test_ppo_fp16_through_the_grad_scaler_runs_and_resumes_its_scale(sft_checkpoint, task_dir, tmp_path, monkeypatch):
     from rlhf.config import load_stage_config
     from rlhf.stages import run
@@ -94,6 +99,7 @@ def test_ppo_fp16_through_the_grad_scaler_runs_and_resumes_its_scale(sft_checkpo
 # ----------------------------------------------------------------------------- bf16 autocast
 
 
+@pytest.mark.slow
 def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path):
     """bf16 autocast through SFT, RM and PPO; PPO's frozen reference runs under the same autocast
     as the policy, so their KL before any update is exactly 0."""
@@ -191,6 +197,7 @@ def device_spy(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["generate", "score", "eval", "sample", "chat"])
 def test_every_command_puts_its_models_on_the_runtime_device(command, device_spy, sft_checkpoint, task_dir, tmp_path,
                                                               monkeypatch, capsys):
@@ -237,6 +244,7 @@ def test_ppo_ranges_are_checked_when_the_recipe_loads(override, message):
     assert message in str(e.value)
 
 
+@pytest.mark.slow
 def test_zero_temperature_on_the_command_line_is_a_one_line_error(sft_checkpoint):
     p = run_cli("generate", sft_checkpoint, "--temperature", "0", check=False)
     assert p.returncode == 2 and "must be > 0" in p.stderr and "Traceback" not in p.stderr
@@ -250,7 +258,7 @@ def test_zero_temperature_on_the_command_line_is_a_one_line_error(sft_checkpoint
 def test_ema_tracks_only_trained_parameters_beside_them(tiny_lm):
     from peft import LoraConfig, get_peft_model
 
-    from rlhf.stages.ppo import EMA
+    from rlhf.ema import EMA
 
     model = get_peft_model(tiny_lm, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     ema = EMA(model, 0.5)

@@ -28,6 +28,7 @@ def smol(tmp_path_factory):
     return d, demos
 
 
+@pytest.mark.slow
 def test_smollm2_sft_from_gguf(smol):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,6 +41,7 @@ def test_smollm2_sft_from_gguf(smol):
     assert getattr(model.config, "quantization_config", None) is None
 
 
+@pytest.mark.slow
 def test_smollm2_rm_and_ppo(smol):
     d, demos = smol
     run_cli("rm", SMOL, "--output_dir", d / "rm", "--model.name_or_path", d / "sft", "--sample", "null",
@@ -54,6 +56,7 @@ def test_smollm2_rm_and_ppo(smol):
     assert "eval_kl" in s and s["steps"] == 1
 
 
+@pytest.mark.slow
 def test_minilm_encoder_reward_model_and_ppo(smol):
     d, demos = smol
     run_cli("rm", MINILM, "--output_dir", d / "rm_minilm", "--train.max_steps", "2", "--train.batch_size", "4",

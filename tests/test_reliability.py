@@ -17,7 +17,7 @@ from rlhf.rundir import staging_path
 
 
 def _rlhf(*args, env_extra=None, check=True):
-    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
     env.pop("RLHF_FAULT", None)
     env.update(env_extra or {})
     p = subprocess.run([sys.executable, "-m", "rlhf", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
@@ -58,19 +58,21 @@ def _kill_and_resume(tmp_path, args, total_steps, save_every, files=("model.safe
     writing a checkpoint) and resumed with --resume: bit-identical weights, same metrics."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     _rlhf(*args, "--output_dir", full)
-    rng = random.Random(os.environ.get("RLHF_TEST_SEED") or None)
+    seed = int(os.environ.get("RLHF_TEST_SEED", "0"))  # the kill point reproduces: RLHF_TEST_SEED=N to vary it
+    rng = random.Random(seed)
     if rng.random() < 0.5:
         fault = f"step:{rng.randint(1, total_steps - 1)}"
     else:
         fault = f"checkpoint:{rng.randint(1, total_steps // save_every)}"
-    print("fault injected:", fault)
+    print(f"fault injected: {fault} (RLHF_TEST_SEED={seed})")
     p = _rlhf(*args, "--output_dir", cut, env_extra={"RLHF_FAULT": fault}, check=False)
-    assert p.returncode == -9, (fault, p.returncode, p.stderr[-2000:])  # killed by SIGKILL
+    assert p.returncode == -9, (seed, fault, p.returncode, p.stderr[-2000:])  # killed by SIGKILL
     assert not (cut / "summary.json").exists()
     _rlhf(*args, "--output_dir", cut, "--resume")
     _assert_same_run(full, cut, files)
 
 
+@pytest.mark.slow
 def test_sft_kill9_resume_is_exact(tmp_path):
     args = ["sft", "recipes/tiny/sft.yaml", "--train.max_steps", "24", "--train.save_every", "5",
             "--train.log_every", "3", "--gen_eval_samples", "8"]
@@ -84,6 +86,7 @@ def tiny_sft(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_rm_kill9_resume_is_exact(tmp_path, tiny_sft):
     args = ["rm", "recipes/tiny/rm.yaml", "--model.name_or_path", tiny_sft, "--sample.checkpoint", tiny_sft,
             "--sample.max_prompts", "16", "--train.max_steps", "20", "--train.save_every", "4",
@@ -91,6 +94,7 @@ def test_rm_kill9_resume_is_exact(tmp_path, tiny_sft):
     _kill_and_resume(tmp_path, args, 20, 4)
 
 
+@pytest.mark.slow
 def test_ppo_kill9_resume_is_exact(tmp_path, tiny_sft):
     args = ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", tiny_sft, "--steps", "8",
             "--save_every", "2", "--rollout_batch_size", "16", "--eval_samples", "16", "--sample_every", "3",
@@ -99,6 +103,7 @@ def test_ppo_kill9_resume_is_exact(tmp_path, tiny_sft):
     _kill_and_resume(tmp_path, args, 8, 2, files=("model.safetensors", "ema/model.safetensors"))
 
 
+@pytest.mark.slow
 def test_checkpoints_are_kept_k_and_never_half_written(tmp_path):
     out = tmp_path / "run"
     p = _rlhf("sft", "recipes/tiny/sft.yaml", "--output_dir", out, "--train.max_steps", "12", "--train.save_every", "2",
@@ -116,6 +121,7 @@ def test_checkpoints_are_kept_k_and_never_half_written(tmp_path):
     assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-00000010", "step-00000012"]
 
 
+@pytest.mark.slow
 def test_pipeline_resume_continues_the_stage_it_stopped_in(tmp_path):
     out = tmp_path / "pipe"
     small = ["--sft.train.max_steps", "6", "--sft.gen_eval_samples", "4", "--rm.sample.max_prompts", "8",
@@ -254,9 +260,20 @@ def finished_run(tmp_path_factory):
     return out
 
 
+def _rlhf_here(capsys, *args) -> tuple[int, str]:
+    """`rlhf ARGS` in this process (the CLI's own entry point; no interpreter start per case):
+    (exit status, stderr). An exception that escapes the CLI -- a traceback -- fails the test."""
+    from rlhf.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "no-overwrite"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_malformed_input_one_line_exit_2_earlier_run_untouched(tmp_path, case, overwrite, finished_run):
+def test_malformed_input_one_line_exit_2_earlier_run_untouched(tmp_path, case, overwrite, finished_run, capsys):
     """Every bad input: exit 2, one line naming file:line:field, no traceback, and the finished
     run it would replace byte-identical, with --overwrite and without (then the message also says
     the folder holds a run: inputs are validated first, and both problems are named)."""
@@ -266,20 +283,24 @@ def test_malformed_input_one_line_exit_2_earlier_run_untouched(tmp_path, case, o
     out = tmp_path / "out"
     shutil.copytree(finished_run, out)
     before = _tree(out)
-    p = _rlhf(*build(tmp_path), "--output_dir", out, *(["--overwrite"] if overwrite else []), check=False)
-    err = [l for l in p.stderr.strip().splitlines() if "error:" in l]
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert len(err) == 1 and re.search(pattern, err[0]), p.stderr[-2000:]
-    assert "Traceback" not in p.stderr
+    rc, stderr = _rlhf_here(capsys, *build(tmp_path), "--output_dir", out, *(["--overwrite"] if overwrite else []))
+    err = [l for l in stderr.strip().splitlines() if "error:" in l]
+    assert rc == 2, stderr[-2000:]
+    assert len(err) == 1 and re.search(pattern, err[0]), stderr[-2000:]
+    assert "Traceback" not in stderr
     assert ("already holds a run" in err[0]) == (not overwrite), err[0]
     assert _tree(out) == before  # nothing already written was lost
     assert not staging_path(out).exists()  # and nothing half-made was left beside it
 
 
-def test_a_fresh_run_that_fails_leaves_no_folder(tmp_path):
+@pytest.mark.slow
+def test_malformed_input_exits_2_from_the_command_line_too(tmp_path):
+    """The same contract through a real `rlhf` process (the table above runs the CLI in-process)."""
     out = tmp_path / "new"
     p = _rlhf(*_reward(tmp_path, "raise ValueError('boom')"), "--output_dir", out, check=False)
-    assert p.returncode == 2 and not out.exists() and not staging_path(out).exists()
+    err = [l for l in p.stderr.strip().splitlines() if "error:" in l]
+    assert p.returncode == 2 and len(err) == 1 and "raised ValueError: boom" in err[0] and "Traceback" not in p.stderr
+    assert not out.exists() and not staging_path(out).exists()  # a fresh run that fails leaves no folder
 
 
 def test_byte_order_mark_is_accepted(tmp_path):
@@ -304,6 +325,7 @@ def test_identical_pair_is_warned_once_with_its_line(tmp_path, caplog):
     assert len(warned) == 1 and f"{f}:2: field 'rejected': chosen and rejected are the same" in warned[0]
 
 
+@pytest.mark.slow
 def test_reward_failure_mid_run_names_the_row_and_resumes_exactly(tmp_path, tiny_sft):
     """A reward function that fails at iteration 3 stops the run with its name and the prompt's
     file:line, after saving the state before iteration 3; once fixed, --resume finishes the run
@@ -345,10 +367,11 @@ def test_tokenizer_without_eos_is_an_error():
 def test_nan_loss_never_reaches_the_weights(tiny_lm):
     from accelerate import Accelerator
 
+    from rlhf.config import OptimConfig
     from rlhf.engine import make_optimizer, make_scheduler, optimizer_step
 
     acc = Accelerator(cpu=True)
-    opt = make_optimizer(tiny_lm.parameters(), 1e-2)
+    opt = make_optimizer(tiny_lm.parameters(), OptimConfig(lr=1e-2))
     sched = make_scheduler(opt, "linear", 10, 0.0)
     before = {k: v.clone() for k, v in tiny_lm.state_dict().items()}
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -379,6 +402,7 @@ def test_nonfinite_guard_stops_after_k_in_a_row():
     assert g.skipped == 4
 
 
+@pytest.mark.slow
 def test_injected_nan_step_is_skipped_and_counted(tmp_path):
     out = tmp_path / "sft"
     _rlhf("sft", "recipes/tiny/sft.yaml", "--output_dir", out, "--train.max_steps", "6", "--gen_eval_samples", "4",
@@ -392,7 +416,7 @@ def test_injected_nan_step_is_skipped_and_counted(tmp_path):
 
 
 def test_no_unsafe_loading_in_the_code():
-    src = "\n".join(p.read_text() for p in (ROOT / "src").rglob("*.py"))
+    src = "\n".join(p.read_text() for p in (ROOT / "rlhf").rglob("*.py"))
     for call in re.findall(r"torch\.load\([^)]*\)", src):
         assert "weights_only=True" in call, call
     assert "import pickle" not in src and "pickle.load" not in src
@@ -402,6 +426,7 @@ def test_no_unsafe_loading_in_the_code():
     assert ModelConfig().trust_remote_code is False
 
 
+@pytest.mark.slow
 def test_overwrite_killed_at_any_moment_keeps_the_old_run_or_the_new_one(tmp_path, finished_run):
     """kill -9 at random moments of a run that overwrites a finished run (fault points after a
     step, in a checkpoint write, between the two halves of the promotion, and at random times):
@@ -421,7 +446,7 @@ def test_overwrite_killed_at_any_moment_keeps_the_old_run_or_the_new_one(tmp_pat
     for i, kill in enumerate(kills):
         out = tmp_path / f"run{i}"
         shutil.copytree(finished_run, out)
-        env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT / "src"))
+        env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
         cmd = [sys.executable, "-m", "rlhf", *new, "--output_dir", str(out), "--overwrite"]
         if kill.startswith("time:"):
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

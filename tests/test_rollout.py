@@ -60,20 +60,57 @@ def test_greedy_generation_matches_transformers_generate(tiny_lm, tok):
         assert mine == ref[: len(mine)]
 
 
-def test_sampling_distribution_matches_scored_logprobs_at_temperature(tiny_lm):
-    """Sampling at T and scoring with logits / T describe the same distribution (else KL < 0)."""
-    T = 0.7
-    prompt = [5, 6, 7]
-    n = 4000
-    g = generate(tiny_lm, [prompt] * n, eos_token_id=-1, pad_token_id=0, max_new_tokens=1, temperature=T,
-                 generator=torch.Generator().manual_seed(1))
-    ids = torch.cat([g.prompt_ids, g.response_ids], 1)
-    lp = response_logprobs(tiny_lm, ids, torch.ones_like(ids), 1, temperature=T)[:, 0]
-    tokens = g.response_ids[:, 0]
-    top = torch.mode(tokens).values
-    freq = (tokens == top).float().mean().item()
-    prob = lp[tokens == top][0].exp().item()
-    assert freq == pytest.approx(prob, abs=0.03)
+class PeakedLM(torch.nn.Module):
+    """A stand-in LM whose next-token logits are fixed and sharply peaked (so the temperature
+    matters a lot): logits[t] = 6 * one_hot((input_t * 3) % V) + a ramp."""
+
+    V = 11
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def logits_of(self, input_ids):
+        peak = torch.nn.functional.one_hot((input_ids * 3) % self.V, self.V).float() * 6.0
+        return peak + torch.linspace(0, 1, self.V)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, use_cache=False,
+                past_key_values=None):
+        from types import SimpleNamespace
+
+        logits = self.logits_of(input_ids)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return SimpleNamespace(logits=logits, past_key_values=None)
+
+
+@pytest.mark.parametrize("T", [0.5, 0.7, 2.0])
+def test_scored_logprobs_are_log_softmax_of_logits_over_temperature(T):
+    """Exact: response_logprobs = log_softmax(logits / T) at the sampled tokens. (Fails by > 0.5
+    per token with the / T removed: the logits are peaked.)"""
+    model = PeakedLM()
+    ids = torch.tensor([[1, 4, 2, 7, 3], [5, 5, 9, 0, 6]])
+    lp = response_logprobs(model, ids, torch.ones_like(ids), 3, temperature=T)
+    want = torch.log_softmax(model.logits_of(ids)[:, -4:-1] / T, -1).gather(-1, ids[:, -3:, None])[..., 0]
+    assert torch.allclose(lp, want, atol=1e-6, rtol=0)
+    untempered = torch.log_softmax(model.logits_of(ids)[:, -4:-1], -1).gather(-1, ids[:, -3:, None])[..., 0]
+    assert (lp - untempered).abs().max() > 0.5  # the check above can tell a missing temperature
+
+
+@pytest.mark.parametrize("T", [0.5, 2.0])
+def test_sampling_draws_from_softmax_of_logits_over_temperature(T):
+    """Exact: generate() draws each token with torch.multinomial(softmax(logits / T)) from the
+    given generator, so replaying the same draws by hand gives the same tokens."""
+    model = PeakedLM()
+    prompt = [3, 1]
+    g = generate(model, [prompt] * 64, eos_token_id=-1, pad_token_id=0, max_new_tokens=3, temperature=T,
+                 generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    last = torch.tensor([prompt[-1]] * 64)
+    for t in range(3):
+        probs = torch.softmax(model.logits_of(last[:, None])[:, -1] / T, -1)
+        last = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        assert torch.equal(g.response_ids[:, t], last), t
 
 
 def test_entropy_returned(tiny_lm):

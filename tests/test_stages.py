@@ -11,6 +11,7 @@ from rlhf.config import load_stage_config
 from rlhf.stages import run
 
 
+@pytest.mark.slow
 def test_sft_lowers_heldout_loss_and_saves_hf_folder(sft_checkpoint):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,6 +38,7 @@ def rm_run(tmp_path_factory, sft_checkpoint, task_dir):
     return out, run("rm", cfg, str(out), overwrite=True)
 
 
+@pytest.mark.slow
 def test_rm_beats_chance_on_heldout_pairs(rm_run):
     _, s = rm_run
     assert s["eval_accuracy"] >= 0.75, s
@@ -45,6 +47,7 @@ def test_rm_beats_chance_on_heldout_pairs(rm_run):
         assert k in s
 
 
+@pytest.mark.slow
 def test_rm_normalisation_and_reload_identical_scores(rm_run, task_dir):
     from transformers import AutoModelForSequenceClassification
 
@@ -64,6 +67,7 @@ def test_rm_normalisation_and_reload_identical_scores(rm_run, task_dir):
     assert torch.equal(raw + rm.bias, rm.score_ids(seqs))
 
 
+@pytest.mark.slow
 def test_rm_score_read_at_last_token_whatever_padding(rm_run, task_dir):
     from rlhf.rewards import RewardModel, forward_scores
     from rlhf.rollout import left_pad, right_pad
@@ -80,6 +84,7 @@ def test_rm_score_read_at_last_token_whatever_padding(rm_run, task_dir):
     assert torch.allclose(right, left, atol=1e-5) and torch.allclose(right, alone, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_kway_groups_train(tmp_path, sft_checkpoint, task_dir):
     cfg = load_stage_config("rm", None, {
         "model.name_or_path": str(sft_checkpoint), "data.train": str(task_dir / "rankings.jsonl"),
@@ -104,11 +109,13 @@ def _ppo_cfg(sft_checkpoint, task_dir, **over):
     return load_stage_config("ppo", None, base)
 
 
+@pytest.mark.slow
 def test_ratio_is_exactly_one_on_first_minibatch(sft_checkpoint, task_dir):
     from rlhf.data.formats import load_examples, parse_prompt
     from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
     from rlhf.rollout import response_logprobs
     from rlhf.stages.ppo import make_experience, make_rollout
+    from rlhf.stages.ppo_setup import PPOModels
 
     cfg = _ppo_cfg(sft_checkpoint, task_dir, temperature=0.8)
     tok = load_tokenizer(cfg.model)
@@ -117,7 +124,8 @@ def test_ratio_is_exactly_one_on_first_minibatch(sft_checkpoint, task_dir):
     prompts, _ = load_examples(cfg.data.train, parse_prompt, max_samples=16)
     ro = make_rollout(policy, tok, prompts, cfg, torch.Generator().manual_seed(0), "cpu")
     value = lambda ids, mask, pos=None: torch.zeros(ids.shape)  # noqa: E731
-    exp = make_experience(ro, torch.ones(16), policy, policy, value, 0.1, cfg, micro_batch_size=16)
+    models = PPOModels(policy, value, policy, None, [], [])  # the reference is the policy itself
+    exp = make_experience(ro, torch.ones(16), models, 0.1, cfg, micro_batch_size=16)
     assert exp.kl.abs().max().item() == 0.0  # policy == reference: KL exactly 0
     idx = torch.tensor([3, 0, 7, 12])  # a shuffled micro-batch, as in the update
     R = exp.response_mask.shape[1]
@@ -127,6 +135,7 @@ def test_ratio_is_exactly_one_on_first_minibatch(sft_checkpoint, task_dir):
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0), ratio
 
 
+@pytest.mark.slow
 def test_ppo_python_reward_rises(tmp_path, sft_checkpoint, task_dir):
     reward_file = tmp_path / "my_reward.py"
     reward_file.write_text(
@@ -153,6 +162,7 @@ def test_ppo_python_reward_rises(tmp_path, sft_checkpoint, task_dir):
     ("return [0.0]", "returned 1 values for"),
     ("return [float('nan')] * len(completions)", "returned nan for sample 0"),
 ])
+@pytest.mark.slow
 def test_bad_reward_function_stops_with_its_name(tmp_path, sft_checkpoint, task_dir, body, needle):
     from rlhf.rewards import RewardError
 
@@ -178,6 +188,7 @@ def test_reward_fn_import_errors(tmp_path):
     assert load_reward_fn("gold").__name__ == "gold_reward"
 
 
+@pytest.mark.slow
 def test_ppo_every_option_runs(tmp_path, sft_checkpoint, task_dir, rm_run):
     """RM + reward fn sum, value from the RM, k3, adaptive KL, running-std scaling, reward
     whitening, PPO-ptx, EMA: each branch of the loop runs and logs what it should."""
@@ -200,6 +211,7 @@ def test_ppo_every_option_runs(tmp_path, sft_checkpoint, task_dir, rm_run):
     assert not torch.equal(ema.model.embed_tokens.weight, final.model.embed_tokens.weight)
 
 
+@pytest.mark.slow
 def test_lora_sft_and_ppo(tmp_path, sft_checkpoint, task_dir):
     """LoRA through peft: SFT saves a merged model; PPO's reference is the policy with adapters off."""
     from transformers import AutoModelForCausalLM
@@ -219,6 +231,7 @@ def test_lora_sft_and_ppo(tmp_path, sft_checkpoint, task_dir):
     assert s["initial_eval_kl"] == pytest.approx(0.0, abs=1e-6) and "eval_kl" in s
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path, sft_checkpoint, task_dir):
     """Recomputing activations changes memory, not the math: SFT and RM with and without it end
     with the same weights."""

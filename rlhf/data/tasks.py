@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -177,29 +177,35 @@ def has_gold(rows: list[dict]) -> bool:
 # ----------------------------------------------------------------------------- data files
 
 
-def make_task_data(
-    tasks: list[str] | str,
-    out: str | Path,
-    *,
-    n_sft: int = 4000,
-    n_pref: int = 2000,
-    n_rank: int = 0,
-    k: int = 4,
-    n_rl: int = 2000,
-    n_eval: int = 500,
-    wrong_share: float = 0.4,
-    systematic_share: float = 0.4,
-    near_miss_share: float = 0.3,
-    seed: int = 0,
-) -> dict[str, int]:
-    """Write the task files into `out` (see the module docstring); returns row counts per file.
+@dataclass(frozen=True)
+class TaskDataSpec:
+    """How much of each file `rlhf data make` writes, and how the wrong answers are mixed."""
 
-    wrong_share: share of demonstrations with the systematic error.
-    systematic_share: share of rejected responses that are the systematic error.
-    near_miss_share: share of rejected responses of the right form but wrong content (sorted,
-    but not the input's digits); the rest are random edits of the correct answer. Near misses
-    teach the RM what a policy drifting away from the demonstrations produces.
-    """
+    n_sft: int = 4000
+    n_pref: int = 2000
+    n_rank: int = 0
+    k: int = 4
+    n_rl: int = 2000
+    n_eval: int = 500
+    wrong_share: float = 0.4
+    """Share of demonstrations with the systematic error."""
+    systematic_share: float = 0.4
+    """Share of rejected responses that are the systematic error."""
+    near_miss_share: float = 0.3
+    """Share of rejected responses of the right form but wrong content (sorted, but not the input's
+    digits); the rest are random edits of the correct answer. Near misses teach the RM what a
+    policy drifting away from the demonstrations produces."""
+    seed: int = 0
+
+
+def make_task_data(tasks: list[str] | str, out: str | Path, spec: TaskDataSpec | None = None,
+                   **fields) -> dict[str, int]:
+    """Write the task files into `out` (see the module docstring); returns row counts per file.
+    `spec` (or its fields given as keywords) sets the counts and shares."""
+    spec = replace(spec or TaskDataSpec(), **fields)
+    n_sft, n_pref, n_rank, k, n_rl, n_eval = spec.n_sft, spec.n_pref, spec.n_rank, spec.k, spec.n_rl, spec.n_eval
+    wrong_share, systematic_share, near_miss_share, seed = (spec.wrong_share, spec.systematic_share,
+                                                           spec.near_miss_share, spec.seed)
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     names = [n for part in names for n in part.split(",") if n]
     specs = [get_task(n) for n in names]

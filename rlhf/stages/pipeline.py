@@ -18,13 +18,13 @@ from ..engine import RunError, write_summary
 
 
 def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: bool = False,
-                 resume: bool = False) -> dict:
+                 resume: bool = False, run_stage=None) -> dict:
     """The whole pipeline is one run folder: a new pipeline is written into a staging folder and
     replaces the old one only when its last stage has finished (:mod:`rlhf.rundir`); its stages
-    write in place inside it."""
+    write in place inside it. `run_stage` runs one stage (:func:`rlhf.stages.run`, which calls this)."""
     from ..engine import finish_folder, make_accelerator, open_run, prepare_output_dir
-    from . import run
 
+    run = run_stage
     # the Accelerator (not a bare PartialState) first: it sets up gloo for multi-process CPU runs
     acc = make_accelerator(cfg.sft.train.mixed_precision)
     rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume)

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .faults import fault_point
+
 MARK = ".rlhf-staging"
 FAILED = "FAILED"
 RUN_MARKERS = ("recipe.yaml", "summary.json", "metrics.jsonl")
@@ -134,17 +136,15 @@ def promote(rf: RunFolder) -> None:
     """Move a finished staged run to its final path, replacing the old run there. Main process only."""
     if not rf.staged:
         return
-    from .checkpoint import _fault_point
-
     final, work = rf.final, rf.work
     if final.exists():
         if _exchange(work, final):  # atomic: `final` is the new run, `work` now holds the old one
-            _fault_point("promote")  # tests kill the process here
+            fault_point("promote")  # tests kill the process here
             shutil.rmtree(work)
         else:
             trash = _trash_path(final)
             os.replace(final, trash)
-            _fault_point("promote")
+            fault_point("promote")
             os.replace(work, final)
             shutil.rmtree(trash)
     else:

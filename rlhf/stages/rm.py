@@ -24,17 +24,19 @@ from pathlib import Path
 import torch
 
 from ..algos.core import pairwise_rm_loss, reward_bias
-from ..config import ModelConfig, RMConfig, SampleConfig, dump_yaml, to_dict
+from ..config import ModelConfig, RMConfig, dump_yaml, to_dict
 from ..data.formats import DataError, PrefGroup, load_examples, parse_preference, parse_sft, split_train_eval
-from ..engine import (MetricsLogger, chunks, global_batches, inputs_first, make_optimizer, make_scheduler, prepare_output_dir,
+from ..engine import (MetricsLogger, chunks, global_batches, inputs_first, prepare_output_dir,
                       peak_memory, progress, set_seed, shard, write_summary)
-from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
-from ..engine import NonFiniteGuard, finish_run, start_run, atomic_write_text, backward, gathered_params, loss_scale, optimizer_step, zero_stage
-from ..models import _outside_zero3_init
+from ..checkpoint import save_checkpoint
+from ..faults import fault_point_step, inject_fault
+from ..engine import (atomic_write_text, backward, finish_run, gathered_params, loss_scale, optimizer_step,
+                      prepare_training, start_run, zero_stage)
 from ..models import (ModelError, count_parameters, disable_dropout, enable_gradient_checkpointing, load_tokenizer,
+                      save_model_files,
                       torch_dtype, unwrap)
-from ..rewards import BIAS_KEY, forward_scores, score_head, score_sequences
-from ..rollout import right_pad
+from ..rewards import BIAS_KEY, group_loss, score_head, score_sequences
+from ..sampling import check_sample_config, sample_rankings
 from ..tokenization import encode_scored
 
 log = logging.getLogger(__name__)
@@ -112,24 +114,6 @@ def encode_groups(tok, groups: list[PrefGroup], max_length: int, skip_bad_rows: 
     return out
 
 
-def group_loss(model, groups: list[tuple[list[list[int]], list[tuple[int, int, float]]]], pad_id: int, device,
-               use_margin: bool = True):
-    """Scores each distinct sequence of the groups once, then the pairwise losses. Returns
-    (per-pair losses (P,), chosen scores (P,), rejected scores (P,))."""
-    seqs, offsets = [], []
-    for s, _ in groups:
-        offsets.append(len(seqs))
-        seqs.extend(s)
-    ids = right_pad(seqs, pad_id, device)
-    mask = right_pad([[1] * len(s) for s in seqs], 0, device)
-    scores = forward_scores(model, ids, mask)
-    w = torch.tensor([o + i for o, (_, pairs) in zip(offsets, groups) for i, _, _ in pairs], device=device)
-    l = torch.tensor([o + j for o, (_, pairs) in zip(offsets, groups) for _, j, _ in pairs], device=device)
-    margin = torch.tensor([m for _, pairs in groups for _, _, m in pairs], device=device, dtype=scores.dtype)
-    chosen, rejected = scores[w], scores[l]
-    return pairwise_rm_loss(chosen, rejected, margin if use_margin else None), chosen, rejected
-
-
 @torch.no_grad()
 def evaluate_pairs(model, groups, pad_id: int, micro_batch_size: int, acc) -> dict:
     """Held-out pair metrics; each process scores every world-th group, sums are reduced."""
@@ -148,68 +132,6 @@ def evaluate_pairs(model, groups, pad_id: int, micro_batch_size: int, acc) -> di
     acc_, margin, ch, rj, loss = (float(x) / n for x in sums[:5])
     return {"eval_accuracy": acc_, "eval_margin": margin, "eval_chosen_mean": ch, "eval_rejected_mean": rj,
             "eval_loss": loss, "eval_pairs": int(n)}
-
-
-# ----------------------------------------------------------------------------- sampling K-way rankings
-
-
-def check_sample_config(sc: SampleConfig) -> None:
-    """Fail before anything is written: the sampling policy and prompt file must exist."""
-    if not sc.checkpoint or not sc.prompts:
-        raise DataError("recipe: 'sample.checkpoint' and 'sample.prompts' are required for sampling")
-    if not Path(sc.checkpoint).exists():
-        raise ModelError(f"recipe: 'sample.checkpoint' points at a missing checkpoint: {sc.checkpoint}")
-    from ..data.formats import parse_prompt
-
-    load_examples(sc.prompts, parse_prompt, max_samples=sc.max_prompts, what="prompts", field_name="sample.prompts")
-    if sc.judge and sc.judge != "none":
-        from ..rewards import load_reward_fn
-
-        load_reward_fn(sc.judge)
-
-
-def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, device=None) -> dict:
-    """InstructGPT §3.4: K samples of the policy per prompt, scored by a judge -> K-way rankings."""
-    from ..data.formats import load_examples as _load, parse_prompt
-    from ..data.tasks import write_jsonl
-    from ..evaluate import sample_texts
-    from ..models import load_causal_lm
-    from ..rewards import call_reward_fn, load_reward_fn
-
-    if not sc.checkpoint or not sc.prompts:
-        raise DataError("recipe: 'sample.checkpoint' and 'sample.prompts' are required for sampling")
-    prompts, _ = _load(sc.prompts, parse_prompt, max_samples=sc.max_prompts, what="prompts", field_name="sample.prompts")
-    judge = None if sc.judge == "none" else load_reward_fn(sc.judge or "judge")
-    mc = ModelConfig(name_or_path=sc.checkpoint)
-    tok = load_tokenizer(mc)
-    with _outside_zero3_init():  # sampled by one process: a ZeRO-3-partitioned copy would wait on the others
-        policy = load_causal_lm(mc, tok)
-    disable_dropout(policy)
-    if device is not None:
-        policy.to(device)
-    expanded = [p for p in prompts for _ in range(sc.k)]
-    texts, _ = sample_texts(policy, tok, [p.prompt for p in expanded], max_new_tokens=sc.max_new_tokens,
-                            temperature=sc.temperature, batch_size=sc.batch_size, seed=seed, device=device,
-                            progress_desc=f"sampling K={sc.k}")
-    fields = {k: [p.meta.get(k) for p in expanded] for k in expanded[0].meta}
-    scores = call_reward_fn(judge, [p.raw_prompt for p in expanded], texts, fields) if judge else None
-    rows = []
-    for i, p in enumerate(prompts):
-        sl = slice(i * sc.k, (i + 1) * sc.k)
-        row = {"id": p.meta.get("id", i), **p.meta, "prompt": p.raw_prompt, "responses": texts[sl]}
-        if scores is not None:
-            row["scores"] = scores[sl]
-        rows.append(row)
-    if sc.mix_with:
-        from ..data.formats import read_rows
-
-        rows += [r.data for r in read_rows(sc.mix_with)]
-    write_jsonl(out_path, rows)
-    distinct = sum(len(set(r["responses"])) for r in rows[: len(prompts)]) / max(len(prompts), 1)
-    out = {"sampled_prompts": len(prompts), "k": sc.k, "mean_distinct_responses": distinct}
-    if scores is not None:
-        out["mean_judge_score"] = sum(scores) / len(scores)
-    return out
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -262,12 +184,9 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     eval_enc = [(seqs, g.pairs) for g, seqs in eval_encoded]
 
     batches = global_batches(len(enc), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
-    optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, (tc.adam_beta1, tc.adam_beta2), tc.adam_eps)
-    model, optimizer = acc.prepare(model, optimizer)
-    # after prepare: ZeRO-3 regroups the optimizer's parameters, the schedule must see its groups
-    scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)
-    guard = NonFiniteGuard(tc.max_nonfinite_steps)
-    start, state = resume_state(acc, out, resume, {"model": model}, {"model": optimizer}, {"model": scheduler})
+    t = prepare_training(acc, model, tc, len(batches), out, resume)
+    model, optimizer, scheduler, guard, parts, start, state = (t.model, t.optimizer, t.scheduler, t.guard, t.parts,
+                                                               t.start, t.state)
     if acc.is_main_process and not resume:
         dump_yaml(cfg, out / "recipe.yaml")
     logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
@@ -317,8 +236,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         if tc.eval_every and step % tc.eval_every == 0 and step != len(batches):
             logger.log(step, evaluate_pairs(model, eval_enc, tok.pad_token_id, micro_bs, acc))
         if tc.save_every and (step % tc.save_every == 0 or step == len(batches)):
-            save_checkpoint(acc, out, step, models={"model": model}, optimizers={"model": optimizer},
-                            schedulers={"model": scheduler}, keep=tc.save_total_limit,
+            save_checkpoint(acc, out, step, parts, keep=tc.save_total_limit,
                             state={"guard": guard.state_dict()}, rank_state={"window": win})
         fault_point_step(step)
     bar.close()
@@ -345,8 +263,6 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     state_dict = acc.get_state_dict(model) if zero_stage(acc) == 3 else None  # collective under ZeRO-3
     acc.wait_for_everyone()
     if acc.is_main_process:
-        from .sft import save_model_files
-
         save_model_files(model, tok, out, extra_config={BIAS_KEY: bias}, state_dict=state_dict)
         logger.log(len(batches), {k: v for k, v in summary.items() if k.startswith("eval_")})
         write_summary(out, summary)

@@ -90,11 +90,23 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are drawn: defaults are pure sampling at T = 1 (top_k = 0, top_p = 1) [N]."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+
+
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id: int, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             generator: torch.Generator | None = None, device=None, sync_every: int | None = None) -> Generation:
-    """Sample up to `max_new_tokens` for each prompt with a KV cache (one model call per token).
+def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id: int,
+             generator: torch.Generator | None = None, device=None, sync_every: int | None = None,
+             **sampling) -> Generation:
+    """Sample up to `max_new_tokens` for each prompt with a KV cache (one model call per token);
+    `sampling` holds :class:`Sampling`'s fields (max_new_tokens, temperature, top_k, top_p, greedy).
 
     `generator` must live on `device` (the model's): torch samples a CUDA tensor only with a
     CUDA generator. Whether every row has finished is read back from the device every
@@ -102,6 +114,9 @@ def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id
     accelerator, where each read stalls the queue); columns after the last EOS are cut, so the
     result has the same shape either way (only the generator's position differs).
     """
+    settings = Sampling(**sampling)
+    max_new_tokens, temperature, greedy = settings.max_new_tokens, settings.temperature, settings.greedy
+    top_k, top_p = settings.top_k, settings.top_p
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"sampling generator on {generator.device}, model inputs on {device}: create it with "

@@ -21,11 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import USER_ERRORS, RunError
+
 log = logging.getLogger(__name__)
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or go on (one line, nothing already written is touched)."""
 
 
 # ----------------------------------------------------------------------------- setup
@@ -398,6 +396,36 @@ def _plain(opt):
     return getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
 
 
+@dataclass
+class Training:
+    """What the SFT and RM loops train with, prepared by :func:`prepare_training`."""
+
+    model: object
+    optimizer: object
+    scheduler: object
+    guard: "NonFiniteGuard"
+    parts: object
+    """The CheckpointParts of the run's resumable checkpoints."""
+    start: int
+    """The step to continue after (0 for a new run)."""
+    state: dict
+    """The resumed checkpoint's state ({} for a new run)."""
+
+
+def prepare_training(acc, model, tc, total_steps: int, out: Path, resume: bool) -> Training:
+    """The common start of the SFT and RM loops: AdamW as `tc` says, accelerate / DeepSpeed, the
+    schedule (on the prepared optimizer: ZeRO-3 regroups its parameters), the non-finite guard and,
+    with `resume`, the latest checkpoint restored."""
+    from .checkpoint import CheckpointParts, resume_state
+
+    optimizer = make_optimizer(model.parameters(), tc)
+    model, optimizer = acc.prepare(model, optimizer)
+    scheduler = make_scheduler(optimizer, tc.lr_scheduler, total_steps, tc.warmup_ratio)
+    parts = CheckpointParts({"model": model}, {"model": optimizer}, {"model": scheduler})
+    start, state = resume_state(acc, out, resume, parts)
+    return Training(model, optimizer, scheduler, NonFiniteGuard(tc.max_nonfinite_steps), parts, start, state)
+
+
 class NonFiniteGuard:
     """Counts skipped non-finite steps; stops the run after `limit` in a row."""
 
@@ -434,7 +462,11 @@ class NonFiniteGuard:
         self.streak, self.skipped, self.overflows = d["streak"], d["skipped"], d.get("overflows", 0)
 
 
-def make_optimizer(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8):
+def make_optimizer(params, optim, lr: float | None = None):
+    """AdamW over the trainable `params` as `optim` (an OptimConfig) says; `lr` overrides its lr
+    (PPO's value model). Weight decay only on matrices, not on biases and norms."""
+    lr, weight_decay, eps = optim.lr if lr is None else lr, optim.weight_decay, optim.adam_eps
+    betas = (optim.adam_beta1, optim.adam_beta2)
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -507,14 +539,8 @@ def open_run(acc, output_dir, overwrite: bool = False, resume: bool = False):
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The errors a user can fix: one line, exit status 2."""
-    from .config import ConfigError
-    from .data.formats import DataError
-    from .models import ModelError
-    from .rewards import RewardError
-    from .tokenization import TemplateError
-
-    return ConfigError, DataError, RunError, ModelError, RewardError, TemplateError
+    """The errors a user can fix: one line, exit status 2 (:mod:`rlhf.errors`)."""
+    return USER_ERRORS
 
 
 @contextlib.contextmanager
@@ -531,7 +557,7 @@ def inputs_first(rf):
         raise RunError(rf.problem)
 
 
-_OPEN: list = []
+OPEN_RUNS: list = []
 """Run folders this process has opened and not yet finished (`fail_open_runs` marks them)."""
 
 
@@ -543,7 +569,7 @@ def prepare_output_dir(acc, rf, overwrite: bool = False, resume: bool = False) -
     if acc.is_main_process:
         rundir.open_folder(rf, overwrite, resume)
     acc.wait_for_everyone()
-    _OPEN.append(rf)
+    OPEN_RUNS.append(rf)
     if rf.staged:
         log.info("writing the run into %s; it replaces %s when it finishes", rf.work, rf.final)
     return rf.work
@@ -555,8 +581,8 @@ def fail_open_runs(error: BaseException, is_main: bool = True, since: int = 0) -
     resumable run is)."""
     from . import rundir
 
-    notes = [rundir.fail(rf, error) for rf in _OPEN[since:]] if is_main else []
-    del _OPEN[since:]
+    notes = [rundir.fail(rf, error) for rf in OPEN_RUNS[since:]] if is_main else []
+    del OPEN_RUNS[since:]
     return "".join(notes)
 
 
@@ -639,7 +665,6 @@ def finish_run(acc, logger: "MetricsLogger", out: Path) -> None:
     """Common end of every stage: close the logs, build the report, move a staged run to its
     final path, and wait until the model is there before any process moves on (the next stage
     reads it)."""
-    from . import rundir
 
     logger.close()
     if acc.is_main_process:
@@ -654,10 +679,10 @@ def finish_folder(acc, out: Path) -> None:
     from . import rundir
 
     acc.wait_for_everyone()
-    for rf in [rf for rf in _OPEN if rf.work == out]:
+    for rf in [rf for rf in OPEN_RUNS if rf.work == out]:
         if acc.is_main_process:
             rundir.promote(rf)
-        _OPEN.remove(rf)
+        OPEN_RUNS.remove(rf)
     acc.wait_for_everyone()
 
 

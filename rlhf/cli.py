@@ -24,8 +24,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return user_errors()
 
 
-def _training_parser(sub, name: str, help: str):
-    p = sub.add_parser(name, help=help, description=help)
+def _training_parser(sub, name: str, help: str, epilog: str | None = None):
+    p = sub.add_parser(name, help=help, description=help, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="YAML recipe")
     p.add_argument("--output_dir", help="run folder (beats the recipe's output_dir)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _training_parser(sub, "sft", "supervised fine-tuning on demonstrations (stage 1)")
     _training_parser(sub, "rm", "pairwise-preference reward model (stage 2)")
-    _training_parser(sub, "ppo", "PPO with a KL penalty against the SFT policy (stage 3)")
+    _training_parser(sub, "ppo", "PPO with a KL penalty against the SFT policy (stage 3)", _ppo_choices())
     _training_parser(sub, "pipeline", "SFT -> RM -> PPO into OUTPUT_DIR/{sft,rm,ppo}")
 
     data = sub.add_parser("data", help="built-in verifiable task data")
@@ -112,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system message")
     _sampling_args(chat)
     return parser
+
+
+def _ppo_choices() -> str:
+    """The registered choices of the algorithm (recipe fields checked against them), for `rlhf ppo --help`."""
+    from .algos.registry import registries
+
+    lines = ["recipe fields are dotted overrides (--kl_coef 0.05); every field: docs/config-reference.md",
+             "", "registered choices (one function each; see docs/algorithms.md to add one):"]
+    return "\n".join(lines + [r.describe() for r in registries().values()])
 
 
 def _sampling_args(p) -> None:
@@ -238,7 +248,7 @@ def _dispatch(args, rest: list[str]) -> int:
         return 0
     if args.command == "sample":
         from .config import SampleConfig
-        from .stages.rm import sample_rankings
+        from .sampling import sample_rankings
 
         sc = SampleConfig(checkpoint=args.checkpoint, prompts=args.prompts, k=args.k, judge=args.judge,
                           max_prompts=args.max_prompts, temperature=args.temperature,
@@ -251,14 +261,16 @@ def _dispatch(args, rest: list[str]) -> int:
         return _score(args)
     if args.command == "eval":
         from .engine import runtime_device
-        from .evaluate import format_table, run_eval
+        from .evaluate import EvalConfig, format_table, run_eval
+        from .rollout import Sampling
 
-        result = run_eval(args.checkpoints, perplexity_data=args.perplexity, pairs=args.pairs, prompts=args.prompts,
-                          reward_model=args.reward_model, reward_fns=args.reward_fn, judge=args.judge,
-                          reference_field=args.reference_field, max_samples=args.max_samples,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, greedy=args.greedy, seed=args.seed, batch_size=args.batch_size,
-                          device=runtime_device())
+        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, greedy=args.greedy)
+        cfg = EvalConfig(perplexity_data=args.perplexity, pairs=args.pairs, prompts=args.prompts,
+                         reward_model=args.reward_model, reward_fns=args.reward_fn, judge=args.judge,
+                         reference_field=args.reference_field, max_samples=args.max_samples,
+                         batch_size=args.batch_size, seed=args.seed, sampling=sampling)
+        result = run_eval(args.checkpoints, cfg, device=runtime_device())
         if args.out:
             from .engine import atomic_write_text
 
@@ -336,7 +348,7 @@ def _emit_rows(rows: list[dict], out: str | None, what: str) -> int:
 
 
 def _score(args) -> int:
-    from .data.formats import DataError, _text_or_messages, read_rows
+    from .data.formats import DataError, text_or_messages, read_rows
     from .rewards import RewardModel
 
     from .engine import runtime_device
@@ -348,10 +360,10 @@ def _score(args) -> int:
         fields = [f for f in ("response", "completion", "chosen", "rejected") if f in r.data]
         if "prompt" not in r.data or not fields:
             raise DataError(f"{r.where()}: expected 'prompt' and 'response' (or 'completion', 'chosen', 'rejected')")
-        p = _text_or_messages(r, "prompt")
+        p = text_or_messages(r, "prompt")
         for f in fields:
             prompts.append(p if isinstance(p, list) else [{"role": "user", "content": p}])
-            responses.append(_text_or_messages(r, f))
+            responses.append(text_or_messages(r, f))
             keys.append(f)
     scores = rm.score(prompts, responses, normalized=not args.raw, batch_size=args.batch_size).tolist()
     out, k = [], 0

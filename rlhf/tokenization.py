@@ -11,13 +11,10 @@ sequence is ``prompt + response + EOS`` as text.
 
 from __future__ import annotations
 
+from .errors import TemplateError
 from .data.formats import Messages
 
 IGNORE_INDEX = -100
-
-
-class TemplateError(ValueError):
-    """The chat template does not render a conversation as prefix + continuation."""
 
 
 def _render(tok, messages: Messages, add_generation_prompt: bool) -> str:
@@ -125,3 +122,13 @@ def encode_scored(tok, prompt: Messages | str, response: Messages | str) -> list
     if cls is not None and (not ids or ids[0] != cls):
         ids = [cls] + ids
     return ids
+
+
+def collate_sft(feats: list[tuple[list[int], list[int]]], pad_id: int, device) -> tuple:
+    """Right-padded (ids, attention mask, labels), each (B, T), of encoded demonstrations."""
+    from .rollout import right_pad
+
+    ids = right_pad([f[0] for f in feats], pad_id, device)
+    labels = right_pad([f[1] for f in feats], IGNORE_INDEX, device)
+    mask = right_pad([[1] * len(f[0]) for f in feats], 0, device)
+    return ids, mask, labels

@@ -17,21 +17,21 @@ import contextlib
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from ..algos.core import lm_loss_sum
 from ..config import ModelConfig, SFTConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
-from ..engine import (MetricsLogger, chunks, global_batches, inputs_first, make_optimizer, make_scheduler, prepare_output_dir,
+from ..engine import (MetricsLogger, chunks, global_batches, inputs_first, prepare_output_dir,
                       peak_memory, progress, set_seed, shard, write_summary)
-from ..engine import NonFiniteGuard, finish_run, start_run, backward, gathered_params, loss_scale, optimizer_step, zero_stage
-from ..checkpoint import fault_point_step, inject_fault, resume_state, save_checkpoint
+from ..engine import (backward, finish_run, gathered_params, loss_scale, optimizer_step, prepare_training, start_run,
+                      zero_stage)
+from ..checkpoint import save_checkpoint
+from ..faults import fault_point_step, inject_fault
 from ..evaluate import gold_accuracy, gold_examples
-from ..models import count_parameters, load_causal_lm, load_tokenizer, save_pretrained, unwrap
-from ..tokenization import IGNORE_INDEX, encode_sft
-from ..rollout import right_pad
+from ..models import count_parameters, load_causal_lm, load_tokenizer, save_model_files, unwrap
+from ..tokenization import IGNORE_INDEX, collate_sft, encode_sft
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,6 @@ def pack(feats: list[tuple[list[int], list[int]]], max_length: int) -> list[tupl
     return out
 
 
-def collate(feats, pad_id: int, device):
-    ids = right_pad([f[0] for f in feats], pad_id, device)
-    labels = right_pad([f[1] for f in feats], IGNORE_INDEX, device)
-    mask = right_pad([[1] * len(f[0]) for f in feats], 0, device)
-    return ids, mask, labels
-
-
 def n_loss_tokens(feats) -> int:
     return sum(sum(1 for x in lab[1:] if x != IGNORE_INDEX) for _, lab in feats)
 
@@ -91,7 +84,7 @@ def evaluate_loss(model, feats, pad_id: int, micro_batch_size: int, acc) -> floa
     model.eval()
     total, count = 0.0, 0
     for mb in chunks(feats[acc.process_index :: acc.num_processes], micro_batch_size):
-        ids, mask, labels = collate(mb, pad_id, acc.device)
+        ids, mask, labels = collate_sft(mb, pad_id, acc.device)
         s, n = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
         total, count = total + float(s), count + n
     model.train()
@@ -127,13 +120,10 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         train_feats = pack(train_feats, cfg.data.max_length)
 
     batches = global_batches(len(train_feats), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
-    optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, (tc.adam_beta1, tc.adam_beta2), tc.adam_eps)
     out = prepare_output_dir(acc, rf, overwrite, resume)
-    model, optimizer = acc.prepare(model, optimizer)
-    # after prepare: ZeRO-3 regroups the optimizer's parameters, the schedule must see its groups
-    scheduler = make_scheduler(optimizer, tc.lr_scheduler, len(batches), tc.warmup_ratio)
-    guard = NonFiniteGuard(tc.max_nonfinite_steps)
-    start, state = resume_state(acc, out, resume, {"model": model}, {"model": optimizer}, {"model": scheduler})
+    t = prepare_training(acc, model, tc, len(batches), out, resume)
+    model, optimizer, scheduler, guard, parts, start, state = (t.model, t.optimizer, t.scheduler, t.guard, t.parts,
+                                                               t.start, t.state)
     if acc.is_main_process and not resume:
         dump_yaml(cfg, out / "recipe.yaml")
         tok.save_pretrained(out)
@@ -159,7 +149,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         micro = chunks(shard(batch, acc.process_index, acc.num_processes), micro_bs)
         assert len(micro) == accum
         for k, mb in enumerate(micro):
-            ids, mask, labels = collate(mb, tok.pad_token_id, acc.device)
+            ids, mask, labels = collate_sft(mb, tok.pad_token_id, acc.device)
             last = k == len(micro) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model):
                 loss_sum, _ = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
@@ -186,8 +176,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         if tc.eval_every and step % tc.eval_every == 0 and step != len(batches):
             logger.log(step, {"eval_loss": evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc)})
         if tc.save_every and (step % tc.save_every == 0 or step == len(batches)):
-            save_checkpoint(acc, out, step, models={"model": model}, optimizers={"model": optimizer},
-                            schedulers={"model": scheduler}, keep=tc.save_total_limit,
+            save_checkpoint(acc, out, step, parts, keep=tc.save_total_limit,
                             state={"initial_eval_loss": initial_eval_loss, "window_tokens": window_tokens,
                                    "guard": guard.state_dict()}, rank_state={"window_loss": window_loss})
         fault_point_step(step)
@@ -221,16 +210,3 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         write_summary(out, summary)
     finish_run(acc, logger, out)
     return summary
-
-
-def save_model_files(model, tok, out: Path, extra_config: dict | None = None, state_dict: dict | None = None) -> None:
-    """Write the HF folder into `out` through a temporary folder, each file moved in atomically."""
-    import os
-    import shutil
-
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tok, tmp, extra_config, state_dict)
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()

@@ -25,13 +25,11 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
+
 log = logging.getLogger(__name__)
 
 Messages = list[dict]
-
-
-class DataError(ValueError):
-    """A bad dataset row; the message names file, line and field."""
 
 
 @dataclass
@@ -111,7 +109,7 @@ def _is_messages(v: Any) -> bool:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in v)
 
 
-def _text_or_messages(row: Row, fld: str, *, required: bool = True, allow_empty: bool = False) -> str | Messages | None:
+def text_or_messages(row: Row, fld: str, *, required: bool = True, allow_empty: bool = False) -> str | Messages | None:
     if fld not in row.data or row.data[fld] is None:
         if required:
             raise DataError(f"{row.where(fld)}: {'missing' if fld not in row.data else 'is null'}")
@@ -200,8 +198,8 @@ def parse_sft(row: Row) -> SFTExample:
         return SFTExample(msgs[:first], msgs[first:], _meta(d, ("messages",)), ("messages", "messages"))
     if "prompt" not in d and "completion" not in d:
         raise DataError(f"{row.where()}: expected fields 'prompt' and 'completion', or 'messages'")
-    prompt = _text_or_messages(row, "prompt")
-    completion = _text_or_messages(row, "completion")
+    prompt = text_or_messages(row, "prompt")
+    completion = text_or_messages(row, "completion")
     p, c = as_prompt_messages(prompt), as_response_messages(completion)
     check_turns(row, _turns("prompt", p) + _turns("completion", c), ends_on=("assistant",))
     if c[0]["role"] != "assistant":
@@ -247,9 +245,9 @@ def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
         prompt_m, c, r = split_implicit_prompt(whole[0], whole[1], row)
         return PrefGroup(prompt_m, [c, r], [(0, 1, margin)], row.where())
     if "prompt" in d and d["prompt"] is not None:
-        prompt = _text_or_messages(row, "prompt")
-        chosen = _text_or_messages(row, "chosen", allow_empty=True)  # an empty reply is a (bad) reply
-        rejected = _text_or_messages(row, "rejected", allow_empty=True)
+        prompt = text_or_messages(row, "prompt")
+        chosen = text_or_messages(row, "chosen", allow_empty=True)  # an empty reply is a (bad) reply
+        rejected = text_or_messages(row, "rejected", allow_empty=True)
         if isinstance(prompt, str) and (not isinstance(chosen, str) or not isinstance(rejected, str)):
             if not (isinstance(chosen, list) and isinstance(rejected, list)):
                 raise DataError(f"{row.where('chosen')}: chosen and rejected must both be strings or both messages")
@@ -260,8 +258,8 @@ def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
             if r and r[0]["role"] != "assistant":
                 raise DataError(f"{row.where(fld + '[0].role')}: a response starts with the assistant turn")
     else:  # implicit prompt: two transcripts sharing a prefix
-        chosen = _text_or_messages(row, "chosen")
-        rejected = _text_or_messages(row, "rejected")
+        chosen = text_or_messages(row, "chosen")
+        rejected = text_or_messages(row, "rejected")
         prompt_m, c, r = split_implicit_prompt(chosen, rejected, row)
         responses = [c, r]
     if responses[0] == responses[1]:
@@ -280,7 +278,7 @@ def _duplicate(row: Row, fld: str, what: str, stats: dict) -> None:
 
 def _parse_ranking(row: Row, stats: dict) -> PrefGroup | None:
     d = row.data
-    prompt = _text_or_messages(row, "prompt")
+    prompt = text_or_messages(row, "prompt")
     check_turns(row, _turns("prompt", as_prompt_messages(prompt)), ends_on=("user", "tool"))
     resp = d["responses"]
     if not isinstance(resp, list) or len(resp) < 2:
@@ -369,7 +367,7 @@ class PromptExample:
 
 
 def parse_prompt(row: Row) -> PromptExample:
-    p = _text_or_messages(row, "prompt")
+    p = text_or_messages(row, "prompt")
     messages = as_prompt_messages(p)
     check_turns(row, _turns("prompt", messages), ends_on=("user", "tool"))  # the assistant answers next
     return PromptExample(messages, _meta(row.data, ("prompt",)), p)

@@ -28,10 +28,13 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .faults import fault_point
 
 CKPT_DIR = "checkpoints"
 PREFIX = "step-"
@@ -90,19 +93,34 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
                 "sampling after this resume is not the uninterrupted run's", k)
 
 
-def save_checkpoint(acc, out: Path, step: int, *, models: dict, optimizers: dict, schedulers: dict, state: dict,
-                    generators: dict[str, torch.Generator] | None = None, keep: int = 2,
-                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
-                    sharded_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+@dataclass
+class CheckpointParts:
+    """What a stage's resumable checkpoint holds besides its state.json, each by name."""
+
+    models: dict
+    """Trained models, or DeepSpeed engines (each saves its weights and optimizer states itself)."""
+    optimizers: dict = field(default_factory=dict)
+    """Optimizers (those a DeepSpeed engine owns are skipped)."""
+    schedulers: dict = field(default_factory=dict)
+    generators: dict = field(default_factory=dict)
+    """The stage's own torch generators (saved per process with the global RNGs)."""
+    extra_tensors: dict | None = None
+    """{name: {key: tensor}} written by the main process (e.g. the EMA)."""
+    sharded_tensors: dict | None = None
+    """{name: {key: tensor}} written by every process: its own shard (e.g. a ZeRO-3 EMA)."""
+
+
+def save_checkpoint(acc, out: Path, step: int, parts: CheckpointParts, *, state: dict, keep: int = 2,
                     rank_state: dict | None = None, rng_state: dict | None = None) -> Path | None:
     """Write checkpoint `step` atomically (collective: every process calls it). Returns its path.
 
-    `models` may hold DeepSpeed engines: each saves its weights and optimizer states itself, and
-    the optimizers it owns are skipped. `extra_tensors` are written by the main process,
-    `sharded_tensors` by every process (its own shard), and so is `rank_state` (what differs
-    between processes, e.g. each one's running loss sums), returned as state["rank"] on resume.
-    `rng_state` (from :func:`rng_snapshot`) saves the RNGs as they were then instead of now."""
+    `rank_state` is written by every process (what differs between them, e.g. each one's running
+    loss sums) and returned as state["rank"] on resume. `rng_state` (from :func:`rng_snapshot`)
+    saves the RNGs as they were then instead of now."""
     from safetensors.torch import save_file, save_model
+
+    models, optimizers, schedulers = parts.models, parts.optimizers, parts.schedulers
+    generators, extra_tensors, sharded_tensors = parts.generators, parts.extra_tensors, parts.sharded_tensors
 
     from .models import unwrap
 
@@ -132,7 +150,7 @@ def save_checkpoint(acc, out: Path, step: int, *, models: dict, optimizers: dict
                 torch.save(_plain_optimizer(opt).state_dict(), tmp / f"{name}.optim.pt")
         for name, sched in schedulers.items():
             torch.save(sched.state_dict(), tmp / f"{name}.sched.pt")
-        _fault_point("checkpoint")  # tests kill the process here, mid-write
+        fault_point("checkpoint")  # tests kill the process here, mid-write
         engines = sorted(name for name, model in models.items() if _is_engine(model))
         scaler = getattr(acc, "scaler", None)  # fp16: the loss scale and its growth tracker
         (tmp / "state.json").write_text(json.dumps({"step": step, **state, "num_processes": acc.num_processes,
@@ -151,12 +169,13 @@ def save_checkpoint(acc, out: Path, step: int, *, models: dict, optimizers: dict
     return final
 
 
-def load_checkpoint(acc, ckpt: Path, *, models: dict, optimizers: dict, schedulers: dict,
-                    generators: dict[str, torch.Generator] | None = None) -> dict:
-    """Restore everything `save_checkpoint` wrote; returns state.json's content."""
+def load_checkpoint(acc, ckpt: Path, parts: CheckpointParts) -> dict:
+    """Restore everything `save_checkpoint` wrote into `parts`; returns state.json's content."""
     from safetensors.torch import load_model
 
     from .models import unwrap
+
+    models, optimizers, schedulers, generators = parts.models, parts.optimizers, parts.schedulers, parts.generators
 
     state = json.loads((ckpt / "state.json").read_text())
     _check_compatible(acc, ckpt, state, models)
@@ -200,7 +219,7 @@ def _is_engine_optimizer(opt) -> bool:
 def _check_compatible(acc, ckpt: Path, state: dict, models: dict) -> None:
     """A DeepSpeed checkpoint resumes under DeepSpeed on the process count that wrote it (one
     partition of the weights and optimizer states each); a plain one resumes without DeepSpeed."""
-    from .engine import RunError
+    from .errors import RunError
 
     saved = state.get("deepspeed_engines", [])
     now = sorted(name for name, model in models.items() if _is_engine(model))
@@ -235,33 +254,7 @@ def truncate_jsonl(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _fault_point(where: str) -> None:
-    """Test hook: RLHF_FAULT=checkpoint:N kills this process with SIGKILL at the N-th pass here."""
-    spec = os.environ.get("RLHF_FAULT", "")
-    if not spec.startswith(where + ":"):
-        return
-    global _FAULT_COUNT
-    _FAULT_COUNT += 1
-    if _FAULT_COUNT == int(spec.split(":")[1]):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_FAULT_COUNT = 0
-
-
-def fault_point_step(step: int) -> None:
-    """Test hook: RLHF_FAULT=step:N kills this process with SIGKILL right after optimizer step N."""
-    spec = os.environ.get("RLHF_FAULT", "")
-    if spec == f"step:{step}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def resume_state(acc, out: Path, resume: bool, models: dict, optimizers: dict, schedulers: dict,
-                 generators: dict | None = None) -> tuple[int, dict]:
+def resume_state(acc, out: Path, resume: bool, parts: CheckpointParts) -> tuple[int, dict]:
     """(step to continue after, saved state) — (0, {}) for a new run or a run with no checkpoint yet.
     Records logged after the checkpoint are dropped (the resumed run logs them again)."""
     if not resume:
@@ -273,22 +266,9 @@ def resume_state(acc, out: Path, resume: bool, models: dict, optimizers: dict, s
             truncate_jsonl(Path(out) / "samples.jsonl", -1)
         acc.wait_for_everyone()
         return 0, {}
-    state = load_checkpoint(acc, ckpt, models=models, optimizers=optimizers, schedulers=schedulers,
-                            generators=generators)
+    state = load_checkpoint(acc, ckpt, parts)
     if acc.is_main_process:
         truncate_jsonl(Path(out) / "metrics.jsonl", state["step"])
         truncate_jsonl(Path(out) / "samples.jsonl", state["step"])
     acc.wait_for_everyone()
     return state["step"], state
-
-
-def inject_fault(loss: torch.Tensor, step: int) -> torch.Tensor:
-    """Test hook: RLHF_FAULT=nan:N makes the loss of optimizer step N NaN (the guard must skip it)."""
-    spec = os.environ.get("RLHF_FAULT", "")
-    if spec == f"nan:{step}" and step not in _NAN_DONE:  # once: the first micro-batch of that step
-        _NAN_DONE.add(step)
-        return loss * float("nan")
-    return loss
-
-
-_NAN_DONE: set[int] = set()

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from .data import tasks
-from .rollout import generate
+from .rollout import Sampling, generate
 from .tokenization import decode_response, encode_prompt
 
 
 @torch.no_grad()
-def sample_texts(model, tok, prompts: list, *, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
-                 top_k: int = 0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-                 device=None, progress_desc: str | None = None) -> tuple[list[str], list[bool]]:
-    """Sample one response per prompt (messages or raw text); returns (texts, ended_with_eos)."""
+def sample_texts(model, tok, prompts: list, *, batch_size: int = 64, seed: int = 0, device=None,
+                 progress_desc: str | None = None, **sampling) -> tuple[list[str], list[bool]]:
+    """Sample one response per prompt (messages or raw text); returns (texts, ended_with_eos).
+    `sampling`: :class:`rlhf.rollout.Sampling`'s fields (max_new_tokens, temperature, ...)."""
     from .engine import progress
 
     was_training = model.training
@@ -25,8 +27,7 @@ def sample_texts(model, tok, prompts: list, *, max_new_tokens: int, temperature:
     starts = list(range(0, len(encoded), batch_size))
     for s in progress(starts, desc=progress_desc or "sampling", disable=progress_desc is None):
         g = generate(model, encoded[s : s + batch_size], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     greedy=greedy, generator=gen, device=device)
+                     generator=gen, device=device, **sampling)
         for row, m, e in zip(g.response_ids.cpu(), g.response_mask.cpu().bool(), g.has_eos.tolist()):  # one copy
             texts.append(decode_response(tok, row[m].tolist()))
             eos.append(e)
@@ -34,11 +35,11 @@ def sample_texts(model, tok, prompts: list, *, max_new_tokens: int, temperature:
     return texts, eos
 
 
-def gold_accuracy(model, tok, examples: list, *, max_new_tokens: int, temperature: float = 1.0,
-                  greedy: bool = False, batch_size: int = 64, seed: int = 0, device=None) -> float:
+def gold_accuracy(model, tok, examples: list, *, batch_size: int = 64, seed: int = 0, device=None,
+                  **sampling) -> float:
     """Share of held-out prompts answered correctly (built-in task checker); examples carry meta."""
-    texts, _ = sample_texts(model, tok, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
-                            temperature=temperature, greedy=greedy, batch_size=batch_size, seed=seed, device=device)
+    texts, _ = sample_texts(model, tok, [e.prompt for e in examples], batch_size=batch_size, seed=seed, device=device,
+                            **sampling)
     ok = tasks.gold_reward(None, texts, task=[e.meta["task"] for e in examples],
                            input=[e.meta["input"] for e in examples])
     return sum(ok) / len(ok)
@@ -122,95 +123,119 @@ def lm_perplexity(model, tok, examples: list, batch_size: int = 16) -> dict:
     return {"loss": total / max(count, 1), "perplexity": perplexity(total, count), "tokens": count}
 
 
-def run_eval(checkpoints: list[str], *, perplexity_data: str | None = None, pairs: str | None = None,
-             prompts: str | None = None, reward_model: str | None = None, reward_fns: list[str] | None = None,
-             judge: str | None = None, reference_field: str | None = None, max_samples: int | None = 256,
-             max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             greedy: bool = False, seed: int = 0, batch_size: int = 32, device=None) -> dict:
-    """Evaluate checkpoints; see `rlhf eval --help`. Returns a JSON-able dict. Every model runs on
-    `device` (default: the CPU)."""
+@dataclass
+class EvalConfig:
+    """What `rlhf eval` measures (see `rlhf eval --help`)."""
+
+    perplexity_data: str | None = None
+    pairs: str | None = None
+    prompts: str | None = None
+    reward_model: str | None = None
+    reward_fns: list[str] = field(default_factory=list)
+    judge: str | None = None
+    reference_field: str | None = None
+    max_samples: int | None = 256
+    batch_size: int = 32
+    seed: int = 0
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
+    """Evaluate checkpoints: reward models on preference pairs, policies on perplexity and on
+    sampled responses (reward, gold accuracy, BLEU/chrF, win rate of the first against the
+    others). Every model runs on `device` (default: the CPU). Returns a JSON-able dict."""
     from transformers import AutoConfig
 
-    from .config import ModelConfig
-    from .data.formats import load_examples, parse_preference, parse_prompt, parse_sft
-    from .models import disable_dropout, load_causal_lm, load_tokenizer
-    from .rewards import RewardModel, call_reward_fn, load_reward_fn
+    from .data.formats import load_examples, parse_prompt
+    from .rewards import RewardModel, load_reward_fn
 
-    gen_settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-                    "greedy": greedy, "seed": seed, "max_samples": max_samples}
-    result: dict = {"generation": gen_settings, "checkpoints": {}}
     device = torch.device(device or "cpu")
-    rm = RewardModel(reward_model, device=device) if reward_model else None
-    fns = [(spec, load_reward_fn(spec)) for spec in (reward_fns or [])]
-    judge_fn = load_reward_fn(judge) if judge else None
-    prompt_rows = load_examples(prompts, parse_prompt, max_samples=max_samples, what="prompts",
-                                field_name="--prompts")[0] if prompts else []
+    result: dict = {"generation": {**vars(cfg.sampling), "seed": cfg.seed, "max_samples": cfg.max_samples},
+                    "checkpoints": {}}
+    rm = RewardModel(cfg.reward_model, device=device) if cfg.reward_model else None
+    judge = load_reward_fn(cfg.judge) if cfg.judge else None
+    fns = [(spec, load_reward_fn(spec)) for spec in cfg.reward_fns]  # every input checked before any model loads
+    prompts = load_examples(cfg.prompts, parse_prompt, max_samples=cfg.max_samples, what="prompts",
+                            field_name="--prompts")[0] if cfg.prompts else []
     judged: dict[str, list[float]] = {}
     labels = [c if checkpoints.index(c) == i else f"{c}#{i + 1}" for i, c in enumerate(checkpoints)]
     for label, ckpt in zip(labels, checkpoints):
         arch = (AutoConfig.from_pretrained(ckpt).architectures or [""])[0]
-        res: dict = {}
         if arch.endswith("ForSequenceClassification"):
-            if pairs:
-                from .stages.rm import group_loss
-
-                r = RewardModel(ckpt, device=device)
-                groups, _ = load_examples(pairs, parse_preference, max_samples=max_samples, what="preference rows",
-                                          field_name="--pairs")
-                enc = [([r.encode(g.prompt, x) for x in g.responses], g.pairs) for g in groups]
-                c, rj = [], []
-                for i in range(0, len(enc), batch_size):
-                    _, cc, rr = group_loss(r.model, enc[i : i + batch_size], r.tok.pad_token_id, device)
-                    c.append(cc)
-                    rj.append(rr)
-                c, rj = torch.cat(c), torch.cat(rj)
-                res["rm_accuracy"] = ((c > rj).float() + 0.5 * (c == rj).float()).mean().item()
-                res["rm_margin"] = (c - rj).mean().item()
-                res["rm_pairs"] = int(c.numel())
-            result["checkpoints"][label] = res
+            result["checkpoints"][label] = eval_reward_model(ckpt, cfg, device) if cfg.pairs else {}
             continue
-        mc = ModelConfig(name_or_path=ckpt)
-        tok = load_tokenizer(mc)
-        model = load_causal_lm(mc, tok).eval().to(device)
-        disable_dropout(model)
-        if perplexity_data:
-            demos, _ = load_examples(perplexity_data, parse_sft, max_samples=max_samples, what="SFT rows",
-                                     field_name="--perplexity")
-            res.update(lm_perplexity(model, tok, demos, batch_size))
-        if prompt_rows:
-            texts, eos = sample_texts(model, tok, [p.prompt for p in prompt_rows], max_new_tokens=max_new_tokens,
-                                      temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p,
-                                      batch_size=batch_size, seed=seed, device=device)
-            res["eos_rate"] = sum(eos) / len(eos)
-            res["response_chars"] = sum(len(t) for t in texts) / len(texts)
-            fields = {k: [p.meta.get(k) for p in prompt_rows] for k in prompt_rows[0].meta}
-            raw = [p.raw_prompt for p in prompt_rows]
-            if rm is not None:
-                res["reward_model_score"] = rm.score([p.prompt for p in prompt_rows], texts).mean().item()
-            for spec, fn in fns:
-                vals = call_reward_fn(fn, raw, texts, fields)
-                res[f"reward/{spec}"] = sum(vals) / len(vals)
-            if tasks.has_gold([p.meta for p in prompt_rows]):
-                g = tasks.gold_reward(None, texts, task=fields["task"], input=fields["input"])
-                res["gold_accuracy"] = sum(g) / len(g)
-            if reference_field:
-                refs = fields.get(reference_field)
-                if refs is None or any(not isinstance(x, str) for x in refs):
-                    from .data.formats import DataError
-
-                    raise DataError(f"{prompts}: every row needs a string field '{reference_field}' for BLEU/chrF")
-                res.update(bleu_chrf(texts, refs))
-            if judge_fn is not None:
-                judged[label] = call_reward_fn(judge_fn, raw, texts, fields)
-            elif rm is not None:
-                judged[label] = rm.score([p.prompt for p in prompt_rows], texts).tolist()
-        result["checkpoints"][label] = res
+        result["checkpoints"][label], scores = eval_policy(ckpt, cfg, prompts, (rm, judge, fns), device)
+        if scores is not None:
+            judged[label] = scores
     if len(judged) >= 2:
         first, *others = list(judged)
-        result["win_rate"] = {f"{first} vs {o}": {**win_rate(judged[first], judged[o], seed=seed),
-                                                  "judge": judge or f"reward model {reward_model}"}
+        result["win_rate"] = {f"{first} vs {o}": {**win_rate(judged[first], judged[o], seed=cfg.seed),
+                                                  "judge": cfg.judge or f"reward model {cfg.reward_model}"}
                               for o in others}
     return result
+
+
+def eval_reward_model(ckpt: str, cfg: EvalConfig, device) -> dict:
+    """Accuracy (ties count half) and mean margin of a reward model on `cfg.pairs`."""
+    from .data.formats import load_examples, parse_preference
+    from .rewards import RewardModel, group_loss
+
+    r = RewardModel(ckpt, device=device)
+    groups, _ = load_examples(cfg.pairs, parse_preference, max_samples=cfg.max_samples, what="preference rows",
+                              field_name="--pairs")
+    enc = [([r.encode(g.prompt, x) for x in g.responses], g.pairs) for g in groups]
+    c, rj = [], []
+    for i in range(0, len(enc), cfg.batch_size):
+        _, cc, rr = group_loss(r.model, enc[i : i + cfg.batch_size], r.tok.pad_token_id, device)
+        c.append(cc)
+        rj.append(rr)
+    c, rj = torch.cat(c), torch.cat(rj)
+    return {"rm_accuracy": ((c > rj).float() + 0.5 * (c == rj).float()).mean().item(),
+            "rm_margin": (c - rj).mean().item(), "rm_pairs": int(c.numel())}
+
+
+def eval_policy(ckpt: str, cfg: EvalConfig, prompts: list, judges: tuple, device) -> tuple[dict, list | None]:
+    """Perplexity, and on sampled responses EOS rate, length, RM score, reward functions, gold
+    accuracy and BLEU/chrF. Returns (metrics, the judge's per-prompt scores for the win rate)."""
+    from .config import ModelConfig
+    from .data.formats import DataError, load_examples, parse_sft
+    from .models import disable_dropout, load_causal_lm, load_tokenizer
+    from .rewards import call_reward_fn
+
+    rm, judge, fns = judges
+    mc = ModelConfig(name_or_path=ckpt)
+    tok = load_tokenizer(mc)
+    model = load_causal_lm(mc, tok).eval().to(device)
+    disable_dropout(model)
+    res: dict = {}
+    if cfg.perplexity_data:
+        demos, _ = load_examples(cfg.perplexity_data, parse_sft, max_samples=cfg.max_samples, what="SFT rows",
+                                 field_name="--perplexity")
+        res.update(lm_perplexity(model, tok, demos, cfg.batch_size))
+    if not prompts:
+        return res, None
+    texts, eos = sample_texts(model, tok, [p.prompt for p in prompts], batch_size=cfg.batch_size, seed=cfg.seed,
+                              device=device, **vars(cfg.sampling))
+    res["eos_rate"] = sum(eos) / len(eos)
+    res["response_chars"] = sum(len(t) for t in texts) / len(texts)
+    fields = {k: [p.meta.get(k) for p in prompts] for k in prompts[0].meta}
+    raw = [p.raw_prompt for p in prompts]
+    if rm is not None:
+        res["reward_model_score"] = rm.score([p.prompt for p in prompts], texts).mean().item()
+    for spec, fn in fns:
+        vals = call_reward_fn(fn, raw, texts, fields)
+        res[f"reward/{spec}"] = sum(vals) / len(vals)
+    if tasks.has_gold([p.meta for p in prompts]):
+        g = tasks.gold_reward(None, texts, task=fields["task"], input=fields["input"])
+        res["gold_accuracy"] = sum(g) / len(g)
+    if cfg.reference_field:
+        refs = fields.get(cfg.reference_field)
+        if refs is None or any(not isinstance(x, str) for x in refs):
+            raise DataError(f"{cfg.prompts}: every row needs a string field '{cfg.reference_field}' for BLEU/chrF")
+        res.update(bleu_chrf(texts, refs))
+    if judge is not None:
+        return res, call_reward_fn(judge, raw, texts, fields)
+    return res, rm.score([p.prompt for p in prompts], texts).tolist() if rm is not None else None
 
 
 def format_table(result: dict) -> str:

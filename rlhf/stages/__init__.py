@@ -11,9 +11,9 @@ def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False,
     """Run one stage (or the pipeline). If it stops with an error, the run folder it was writing
     is cleaned up: a staged run without a checkpoint is removed, one with a checkpoint is kept,
     marked FAILED and resumable (the error message says where)."""
-    from ..engine import _OPEN, fail_open_runs, user_errors
+    from ..engine import OPEN_RUNS, fail_open_runs, user_errors
 
-    opened = len(_OPEN)  # (a pipeline's stages run inside it: each cleans up only what it opened)
+    opened = len(OPEN_RUNS)  # (a pipeline's stages run inside it: each cleans up only what it opened)
     try:
         return _run(stage, cfg, output_dir, overwrite, resume)
     except BaseException as e:
@@ -42,5 +42,5 @@ def _run(stage: str, cfg, output_dir: str | None, overwrite: bool, resume: bool)
     if stage == "pipeline":
         from .pipeline import run_pipeline
 
-        return run_pipeline(cfg, output_dir, overwrite, resume)
+        return run_pipeline(cfg, output_dir, overwrite, resume, run_stage=run)
     raise ValueError(f"unknown stage {stage}")

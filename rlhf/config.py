@@ -19,16 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the config schema (one line, names the key).
-
-    `key` is the dotted key at fault (relative to the config being built), so the loader can
-    prefix the recipe's file:line or the command-line override that set it."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
+from .errors import ConfigError
 
 
 SYNONYMS = {  # names from other toolkits (transformers' TrainingArguments, TRL) -> ours
@@ -164,7 +155,63 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class OptimConfig:
+    """AdamW and its learning-rate schedule: one definition for every stage (SFT and RM read it
+    in their `train:` section, PPO at its top level)."""
+
+    lr: float = 1e-5
+    """Peak learning rate (PPO: of the policy; billion-scale models ~3e-6, tiny ones need more)."""
+    lr_scheduler: LRScheduler = "cosine"
+    """A transformers schedule that needs only warmup and total steps (linear, cosine, constant_with_warmup, ...)."""
+    warmup_ratio: float = 0.03
+    """Share of optimizer steps spent in linear warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip (<= 0 disables); PPO clips policy and value each on its own, except under DeepSpeed
+    (one joint norm, logged as grad_norm_joint)."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return _problems(self, {"lr": (">", 0), "warmup_ratio": (0.0, 1.0), "weight_decay": (0.0, None),
+                                "adam_beta1": (0.0, 0.9999), "adam_beta2": (0.0, 0.9999), "adam_eps": (">", 0)})
+
+
+@dataclass
+class LoopConfig:
+    """How a training loop runs, logs and checkpoints: one definition for every stage. A step is
+    an optimizer step in SFT and RM and an iteration (rollout + update) in PPO."""
+
+    mixed_precision: MixedPrecision = "auto"
+    """'auto' (bf16 on a GPU that has it, else fp32), 'no', 'bf16' or 'fp16'."""
+    deepspeed: str | None = None
+    """DeepSpeed ZeRO JSON (recipes/deepspeed/); batch, accumulation, clipping and precision fields are filled
+    in (PPO: policy and value train as one engine, ZeRO-3 weights gathered once per rollout)."""
+    log_every: int = 10
+    """Steps between metrics.jsonl records."""
+    eval_every: int = 0
+    """Steps between evaluations (0: only at the end; PPO also at the start)."""
+    save_every: int = 0
+    """Steps between resumable checkpoints in checkpoints/ (0: none; else one more at the end)."""
+    save_total_limit: int = 2
+    """Resumable checkpoints kept (the oldest are deleted once a newer one is complete)."""
+    max_nonfinite_steps: int = 5
+    """Stop after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return _problems(self, {"log_every": (1, None), "eval_every": (0, None), "save_every": (0, None),
+                                "save_total_limit": (1, None), "max_nonfinite_steps": (1, None)})
+
+
+@dataclass
+class TrainConfig(OptimConfig, LoopConfig):
+    """Optimisation of SFT and RM: batches and length, plus the shared optimizer and loop settings."""
+
     epochs: float = 1.0
     """Passes over the training data (fractions allowed)."""
     max_steps: int = -1
@@ -173,43 +220,10 @@ class TrainConfig:
     """Global batch (sequences per optimizer step), the same whatever the process count."""
     micro_batch_size: int = 8
     """Sequences per forward pass per process; gradient accumulation fills the global batch."""
-    lr: float = 1e-5
-    """Peak learning rate."""
-    lr_scheduler: LRScheduler = "cosine"
-    """A transformers schedule that needs only warmup and total steps (linear, cosine, constant_with_warmup, ...)."""
-    warmup_ratio: float = 0.03
-    """Share of steps spent in linear warmup."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.95
-    """AdamW beta2."""
-    adam_eps: float = 1e-8
-    """AdamW epsilon."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clip (<= 0 disables)."""
-    mixed_precision: MixedPrecision = "auto"
-    """'auto' (bf16 on a GPU that has it, else fp32), 'no', 'bf16' or 'fp16'."""
-    deepspeed: str | None = None
-    """DeepSpeed ZeRO JSON (recipes/deepspeed/); batch, accumulation, clipping and precision fields are filled in."""
-    log_every: int = 10
-    """Optimizer steps between metrics.jsonl records."""
-    eval_every: int = 0
-    """Optimizer steps between evaluations (0: only at the end)."""
-    save_every: int = 0
-    """Optimizer steps between resumable checkpoints in checkpoints/ (0: none; else one more at the end)."""
-    save_total_limit: int = 2
-    """Resumable checkpoints kept (the oldest are deleted once a newer one is complete)."""
-    max_nonfinite_steps: int = 5
-    """Stop after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
 
     def problems(self) -> list[tuple[str, str]]:
-        out = _problems(self, {"epochs": (">", 0), "batch_size": (1, None), "micro_batch_size": (1, None),
-                               "lr": (">", 0), "warmup_ratio": (0.0, 1.0), "weight_decay": (0.0, None),
-                               "adam_beta1": (0.0, 0.9999), "adam_beta2": (0.0, 0.9999), "adam_eps": (">", 0),
-                               "log_every": (1, None), "eval_every": (0, None), "save_every": (0, None),
-                               "save_total_limit": (1, None), "max_nonfinite_steps": (1, None)})
+        out = OptimConfig.problems(self) + LoopConfig.problems(self)
+        out += _problems(self, {"epochs": (">", 0), "batch_size": (1, None), "micro_batch_size": (1, None)})
         if self.max_steps == 0 or self.max_steps < -1:
             out.append(("max_steps", f"must be -1 (use epochs) or >= 1, got {self.max_steps}"))
         return out
@@ -313,7 +327,7 @@ class RewardSpec:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(OptimConfig, LoopConfig):
     """Stage 3: PPO against the reward with a KL penalty to the SFT policy (InstructGPT §3.5)."""
 
     seed: int = 0
@@ -330,8 +344,9 @@ class PPOConfig:
     """Python reward functions added to the score, each with a weight."""
     reward_timeout: float = 300.0
     """Seconds one call of a reward function (one rollout batch) may take before the run stops (0: no limit)."""
-    value_init: Literal["reward_model", "policy"] = "reward_model"
-    """'reward_model' (InstructGPT) or 'policy' (fresh scalar head on the policy's backbone)."""
+    value_init: str = "reward_model"
+    """Registered value-model initialisation: 'reward_model' (InstructGPT) or 'policy' (fresh head on the policy's
+    backbone); `rlhf ppo --help` lists them."""
     data: DataConfig = field(default_factory=DataConfig)
     """Prompts: rows with `prompt` (string or messages) plus fields reward functions read."""
     # rollout
@@ -356,8 +371,8 @@ class PPOConfig:
     # reward shaping / KL
     kl_coef: float = 0.05
     """Initial beta of the per-token KL penalty (InstructGPT 0.02, N+ 0.05)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator in the reward: k1, k2 or k3 [Schulman 2020]."""
+    kl_estimator: str = "k1"
+    """Registered per-token KL estimator in the reward: k1, k2 or k3 [Schulman 2020]."""
     adaptive_kl: bool = False
     """Use the lm-human-preferences adaptive controller for beta."""
     kl_target: float = 6.0
@@ -366,9 +381,11 @@ class PPOConfig:
     """Horizon of the adaptive controller."""
     reward_clip: float = 10.0
     """Clip the score to [-c, c] (<= 0 disables) [Zheng et al. 2023]."""
-    scale_reward: Literal["none", "running_std"] = "none"
-    """'none' or 'running_std' (divide the score by its running std) [Zheng et al. 2023]."""
+    scale_reward: str = "none"
+    """Registered reward scaling: 'none' or 'running_std' (divide the score by its running std) [Zheng et al. 2023]."""
     # advantages / losses
+    advantage_estimator: str = "gae"
+    """Registered advantage estimator: 'gae' (PPO with a value model, InstructGPT); `rlhf ppo --help` lists them."""
     gamma: float = 1.0
     """GAE discount (InstructGPT: no discount)."""
     lam: float = 0.95
@@ -395,62 +412,44 @@ class PPOConfig:
     """Keep an EMA of the policy weights (InstructGPT 0.992) saved as ema/ (0 disables)."""
     ema_offload: bool = False
     """Keep the EMA (fp32, trained parameters only) in CPU memory instead of beside the weights on the GPU."""
-    # optimisation
-    lr: float = 1e-5
-    """Policy learning rate (billion-scale: ~3e-6; tiny models need more)."""
+    # optimisation: the shared OptimConfig / LoopConfig fields, with PPO's defaults [N+]
+    lr_scheduler: LRScheduler = "linear"
+    warmup_ratio: float = 0.0
+    adam_eps: float = 1e-5
+    log_every: int = 1
     value_lr: float | None = None
     """Value-model learning rate (default: lr)."""
-    lr_scheduler: LRScheduler = "linear"
-    """A transformers schedule (as in TrainConfig); linear anneals to 0 [N+]."""
-    warmup_ratio: float = 0.0
-    """Share of optimizer steps in linear warmup."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip, per model (policy, value); under DeepSpeed one joint norm (logged as grad_norm_joint)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    adam_eps: float = 1e-5
-    """AdamW epsilon (1e-5 as in the reference PPO implementations)."""
-    mixed_precision: MixedPrecision = "auto"
-    """'auto', 'no', 'bf16' or 'fp16'."""
-    deepspeed: str | None = None
-    """DeepSpeed ZeRO-2/3 JSON: policy and value train as one engine (ZeRO-3: weights gathered once per rollout)."""
     frozen_models: Literal["auto", "whole", "sharded", "offload"] = "auto"
     """Where the frozen reference and reward model live under DeepSpeed: 'auto' (sharded under ZeRO-3, whole
     otherwise), 'whole' (a full copy on every process), 'sharded' (ZeRO-3-partitioned across processes, also
     when training under ZeRO-2) or 'offload' (sharded, parameters in CPU memory, fetched layer by layer)."""
     # logging / eval / checkpoints
-    log_every: int = 1
-    """Iterations between metrics.jsonl records."""
     peak_tflops: float = 0.0
     """Peak TFLOP/s for the logged MFU per phase; 0 measures a large matmul in the run's compute dtype at start."""
     wandb_project: str | None = None
     """Also log metrics to Weights & Biases under this project (offline unless WANDB_MODE says otherwise)."""
     sample_every: int = 10
     """Iterations between logged tables of sample completions."""
-    eval_every: int = 0
-    """Iterations between held-out evaluations (0: start and end only)."""
     eval_samples: int = 256
     """Held-out prompts for eval_reward / eval_kl / eval_gold_accuracy."""
-    save_every: int = 0
-    """Iterations between resumable checkpoints in checkpoints/ (0: none; else one more at the end)."""
-    save_total_limit: int = 2
-    """Resumable checkpoints kept (the oldest are deleted once a newer one is complete)."""
-    max_nonfinite_steps: int = 5
-    """Stop after this many minibatch updates in a row skipped for a non-finite loss or gradient."""
 
     def problems(self) -> list[tuple[str, str]]:
         """Ranges and cross-field rules a GPU run would otherwise meet an hour in (the split of
         batches across processes is checked once the process count is known)."""
-        out = _problems(self, {
+        out = OptimConfig.problems(self) + LoopConfig.problems(self) + _problems(self, {
             "steps": (1, None), "rollout_batch_size": (1, None), "minibatch_size": (1, None),
             "micro_batch_size": (1, None), "ppo_epochs": (1, None), "max_new_tokens": (1, None),
             "temperature": (">", 0), "kl_coef": (0.0, None), "kl_target": (">", 0), "kl_horizon": (1, None),
             "gamma": (0.0, 1.0), "lam": (0.0, 1.0), "cliprange": (">", 0), "cliprange_value": (">", 0),
             "vf_coef": (0.0, None), "entropy_coef": (0.0, None), "log_ratio_clamp": (">", 0), "ptx_coef": (0.0, None),
-            "ema_decay": (0.0, 0.999999), "lr": (">", 0), "value_lr": (">", 0), "warmup_ratio": (0.0, 1.0),
-            "weight_decay": (0.0, None), "adam_eps": (">", 0), "log_every": (1, None), "peak_tflops": (0.0, None),
-            "sample_every": (0, None), "eval_every": (0, None), "eval_samples": (0, None), "save_every": (0, None),
-            "save_total_limit": (1, None), "max_nonfinite_steps": (1, None), "reward_timeout": (0.0, None)})
+            "ema_decay": (0.0, 0.999999), "value_lr": (">", 0), "peak_tflops": (0.0, None), "sample_every": (0, None),
+            "eval_samples": (0, None), "reward_timeout": (0.0, None)})
+        from .algos.registry import registries
+
+        for name, registry in registries().items():  # the choices a registry holds
+            problem = registry.problem(getattr(self, name)) if hasattr(self, name) else None
+            if problem:
+                out.append((name, problem))
         if self.rollout_batch_size % self.minibatch_size:
             out.append(("rollout_batch_size", f"must be a multiple of minibatch_size ({self.minibatch_size}), "
                                               f"got {self.rollout_batch_size}"))
@@ -771,19 +770,24 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
 
 
 def field_docs(cls: type) -> list[tuple[str, str, str, str]]:
-    """(name, type, default, docstring) of each field, read from the docstring under it."""
+    """(name, type, default, docstring) of each field, read from the docstring under it (in the
+    class or the base that declares it). A config's own fields come first, then those it shares
+    (OptimConfig, LoopConfig)."""
     import ast
     import inspect
 
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's doc wins
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, nxt in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     hints = typing.get_type_hints(cls, globalns=globals())
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    fields = dataclasses.fields(cls)
+    ordered = [f for f in fields if f.name not in inherited] + [f for f in fields if f.name in inherited]
     out = []
-    for f in dataclasses.fields(cls):
+    for f in ordered:
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -799,10 +803,10 @@ def field_docs(cls: type) -> list[tuple[str, str, str, str]]:
 def reference_markdown() -> str:
     """Markdown tables of every config field (docs/config-reference.md is generated from this)."""
     lines = ["# Recipe reference", "",
-             "Generated from the config dataclasses in `src/rlhf/config.py` "
+             "Generated from the config dataclasses in `rlhf/config.py` "
              "(`python -m rlhf.config > docs/config-reference.md`). Every field below is read by the code.", ""]
     for cls in (SFTConfig, RMConfig, SampleConfig, PPOConfig, RewardSpec, PipelineConfig, ModelConfig, LoraConfig,
-                DataConfig, TrainConfig):
+                DataConfig, TrainConfig, OptimConfig, LoopConfig):
         lines += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip(), "", field_table(cls), ""]
     return "\n".join(lines)
 

@@ -25,9 +25,9 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-
-class RewardError(ValueError):
-    """A reward function or reward model that cannot be used (one line)."""
+from .errors import RewardError
+from .algos.core import pairwise_rm_loss
+from .rollout import position_ids_from_mask, right_pad
 
 
 class RewardFn(Protocol):
@@ -188,8 +188,6 @@ def score_head(model):
 @torch.no_grad()
 def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, device=None) -> torch.Tensor:
     """Raw RM scores (N,) of token sequences, read at the last non-pad token of each."""
-    from .rollout import right_pad
-
     out = []
     device = device or next(model.parameters()).device
     for i in range(0, len(seqs), batch_size):
@@ -202,8 +200,6 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int =
 
 def forward_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) scores; position ids from the mask so left or right padding give the same score."""
-    from .rollout import position_ids_from_mask
-
     kwargs = {}
     if getattr(getattr(model, "config", None), "model_type", None) not in ("bert", "roberta", "distilbert", "deberta-v2"):
         kwargs["position_ids"] = position_ids_from_mask(mask)
@@ -249,3 +245,21 @@ class RewardModel:
 
     def same_tokenizer(self, tok) -> bool:
         return self.tok.get_vocab() == tok.get_vocab() and self.tok.chat_template == tok.chat_template
+
+
+def group_loss(model, groups: list[tuple[list[list[int]], list[tuple[int, int, float]]]], pad_id: int, device,
+               use_margin: bool = True):
+    """Scores each distinct sequence of the groups once, then the pairwise losses. Returns
+    (per-pair losses (P,), chosen scores (P,), rejected scores (P,))."""
+    seqs, offsets = [], []
+    for s, _ in groups:
+        offsets.append(len(seqs))
+        seqs.extend(s)
+    ids = right_pad(seqs, pad_id, device)
+    mask = right_pad([[1] * len(s) for s in seqs], 0, device)
+    scores = forward_scores(model, ids, mask)
+    w = torch.tensor([o + i for o, (_, pairs) in zip(offsets, groups) for i, _, _ in pairs], device=device)
+    l = torch.tensor([o + j for o, (_, pairs) in zip(offsets, groups) for _, j, _ in pairs], device=device)
+    margin = torch.tensor([m for _, pairs in groups for _, _, m in pairs], device=device, dtype=scores.dtype)
+    chosen, rejected = scores[w], scores[l]
+    return pairwise_rm_loss(chosen, rejected, margin if use_margin else None), chosen, rejected

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ModelError
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,6 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelError(ValueError):
-    """A model or tokenizer that cannot be loaded as the recipe asks (one line)."""
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -150,7 +147,7 @@ def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
         hf_cfg.bos_token_id = tok.bos_token_id
         if seed is not None:
             torch.manual_seed(seed)
-        with _outside_zero3_init():  # the same initial weights on 1 process, DDP and ZeRO-3
+        with outside_zero3_init():  # the same initial weights on 1 process, DDP and ZeRO-3
             model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
     elif cfg.init == "pretrained":
         if not cfg.name_or_path:
@@ -189,7 +186,7 @@ def enable_gradient_checkpointing(model) -> None:
         model.enable_input_require_grads()  # LoRA: the checkpointed blocks' inputs must carry grad
 
 
-def _outside_zero3_init():
+def outside_zero3_init():
     """Build a model from a config with ordinary (not partitioned) initialisation even when a
     ZeRO-3 accelerator exists: DeepSpeed partitions it at prepare, and the weights match a
     1-process run (zero.Init draws the random init differently)."""
@@ -271,7 +268,7 @@ def _plain_peft_copy(peft_model, state_dict: dict):
 
     base_model = peft_model.get_base_model()
     dtype = next(v.dtype for k, v in state_dict.items() if "lora_" not in k and v.is_floating_point())
-    with _outside_zero3_init():
+    with outside_zero3_init():
         base = AutoModelForCausalLM.from_config(base_model.config, dtype=dtype)
     name = peft_model.active_adapter if isinstance(peft_model.active_adapter, str) else "default"
     copy_ = get_peft_model(base, peft_model.peft_config[name])
@@ -281,3 +278,16 @@ def _plain_peft_copy(peft_model, state_dict: dict):
 
 def count_parameters(model) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # full size of ZeRO-3 partitions
+
+
+def save_model_files(model, tok, out: Path, extra_config: dict | None = None, state_dict: dict | None = None) -> None:
+    """Write the HF folder into `out` through a temporary folder, each file moved in atomically."""
+    import os
+    import shutil
+
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tok, tmp, extra_config, state_dict)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()

@@ -1,4 +1,4 @@
-"""The RLHF algorithm as pure functions of tensors (imports nothing but torch).
+"""The RLHF algorithm as pure functions of tensors (imports nothing but torch and the registry).
 
 Shapes: B = sequences, R = response tokens. ``mask`` is 1 on valid response tokens (up to and
 including EOS) and 0 after. Every function names its source:
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .registry import Registry
 
 # ----------------------------------------------------------------------------- masked statistics
 
@@ -96,24 +98,34 @@ def reward_bias(reference_scores: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- KL and reward
 
 
+KL_ESTIMATORS = Registry("kl_estimator", "per-token estimate of KL(pi || pi_ref) from the sampled tokens [K]")
+
+
+@KL_ESTIMATORS.register("k1")
+def kl_k1(log_r: torch.Tensor) -> torch.Tensor:
+    """-log r: unbiased, can be negative per token (InstructGPT's penalty)."""
+    return -log_r
+
+
+@KL_ESTIMATORS.register("k2")
+def kl_k2(log_r: torch.Tensor) -> torch.Tensor:
+    """(log r)^2 / 2: biased, low variance, >= 0."""
+    return 0.5 * log_r**2
+
+
+@KL_ESTIMATORS.register("k3")
+def kl_k3(log_r: torch.Tensor) -> torch.Tensor:
+    """(r - 1) - log r: unbiased, >= 0, low variance."""
+    return torch.expm1(log_r) - log_r
+
+
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi [K].
 
-    logprobs, ref_logprobs: (B, R) log-probs of the sampled tokens. With log r = ref - logp
-    (r = pi_ref / pi):  k1 = -log r  (unbiased, can be negative);  k2 = (log r)^2 / 2 (biased,
-    low variance);  k3 = (r - 1) - log r  (unbiased, >= 0, low variance).
+    logprobs, ref_logprobs: (B, R) log-probs of the sampled tokens; with log r = ref - logp
+    (r = pi_ref / pi) the estimator is one of :data:`KL_ESTIMATORS` (k1, k2, k3).
     """
-    log_r = ref_logprobs.float() - logprobs.float()
-    if estimator == "k1":
-        return -log_r
-    if estimator == "k2":
-        return 0.5 * log_r**2
-    if estimator == "k3":
-        return torch.expm1(log_r) - log_r
-    raise ValueError(f"unknown KL estimator '{estimator}' (k1, k2 or k3)")
-
-
-KL_ESTIMATORS = ("k1", "k2", "k3")
+    return KL_ESTIMATORS[estimator].fn(ref_logprobs.float() - logprobs.float())
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -296,6 +308,22 @@ class RunningMoments:
 
     def load_state_dict(self, d: dict) -> None:
         self.mean, self.var, self.count = d["mean"], d["var"], d["count"]
+
+
+REWARD_SCALINGS = Registry("scale_reward", "how sequence scores are scaled before the KL penalty is added [MAX]")
+
+
+@REWARD_SCALINGS.register("none")
+def scale_none(scores: torch.Tensor, moments: RunningMoments, batch: torch.Tensor) -> torch.Tensor:
+    """Scores as they are."""
+    return scores
+
+
+@REWARD_SCALINGS.register("running_std")
+def scale_running_std(scores: torch.Tensor, moments: RunningMoments, batch: torch.Tensor) -> torch.Tensor:
+    """Divide by the running std of every score seen so far, this batch (all processes) included [MAX §5.3]."""
+    moments.update(batch)
+    return scores / max(moments.std, 1e-8)
 
 
 # ----------------------------------------------------------------------------- EMA

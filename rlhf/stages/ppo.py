@@ -1,0 +1,621 @@
+"""Stage 3, PPO with a KL penalty against the SFT policy [IGPT §3.5 eq. 2, N, N+].
+
+One iteration (:func:`ppo_iteration`) is InstructGPT's algorithm, one call per step:
+
+    rollout    = make_rollout(...)      # sample responses (KV cache, left padding, stop at EOS)
+    scores     = compute_scores(...)    # RM (normalised) and/or Python reward functions, EOS penalty,
+                                        # scaled and clipped
+    experience = make_experience(...)   # old log-probs, reference log-probs, values (once per
+                                        # rollout), per-token reward -beta*KL + score at the end,
+                                        # advantages (the registered estimator, GAE by default)
+    stats      = ppo_update(...)        # ppo_epochs x shuffled minibatches x micro-batches of the
+                                        # clipped surrogate + clipped value loss (+ ptx, entropy)
+    log_iteration(...); checkpoint      # metrics, samples, held-out evaluation, resumable state
+
+Where the models live (DDP, ZeRO-2/3, sharded or offloaded frozen models, the LoRA reference)
+is built once by :func:`rlhf.stages.ppo_setup.setup_models`; the math lives in
+:mod:`rlhf.algos` as pure functions, its choices in registries (KL estimator, advantage
+estimator, reward scaling, value initialisation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..algos import core
+from ..algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
+from ..checkpoint import latest_checkpoint, load_tensors, resume_state, rng_snapshot, save_checkpoint
+from ..faults import fault_point_step, inject_fault
+from ..config import PPOConfig, dump_yaml, to_dict
+from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
+from ..data.tasks import gold_reward, has_gold
+from ..ema import EMA
+from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, backward, chunks, compute_dtype, epoch_permutation,
+                      finish_run, inputs_first, loss_scale, make_accelerator, open_run, peak_memory, prepare_output_dir,
+                      progress, set_seed, step_models, world_size, write_summary, zero_stage)
+from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
+from ..models import count_parameters, load_tokenizer, save_model_files, unwrap
+from ..ptx import PtxIterator
+from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call, load_reward_fn
+from ..rollout import Generation, generate, position_ids_from_mask, response_logprobs
+from ..tokenization import decode_response, encode_prompt, encode_sft
+from ..value import response_values
+from .ppo_setup import BatchSplit, PPOModels, setup_models
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class PPOInputs:
+    """Everything a run reads before any model loads."""
+
+    prompts: list
+    eval_prompts: list
+    reward_fns: list
+    """[(RewardSpec, function)], each imported and called once on real prompts."""
+    tok: object
+    ptx_feats: list = field(default_factory=list)
+    """Encoded PPO-ptx demonstrations (empty without ptx_coef)."""
+
+
+def read_inputs(cfg: PPOConfig) -> PPOInputs:
+    """Prompts, reward functions (imported, then dry-called), tokenizer, prompt lengths, ptx rows."""
+    prompts, _ = load_examples(cfg.data.train, parse_prompt, split=cfg.data.split, skip_bad_rows=cfg.data.skip_bad_rows,
+                               max_samples=cfg.data.max_samples, what="prompts")
+    if cfg.data.eval:
+        eval_prompts, _ = load_examples(cfg.data.eval, parse_prompt, skip_bad_rows=cfg.data.skip_bad_rows,
+                                        what="prompts", field_name="data.eval")
+    else:
+        prompts, eval_prompts = split_train_eval(prompts, cfg.data.eval_split, cfg.seed)
+    eval_prompts = eval_prompts[: cfg.eval_samples]
+    reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]
+    probe = prompts[:4]
+    for _, fn in reward_fns:
+        dry_call(fn, [p.raw_prompt for p in probe], {k: [p.meta.get(k) for p in probe] for k in probe[0].meta},
+                 cfg.reward_timeout)
+    tok = load_tokenizer(cfg.model)
+    for p in prompts + eval_prompts:
+        n = len(encode_prompt(tok, p.prompt))
+        if n > cfg.data.max_prompt_length:
+            raise DataError(f"{p.where}: field 'prompt': {n} tokens, more than data.max_prompt_length "
+                            f"({cfg.data.max_prompt_length})")
+    feats = []
+    if cfg.ptx_coef > 0:
+        demos, _ = load_examples(cfg.ptx_data, parse_sft, skip_bad_rows=True, what="ptx rows", field_name="ptx_data")
+        feats = [encode_sft(tok, d.prompt, d.completion) for d in demos]
+    return PPOInputs(prompts, eval_prompts, reward_fns, tok, feats)
+
+
+def batch_split(cfg: PPOConfig, world: int) -> BatchSplit:
+    """Each process's rollouts, minibatch and micro-batch (the global sizes are the recipe's)."""
+    if cfg.reward_model is None and not cfg.reward_fns:
+        raise RunError("recipe: PPO needs a reward: set 'reward_model' and/or 'reward_fns'")
+    if cfg.rollout_batch_size % world or cfg.minibatch_size % world:
+        raise RunError(f"recipe: rollout_batch_size and minibatch_size must be multiples of the {world} processes")
+    b_local, mb_local = cfg.rollout_batch_size // world, cfg.minibatch_size // world
+    micro = min(cfg.micro_batch_size, mb_local)
+    if mb_local % micro:
+        raise RunError(f"recipe: 'minibatch_size' per process ({mb_local}) must be a multiple of 'micro_batch_size' "
+                       f"({micro})")
+    return BatchSplit(b_local, mb_local, micro)
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class Rollout:
+    gen: Generation
+    prompts: list
+    """PromptExample per row."""
+    texts: list[str]
+
+
+def make_rollout(policy, tok, prompts: list, cfg: PPOConfig, generator: torch.Generator, device) -> Rollout:
+    encoded = [encode_prompt(tok, p.prompt) for p in prompts]
+    gen = generate(policy, encoded, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator, device=device)
+    texts = decode_responses(tok, gen)
+    return Rollout(gen, prompts, texts)
+
+
+def decode_responses(tok, gen: Generation) -> list[str]:
+    """Each row's response text up to its EOS (copied to the host once, not row by row)."""
+    ids, mask = gen.response_ids.cpu(), gen.response_mask.cpu().bool()
+    return [decode_response(tok, r[m].tolist()) for r, m in zip(ids, mask)]
+
+
+def compute_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_fns: list, cfg: PPOConfig,
+                   device) -> tuple[torch.Tensor, dict]:
+    """Sequence scores (B,): weighted RM score + reward functions; EOS-less responses penalised [N+]."""
+    bsz = len(ro.texts)
+    score = torch.zeros(bsz, device=device)
+    parts: dict[str, torch.Tensor] = {}
+    if reward_model is not None:
+        if reward_model.same_tokenizer(tok):  # reuse the sampled tokens: exactly what the RM was trained on
+            g = ro.gen  # (copied to the host once)
+            seqs = [p[pm].tolist() + r[rm].tolist() for p, pm, r, rm in
+                    zip(g.prompt_ids.cpu(), g.prompt_mask.cpu().bool(), g.response_ids.cpu(),
+                        g.response_mask.cpu().bool())]
+            rm_score = reward_model.score_ids(seqs).to(device)
+        else:
+            rm_score = reward_model.score([p.prompt for p in ro.prompts], ro.texts).to(device)
+        parts["rm_score"] = rm_score
+        score = score + cfg.reward_model_weight * rm_score
+    for spec, fn in reward_fns:
+        fields = {k: [p.meta.get(k) for p in ro.prompts] for k in ro.prompts[0].meta}
+        vals = torch.tensor(call_reward_fn(fn, [p.raw_prompt for p in ro.prompts], ro.texts, fields,
+                                           where=[getattr(p, "where", "?") for p in ro.prompts],
+                                           timeout=cfg.reward_timeout), device=device)
+        parts[f"reward_fn/{spec.fn}"] = vals
+        score = score + spec.weight * vals
+    if cfg.penalize_missing_eos:
+        score = torch.where(ro.gen.has_eos.to(device), score, torch.full_like(score, cfg.missing_eos_penalty))
+    return score, parts
+
+
+# ----------------------------------------------------------------------------- experience
+
+
+@dataclass
+class Experience:
+    input_ids: torch.Tensor      # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R)
+    response_mask: torch.Tensor  # (B, R)
+    old_logprobs: torch.Tensor   # (B, R)
+    ref_logprobs: torch.Tensor   # (B, R)
+    old_values: torch.Tensor     # (B, R) (0 for a critic-free estimator)
+    advantages: torch.Tensor     # (B, R)
+    returns: torch.Tensor        # (B, R)
+    rewards: torch.Tensor        # (B, R)
+    kl: torch.Tensor             # (B, R) the estimator used in the reward
+    non_score: torch.Tensor      # (B, R)
+
+
+def sequence_batch(g: Generation) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.cat([g.prompt_ids, g.response_ids], dim=1)
+    mask = torch.cat([g.prompt_mask, g.response_mask], dim=1)
+    return ids, mask
+
+
+@torch.no_grad()
+def make_experience(ro: Rollout, scores: torch.Tensor, m: PPOModels, kl_coef: float, cfg: PPOConfig,
+                    micro_batch_size: int) -> Experience:
+    """Old and reference log-probs and values, once per rollout; KL-shaped rewards; advantages."""
+    g = ro.gen
+    ids, mask = sequence_batch(g)
+    R = g.response_ids.shape[1]
+    rmask = g.response_mask.float()
+    policy, value_model = unwrap(m.policy), unwrap(m.value) if m.value is not None else None
+    old_lp, ref_lp, vals = [], [], []
+    for sl in _slices(ids.shape[0], micro_batch_size):
+        old_lp.append(response_logprobs(policy, ids[sl], mask[sl], R, cfg.temperature))
+        with m.reference() as ref:
+            ref_lp.append(response_logprobs(ref, ids[sl], mask[sl], R, cfg.temperature))
+        if value_model is not None:
+            vals.append(response_values(value_model, ids[sl], mask[sl], R))
+    old_lp, ref_lp = torch.cat(old_lp), torch.cat(ref_lp)
+    values = torch.cat(vals) if vals else None
+    kl = core.kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * rmask
+    rewards, non_score = core.shaped_rewards(scores, kl, kl_coef, rmask)
+    if cfg.whiten_rewards:
+        rewards = core.masked_whiten(rewards, rmask, shift_mean=False)
+    first: dict[int, int] = {}  # the K samples of one prompt are K rows holding the same prompt object
+    group = torch.tensor([first.setdefault(id(p), i) for i, p in enumerate(ro.prompts)], device=rmask.device)
+    x = AdvantageInputs(rewards, scores, kl, rmask, group, values)
+    adv, returns = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator].fn(x, cfg)
+    if cfg.whiten_advantages:
+        adv = core.masked_whiten(adv, rmask)
+    values = values * rmask if values is not None else torch.zeros_like(rmask)
+    returns = returns if returns is not None else torch.zeros_like(rmask)
+    return Experience(ids, mask, rmask, old_lp, ref_lp, values, adv, returns, rewards, kl, non_score)
+
+
+def _slices(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+# ----------------------------------------------------------------------------- update
+
+
+def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchSplit, iteration: int,
+               st: "PPOState") -> dict:
+    """ppo_epochs passes over the rollout, reshuffled each time; minibatch -> micro-batches; one
+    optimizer step per minibatch, skipped whole if anything is non-finite on any process."""
+    B, R = exp.input_ids.shape[0], exp.response_mask.shape[1]
+    sums: dict[str, torch.Tensor | float] = {}  # kept on the device: read back once, at the end
+    steps = 0
+    for epoch in range(cfg.ppo_epochs):
+        perm = epoch_permutation(B, cfg.seed + 7919 * acc.process_index, iteration * 1000 + epoch)
+        for mb in chunks(perm, split.minibatch):
+            # token count of the whole (global) minibatch: every micro-batch divides by it
+            n_tok = acc.reduce(exp.response_mask[mb].sum().detach().clone(), "sum").item() / acc.num_processes
+            micro = chunks(mb, split.micro)
+            finite = torch.ones((), dtype=torch.bool, device=exp.input_ids.device)
+            for k, mi in enumerate(micro):
+                sync = k == len(micro) - 1
+                with acc.no_sync(m.policy) if not sync else _nothing(), \
+                        acc.no_sync(m.value) if not sync and m.value is not None else _nothing():
+                    loss = micro_batch_loss(exp, torch.tensor(mi, device=exp.input_ids.device), m, cfg, R, n_tok,
+                                            sums, len(mi) / len(mb))
+                    if st.ptx is not None:
+                        ptx_loss = st.ptx.loss(m.policy) / len(micro)
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                        _add(sums, "ptx_loss", ptx_loss)
+                    loss = inject_fault(loss, iteration)
+                    finite &= torch.isfinite(loss.detach())
+                    backward(acc, loss, len(micro), sync)
+            res = step_models(acc, m.step_parts(), cfg.max_grad_norm, bool(finite))
+            if res[0]:
+                if st.ema is not None:
+                    st.ema.update(m.policy)
+                names = ["policy_grad_norm", "value_grad_norm"] if m.engine is None else ["grad_norm_joint"]
+                for name, norm in zip(names, res[1]):  # (DeepSpeed clips policy + value jointly)
+                    if norm is not None:
+                        _add(sums, name, norm)
+            st.guard.update(res[0], iteration, overflow=res.overflow, scale=loss_scale(acc))
+            steps += 1
+    return {k: float(v) / steps for k, v in sums.items()}
+
+
+def micro_batch_loss(exp: Experience, idx: torch.Tensor, m: PPOModels, cfg: PPOConfig, R: int, n_tok: float,
+                     sums: dict, weight: float) -> torch.Tensor:
+    """Clipped surrogate [PPO eq. 7] + vf_coef x clipped value loss [N+] - entropy bonus, as this
+    micro-batch's share of the minibatch's token mean; its statistics are added to `sums`."""
+    ids, mask, rmask = exp.input_ids[idx], exp.attention_mask[idx], exp.response_mask[idx]
+    logp, ent = response_logprobs(m.policy, ids, mask, R, cfg.temperature, return_entropy=True)
+    if cfg.entropy_coef == 0:
+        ent = ent.detach()  # logged only: no backward through the entropy
+    pg_loss, pst = core.policy_loss(logp, exp.old_logprobs[idx], exp.advantages[idx], rmask, cfg.cliprange,
+                                    cfg.log_ratio_clamp, n_tok)
+    loss = pg_loss
+    _add(sums, "pg_loss", pg_loss)
+    if m.value is not None:
+        vpred = m.value(ids, mask, position_ids_from_mask(mask))[:, -R - 1 : -1]
+        vf_loss, vclip = core.value_loss(vpred, exp.old_values[idx], exp.returns[idx], rmask, cfg.cliprange_value,
+                                         n_tok)
+        loss = loss + cfg.vf_coef * vf_loss
+        _add(sums, "vf_loss", vf_loss)
+    entropy = core.masked_sum(ent, rmask) / n_tok
+    loss = loss - cfg.entropy_coef * entropy
+    _add(sums, "entropy", entropy)
+    for name, value in (("policy_clipfrac", pst.clipfrac), ("approx_kl", pst.approx_kl),
+                        ("ratio_mean", pst.ratio_mean)):
+        _add(sums, name, value.double() * weight)
+    if m.value is not None:
+        _add(sums, "value_clipfrac", vclip.double() * weight)
+    return loss
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _add(d: dict, k: str, v) -> None:
+    """Accumulate a statistic: device tensors in float64 (no host sync per micro-batch), floats as they are."""
+    v = v.detach().double() if isinstance(v, torch.Tensor) else v
+    d[k] = d[k] + v if k in d else v
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_policy(m: PPOModels, data: PPOInputs, cfg: PPOConfig, device) -> dict:
+    """Held-out prompts sampled at cfg.temperature: mean score, KL to the reference, gold accuracy."""
+    policy = unwrap(m.policy)
+    was = policy.training
+    policy.eval()
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
+    scores, kls, k3s, golds, lengths, eos = [], [], [], [], [], []
+    for chunk in chunks(data.eval_prompts, cfg.rollout_batch_size):
+        ro = make_rollout(policy, data.tok, chunk, cfg, gen, device)
+        s, _ = compute_scores(ro, data.tok, m.reward_model, data.reward_fns, cfg, device)
+        ids, mask = sequence_batch(ro.gen)
+        R = ro.gen.response_ids.shape[1]
+        rm = ro.gen.response_mask.float()
+        lp = response_logprobs(policy, ids, mask, R, cfg.temperature)
+        with m.reference() as ref:
+            rlp = response_logprobs(ref, ids, mask, R, cfg.temperature)
+        kls.append((core.kl_estimate(lp, rlp, "k1") * rm).sum(-1))
+        k3s.append((core.kl_estimate(lp, rlp, "k3") * rm).sum(-1))
+        scores.append(s)
+        lengths.append(rm.sum(-1))
+        eos.append(ro.gen.has_eos.float())
+        if has_gold([p.meta for p in chunk]):
+            golds += gold_reward(None, ro.texts, task=[p.meta["task"] for p in chunk],
+                                 input=[p.meta["input"] for p in chunk])
+    policy.train(was)
+    out = {"eval_reward": torch.cat(scores).mean().item(), "eval_kl": torch.cat(kls).mean().item(),
+           "eval_kl_k3": torch.cat(k3s).mean().item(), "eval_response_length": torch.cat(lengths).mean().item(),
+           "eval_eos_rate": torch.cat(eos).mean().item()}
+    if golds:
+        out["eval_gold_accuracy"] = sum(golds) / len(golds)
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class PPOState:
+    """What changes from iteration to iteration besides the weights, and is checkpointed with them."""
+
+    kl_ctl: object
+    moments: core.RunningMoments
+    guard: NonFiniteGuard
+    sampling: torch.Generator
+    """The rollout generator, on the device, seeded per process [N]."""
+    ema: EMA | None = None
+    ptx: PtxIterator | None = None
+    summary: dict = field(default_factory=lambda: {"stage": "ppo"})
+
+    @classmethod
+    def create(cls, cfg: PPOConfig, acc, m: PPOModels, data: PPOInputs, split: BatchSplit) -> "PPOState":
+        kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+                  else core.FixedKLController(cfg.kl_coef))
+        ema = EMA(m.policy, cfg.ema_decay, cfg.ema_offload) if cfg.ema_decay > 0 else None
+        ptx = PtxIterator(data.ptx_feats, split.micro, data.tok.pad_token_id, cfg.seed + acc.process_index,
+                          acc.device) if cfg.ptx_coef > 0 else None
+        sampling = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index)
+        return cls(kl_ctl, core.RunningMoments(), NonFiniteGuard(cfg.max_nonfinite_steps), sampling, ema, ptx)
+
+    def state_dict(self) -> dict:
+        return {"kl_ctl": self.kl_ctl.state_dict(), "moments": self.moments.state_dict(),
+                "guard": self.guard.state_dict(), "ptx": self.ptx.state_dict() if self.ptx else None,
+                "initial": {k: v for k, v in self.summary.items() if k.startswith("initial_")}}
+
+    def load(self, state: dict, ckpt: Path, rank: int) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.moments.load_state_dict(state["moments"])
+        self.guard.load_state_dict(state["guard"])
+        self.summary.update(state["initial"])
+        if self.ptx is not None:
+            self.ptx.load_state_dict(state["ptx"])
+        if self.ema is not None:
+            name = f"ema-rank{rank}.safetensors" if self.ema.sharded else "ema.safetensors"
+            self.ema.load(load_tensors(ckpt / name))
+
+
+@dataclass
+class PPORun:
+    """One PPO run: its config, engine, models, inputs, state and outputs."""
+
+    cfg: PPOConfig
+    acc: object
+    m: PPOModels
+    data: PPOInputs
+    st: PPOState
+    split: BatchSplit
+    out: Path
+    logger: MetricsLogger
+    peak: float
+    """Matmul peak (FLOP/s) of the dtype that runs: the MFU denominator."""
+
+    @property
+    def evaluates(self) -> bool:
+        """This process evaluates (the main one, or every one when models are sharded)."""
+        return bool(self.data.eval_prompts) and (self.acc.is_main_process or self.m.collective)
+
+    def evaluate(self) -> dict:
+        with self.m.gathered():  # ZeRO-3: the policy's weights gathered once for the whole evaluation
+            return evaluate_policy(self.m, self.data, self.cfg, self.acc.device)
+
+    def save(self, step: int, rng_state: dict | None = None) -> None:
+        """A resumable checkpoint after `step` (collective); `rng_state` as saved by rng_snapshot."""
+        ema = self.st.ema
+        ema_t = {"ema": ema.tensors()} if ema is not None else None
+        parts = self.m.checkpoint_parts(generators={"sampling": self.st.sampling},
+                                        extra_tensors=ema_t if ema and not ema.sharded else None,
+                                        sharded_tensors=ema_t if ema and ema.sharded else None)
+        save_checkpoint(self.acc, self.out, step, parts, state=self.st.state_dict(), keep=self.cfg.save_total_limit,
+                        rng_state=rng_state)
+
+
+def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
+    t_start = time.time()
+    split = batch_split(cfg, world_size())
+    acc = make_accelerator(cfg.mixed_precision, cfg.deepspeed, micro_batch_size=split.micro,
+                           grad_accum=split.minibatch // split.micro, max_grad_norm=cfg.max_grad_norm)
+    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume)  # planned; nothing written yet
+    if rf.done:
+        log.info("%s: run already complete", rf.final)
+        return json.loads((rf.final / "summary.json").read_text())
+    set_seed(cfg.seed + acc.process_index)  # a different sampling seed per rank [N]
+    with inputs_first(rf):  # prompts, reward functions (imported and called once), tokenizer, lengths first
+        data = read_inputs(cfg)
+    m = setup_models(cfg, acc, data.tok, split)
+    out = prepare_output_dir(acc, rf, overwrite, resume)
+    st = PPOState.create(cfg, acc, m, data, split)
+    peak_dtype = compute_dtype(acc, cfg.model.dtype)  # MFU against the peak of the dtype that runs
+    peak = cfg.peak_tflops * 1e12 or measure_matmul_peak(dtype=peak_dtype, device=acc.device)
+    log.info("MFU against %s %.3g TFLOP/s (%s matmul peak)", "a given" if cfg.peak_tflops else "a measured",
+             peak / 1e12, str(peak_dtype).replace("torch.", ""))
+    start, state = resume_state(acc, out, resume, m.checkpoint_parts(generators={"sampling": st.sampling}))
+    if state:
+        st.load(state, latest_checkpoint(out), acc.process_index)
+    if acc.is_main_process and not resume:
+        dump_yaml(cfg, out / "recipe.yaml")
+    logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
+    run = PPORun(cfg, acc, m, data, st, split, out, logger, peak)
+    log.info("PPO: %d prompts, %d held out, %d iterations x %d rollouts, %s advantages, policy %.2fM params%s",
+             len(data.prompts), len(data.eval_prompts), cfg.steps, cfg.rollout_batch_size, cfg.advantage_estimator,
+             count_parameters(unwrap(m.policy)) / 1e6, f", resuming after iteration {start}" if start else "")
+    if run.evaluates and not state:
+        initial = run.evaluate()
+        st.summary.update({"initial_" + k: v for k, v in initial.items()})
+        logger.log(0, initial)
+    if len(data.prompts) < cfg.rollout_batch_size:
+        raise RunError(f"{len(data.prompts)} prompts are fewer than one rollout batch ({cfg.rollout_batch_size})")
+    bar = progress(total=cfg.steps, initial=start, desc="ppo", disable=not acc.is_main_process)
+    for it in range(start + 1, cfg.steps + 1):
+        postfix = ppo_iteration(run, it)
+        if postfix:
+            bar.set_postfix(**postfix)
+        bar.update(1)
+    bar.close()
+    return finish_ppo(run, t_start, str(peak_dtype).replace("torch.", ""))
+
+
+def ppo_iteration(run: PPORun, it: int) -> dict:
+    """Sample -> score -> experience -> update -> log / checkpoint. Returns the progress-bar figures."""
+    cfg, acc, m, st, data = run.cfg, run.acc, run.m, run.st, run.data
+    t_gen, t_score, t_exp, t_train = Timer(), Timer(), Timer(), Timer()
+    rng_at_start = rng_snapshot({"sampling": st.sampling})  # a reward failure saves the state of it - 1
+    batch = rollout_prompts(run, it)
+
+    unwrap(m.policy).eval()
+    with t_gen, m.gathered():  # ZeRO-3: the weights are gathered once for the whole rollout
+        ro = make_rollout(unwrap(m.policy), data.tok, batch, cfg, st.sampling, acc.device)
+    with t_score:
+        try:
+            raw_scores, parts, failure = *compute_scores(ro, data.tok, m.reward_model, data.reward_fns, cfg,
+                                                         acc.device), None
+        except RewardError as e:
+            raw_scores, parts, failure = None, None, e
+        if acc.reduce(torch.tensor(float(failure is not None), device=acc.device), "sum").item():  # any process
+            already_saved = it > 1 and (it - 1) % cfg.save_every == 0 if cfg.save_every else True
+            raise reward_failure(failure, it, not already_saved, lambda: run.save(it - 1, rng_at_start), run.out)
+        scores = core.REWARD_SCALINGS[cfg.scale_reward].fn(raw_scores, st.moments, acc.gather(raw_scores))
+        scores = core.clip_scores(scores, cfg.reward_clip)
+    with t_exp:
+        exp = make_experience(ro, scores, m, st.kl_ctl.value, cfg, run.split.micro)
+    m.train()  # (dropout is off; training mode is what activation checkpointing needs)
+    with t_train:
+        stats = ppo_update(exp, m, acc, cfg, run.split, it, st)
+
+    mean_kl = acc.reduce(exp.kl.sum(-1).mean(), "mean").item()
+    st.kl_ctl.update(mean_kl, cfg.rollout_batch_size)
+    postfix = {}
+    if it % cfg.log_every == 0 or it == cfg.steps:
+        times = {"generate": t_gen.total, "score": t_score.total, "experience": t_exp.total, "train": t_train.total}
+        metrics = log_iteration(run, it, (ro, exp, raw_scores, scores, parts), stats, mean_kl, times)
+        postfix = {"score": f"{metrics['score']:.3f}", "kl": f"{mean_kl:.3f}",
+                   **({"gold": f"{metrics['gold_accuracy']:.2f}"} if "gold_accuracy" in metrics else {})}
+    if acc.is_main_process and cfg.sample_every and (it % cfg.sample_every == 0 or it == 1):
+        _log_samples(run.out, run.logger, it, ro, raw_scores)
+    if cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.steps and run.evaluates:
+        run.logger.log(it, run.evaluate())
+    if cfg.save_every and (it % cfg.save_every == 0 or it == cfg.steps):
+        run.save(it)
+    fault_point_step(it)
+    return postfix
+
+
+def rollout_prompts(run: PPORun, it: int) -> list:
+    """This process's prompts of iteration `it`: epoch e's order is a permutation seeded by (seed, e)."""
+    per_epoch = len(run.data.prompts) // run.cfg.rollout_batch_size
+    epoch, pos = divmod(it - 1, per_epoch)
+    perm = epoch_permutation(len(run.data.prompts), run.cfg.seed, epoch)
+    idx = perm[pos * run.cfg.rollout_batch_size : (pos + 1) * run.cfg.rollout_batch_size]
+    rank, n = run.acc.process_index, run.split.rollouts
+    return [run.data.prompts[i] for i in idx[rank * n : (rank + 1) * n]]
+
+
+def log_iteration(run: PPORun, it: int, batch: tuple, stats: dict, mean_kl: float, times: dict) -> dict:
+    """One metrics.jsonl record: rewards, KL, advantages, losses (each process's share of the global
+    minibatch mean, so their mean is the global value), times, tokens/s and MFU per phase."""
+    acc, device, st = run.acc, run.acc.device, run.st
+    ro, exp, raw_scores, scores, parts = batch
+    rm_ = exp.response_mask
+    m = {"score": raw_scores.mean(), "score_used": scores.mean(), "kl": mean_kl,
+         "kl_k3": (core.kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k3") * rm_).sum(-1).mean(),
+         "non_score_reward": exp.non_score.sum(-1).mean(), "total_reward": (exp.non_score.sum(-1) + scores).mean(),
+         "response_length": rm_.sum(-1).mean(), "eos_rate": ro.gen.has_eos.float().mean(),
+         "advantage_mean": core.masked_mean(exp.advantages, rm_), "return_mean": core.masked_mean(exp.returns, rm_),
+         "value_mean": core.masked_mean(exp.old_values, rm_), **{k: v.mean() for k, v in parts.items()}}
+    if has_gold([p.meta for p in ro.prompts]):
+        g = gold_reward(None, ro.texts, task=[p.meta["task"] for p in ro.prompts],
+                        input=[p.meta["input"] for p in ro.prompts])
+        m["gold_accuracy"] = torch.tensor(sum(g) / len(g), device=device)
+    m = {k: acc.reduce(torch.as_tensor(v, device=device, dtype=torch.float32).clone(), "mean").item()
+         for k, v in m.items()}
+    m.update({k: acc.reduce(torch.tensor(v, device=device, dtype=torch.float32), "mean").item()
+              for k, v in sorted(stats.items())})
+    m.update({"kl_coef": st.kl_ctl.value, "lr": run.m.schedulers[0].get_last_lr()[0],
+              **{f"time_{k}": v for k, v in times.items()},
+              "tokens_generated": int(rm_.sum().item()) * acc.num_processes})
+    m.update(phase_throughput(ro, exp, times, run.m.flop_params, run.cfg.ppo_epochs, run.peak))
+    run.logger.log(it, m)
+    return m
+
+
+def finish_ppo(run: PPORun, t_start: float, peak_dtype: str) -> dict:
+    """Final evaluation, summary, the policy (and its EMA) saved as HF folders; the run promoted."""
+    cfg, acc, m, st, out = run.cfg, run.acc, run.m, run.st, run.out
+    summary = st.summary
+    if run.evaluates:
+        final = run.evaluate()
+        summary.update(final)
+        run.logger.log(cfg.steps, final)
+    n_updates = cfg.steps * cfg.ppo_epochs * (run.split.rollouts // run.split.minibatch)
+    summary.update({"steps": cfg.steps, "optimizer_steps": n_updates, "skipped_nonfinite_steps": st.guard.skipped,
+                    **st.guard.summary(), "train_prompts": len(run.data.prompts), "mfu_peak_dtype": peak_dtype,
+                    "eval_prompts": len(run.data.eval_prompts), "kl_coef_final": st.kl_ctl.value,
+                    "train_seconds": round(time.time() - t_start, 1), "num_processes": acc.num_processes})
+    summary.update(peak_memory(acc))  # collective
+    policy_state = None
+    if zero_stage(acc) == 3:  # consolidate the sharded policy (collective)
+        full = acc.get_state_dict(m.engine)
+        policy_state = {k[len("policy."):]: v for k, v in full.items() if k.startswith("policy.")} if full else None
+    ema_state = None
+    if st.ema is not None and (st.ema.sharded or acc.is_main_process):  # collective under ZeRO-3
+        ema_state = st.ema.full_state_dict(m.policy, acc)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_model_files(m.policy, run.data.tok, out, state_dict=policy_state)
+        if st.ema is not None:
+            (out / "ema").mkdir(exist_ok=True)
+            save_model_files(m.policy, run.data.tok, out / "ema", state_dict=ema_state)
+        write_summary(out, summary)
+    finish_run(acc, run.logger, out)
+    return summary
+
+
+def reward_failure(error: RewardError | None, it: int, save_now: bool, save, out: Path) -> RewardError:
+    """The error that stops a run whose reward failed at iteration `it` (on this or another
+    process), after saving the state before that iteration when checkpoints are on (collective),
+    so `--resume` retries the same rollout once the reward function is fixed."""
+    if save_now:
+        save()
+    ckpt = latest_checkpoint(out)
+    resume = f"; resumable from {ckpt.name} with --resume once fixed" if ckpt is not None else ""
+    reason = str(error) if error is not None else "a reward function failed on another process"
+    return RewardError(f"iteration {it}: {reason}{resume}")
+
+
+def phase_throughput(ro: Rollout, exp: Experience, times: dict, flop_params: dict, ppo_epochs: int,
+                     peak: float) -> dict:
+    """Tokens/s and MFU of each phase of one iteration on this process (formulas: rlhf.flops)."""
+    n_policy, n_value, n_rm = flop_params["policy"], flop_params["value"], flop_params["rm"]
+    t_gen, t_exp, t_train = times["generate"], times["score"] + times["experience"], times["train"]
+    gen_tokens = int(ro.gen.response_mask.sum())
+    prefill = int(ro.gen.prompt_mask.sum())
+    seq_tokens = int(exp.attention_mask.sum())
+    f_gen = forward_flops(n_policy, prefill + gen_tokens)
+    f_exp = forward_flops(2 * n_policy + n_value + n_rm, seq_tokens)  # policy, reference, value, RM
+    f_train = train_flops(n_policy + n_value, seq_tokens) * ppo_epochs
+    return {"tokens_per_s_generate": gen_tokens / max(t_gen, 1e-9),
+            "tokens_per_s_train": seq_tokens * ppo_epochs / max(t_train, 1e-9),
+            "mfu_generate": mfu(f_gen, t_gen, peak), "mfu_experience": mfu(f_exp, t_exp, peak),
+            "mfu_train": mfu(f_train, t_train, peak), "peak_tflops": peak / 1e12}
+
+
+def _log_samples(out: Path, logger: MetricsLogger, it: int, ro: Rollout, scores: torch.Tensor, n: int = 8) -> None:
+    rows = [{"step": it, "prompt": p.prompt[-1]["content"], "completion": t, "score": float(s)}
+            for p, t, s in list(zip(ro.prompts, ro.texts, scores))[:n]]
+    with open(out / "samples.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    logger.text(it, "samples", "\n\n".join(f"**{r['prompt']}** → {r['completion']} ({r['score']:.2f})" for r in rows))

@@ -1,0 +1,180 @@
+"""Where PPO's models live: everything the loop needs, built once, so the loop never asks which engine runs.
+
+:func:`setup_models` loads the policy, the frozen reference, the reward model and the value
+model (when the advantage estimator uses one), places them for the run's engine -- one process,
+DDP, DeepSpeed ZeRO-2/3, with the frozen models whole, sharded or offloaded, the LoRA policy
+being its own reference -- builds the optimizers and schedules, and returns a
+:class:`PPOModels`. The loop calls its methods: `gathered()` around a generation, `reference()`
+for the reference log-probs, `step_parts()` for the optimizer step, `checkpoint_parts()` for
+resumable checkpoints.
+
+Under ZeRO-3 the checkpoints are read straight into partitions (transformers' zero.Init path: no
+process ever holds a whole model) -- the policy, the value model and, when they are sharded, the
+reference and the RM. Otherwise a model is loaded whole and partitioned as it is handed to
+DeepSpeed (models built from a config always are: the same random init as a 1-process run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from ..algos.advantages import ADVANTAGE_ESTIMATORS
+from ..checkpoint import CheckpointParts
+from ..config import PPOConfig
+from ..engine import (frozen_placement, gathered_params, is_deepspeed, make_optimizer, make_scheduler,
+                      prepare_frozen, zero_stage)
+from ..flops import count_flop_params
+from ..models import disable_dropout, load_causal_lm, outside_zero3_init, unwrap
+from ..rewards import RewardModel
+from ..value import load_value_model
+
+log = logging.getLogger(__name__)
+
+
+class PolicyValue(nn.Module):
+    """Policy and value model as one module, so one DeepSpeed engine trains both (their forward
+    passes are called on the submodules)."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module | None):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+
+@dataclass
+class BatchSplit:
+    """A PPO batch as this process sees it: rollouts, minibatch and micro-batch sizes."""
+
+    rollouts: int
+    minibatch: int
+    micro: int
+
+
+@dataclass
+class PPOModels:
+    """The run's models, placed for its engine, and their optimizers and schedules."""
+
+    policy: nn.Module
+    """The trained policy as prepared (DDP-wrapped, or the engine's submodule)."""
+    value: nn.Module | None
+    """The trained value model, or None for a critic-free advantage estimator."""
+    ref: nn.Module | None
+    """The frozen reference; None when it is the LoRA policy with its adapters off."""
+    reward_model: RewardModel | None
+    optimizers: list
+    schedulers: list
+    engine: object = None
+    """The DeepSpeed engine training policy (+ value), or None."""
+    collective: bool = False
+    """Every process takes part in every forward of a sharded model (evaluation too)."""
+    flop_params: dict = field(default_factory=dict)
+    """Matmul parameters per model (policy, value, rm): the MFU's FLOP counts."""
+    gathered: Callable = contextlib.nullcontext
+    """Context in which the policy's full weights are present (ZeRO-3: gathered once per generation)."""
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen reference: a separate copy, or the LoRA policy with its adapters disabled."""
+        if self.ref is not None:
+            yield self.ref
+        else:
+            with unwrap(self.policy).disable_adapter():
+                yield self.policy
+
+    def step_parts(self) -> list[tuple]:
+        """(model, optimizer, schedule) per optimizer step; under DeepSpeed one engine trains both."""
+        models = [self.policy] if self.engine is not None else [m for m in (self.policy, self.value) if m is not None]
+        return list(zip(models, self.optimizers, self.schedulers))
+
+    def checkpoint_parts(self, **extra) -> CheckpointParts:
+        """What a resumable checkpoint holds of the models (plus `extra` CheckpointParts fields):
+        under DeepSpeed the engine saves policy + value and the (partitioned) optimizer states itself."""
+        if self.engine is not None:
+            return CheckpointParts({"engine": self.engine}, {}, {"policy": self.schedulers[0]}, **extra)
+        names = ["policy", "value"][: len(self.optimizers)]
+        models = [m for m in (self.policy, self.value) if m is not None]
+        return CheckpointParts(dict(zip(names, models)), dict(zip(names, self.optimizers)),
+                               dict(zip(names, self.schedulers)), **extra)
+
+    def train(self, mode: bool = True) -> None:
+        """Training mode for the trained models (dropout is off; activation checkpointing needs it)."""
+        for m in (self.policy, self.value):
+            if m is not None:
+                unwrap(m).train(mode)
+
+
+def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
+    """Load, place and prepare every model of the run; build the optimizers and schedules."""
+    zero3 = zero_stage(acc) == 3
+    placement = frozen_placement(acc, cfg.frozen_models)
+    into_parts = zero3 and cfg.model.init == "pretrained" and not cfg.model.gguf_file
+    whole = contextlib.nullcontext if into_parts else outside_zero3_init  # "load whole, partition later"
+    with whole():
+        policy = load_causal_lm(cfg.model, tok)
+    disable_dropout(policy)
+    read = [("policy", _partitioned(policy))]
+    ref = None
+    if not cfg.model.lora.enabled:  # (with LoRA the reference is the policy with its adapters off)
+        if into_parts:  # the policy is partitioned: read the reference from its checkpoint again
+            with contextlib.nullcontext() if placement == "sharded" else outside_zero3_init():
+                ref = load_causal_lm(cfg.model, tok)
+            disable_dropout(ref)
+            read.append(("reference", _partitioned(ref)))
+        else:
+            ref = copy.deepcopy(policy)
+        ref = prepare_frozen(acc, ref, placement)
+    reward_model = None
+    if cfg.reward_model:
+        with contextlib.nullcontext() if zero3 and placement == "sharded" else outside_zero3_init():
+            reward_model = RewardModel(cfg.reward_model)
+        read.append(("RM", _partitioned(reward_model.model)))
+    flops = {"rm": count_flop_params(reward_model.model) if reward_model is not None else 0}
+    value = None
+    if ADVANTAGE_ESTIMATORS[cfg.advantage_estimator].info["needs_values"]:
+        with whole():
+            value = load_value_model(cfg, tok, reward_model)
+        read.append(("value model", _partitioned(value.backbone)))
+    if reward_model is not None:
+        reward_model.model, reward_model.device = prepare_frozen(acc, reward_model.model, placement), acc.device
+    if zero3:
+        log.info("ZeRO-3: read straight into partitions: %s; loaded whole, then partitioned: %s",
+                 ", ".join(n for n, yes in read if yes) or "-", ", ".join(n for n, yes in read if not yes) or "-")
+    m = _prepare(cfg, acc, policy, value, split)
+    m.ref, m.reward_model, m.collective = ref, reward_model, zero3 or placement != "whole"
+    m.flop_params = {"policy": count_flop_params(unwrap(m.policy)), **flops,
+                     "value": count_flop_params(unwrap(m.value).backbone) + 1 if m.value is not None else 0}
+    return m
+
+
+def _prepare(cfg: PPOConfig, acc, policy, value, split: BatchSplit) -> PPOModels:
+    """Optimizers, accelerate / DeepSpeed preparation, then the schedules on the prepared optimizers."""
+    n_updates = cfg.steps * cfg.ppo_epochs * (split.rollouts // split.minibatch)
+    value_lr = cfg.value_lr or cfg.lr
+    opt_p = make_optimizer(policy.parameters(), cfg)
+    if is_deepspeed(acc):  # one engine trains both: the value model's parameters join with their own lr
+        if value is not None:
+            for g in make_optimizer(value.parameters(), cfg, value_lr).param_groups:
+                opt_p.add_param_group({"params": g["params"], "weight_decay": g["weight_decay"], "lr": value_lr})
+        engine, opt_p = acc.prepare(PolicyValue(policy, value), opt_p)
+        sched = make_scheduler(opt_p, cfg.lr_scheduler, n_updates, cfg.warmup_ratio)  # on the prepared optimizer
+        gathered = (lambda: gathered_params(acc, engine.module.policy)) if zero_stage(acc) == 3 \
+            else contextlib.nullcontext
+        return PPOModels(engine.module.policy, engine.module.value, None, None, [opt_p], [sched], engine,
+                         gathered=gathered)
+    models, opts = [policy], [opt_p]
+    if value is not None:
+        models.append(value)
+        opts.append(make_optimizer(value.parameters(), cfg, value_lr))
+    prepared = acc.prepare(*models, *opts)
+    models, opts = list(prepared[: len(models)]), list(prepared[len(models):])
+    scheds = [make_scheduler(o, cfg.lr_scheduler, n_updates, cfg.warmup_ratio) for o in opts]
+    return PPOModels(models[0], models[1] if value is not None else None, None, None, opts, scheds)
+
+
+def _partitioned(model) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())

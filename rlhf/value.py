@@ -1,0 +1,80 @@
+"""PPO's value model (the critic): a transformer backbone with a scalar head read at every position.
+
+V(s_t) is read at the position *before* response token t -- the state in which the token was
+chosen -- the same off-by-one as the log-probs [N]. Where its weights come from is a registered
+choice (``value_init``): the reward model's backbone and head (InstructGPT), or the policy's
+backbone with a fresh head. A critic-free advantage estimator builds no value model at all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .algos.registry import Registry
+from .models import ModelError, disable_dropout, enable_gradient_checkpointing, torch_dtype
+from .rollout import position_ids_from_mask
+
+VALUE_INITS = Registry("value_init", "where the value model's weights come from")
+
+
+class ValueModel(nn.Module):
+    """A transformer backbone with a scalar head read at every position: V(s_t), shape (B, T)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        h = out.last_hidden_state
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+def response_values(value_model, ids: torch.Tensor, mask: torch.Tensor, response_len: int) -> torch.Tensor:
+    """(B, R) V(s_t) for each response token t, read at the position before it [N]."""
+    return value_model(ids, mask, position_ids_from_mask(mask))[:, -response_len - 1 : -1]
+
+
+@VALUE_INITS.register("reward_model")
+def from_reward_model(cfg, policy_tok, reward_model) -> tuple[nn.Module, nn.Module]:
+    """The reward model's backbone and scalar head (InstructGPT); needs the policy's tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .rewards import score_head
+
+    if reward_model is None:
+        raise ModelError("recipe: 'value_init: reward_model' needs 'reward_model' (or use value_init: policy)")
+    if not reward_model.same_tokenizer(policy_tok):
+        raise ModelError("recipe: the reward model's tokenizer differs from the policy's; use 'value_init: policy'")
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_model.path)
+    if getattr(rm.config, "is_encoder_decoder", False) or rm.config.model_type in ("bert", "roberta", "distilbert"):
+        raise ModelError("recipe: a bidirectional encoder cannot give per-token values; use 'value_init: policy'")
+    return getattr(rm, rm.base_model_prefix), score_head(rm)
+
+
+@VALUE_INITS.register("policy")
+def from_policy(cfg, policy_tok, reward_model) -> tuple[nn.Module, nn.Module]:
+    """The policy's backbone and a fresh head, N(0, 1/sqrt(d + 1)) from its own seeded stream [N+]."""
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                                         dtype=torch_dtype(cfg.model.dtype))
+    d = backbone.config.hidden_size
+    head = nn.Linear(d, 1, bias=False, dtype=torch.float32)
+    with torch.no_grad():  # its own seeded stream: the same head however the backbone was loaded
+        g = torch.Generator().manual_seed(cfg.seed)
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) / math.sqrt(d + 1))
+    return backbone, head
+
+
+def load_value_model(cfg, policy_tok, reward_model) -> ValueModel:
+    """The value model `cfg.value_init` names, dropout off, activation checkpointing as the recipe asks."""
+    backbone, head = VALUE_INITS[cfg.value_init].fn(cfg, policy_tok, reward_model)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(backbone)
+    model = ValueModel(backbone, head)
+    disable_dropout(model)
+    return model
