@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     _training_parser(sub, "sft", "supervised fine-tuning on demonstrations (stage 1)")
     _training_parser(sub, "rm", "pairwise-preference reward model (stage 2)")
     _training_parser(sub, "ppo", "PPO with a KL penalty against the SFT policy (stage 3)", _ppo_choices())
-    _training_parser(sub, "pipeline", "SFT -> RM -> PPO into OUTPUT_DIR/{sft,rm,ppo}")
+    _training_parser(sub, "dpo", "DPO from the SFT policy on preference pairs, through TRL (instead of RM + PPO)")
+    _training_parser(sub, "pipeline", "SFT -> RM -> PPO (and/or DPO) into OUTPUT_DIR/{sft,rm,ppo,dpo}")
+    _training_parser(sub, "compare", "methods x seeds (PPO, GRPO, RLOO, REINFORCE++, DPO, ...) from one SFT policy "
+                                     "and RM -> compare.json, compare.md, compare.png")
 
     data = sub.add_parser("data", help="built-in verifiable task data")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     rank = process_rank()
     _setup_logging(args.verbose, rank)
-    if rest and args.command not in ("sft", "rm", "ppo", "pipeline"):
+    if rest and args.command not in ("sft", "rm", "ppo", "dpo", "pipeline", "compare"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return _dispatch(args, rest)
@@ -205,7 +208,7 @@ def _dispatch(args, rest: list[str]) -> int:
     if getattr(args, "temperature", 1.0) <= 0 and not getattr(args, "greedy", False):
         raise ConfigError(f"--temperature must be > 0 for sampling, got {args.temperature:g}"
                           + (" (or pass --greedy)" if hasattr(args, "greedy") else ""))
-    if args.command in ("sft", "rm", "ppo", "pipeline"):
+    if args.command in ("sft", "rm", "ppo", "dpo", "pipeline", "compare"):
         import contextlib
 
         from . import stages
@@ -219,7 +222,7 @@ def _dispatch(args, rest: list[str]) -> int:
             with contextlib.redirect_stdout(sys.stderr):
                 summary = stages.run(args.command, cfg, args.output_dir, overwrite=args.overwrite, resume=args.resume)
         except _user_errors() as e:  # name the recipe line of the key at fault, and a run folder problem too
-            section = stages.CURRENT[0] if args.command == "pipeline" and stages.CURRENT else ""
+            section = stages.CURRENT[0] if args.command in ("pipeline", "compare") and stages.CURRENT else ""
             message = locate_message(str(e), args.recipe, overrides, section)
             folder = _folder_problem(args)
             if folder and folder not in message and "resumable from" not in message:

@@ -385,13 +385,26 @@ class PPOConfig(OptimConfig, LoopConfig):
     """Registered reward scaling: 'none' or 'running_std' (divide the score by its running std) [Zheng et al. 2023]."""
     # advantages / losses
     advantage_estimator: str = "gae"
-    """Registered advantage estimator: 'gae' (PPO with a value model, InstructGPT); `rlhf ppo --help` lists them."""
+    """Registered advantage estimator: 'gae' (PPO with a value model, InstructGPT), the critic-free 'grpo', 'rloo',
+    'reinforce_pp'; `rlhf ppo --help` lists them."""
+    samples_per_prompt: int = 1
+    """Responses drawn per prompt (K); rollout_batch_size counts responses, so each iteration sees
+    rollout_batch_size / K prompts. Group estimators (grpo, rloo) need K >= 2."""
+    kl_penalty: Literal["auto", "reward", "loss"] = "auto"
+    """Where the KL to the reference goes: 'reward' (-kl_coef * KL per token in the reward [IGPT, N]), 'loss'
+    (kl_coef * KL(pi || pi_ref) added to the policy loss with kl_loss_estimator [GRPO]) or 'auto' (the
+    estimator's: loss for grpo, reward for the others)."""
+    kl_loss_estimator: str = "k3"
+    """KL estimator of the loss term when kl_penalty is 'loss' (GRPO uses k3: unbiased, >= 0)."""
+    grpo_scale_std: bool = True
+    """GRPO: divide each group's centred rewards by their std (false: centring only, Dr. GRPO)."""
     gamma: float = 1.0
     """GAE discount (InstructGPT: no discount)."""
     lam: float = 0.95
     """GAE lambda."""
-    whiten_advantages: bool = True
-    """Whiten advantages over valid response tokens [N]."""
+    whiten_advantages: bool | None = None
+    """Whiten advantages over the valid tokens of the whole batch, all processes [N] (None: the estimator's
+    choice: yes for gae and reinforce_pp, no for grpo and rloo, whose advantages are already normalised)."""
     whiten_rewards: bool = False
     """Whiten per-token rewards before GAE (N mentions it as optional)."""
     cliprange: float = 0.2
@@ -446,16 +459,68 @@ class PPOConfig(OptimConfig, LoopConfig):
             "eval_samples": (0, None), "reward_timeout": (0.0, None)})
         from .algos.registry import registries
 
-        for name, registry in registries().items():  # the choices a registry holds
+        regs = registries()
+        for name, registry in regs.items():  # the choices a registry holds
             problem = registry.problem(getattr(self, name)) if hasattr(self, name) else None
             if problem:
                 out.append((name, problem))
+        problem = regs["kl_estimator"].problem(self.kl_loss_estimator)
+        if problem:
+            out.append(("kl_loss_estimator", problem))
+        est = regs["advantage_estimator"]
+        if self.advantage_estimator in est:
+            need = est[self.advantage_estimator].info.get("min_group", 1)
+            if self.samples_per_prompt < need:
+                out.append(("samples_per_prompt", f"must be >= {need} for advantage_estimator "
+                                                  f"'{self.advantage_estimator}' (it compares the samples of one "
+                                                  f"prompt), got {self.samples_per_prompt}"))
+        if self.samples_per_prompt < 1 or self.rollout_batch_size % self.samples_per_prompt:
+            out.append(("rollout_batch_size", f"must be a multiple of samples_per_prompt ({self.samples_per_prompt}), "
+                                              f"got {self.rollout_batch_size}"))
         if self.rollout_batch_size % self.minibatch_size:
             out.append(("rollout_batch_size", f"must be a multiple of minibatch_size ({self.minibatch_size}), "
                                               f"got {self.rollout_batch_size}"))
         if self.ptx_coef > 0 and not self.ptx_data:
             out.append(("ptx_data", "must be set when ptx_coef > 0"))
         return out
+
+
+@dataclass
+class DPOConfig:
+    """Stage 2' (instead of RM + PPO): DPO on preference pairs from the SFT policy [Rafailov et al. 2023],
+    trained by TRL's DPOTrainer on rows parsed and tokenized as the RM stage does."""
+
+    seed: int = 0
+    """Seed for data order and evaluation sampling."""
+    output_dir: str | None = None
+    """Run folder (the CLI's --output_dir beats it)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The SFT checkpoint: the policy trained, and (a frozen copy) the reference."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preferences, in any format `rlhf rm` reads (K-way rankings become all their pairs)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-7, lr_scheduler="linear", warmup_ratio=0.1))
+    """Optimisation (TrainingArguments filled from it)."""
+    beta: float = 0.1
+    """DPO's beta: the strength of the implicit KL constraint to the reference [Rafailov et al. eq. 7]."""
+    loss_type: str = "sigmoid"
+    """TRL's loss: 'sigmoid' (DPO), 'ipo', 'hinge', 'robust', ..."""
+    eval_prompts: str | None = None
+    """Held-out prompts sampled after training (and before, from the SFT policy): gold accuracy, KL to the
+    reference and, with reward_model, its score: the same measures as PPO's eval_*."""
+    eval_samples: int = 256
+    """Held-out prompts evaluated."""
+    max_new_tokens: int = 32
+    """Response budget of the evaluation samples."""
+    temperature: float = 1.0
+    """Sampling temperature of the evaluation."""
+    reward_model: str | None = None
+    """Reward model that scores the evaluation samples (eval_reward, comparable with PPO); not trained on."""
+    wandb_project: str | None = None
+    """Also log metrics to Weights & Biases under this project (offline unless WANDB_MODE says otherwise)."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return _problems(self, {"beta": (">", 0), "eval_samples": (0, None), "max_new_tokens": (1, None),
+                                "temperature": (">", 0)})
 
 
 @dataclass
@@ -472,9 +537,22 @@ class PipelineConfig:
     """Stage 2 (model defaults to the SFT output)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """Stage 3 (policy defaults to the SFT output, reward_model to the RM output)."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """DPO from the SFT output, in place of (or beside) RM + PPO; runs when its data.train is set."""
 
 
-STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "pipeline": PipelineConfig}
+@dataclass
+class CompareConfig(PipelineConfig):
+    """`rlhf compare`: methods x seeds from one SFT policy and one RM (see rlhf/stages/compare.py)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds each method runs with."""
+    methods: dict = field(default_factory=dict)
+    """name -> overrides of the base `ppo:` section (or, with `stage: dpo`, of `dpo:`), dotted keys allowed."""
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,
+                           "pipeline": PipelineConfig, "compare": CompareConfig}
 
 
 # ----------------------------------------------------------------------------- typed loading
@@ -717,7 +795,7 @@ def locate_message(message: str, recipe: str | Path | None, overrides: dict | No
 
 
 def is_pipeline_doc(doc: dict) -> bool:
-    return any(k in doc for k in ("sft", "rm", "ppo"))
+    return any(k in doc for k in ("sft", "rm", "ppo", "dpo"))
 
 
 def load_stage_config(stage: str, recipe: str | Path | None, overrides: dict[str, Any] | None = None):
@@ -730,16 +808,16 @@ def load_stage_config(stage: str, recipe: str | Path | None, overrides: dict[str
     overrides = dict(overrides or {})
     section = ""
     try:
-        if stage == "pipeline":
+        if stage in ("pipeline", "compare"):
             doc = apply_overrides(doc, overrides)
-            for name in ("sft", "rm", "ppo"):  # the top-level seed is every stage's default
+            for name in ("sft", "rm", "ppo", "dpo"):  # the top-level seed is every stage's default
                 if "seed" in doc and doc.get(name) is None:
                     doc[name] = {}
                 if "seed" in doc and isinstance(doc.get(name), dict) and "seed" not in doc[name]:
                     doc[name]["seed"] = doc["seed"]
-            return from_dict(PipelineConfig, doc)
+            return from_dict(STAGES[stage], doc)
         if is_pipeline_doc(doc):
-            unknown = sorted(set(doc) - {"sft", "rm", "ppo", "seed", "output_dir"})
+            unknown = sorted(set(doc) - {"sft", "rm", "ppo", "dpo", "seed", "output_dir", "seeds", "methods"})
             if unknown:
                 near = near_miss(PipelineConfig, str(unknown[0]))
                 hint = f" (did you mean '{near}'?)" if near else ""
@@ -763,7 +841,8 @@ def load_stage_config(stage: str, recipe: str | Path | None, overrides: dict[str
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The resolved recipe (long strings on one line: paths are never folded)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, width=float("inf")))
 
 
 # ----------------------------------------------------------------------------- reference docs
@@ -805,8 +884,8 @@ def reference_markdown() -> str:
     lines = ["# Recipe reference", "",
              "Generated from the config dataclasses in `rlhf/config.py` "
              "(`python -m rlhf.config > docs/config-reference.md`). Every field below is read by the code.", ""]
-    for cls in (SFTConfig, RMConfig, SampleConfig, PPOConfig, RewardSpec, PipelineConfig, ModelConfig, LoraConfig,
-                DataConfig, TrainConfig, OptimConfig, LoopConfig):
+    for cls in (SFTConfig, RMConfig, SampleConfig, PPOConfig, RewardSpec, DPOConfig, PipelineConfig, CompareConfig,
+                ModelConfig, LoraConfig, DataConfig, TrainConfig, OptimConfig, LoopConfig):
         lines += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip(), "", field_table(cls), ""]
     return "\n".join(lines)
 

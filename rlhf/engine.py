@@ -530,12 +530,17 @@ def open_run(acc, output_dir, overwrite: bool = False, resume: bool = False):
     """Plan this run's folder (see :mod:`rlhf.rundir`): after finishing any promotion a crash
     interrupted, decide where the run writes. Touches nothing else; a problem with the folder is
     kept in `.problem` and reported by :func:`inputs_first` after the inputs were read."""
+    from accelerate.utils import broadcast_object_list
+
     from . import rundir
 
-    if acc.is_main_process:
+    decided = [None]
+    if acc.is_main_process:  # one process decides (a lagging rank or a stale NFS view must not disagree)
         rundir.recover(output_dir)
-    acc.wait_for_everyone()
-    return rundir.plan(output_dir, overwrite, resume)
+        decided = [rundir.plan(output_dir, overwrite, resume)]
+    if acc.num_processes > 1:
+        broadcast_object_list(decided, from_process=0)
+    return decided[0]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -154,8 +154,11 @@ class time_limit:
         if self.armed:
             import signal
 
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self.previous)
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            except _TimedOut:  # fired between the function's return and the disarm: it finished in time
+                pass
+            signal.signal(signal.SIGALRM, self.previous if self.previous is not None else signal.SIG_DFL)
         if exc_type is _TimedOut:
             raise RewardError(f"reward function '{self.name}' took longer than reward_timeout ({self.seconds:g} s)")
         return False

@@ -81,7 +81,12 @@ def plan(path: str | Path | None, overwrite: bool = False, resume: bool = False)
     """Decide where a run writes, touching nothing (call :func:`recover` first)."""
     if not path:
         return RunFolder(Path("."), Path("."), "no output directory: pass --output_dir or set output_dir in the recipe")
-    final = Path(path)
+    final = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)  # a link: stage its target
+    if final.exists() and not final.is_dir():
+        return RunFolder(final, final, f"{final}: exists and is not a folder")
+    if final.is_dir() and os.path.ismount(final):
+        return RunFolder(final, final, f"{final}: is a mount point; give a folder inside it (a run is staged "
+                                       f"beside its folder and swapped in when it finishes)")
     if resume and overwrite:
         return RunFolder(final, final, "--resume and --overwrite exclude each other")
     staging = staging_path(final)
@@ -137,6 +142,7 @@ def promote(rf: RunFolder) -> None:
     if not rf.staged:
         return
     final, work = rf.final, rf.work
+    _repoint_recipes(work, work, final)  # before the swap: a crash after it leaves correct recipes
     if final.exists():
         if _exchange(work, final):  # atomic: `final` is the new run, `work` now holds the old one
             fault_point("promote")  # tests kill the process here
@@ -150,15 +156,14 @@ def promote(rf: RunFolder) -> None:
     else:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(work, final)
-    _repoint_recipes(final, work)
     (final / MARK).unlink(missing_ok=True)
 
 
-def _repoint_recipes(final: Path, work: Path) -> None:
-    """The recipe.yaml files of a promoted run (a pipeline's stages name each other's folders)
-    point at the final path, not at the staging folder they were written in."""
+def _repoint_recipes(folder: Path, work: Path, final: Path) -> None:
+    """The recipe.yaml files in `folder` (a pipeline's stages name each other's folders) name the
+    final path, not the staging folder they were written in (idempotent)."""
     old, new = str(work), str(final)
-    for recipe in [final / "recipe.yaml", *final.glob("*/recipe.yaml")]:
+    for recipe in [folder / "recipe.yaml", *folder.glob("*/recipe.yaml")]:
         if recipe.is_file():
             text = recipe.read_text()
             if old in text:
@@ -199,11 +204,15 @@ def fail(rf: RunFolder, error: BaseException) -> str:
     ckpt = latest_checkpoint(rf.work)
     stages_done = sorted(p.parent.name for p in rf.work.glob("*/summary.json"))  # a pipeline's finished stages
     stage_ckpts = [c for c in rf.work.glob("*/checkpoints/step-*") if (c / "state.json").exists()]
+    stage_ckpts += [c for c in rf.work.glob("checkpoints/checkpoint-*") if (c / "trainer_state.json").exists()]
+    stage_ckpts += [c for c in rf.work.glob("*/checkpoints/checkpoint-*") if (c / "trainer_state.json").exists()]
+    if (rf.work / "summary.json").exists():  # finished: never delete it; the next run promotes it (recover)
+        return f" (the finished run is in {rf.work}; the next run into {rf.final} moves it there)"
     if ckpt is None and not stages_done and not stage_ckpts:
         shutil.rmtree(rf.work, ignore_errors=True)
         return ""
     (rf.work / FAILED).write_text(f"{type(error).__name__}: {error}\n")
-    what = ckpt.name if ckpt is not None else "its finished stages and checkpoints"
+    what = ckpt.name if ckpt is not None else "its checkpoints and finished stages"
     return f" (the run stays resumable from {what} in {rf.work}: fix the cause and pass --resume)"
 
 
@@ -212,7 +221,7 @@ def _exchange(a: Path, b: Path) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
-    except (OSError, AttributeError):
+    except Exception:  # no libc with renameat2 (not Linux, or an old glibc): two renames instead
         return False
     at_fdcwd, rename_exchange = -100, 2
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]

@@ -229,3 +229,88 @@ def test_clip_scores_and_ema():
 
 def test_entropy_from_logits():
     assert core.entropy_from_logits(torch.zeros(4)).item() == pytest.approx(math.log(4))
+
+
+# ----------------------------------------------------------------------------- critic-free estimators
+
+
+def _groups_2x3():
+    """2 prompts x 3 samples; rows 1, 2 and 4 end early (padding after their last token)."""
+    from rlhf.algos.advantages import AdvantageInputs
+
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.float32)
+    scores = torch.tensor([1.0, 0.0, 2.0, 3.0, 3.0, 0.0])
+    rewards = torch.zeros(6, 3)
+    last = [2, 1, 0, 2, 1, 2]
+    for i, t in enumerate(last):
+        rewards[i, t] = scores[i]  # the KL is a loss term here: the score alone, on the last token
+    rewards[:, :] += 7.0 * (1 - mask)  # junk on padding must never count
+    return AdvantageInputs(rewards=rewards, scores=scores, kl=torch.zeros(6, 3), mask=mask,
+                           group=torch.tensor([0, 0, 0, 3, 3, 3]))
+
+
+def test_grpo_hand_computed_on_two_prompts_of_three_samples():
+    from types import SimpleNamespace
+
+    from rlhf.algos.advantages import ADVANTAGE_ESTIMATORS
+
+    x = _groups_2x3()
+    adv, ret = ADVANTAGE_ESTIMATORS["grpo"].fn(x, SimpleNamespace(grpo_scale_std=True))
+    # group 0: r = (1, 0, 2), mean 1, unbiased std 1 -> (0, -1, 1); group 1: r = (3, 3, 0), mean 2,
+    # std sqrt(3) -> (1, 1, -2) / sqrt(3); every valid token of a sample carries its advantage
+    s3 = 3**0.5
+    want = torch.tensor([[0, 0, 0], [-1, -1, 0], [1, 0, 0], [1 / s3] * 3, [1 / s3, 1 / s3, 0], [-2 / s3] * 3])
+    assert ret is None and torch.allclose(adv, want, atol=1e-5)
+    adv, _ = ADVANTAGE_ESTIMATORS["grpo"].fn(x, SimpleNamespace(grpo_scale_std=False))  # Dr. GRPO: centring only
+    assert torch.allclose(adv[3], torch.tensor([1.0, 1.0, 1.0])) and torch.allclose(adv[5], torch.tensor([-2.0] * 3))
+
+
+def test_rloo_hand_computed_on_two_prompts_of_three_samples():
+    from rlhf.algos.advantages import ADVANTAGE_ESTIMATORS
+
+    adv, ret = ADVANTAGE_ESTIMATORS["rloo"].fn(_groups_2x3(), None)
+    # A_i = R_i - mean of the other two: 1-(0+2)/2=0, 0-1.5, 2-0.5; 3-1.5, 3-1.5, 0-3
+    want = torch.tensor([[0, 0, 0], [-1.5, -1.5, 0], [1.5, 0, 0], [1.5] * 3, [1.5, 1.5, 0], [-3.0] * 3])
+    assert ret is None and torch.allclose(adv, want)
+
+
+def test_reinforce_pp_is_reward_to_go_of_kl_shaped_rewards():
+    from types import SimpleNamespace
+
+    from rlhf.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
+
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    rewards = torch.tensor([[0.5, 0.25, 1.0], [2.0, 9.0, 9.0]])  # -beta*KL_t (+ score at the end); padding junk
+    x = AdvantageInputs(rewards=rewards, scores=torch.tensor([1.0, 2.0]), kl=torch.zeros(2, 3), mask=mask,
+                        group=torch.tensor([0, 1]))
+    adv, ret = ADVANTAGE_ESTIMATORS["reinforce_pp"].fn(x, SimpleNamespace(gamma=1.0))
+    assert adv.tolist() == [[1.75, 1.25, 1.0], [2.0, 0.0, 0.0]] and torch.equal(adv, ret)
+    adv, _ = ADVANTAGE_ESTIMATORS["reinforce_pp"].fn(x, SimpleNamespace(gamma=0.5))
+    assert adv[0].tolist() == [0.5 + 0.5 * (0.25 + 0.5 * 1.0), 0.25 + 0.5, 1.0]
+
+
+def test_estimators_registered_with_what_the_loop_reads():
+    from rlhf.algos.advantages import ADVANTAGE_ESTIMATORS
+
+    info = {n: ADVANTAGE_ESTIMATORS[n].info for n in ("gae", "grpo", "rloo", "reinforce_pp")}
+    assert info["gae"]["needs_values"] and not any(info[n]["needs_values"] for n in ("grpo", "rloo", "reinforce_pp"))
+    assert info["grpo"]["kl_penalty"] == "loss" and info["rloo"]["kl_penalty"] == "reward"
+    assert info["grpo"]["min_group"] == info["rloo"]["min_group"] == 2
+
+
+def test_global_whitening_equals_whitening_the_concatenated_batch():
+    a, b = torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[4.0, 8.0, 5.0]])
+    ma, mb = torch.tensor([[1.0, 1.0, 0.0]]), torch.ones(1, 3)
+    whole = core.masked_whiten(torch.cat([a, b]), torch.cat([ma, mb]))
+    total = {}
+
+    def reduce_over_two(t):  # a two-process all-reduce, played out by hand: this process's a, the other's b
+        key = len(total)
+        total[key] = t
+        other = {0: mb.sum(), 1: (b * mb).sum()}.get(key)
+        if other is None:  # the variance pass: the other process's squared deviations from the global mean
+            mean = (total[1] + (b * mb).sum()) / (total[0] + mb.sum())
+            other = ((b - mean) ** 2 * mb).sum()
+        return t + other
+
+    assert torch.allclose(core.masked_whiten(a, ma, reduce=reduce_over_two), whole[:1])

@@ -43,13 +43,21 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce=None) -> torch.Tensor:
     """Whiten x over the valid tokens: (x - mean) / sqrt(var + eps) [N, "advantage whitening"].
 
     With shift_mean=False the mean is added back (reward whitening in [N] keeps the mean).
-    Masked positions are returned as 0.
+    Masked positions are returned as 0. `reduce` sums a tensor over the data-parallel processes,
+    so the mean and (Bessel-corrected) variance are those of the whole batch; without it, of x.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        n = reduce(mask.sum())
+        mean = reduce((x * mask).sum()) / n.clamp(min=1)
+        var = reduce(((x - mean) ** 2 * mask).sum()) / n.clamp(min=1)
+        var = var * n / (n - 1) if n > 1 else var
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -39,8 +39,16 @@ def _run(stage: str, cfg, output_dir: str | None, overwrite: bool, resume: bool)
         from .ppo import run_ppo
 
         return run_ppo(cfg, output_dir, overwrite, resume)
+    if stage == "dpo":
+        from .dpo import run_dpo
+
+        return run_dpo(cfg, output_dir, overwrite, resume)
     if stage == "pipeline":
         from .pipeline import run_pipeline
 
         return run_pipeline(cfg, output_dir, overwrite, resume, run_stage=run)
+    if stage == "compare":
+        from .compare import run_compare
+
+        return run_compare(cfg, output_dir, overwrite, resume, run_stage=run)
     raise ValueError(f"unknown stage {stage}")

@@ -59,6 +59,13 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
             cfg.ppo.reward_model = str(rm_dir)
         summary["ppo"] = run("ppo", cfg.ppo, str(root / "ppo"), overwrite, started(root / "ppo"))
         summary["stages"].append("ppo")
+    if cfg.dpo.data.train:  # DPO from the same SFT policy, in place of (or beside) RM + PPO
+        if cfg.dpo.model.name_or_path is None:
+            cfg.dpo.model.name_or_path = str(sft_dir)
+        if cfg.dpo.reward_model is None and "rm" in summary:
+            cfg.dpo.reward_model = str(rm_dir)  # scores the held-out samples only: the methods compare
+        summary["dpo"] = run("dpo", cfg.dpo, str(root / "dpo"), overwrite, started(root / "dpo"))
+        summary["stages"].append("dpo")
     summary["total_seconds"] = round(time.time() - t0, 1)
     if acc.is_main_process:
         write_summary(root, summary)

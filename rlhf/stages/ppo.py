@@ -77,6 +77,9 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
     else:
         prompts, eval_prompts = split_train_eval(prompts, cfg.data.eval_split, cfg.seed)
     eval_prompts = eval_prompts[: cfg.eval_samples]
+    if len(prompts) < cfg.rollout_batch_size // cfg.samples_per_prompt:
+        raise DataError(f"{cfg.data.train}: {len(prompts)} training prompts, fewer than one rollout batch "
+                        f"({cfg.rollout_batch_size // cfg.samples_per_prompt} prompts)")
     reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]
     probe = prompts[:4]
     for _, fn in reward_fns:
@@ -102,6 +105,9 @@ def batch_split(cfg: PPOConfig, world: int) -> BatchSplit:
     if cfg.rollout_batch_size % world or cfg.minibatch_size % world:
         raise RunError(f"recipe: rollout_batch_size and minibatch_size must be multiples of the {world} processes")
     b_local, mb_local = cfg.rollout_batch_size // world, cfg.minibatch_size // world
+    if b_local % cfg.samples_per_prompt:
+        raise RunError(f"recipe: the {b_local} rollouts of each process must be a multiple of samples_per_prompt "
+                       f"({cfg.samples_per_prompt}): the samples of one prompt stay on one process")
     micro = min(cfg.micro_batch_size, mb_local)
     if mb_local % micro:
         raise RunError(f"recipe: 'minibatch_size' per process ({mb_local}) must be a multiple of 'micro_batch_size' "
@@ -179,6 +185,7 @@ class Experience:
     rewards: torch.Tensor        # (B, R)
     kl: torch.Tensor             # (B, R) the estimator used in the reward
     non_score: torch.Tensor      # (B, R)
+    kl_loss_coef: float = 0.0    # beta of the KL loss term (kl_penalty: loss), 0 when the KL is in the reward
 
 
 def sequence_batch(g: Generation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,10 +194,21 @@ def sequence_batch(g: Generation) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def kl_placement(cfg: PPOConfig) -> tuple[str, bool]:
+    """(where the KL goes: 'reward' or 'loss', whether advantages are whitened): the recipe's
+    choice, else the advantage estimator's registered default."""
+    info = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator].info
+    where = info.get("kl_penalty", "reward") if cfg.kl_penalty == "auto" else cfg.kl_penalty
+    whiten = info.get("whiten", True) if cfg.whiten_advantages is None else cfg.whiten_advantages
+    return where, whiten
+
+
 @torch.no_grad()
 def make_experience(ro: Rollout, scores: torch.Tensor, m: PPOModels, kl_coef: float, cfg: PPOConfig,
-                    micro_batch_size: int) -> Experience:
-    """Old and reference log-probs and values, once per rollout; KL-shaped rewards; advantages."""
+                    micro_batch_size: int, reduce=None) -> Experience:
+    """Old and reference log-probs and values, once per rollout; KL-shaped rewards (or the score
+    alone, when the KL is a loss term); the advantage estimator's advantages, whitened over the
+    whole batch (`reduce` sums over the processes)."""
     g = ro.gen
     ids, mask = sequence_batch(g)
     R = g.response_ids.shape[1]
@@ -206,18 +224,20 @@ def make_experience(ro: Rollout, scores: torch.Tensor, m: PPOModels, kl_coef: fl
     old_lp, ref_lp = torch.cat(old_lp), torch.cat(ref_lp)
     values = torch.cat(vals) if vals else None
     kl = core.kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * rmask
-    rewards, non_score = core.shaped_rewards(scores, kl, kl_coef, rmask)
+    kl_where, whiten = kl_placement(cfg)
+    rewards, non_score = core.shaped_rewards(scores, kl, kl_coef if kl_where == "reward" else 0.0, rmask)
     if cfg.whiten_rewards:
         rewards = core.masked_whiten(rewards, rmask, shift_mean=False)
     first: dict[int, int] = {}  # the K samples of one prompt are K rows holding the same prompt object
     group = torch.tensor([first.setdefault(id(p), i) for i, p in enumerate(ro.prompts)], device=rmask.device)
     x = AdvantageInputs(rewards, scores, kl, rmask, group, values)
     adv, returns = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator].fn(x, cfg)
-    if cfg.whiten_advantages:
-        adv = core.masked_whiten(adv, rmask)
+    if whiten:
+        adv = core.masked_whiten(adv, rmask, reduce=reduce)
     values = values * rmask if values is not None else torch.zeros_like(rmask)
     returns = returns if returns is not None else torch.zeros_like(rmask)
-    return Experience(ids, mask, rmask, old_lp, ref_lp, values, adv, returns, rewards, kl, non_score)
+    return Experience(ids, mask, rmask, old_lp, ref_lp, values, adv, returns, rewards, kl, non_score,
+                      kl_coef if kl_where == "loss" else 0.0)
 
 
 def _slices(n: int, size: int) -> list[slice]:
@@ -288,6 +308,10 @@ def micro_batch_loss(exp: Experience, idx: torch.Tensor, m: PPOModels, cfg: PPOC
     entropy = core.masked_sum(ent, rmask) / n_tok
     loss = loss - cfg.entropy_coef * entropy
     _add(sums, "entropy", entropy)
+    if exp.kl_loss_coef > 0:  # GRPO: beta * KL(pi || pi_ref) as a loss term, on the current policy [Shao et al. 2024]
+        kl_loss = core.masked_sum(core.kl_estimate(logp, exp.ref_logprobs[idx], cfg.kl_loss_estimator), rmask) / n_tok
+        loss = loss + exp.kl_loss_coef * kl_loss
+        _add(sums, "kl_loss", kl_loss)
     for name, value in (("policy_clipfrac", pst.clipfrac), ("approx_kl", pst.approx_kl),
                         ("ratio_mean", pst.ratio_mean)):
         _add(sums, name, value.double() * weight)
@@ -445,7 +469,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     start, state = resume_state(acc, out, resume, m.checkpoint_parts(generators={"sampling": st.sampling}))
     if state:
         st.load(state, latest_checkpoint(out), acc.process_index)
-    if acc.is_main_process and not resume:
+    if acc.is_main_process and (not resume or not (out / "recipe.yaml").exists()):  # (killed before it was written)
         dump_yaml(cfg, out / "recipe.yaml")
     logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
     run = PPORun(cfg, acc, m, data, st, split, out, logger, peak)
@@ -456,8 +480,6 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         initial = run.evaluate()
         st.summary.update({"initial_" + k: v for k, v in initial.items()})
         logger.log(0, initial)
-    if len(data.prompts) < cfg.rollout_batch_size:
-        raise RunError(f"{len(data.prompts)} prompts are fewer than one rollout batch ({cfg.rollout_batch_size})")
     bar = progress(total=cfg.steps, initial=start, desc="ppo", disable=not acc.is_main_process)
     for it in range(start + 1, cfg.steps + 1):
         postfix = ppo_iteration(run, it)
@@ -490,7 +512,8 @@ def ppo_iteration(run: PPORun, it: int) -> dict:
         scores = core.REWARD_SCALINGS[cfg.scale_reward].fn(raw_scores, st.moments, acc.gather(raw_scores))
         scores = core.clip_scores(scores, cfg.reward_clip)
     with t_exp:
-        exp = make_experience(ro, scores, m, st.kl_ctl.value, cfg, run.split.micro)
+        exp = make_experience(ro, scores, m, st.kl_ctl.value, cfg, run.split.micro,
+                              reduce=lambda t: acc.reduce(t.clone(), "sum"))
     m.train()  # (dropout is off; training mode is what activation checkpointing needs)
     with t_train:
         stats = ppo_update(exp, m, acc, cfg, run.split, it, st)
@@ -515,10 +538,11 @@ def ppo_iteration(run: PPORun, it: int) -> dict:
 
 def rollout_prompts(run: PPORun, it: int) -> list:
     """This process's prompts of iteration `it`: epoch e's order is a permutation seeded by (seed, e)."""
-    per_epoch = len(run.data.prompts) // run.cfg.rollout_batch_size
-    epoch, pos = divmod(it - 1, per_epoch)
+    k = run.cfg.samples_per_prompt  # each prompt K times in a row: its samples stay on one process
+    n_prompts = run.cfg.rollout_batch_size // k
+    epoch, pos = divmod(it - 1, len(run.data.prompts) // n_prompts)
     perm = epoch_permutation(len(run.data.prompts), run.cfg.seed, epoch)
-    idx = perm[pos * run.cfg.rollout_batch_size : (pos + 1) * run.cfg.rollout_batch_size]
+    idx = [i for i in perm[pos * n_prompts : (pos + 1) * n_prompts] for _ in range(k)]
     rank, n = run.acc.process_index, run.split.rollouts
     return [run.data.prompts[i] for i in idx[rank * n : (rank + 1) * n]]
 

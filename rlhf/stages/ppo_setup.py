@@ -84,7 +84,7 @@ class PPOModels:
             yield self.ref
         else:
             with unwrap(self.policy).disable_adapter():
-                yield self.policy
+                yield unwrap(self.policy)  # (not the DDP wrapper: no-grad forwards need no collective)
 
     def step_parts(self) -> list[tuple]:
         """(model, optimizer, schedule) per optimizer step; under DeepSpeed one engine trains both."""

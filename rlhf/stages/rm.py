@@ -187,7 +187,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     t = prepare_training(acc, model, tc, len(batches), out, resume)
     model, optimizer, scheduler, guard, parts, start, state = (t.model, t.optimizer, t.scheduler, t.guard, t.parts,
                                                                t.start, t.state)
-    if acc.is_main_process and not resume:
+    if acc.is_main_process and (not resume or not (out / "recipe.yaml").exists()):  # (killed before it was written)
         dump_yaml(cfg, out / "recipe.yaml")
     logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
     n_pairs = sum(len(p) for _, p in enc)

@@ -1,0 +1,166 @@
+"""`rlhf compare`: PPO, the critic-free estimators and DPO from one SFT policy and one RM, x seeds.
+
+A compare recipe is a pipeline recipe (`sft:`, `rm:`, and base `ppo:` / `dpo:` sections) plus
+
+    seeds: [0, 1, 2]
+    methods:
+      ppo: {}                                            # the base ppo section as it is
+      grpo: {advantage_estimator: grpo, samples_per_prompt: 4}
+      dpo: {stage: dpo}                                  # the base dpo section
+
+Each method is its base section with its overrides (dotted keys allowed) and a seed; every
+method/seed pair runs into D/runs/METHOD/seedS from the same D/sft and D/rm. Every PPO-family
+method must generate the same number of samples (steps x rollout_batch_size): the comparison is
+at an equal sampling budget; DPO trains on the RM's preference pairs and samples nothing. Runs
+already complete in D are reused; `--resume` continues interrupted ones (without it they start
+over). The results: D/compare.json (every run and the mean and std per method), D/compare.md
+(the table) and D/compare.png (held-out gold accuracy against KL to the SFT policy, one point per
+run: the frontier a reader looks for).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+from pathlib import Path
+
+from ..config import CompareConfig, ConfigError, DPOConfig, PPOConfig, apply_overrides, from_dict, to_dict
+from ..engine import RunError, atomic_write_text, write_summary
+from ..rundir import staging_path
+
+log = logging.getLogger(__name__)
+
+MEASURES = ("eval_gold_accuracy", "eval_reward", "eval_kl", "train_seconds", "peak_rss_mb")
+
+
+def method_configs(cfg: CompareConfig, sft_dir: Path, rm_dir: Path | None) -> dict[tuple[str, int], tuple[str, object]]:
+    """{(method, seed): (stage, config)}, each built and checked now (a typo costs seconds)."""
+    if not cfg.methods or not cfg.seeds:
+        raise ConfigError("recipe: a compare recipe needs 'methods' and 'seeds'", "methods")
+    runs, budgets = {}, {}
+    for name, spec in cfg.methods.items():
+        spec = dict(spec or {})
+        stage = spec.pop("stage", "ppo")
+        if stage not in ("ppo", "dpo"):
+            raise ConfigError(f"methods.{name}.stage: must be ppo or dpo, got {stage!r}", f"methods.{name}.stage")
+        base = to_dict(cfg.ppo if stage == "ppo" else cfg.dpo)
+        base["model"]["name_or_path"] = base["model"]["name_or_path"] or str(sft_dir)
+        if rm_dir is not None and base.get("reward_model") is None:
+            base["reward_model"] = str(rm_dir)
+        for seed in cfg.seeds:
+            doc = apply_overrides(copy.deepcopy(base), {**spec, "seed": seed})
+            try:
+                run_cfg = from_dict(PPOConfig if stage == "ppo" else DPOConfig, doc)
+            except ConfigError as e:
+                raise ConfigError(f"methods.{name}: {e}", f"methods.{name}") from None
+            runs[(name, seed)] = (stage, run_cfg)
+            if stage == "ppo":
+                budgets[name] = run_cfg.steps * run_cfg.rollout_batch_size
+    if len(set(budgets.values())) > 1:
+        raise ConfigError(f"methods: the PPO-family methods must generate the same number of samples (steps x "
+                          f"rollout_batch_size), got {budgets}", "methods")
+    return runs
+
+
+def run_compare(cfg: CompareConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False,
+                run_stage=None) -> dict:
+    """SFT and RM once, then every method x seed; reuses what is complete. `run_stage` runs one
+    stage (:func:`rlhf.stages.run`, which calls this)."""
+    root = Path(output_dir or cfg.output_dir or "")
+    if not str(root) or str(root) == ".":
+        raise RunError("no output directory: pass --output_dir or set output_dir in the recipe")
+    sft_dir, rm_dir = root / "sft", root / "rm"
+    has_rm = bool(cfg.rm.data.train or cfg.rm.sample is not None)
+    runs = method_configs(cfg, sft_dir, rm_dir if has_rm else None)  # checked before anything runs
+    if overwrite:
+        raise RunError("rlhf compare reuses the runs complete in its folder: remove the folder to start over")
+
+    def once(stage: str, stage_cfg, folder: Path) -> dict:
+        if (folder / "summary.json").exists():
+            return json.loads((folder / "summary.json").read_text())
+        interrupted = staging_path(folder).exists()
+        return run_stage(stage, stage_cfg, str(folder), overwrite=interrupted and not resume,
+                         resume=interrupted and resume)
+
+    once("sft", cfg.sft, sft_dir)
+    if has_rm:
+        cfg.rm.model.name_or_path = cfg.rm.model.name_or_path or str(sft_dir)
+        if cfg.rm.sample is not None and cfg.rm.sample.checkpoint is None:
+            cfg.rm.sample.checkpoint = str(sft_dir)
+        once("rm", cfg.rm, rm_dir)
+    results = []
+    for i, ((method, seed), (stage, run_cfg)) in enumerate(runs.items(), 1):
+        log.info("compare: run %d of %d: %s, seed %d", i, len(runs), method, seed)
+        summary = once(stage, run_cfg, root / "runs" / method / f"seed{seed}")
+        results.append({"method": method, "seed": seed, "stage": stage,
+                        **{k: summary.get(k) for k in ("initial_eval_gold_accuracy", *MEASURES)}})
+    return write_comparison(root, cfg, results, runs)
+
+
+def write_comparison(root: Path, cfg: CompareConfig, results: list[dict], runs: dict) -> dict:
+    """compare.json, compare.md and compare.png from the runs' summaries."""
+    table = {}
+    for method in cfg.methods:
+        rows = [r for r in results if r["method"] == method]
+        table[method] = {}
+        for k in MEASURES:
+            vals = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
+            if vals:
+                table[method][k] = {"mean": statistics.fmean(vals),
+                                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+    budget = {m: (rc.steps * rc.rollout_batch_size if stage == "ppo" else None)
+              for (m, _), (stage, rc) in runs.items()}
+    sft = [r["initial_eval_gold_accuracy"] for r in results if r.get("initial_eval_gold_accuracy") is not None]
+    out = {"seeds": list(cfg.seeds), "sft_eval_gold_accuracy": statistics.fmean(sft) if sft else None,
+           "samples_per_run": budget, "runs": results, "table": table}
+    atomic_write_text(root / "compare.json", json.dumps(out, indent=1) + "\n")
+    atomic_write_text(root / "compare.md", comparison_markdown(out))
+    plot_frontier(results, out["sft_eval_gold_accuracy"], root / "compare.png")
+    write_summary(root, {"stage": "compare", "methods": list(cfg.methods), "seeds": list(cfg.seeds),
+                         "table": table})
+    return out
+
+
+def comparison_markdown(out: dict) -> str:
+    def cell(stats: dict | None, digits: int) -> str:
+        if not stats:
+            return "–"
+        return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+    lines = [f"Mean ± std over seeds {out['seeds']}. SFT policy's held-out gold accuracy: "
+             f"{out['sft_eval_gold_accuracy'] if out['sft_eval_gold_accuracy'] is not None else '–'}.", "",
+             "| method | gold accuracy | reward (RM) | KL to SFT (nats/seq) | wall time (s) | peak RSS (MB) | "
+             "samples generated |", "|---|---|---|---|---|---|---|"]
+    for method, t in out["table"].items():
+        budget = out["samples_per_run"].get(method)
+        lines.append(f"| {method} | {cell(t.get('eval_gold_accuracy'), 3)} | {cell(t.get('eval_reward'), 3)} | "
+                     f"{cell(t.get('eval_kl'), 3)} | {cell(t.get('train_seconds'), 1)} | "
+                     f"{cell(t.get('peak_rss_mb'), 0)} | {budget if budget is not None else '0 (preference pairs)'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_frontier(results: list[dict], sft_gold: float | None, path: Path) -> None:
+    """Gold accuracy against KL to the SFT policy, one point per run, one colour per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for method in dict.fromkeys(r["method"] for r in results):
+        pts = [(r["eval_kl"], r["eval_gold_accuracy"]) for r in results
+               if r["method"] == method and r.get("eval_kl") is not None and r.get("eval_gold_accuracy") is not None]
+        if pts:
+            ax.scatter(*zip(*pts), label=method, s=36, alpha=0.85)
+    if sft_gold is not None:
+        ax.scatter([0.0], [sft_gold], marker="*", s=140, color="black", label="SFT")
+    ax.set_xlabel("KL to the SFT policy (nats per sequence, held-out samples)")
+    ax.set_ylabel("held-out gold accuracy")
+    ax.set_title("methods at an equal sampling budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,137 @@
+"""Critic-free estimators in the PPO loop, DPO through TRL, and `rlhf compare`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_ARCH, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _ppo(sft_checkpoint, task_dir, **over):
+    from rlhf.config import load_stage_config
+
+    base = {"model.name_or_path": str(sft_checkpoint), "reward_fns": [{"fn": "gold"}], "value_init": "policy",
+            "data.train": str(task_dir / "rl_prompts.jsonl"), "data.eval": str(task_dir / "eval_prompts.jsonl"),
+            "steps": 3, "rollout_batch_size": 16, "minibatch_size": 8, "micro_batch_size": 8, "ppo_epochs": 1,
+            "max_new_tokens": 8, "eval_samples": 16, "sample_every": 0}
+    return load_stage_config("ppo", None, {**base, **over})
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_run_never_builds_a_value_model(estimator, sft_checkpoint, task_dir, tmp_path, monkeypatch):
+    import rlhf.stages.ppo_setup as setup
+    from rlhf.stages import run
+
+    def no_value_model(*a, **k):
+        raise AssertionError("a critic-free estimator built a value model")
+
+    monkeypatch.setattr(setup, "load_value_model", no_value_model)
+    s = run("ppo", _ppo(sft_checkpoint, task_dir, advantage_estimator=estimator, samples_per_prompt=4,
+                        save_every=3), str(tmp_path / "run"))
+    m = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if '"pg_loss"' in l]
+    assert len(m) == 3 and "vf_loss" not in m[-1] and ("kl_loss" in m[-1]) == (estimator == "grpo")
+    assert s["steps"] == 3 and s["eval_kl"] == pytest.approx(s["eval_kl"])  # finite
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000003"
+    assert (ckpt / "policy.safetensors").exists() and not (ckpt / "value.safetensors").exists()
+
+
+def test_group_samples_share_their_prompt(sft_checkpoint, task_dir):
+    """samples_per_prompt = K: every prompt of an iteration appears K times in a row, on one process."""
+    from types import SimpleNamespace
+
+    from rlhf.stages.ppo import batch_split, rollout_prompts
+
+    cfg = _ppo(sft_checkpoint, task_dir, advantage_estimator="grpo", samples_per_prompt=4)
+    prompts = list(range(40))
+    run = SimpleNamespace(cfg=cfg, data=SimpleNamespace(prompts=prompts), split=batch_split(cfg, 1),
+                          acc=SimpleNamespace(process_index=0))
+    batch = rollout_prompts(run, 1)
+    assert len(batch) == 16 and all(batch[i] == batch[i - i % 4] for i in range(16)) and len(set(batch)) == 4
+
+
+def _dpo_recipe(tmp_path, sft_checkpoint, task_dir, **extra):
+    import yaml
+
+    doc = {"model": {"name_or_path": str(sft_checkpoint)},
+           "data": {"train": str(task_dir / "prefs.jsonl"), "max_length": 48, "max_samples": 200},
+           "train": {"max_steps": 8, "batch_size": 16, "micro_batch_size": 8, "lr": 1e-4, "log_every": 2,
+                     "save_every": 3},
+           "eval_prompts": str(task_dir / "eval_prompts.jsonl"), "eval_samples": 16, "max_new_tokens": 8, **extra}
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_dpo_stage_run_folder_and_exact_resume_after_kill9(tmp_path, sft_checkpoint, task_dir):
+    recipe = _dpo_recipe(tmp_path, sft_checkpoint, task_dir)
+    p = run_cli("dpo", recipe, "--output_dir", tmp_path / "full")
+    s = json.loads(p.stdout)
+    assert s["stage"] == "dpo" and s["steps"] == 8 and s["train_pairs"] > 0
+    for k in ("eval_gold_accuracy", "eval_kl", "initial_eval_gold_accuracy"):
+        assert k in s, k
+    assert s["initial_eval_kl"] == 0.0 and s["eval_kl"] != 0.0  # the policy moved away from the SFT reference
+    full = tmp_path / "full"
+    for f in ("model.safetensors", "recipe.yaml", "metrics.jsonl", "summary.json", "report/index.html"):
+        assert (full / f).exists(), f
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT), RLHF_FAULT="step:5")
+    cut = subprocess.run([sys.executable, "-m", "rlhf", "dpo", str(recipe), "--output_dir", str(tmp_path / "cut")],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert cut.returncode == -9  # killed after step 5; the checkpoint of step 3 is the one to resume
+    run_cli("dpo", recipe, "--output_dir", tmp_path / "cut", "--resume")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, tmp_path / "cut"))
+    assert {k: v for k, v in sa.items() if k not in ("train_seconds", "peak_rss_mb")} == \
+        {k: v for k, v in sb.items() if k not in ("train_seconds", "peak_rss_mb")}
+
+
+def test_dpo_has_the_rm_stage_input_checks(tmp_path, sft_checkpoint, task_dir):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text(json.dumps({"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4",
+                               "rejected": "\n\nHuman: What is 3+3?\n\nAssistant: 6"}) + "\n")
+    p = run_cli("dpo", _dpo_recipe(tmp_path, sft_checkpoint, task_dir), "--data.train", bad, "--output_dir",
+                tmp_path / "out", check=False)
+    assert p.returncode == 2 and f"{bad}:1: field 'chosen': chosen and rejected do not share their prompt" in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_runs_methods_x_seeds_and_reuses_complete_runs(tmp_path, task_dir):
+    import yaml
+
+    doc = {"seeds": [0, 1],
+           "sft": {"model": {"init": "from_config", "arch": TINY_ARCH, "tokenizer_vocab_size": 300},
+                   "data": {"train": str(task_dir / "sft.jsonl"), "max_length": 48},
+                   "train": {"max_steps": 10, "batch_size": 32, "micro_batch_size": 32, "lr": 3e-3},
+                   "max_new_tokens": 8, "gen_eval_samples": 8},
+           "ppo": {"reward_fns": [{"fn": "gold"}], "value_init": "policy",
+                   "data": {"train": str(task_dir / "rl_prompts.jsonl"), "eval": str(task_dir / "eval_prompts.jsonl")},
+                   "steps": 2, "rollout_batch_size": 8, "minibatch_size": 8, "micro_batch_size": 8,
+                   "ppo_epochs": 1, "max_new_tokens": 8, "eval_samples": 8, "sample_every": 0},
+           "dpo": {"data": {"train": str(task_dir / "prefs.jsonl"), "max_length": 48, "max_samples": 64},
+                   "train": {"max_steps": 2, "batch_size": 16, "micro_batch_size": 16},
+                   "eval_prompts": str(task_dir / "eval_prompts.jsonl"), "eval_samples": 8, "max_new_tokens": 8},
+           "methods": {"ppo": {}, "grpo": {"advantage_estimator": "grpo", "samples_per_prompt": 4},
+                       "dpo": {"stage": "dpo"}}}
+    recipe = tmp_path / "compare.yaml"
+    recipe.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "cmp"
+    run_cli("compare", recipe, "--output_dir", out)
+    result = json.loads((out / "compare.json").read_text())
+    assert {(r["method"], r["seed"]) for r in result["runs"]} == {(m, s) for m in ("ppo", "grpo", "dpo") for s in (0, 1)}
+    assert result["table"]["grpo"]["eval_kl"]["n"] == 2 and result["samples_per_run"]["ppo"] == 16
+    assert "| grpo |" in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 1000
+    stamp = (out / "runs" / "ppo" / "seed0" / "summary.json").stat().st_mtime_ns
+    run_cli("compare", recipe, "--output_dir", out)  # complete runs are reused, not trained again
+    assert (out / "runs" / "ppo" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
+    doc["methods"]["grpo"]["steps"] = 3  # an unequal sampling budget is refused before anything runs
+    recipe.write_text(yaml.safe_dump(doc))
+    p = run_cli("compare", recipe, "--output_dir", tmp_path / "cmp2", check=False)
+    assert p.returncode == 2 and "must generate the same number of samples" in p.stderr
