@@ -145,8 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose, rank)
     if rest and args.command not in ("sft", "rm", "ppo", "dpo", "pipeline", "compare"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from .rm_refresh import Paused
+
     try:
         return _dispatch(args, rest)
+    except Paused as e:  # a planned stop (a person ranks samples), resumable with --resume
+        print(f"rlhf {args.command}: paused: {e}", file=sys.stderr)
+        return 3
     except _user_errors() as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -327,6 +327,44 @@ class RewardSpec:
 
 
 @dataclass
+class RMRefreshConfig:
+    """Online RM refresh during PPO: every `every` iterations the current policy's samples, ranked by
+    a judge, join the RM's data and the RM trains a few steps on the mix [IGPT §3.4, Llama 2 §3.2.3]."""
+
+    every: int = 10
+    """Iterations between refreshes."""
+    prompts: str | None = None
+    """Prompts to sample for the refresh (default: the PPO training prompts)."""
+    num_prompts: int = 32
+    """Prompts sampled per refresh (taken in a seeded order, cycling)."""
+    k: int = 4
+    """Responses per prompt, ranked against each other."""
+    judge: str = "judge"
+    """Python judge 'file.py:function' (scores each response; 'judge' is the built-in task judge), or 'human':
+    the samples are written out, the run saves a checkpoint and stops; rank them, join with `rlhf data
+    join-ranks`, and `--resume` continues."""
+    data: str | None = None
+    """The RM's earlier preference data kept in the mix (an RM trained only on the newest samples forgets
+    what the earlier policy exploited); default: none."""
+    steps: int = 10
+    """RM optimizer steps per refresh."""
+    batch_size: int = 16
+    """Preference groups per RM step."""
+    new_share: float = 0.5
+    """Share of each RM batch drawn from the rankings collected during PPO (the rest from `data`): the old pairs
+    outnumber the fresh ones a hundred to one, and an RM that rarely sees them does not learn from them."""
+    lr: float = 1e-4
+    """RM learning rate (AdamW; its state is part of the resumable checkpoint)."""
+    max_new_tokens: int | None = None
+    """Response budget of the refresh samples (default: the PPO's)."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return _problems(self, {"every": (1, None), "num_prompts": (1, None), "k": (2, None), "steps": (1, None),
+                                "batch_size": (1, None), "lr": (">", 0), "max_new_tokens": (1, None),
+                                "new_share": (0.0, 1.0)})
+
+
+@dataclass
 class PPOConfig(OptimConfig, LoopConfig):
     """Stage 3: PPO against the reward with a KL penalty to the SFT policy (InstructGPT §3.5)."""
 
@@ -344,6 +382,23 @@ class PPOConfig(OptimConfig, LoopConfig):
     """Python reward functions added to the score, each with a weight."""
     reward_timeout: float = 300.0
     """Seconds one call of a reward function (one rollout batch) may take before the run stops (0: no limit)."""
+    gold_reward_fns: list[RewardSpec] = field(default_factory=list)
+    """Held-out gold reward functions: they score the evaluation samples (and log `gold_reward` on the rollouts)
+    beside the proxy, and never feed the policy gradient [Gao et al. 2022]."""
+    gold_reward_model: str | None = None
+    """A second, held-out reward model scoring as gold (never trained on, never in the gradient)."""
+    alarm_window: int = 3
+    """Held-out evaluations the hacking alarm looks back over (needs eval_every)."""
+    alarm_proxy_rise: float = 0.0
+    """The alarm fires when, over the window, the proxy reward's trend rises by more than this ..."""
+    alarm_gold_drop: float = 0.05
+    """... while the gold's (eval_gold_reward, else eval_gold_accuracy) falls by more than this."""
+    kl_budget: float = 0.0
+    """The alarm also fires when the held-out KL to the SFT policy (nats/sequence) passes this (0: off)."""
+    stop_on_alarm: bool = False
+    """End the run cleanly (checkpoint, evaluation, saved policy) when the alarm fires."""
+    rm_refresh: RMRefreshConfig | None = None
+    """Online RM refresh on the policy's own samples (off unless set)."""
     value_init: str = "reward_model"
     """Registered value-model initialisation: 'reward_model' (InstructGPT) or 'policy' (fresh head on the policy's
     backbone); `rlhf ppo --help` lists them."""
@@ -456,7 +511,9 @@ class PPOConfig(OptimConfig, LoopConfig):
             "gamma": (0.0, 1.0), "lam": (0.0, 1.0), "cliprange": (">", 0), "cliprange_value": (">", 0),
             "vf_coef": (0.0, None), "entropy_coef": (0.0, None), "log_ratio_clamp": (">", 0), "ptx_coef": (0.0, None),
             "ema_decay": (0.0, 0.999999), "value_lr": (">", 0), "peak_tflops": (0.0, None), "sample_every": (0, None),
-            "eval_samples": (0, None), "reward_timeout": (0.0, None)})
+            "eval_samples": (0, None), "reward_timeout": (0.0, None), "alarm_window": (2, None),
+            "kl_budget": (0.0, None)})
+
         from .algos.registry import registries
 
         regs = registries()
@@ -884,8 +941,8 @@ def reference_markdown() -> str:
     lines = ["# Recipe reference", "",
              "Generated from the config dataclasses in `rlhf/config.py` "
              "(`python -m rlhf.config > docs/config-reference.md`). Every field below is read by the code.", ""]
-    for cls in (SFTConfig, RMConfig, SampleConfig, PPOConfig, RewardSpec, DPOConfig, PipelineConfig, CompareConfig,
-                ModelConfig, LoraConfig, DataConfig, TrainConfig, OptimConfig, LoopConfig):
+    for cls in (SFTConfig, RMConfig, SampleConfig, PPOConfig, RewardSpec, RMRefreshConfig, DPOConfig, PipelineConfig,
+                CompareConfig, ModelConfig, LoraConfig, DataConfig, TrainConfig, OptimConfig, LoopConfig):
         lines += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip(), "", field_table(cls), ""]
     return "\n".join(lines)
 

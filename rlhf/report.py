@@ -16,6 +16,9 @@ from pathlib import Path
 PANELS = {
     "sft": [("training loss", ["loss"]), ("learning rate", ["lr"]), ("held-out loss", ["eval_loss"]),
             ("gradient norm", ["grad_norm"])],
+    "dpo": [("training loss", ["loss"]), ("implicit reward accuracy", ["rewards/accuracies"]),
+            ("implicit reward margin", ["rewards/margins"]), ("learning rate", ["learning_rate"]),
+            ("held-out evaluation", ["eval_reward", "eval_gold_accuracy", "eval_kl"])],
     "rm": [("training loss", ["loss"]), ("training accuracy", ["accuracy"]),
            ("held-out accuracy", ["eval_accuracy"]), ("held-out margin", ["eval_margin"]), ("learning rate", ["lr"])],
     "ppo": [("score (reward before KL)", ["score", "rm_score"]), ("gold accuracy (training batches)", ["gold_accuracy"]),
@@ -24,7 +27,9 @@ PANELS = {
             ("approx. KL and ratio", ["approx_kl", "ratio_mean"]), ("response length (tokens)", ["response_length"]),
             ("losses", ["pg_loss", "vf_loss", "ptx_loss"]),
             ("time per iteration by phase (s)", ["time_generate", "time_score", "time_experience", "time_train"]),
-            ("held-out evaluation", ["eval_reward", "eval_gold_accuracy", "eval_kl"])],
+            ("held-out evaluation", ["eval_reward", "eval_gold_accuracy", "eval_gold_reward", "eval_kl"]),
+            ("gold reward (training batches)", ["gold_reward"]), ("hacking alarm", ["hacking_alarm"]),
+            ("RM refresh: accuracy on the policy's samples", ["rm_refresh/accuracy_before", "rm_refresh/accuracy_after"])],
 }
 
 
@@ -59,6 +64,37 @@ def _plot(records: list[dict], title: str, keys: list[str], png: Path) -> bool:
     return True
 
 
+def plot_gao(records: list[dict], png: Path) -> bool:
+    """Gao et al. 2022's picture: the proxy and the gold reward of each held-out evaluation against
+    sqrt(KL to the initial policy); the proxy keeps rising where the gold turns down."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in records if isinstance(r.get("eval_kl"), (int, float)) and "eval_reward" in r]
+    gold_key = next((k for k in ("eval_gold_reward", "eval_gold_accuracy") if any(k in r for r in evals)), None)
+    if len(evals) < 2 or gold_key is None:
+        return False
+    d = [max(r["eval_kl"], 0.0) ** 0.5 for r in evals]
+    fig, ax = plt.subplots(figsize=(5.0, 3.2), dpi=100)
+    ax.plot(d, [r["eval_reward"] for r in evals], marker="o", markersize=3, color="tab:blue", label="proxy (eval_reward)")
+    ax.set_xlabel("sqrt(KL to the SFT policy), nats^0.5 per sequence")
+    ax.set_ylabel("proxy reward", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(d, [r.get(gold_key) for r in evals], marker="s", markersize=3, color="tab:red", label=f"gold ({gold_key})")
+    ax2.set_ylabel(gold_key, color="tab:red")
+    for r, x in zip(evals, d):
+        if r.get("step") is not None and r is evals[-1]:
+            ax.annotate(f"it {r['step']}", (x, r["eval_reward"]), fontsize=7)
+    ax.set_title("proxy vs gold reward (Gao et al. 2022)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return True
+
+
 def _table(d: dict) -> str:
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in d.items()
                    if not isinstance(v, (dict, list)))
@@ -86,7 +122,7 @@ def build_report(run_dir: str | Path) -> str:
     run = Path(run_dir)
     summary_path = run / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if "stages" in summary or any((run / s / "metrics.jsonl").exists() for s in ("sft", "rm", "ppo")):
+    if "stages" in summary or any((run / s / "metrics.jsonl").exists() for s in ("sft", "rm", "ppo", "dpo")):
         return _pipeline_report(run, summary)
     out = run / "report"
     out.mkdir(exist_ok=True)
@@ -96,10 +132,13 @@ def build_report(run_dir: str | Path) -> str:
     stage = summary.get("stage") or _guess_stage(records)
     imgs = []
     for i, (title, keys) in enumerate(PANELS.get(stage, [])):
-        png = out / f"{i:02d}_{keys[0]}.png"
+        png = out / f"{i:02d}_{keys[0].replace('/', '_')}.png"
         if _plot(records, title, keys, png):
             data = base64.b64encode(png.read_bytes()).decode()
             imgs.append(f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">')
+    if stage == "ppo" and plot_gao(records, out / "gao_proxy_vs_gold.png"):
+        data = base64.b64encode((out / "gao_proxy_vs_gold.png").read_bytes()).decode()
+        imgs.append(f'<img alt="proxy vs gold reward against sqrt(KL)" src="data:image/png;base64,{data}">')
     parts = [f"<html><head><meta charset='utf-8'><title>rlhf {stage} report</title>{STYLE}</head><body>",
              f"<h1>{html.escape(stage.upper())} run: {html.escape(str(final_path_of(run)))}</h1>", "<h2>Summary</h2>",
              _table(summary), "<h2>Curves</h2>", "".join(imgs) or "<p>(no metrics logged)</p>"]
@@ -119,13 +158,13 @@ def build_report(run_dir: str | Path) -> str:
 
 def _guess_stage(records: list[dict]) -> str:
     keys = {k for r in records for k in r}
-    return "ppo" if "pg_loss" in keys else "rm" if "accuracy" in keys else "sft"
+    return "ppo" if "pg_loss" in keys else "dpo" if "rewards/margins" in keys else "rm" if "accuracy" in keys else "sft"
 
 
 def _pipeline_report(run: Path, summary: dict) -> str:
     parts = [f"<html><head><meta charset='utf-8'><title>rlhf pipeline report</title>{STYLE}</head><body>",
              f"<h1>Pipeline run: {html.escape(str(final_path_of(run)))}</h1>"]
-    for stage in ("sft", "rm", "ppo"):
+    for stage in ("sft", "rm", "ppo", "dpo"):
         if not (run / stage / "metrics.jsonl").exists():
             continue
         page = build_report(run / stage)

@@ -314,3 +314,45 @@ def test_global_whitening_equals_whitening_the_concatenated_batch():
         return t + other
 
     assert torch.allclose(core.masked_whiten(a, ma, reduce=reduce_over_two), whole[:1])
+
+
+# ----------------------------------------------------------------------------- over-optimisation
+
+
+def test_trend_is_the_least_squares_change():
+    from rlhf.algos.overopt import trend
+
+    assert trend([1.0, 3.0, 2.0]) == pytest.approx(1.0) and trend([5.0]) == 0.0
+    assert trend([0.0, 1.0, 2.0, 3.0]) == pytest.approx(3.0) and trend([2.0, 2.0, 2.0]) == 0.0
+
+
+def _evals(proxy, gold, kl=None):
+    from rlhf.algos.overopt import Evaluation
+
+    kl = kl or [0.1 * i for i in range(len(proxy))]
+    return [Evaluation(5 * i, k, p, g) for i, (k, p, g) in enumerate(zip(kl, proxy, gold))]
+
+
+@pytest.mark.parametrize("proxy, gold, fires", [
+    ([0, 1, 2, 3], [0.6, 0.8, 0.6, 0.5], False),       # below the peak, but the window reaches back to it
+    ([0, 1, 2, 3, 4], [0.6, 0.8, 0.7, 0.6, 0.5], True),  # Gao et al.: past the peak the gold falls, proxy rises
+    ([0, 1, 2, 3, 4], [0.6, 0.7, 0.8, 0.85, 0.9], False),  # both rise: healthy
+    ([4, 3, 2, 1, 0], [0.6, 0.8, 0.7, 0.6, 0.5], False),  # both fall: a bad run, not hacking
+    ([0, 1, 2, 3, 4], [0.6, 0.8, 0.77, 0.6, 0.6], False),  # one point within the threshold of the peak: no
+    ([0, 1, 2, 3, 4, 5], [0.6, 0.85, 0.70, 0.74, 0.83, 0.84], False),  # a dip recovered from (seed 1, tiny)
+    ([0, 6.2, 6.7, 6.8, 7.4], [0.59, 0.81, 0.756, 0.632, 0.638], True),  # the hacked tiny run, seed 0
+])
+def test_hacking_alarm_rule(proxy, gold, fires):
+    from rlhf.algos.overopt import hacking_alarm
+
+    reason = hacking_alarm(_evals(proxy, gold), window=3, proxy_rise=0.0, gold_drop=0.05)
+    assert (reason is not None) == fires, reason
+    if fires:
+        assert "proxy reward rose" in reason and "below its best" in reason
+
+
+def test_hacking_alarm_kl_budget_and_missing_gold():
+    from rlhf.algos.overopt import hacking_alarm
+
+    assert "passed kl_budget 2" in hacking_alarm(_evals([1, 2, 3], [None] * 3, kl=[0.5, 1.5, 2.5]), 3, 0.0, 0.02, 2.0)
+    assert hacking_alarm(_evals([1, 2, 3], [None] * 3), 3, 0.0, 0.02) is None  # no gold: only the budget can fire

@@ -85,7 +85,9 @@ def test_report_has_nonempty_plots_for_each_stage(tmp_path):
             (run / "samples.jsonl").write_text(json.dumps({"step": 1, "prompt": "p", "completion": "<c>", "score": 1.0}) + "\n")
         page = build_report(run)
         pngs = sorted((run / "report").glob("*.png"))
-        assert len(pngs) == len(panels)
+        extra = 1 if stage == "ppo" else 0  # PPO's Gao et al. plot: proxy and gold against sqrt(KL)
+        assert len(pngs) == len(panels) + extra
+        assert (run / "report" / "gao_proxy_vs_gold.png").exists() == (stage == "ppo")
         from PIL import Image
 
         for png in pngs:
@@ -93,7 +95,7 @@ def test_report_has_nonempty_plots_for_each_stage(tmp_path):
             lo, hi = img.getextrema()
             assert img.size[0] > 300 and hi - lo > 100  # a real drawing, not a blank image
         text = open(page).read()
-        assert text.count("data:image/png;base64,") == len(panels)
+        assert text.count("data:image/png;base64,") == len(panels) + extra
         if stage == "ppo":
             assert "&lt;c&gt;" in text  # samples are shown, HTML-escaped
 

@@ -9,7 +9,8 @@ A compare recipe is a pipeline recipe (`sft:`, `rm:`, and base `ppo:` / `dpo:` s
       dpo: {stage: dpo}                                  # the base dpo section
 
 Each method is its base section with its overrides (dotted keys allowed) and a seed; every
-method/seed pair runs into D/runs/METHOD/seedS from the same D/sft and D/rm. Every PPO-family
+method/seed pair runs in its own process (its wall time and peak memory are its own) into
+D/runs/METHOD/seedS from the same D/sft and D/rm. Every PPO-family
 method must generate the same number of samples (steps x rollout_batch_size): the comparison is
 at an equal sampling budget; DPO trains on the RM's preference pairs and samples nothing. Runs
 already complete in D are reused; `--resume` continues interrupted ones (without it they start
@@ -93,10 +94,34 @@ def run_compare(cfg: CompareConfig, output_dir: str | None = None, overwrite: bo
     results = []
     for i, ((method, seed), (stage, run_cfg)) in enumerate(runs.items(), 1):
         log.info("compare: run %d of %d: %s, seed %d", i, len(runs), method, seed)
-        summary = once(stage, run_cfg, root / "runs" / method / f"seed{seed}")
+        summary = run_apart(stage, run_cfg, root / "runs" / method / f"seed{seed}", resume)
         results.append({"method": method, "seed": seed, "stage": stage,
                         **{k: summary.get(k) for k in ("initial_eval_gold_accuracy", *MEASURES)}})
     return write_comparison(root, cfg, results, runs)
+
+
+def run_apart(stage: str, run_cfg, folder: Path, resume: bool) -> dict:
+    """One method x seed in its own `rlhf` process, so its wall time and peak memory are its own
+    (the recipe it ran is kept beside it as FOLDER.yaml). A complete run is reused."""
+    import os
+    import subprocess
+    import sys
+
+    from ..config import dump_yaml
+
+    if (folder / "summary.json").exists():
+        return json.loads((folder / "summary.json").read_text())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recipe = folder.with_suffix(".yaml")
+    dump_yaml(run_cfg, recipe)
+    interrupted = staging_path(folder).exists()
+    flags = (["--resume"] if resume else ["--overwrite"]) if interrupted else []
+    p = subprocess.run([sys.executable, "-m", "rlhf", stage, str(recipe), "--output_dir", str(folder), *flags],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    if p.returncode != 0:
+        last = [line for line in p.stderr.splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise RunError(f"{folder}: the {stage} run failed (exit {p.returncode}): {last[0]}")
+    return json.loads((folder / "summary.json").read_text())
 
 
 def write_comparison(root: Path, cfg: CompareConfig, results: list[dict], runs: dict) -> dict:

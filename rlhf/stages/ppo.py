@@ -30,7 +30,8 @@ import torch
 
 from ..algos import core
 from ..algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
-from ..checkpoint import latest_checkpoint, load_tensors, resume_state, rng_snapshot, save_checkpoint
+from ..algos.overopt import Evaluation, hacking_alarm
+from ..checkpoint import CheckpointParts, latest_checkpoint, load_tensors, resume_state, rng_snapshot, save_checkpoint
 from ..faults import fault_point_step, inject_fault
 from ..config import PPOConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
@@ -42,6 +43,7 @@ from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, backward, 
 from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
 from ..models import count_parameters, load_tokenizer, save_model_files, unwrap
 from ..ptx import PtxIterator
+from ..rm_refresh import Paused, RMRefresher
 from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call, load_reward_fn
 from ..rollout import Generation, generate, position_ids_from_mask, response_logprobs
 from ..tokenization import decode_response, encode_prompt, encode_sft
@@ -65,6 +67,8 @@ class PPOInputs:
     tok: object
     ptx_feats: list = field(default_factory=list)
     """Encoded PPO-ptx demonstrations (empty without ptx_coef)."""
+    gold_fns: list = field(default_factory=list)
+    """[(RewardSpec, function)] of the held-out gold reward (measured, never trained on)."""
 
 
 def read_inputs(cfg: PPOConfig) -> PPOInputs:
@@ -81,8 +85,9 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
         raise DataError(f"{cfg.data.train}: {len(prompts)} training prompts, fewer than one rollout batch "
                         f"({cfg.rollout_batch_size // cfg.samples_per_prompt} prompts)")
     reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]
+    gold_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.gold_reward_fns]
     probe = prompts[:4]
-    for _, fn in reward_fns:
+    for _, fn in reward_fns + gold_fns:
         dry_call(fn, [p.raw_prompt for p in probe], {k: [p.meta.get(k) for p in probe] for k in probe[0].meta},
                  cfg.reward_timeout)
     tok = load_tokenizer(cfg.model)
@@ -95,13 +100,15 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
     if cfg.ptx_coef > 0:
         demos, _ = load_examples(cfg.ptx_data, parse_sft, skip_bad_rows=True, what="ptx rows", field_name="ptx_data")
         feats = [encode_sft(tok, d.prompt, d.completion) for d in demos]
-    return PPOInputs(prompts, eval_prompts, reward_fns, tok, feats)
+    return PPOInputs(prompts, eval_prompts, reward_fns, tok, feats, gold_fns)
 
 
 def batch_split(cfg: PPOConfig, world: int) -> BatchSplit:
     """Each process's rollouts, minibatch and micro-batch (the global sizes are the recipe's)."""
     if cfg.reward_model is None and not cfg.reward_fns:
         raise RunError("recipe: PPO needs a reward: set 'reward_model' and/or 'reward_fns'")
+    if cfg.rm_refresh is not None and cfg.reward_model is None:
+        raise RunError("recipe: 'rm_refresh' needs 'reward_model': the reward model it refreshes")
     if cfg.rollout_batch_size % world or cfg.minibatch_size % world:
         raise RunError(f"recipe: rollout_batch_size and minibatch_size must be multiples of the {world} processes")
     b_local, mb_local = cfg.rollout_batch_size // world, cfg.minibatch_size // world
@@ -140,11 +147,10 @@ def decode_responses(tok, gen: Generation) -> list[str]:
     return [decode_response(tok, r[m].tolist()) for r, m in zip(ids, mask)]
 
 
-def compute_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_fns: list, cfg: PPOConfig,
-                   device) -> tuple[torch.Tensor, dict]:
-    """Sequence scores (B,): weighted RM score + reward functions; EOS-less responses penalised [N+]."""
-    bsz = len(ro.texts)
-    score = torch.zeros(bsz, device=device)
+def sequence_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_fns: list, rm_weight: float,
+                    timeout: float, device) -> tuple[torch.Tensor, dict]:
+    """(B,) weighted sum of an RM's score and reward functions' values, and each part by name."""
+    score = torch.zeros(len(ro.texts), device=device)
     parts: dict[str, torch.Tensor] = {}
     if reward_model is not None:
         if reward_model.same_tokenizer(tok):  # reuse the sampled tokens: exactly what the RM was trained on
@@ -156,17 +162,33 @@ def compute_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_fn
         else:
             rm_score = reward_model.score([p.prompt for p in ro.prompts], ro.texts).to(device)
         parts["rm_score"] = rm_score
-        score = score + cfg.reward_model_weight * rm_score
+        score = score + rm_weight * rm_score
     for spec, fn in reward_fns:
         fields = {k: [p.meta.get(k) for p in ro.prompts] for k in ro.prompts[0].meta}
         vals = torch.tensor(call_reward_fn(fn, [p.raw_prompt for p in ro.prompts], ro.texts, fields,
                                            where=[getattr(p, "where", "?") for p in ro.prompts],
-                                           timeout=cfg.reward_timeout), device=device)
+                                           timeout=timeout), device=device)
         parts[f"reward_fn/{spec.fn}"] = vals
         score = score + spec.weight * vals
+    return score, parts
+
+
+def compute_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_fns: list, cfg: PPOConfig,
+                   device) -> tuple[torch.Tensor, dict]:
+    """The proxy reward (B,): weighted RM score + reward functions; EOS-less responses penalised [N+]."""
+    score, parts = sequence_scores(ro, tok, reward_model, reward_fns, cfg.reward_model_weight, cfg.reward_timeout,
+                                   device)
     if cfg.penalize_missing_eos:
         score = torch.where(ro.gen.has_eos.to(device), score, torch.full_like(score, cfg.missing_eos_penalty))
     return score, parts
+
+
+def gold_scores(ro: Rollout, m: PPOModels, data: PPOInputs, cfg: PPOConfig, device) -> torch.Tensor | None:
+    """The held-out gold reward (B,) of the same samples, or None without one: it is measured and
+    logged, never trained on [Gao et al. 2022]."""
+    if m.gold_reward_model is None and not data.gold_fns:
+        return None
+    return sequence_scores(ro, data.tok, m.gold_reward_model, data.gold_fns, 1.0, cfg.reward_timeout, device)[0]
 
 
 # ----------------------------------------------------------------------------- experience
@@ -342,10 +364,13 @@ def evaluate_policy(m: PPOModels, data: PPOInputs, cfg: PPOConfig, device) -> di
     was = policy.training
     policy.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
-    scores, kls, k3s, golds, lengths, eos = [], [], [], [], [], []
+    scores, kls, k3s, golds, lengths, eos, gold_rewards = [], [], [], [], [], [], []
     for chunk in chunks(data.eval_prompts, cfg.rollout_batch_size):
         ro = make_rollout(policy, data.tok, chunk, cfg, gen, device)
         s, _ = compute_scores(ro, data.tok, m.reward_model, data.reward_fns, cfg, device)
+        g = gold_scores(ro, m, data, cfg, device)
+        if g is not None:
+            gold_rewards.append(g)
         ids, mask = sequence_batch(ro.gen)
         R = ro.gen.response_ids.shape[1]
         rm = ro.gen.response_mask.float()
@@ -366,6 +391,8 @@ def evaluate_policy(m: PPOModels, data: PPOInputs, cfg: PPOConfig, device) -> di
            "eval_eos_rate": torch.cat(eos).mean().item()}
     if golds:
         out["eval_gold_accuracy"] = sum(golds) / len(golds)
+    if gold_rewards:
+        out["eval_gold_reward"] = torch.cat(gold_rewards).mean().item()
     return out
 
 
@@ -384,6 +411,14 @@ class PPOState:
     ema: EMA | None = None
     ptx: PtxIterator | None = None
     summary: dict = field(default_factory=lambda: {"stage": "ppo"})
+    evals: list = field(default_factory=list)
+    """Every held-out evaluation as an overopt.Evaluation (iteration, KL, proxy, gold): the alarm's input."""
+    best_gold: dict = field(default_factory=dict)
+    """{'value', 'iteration'} of the best gold so far (its policy is in best_gold/)."""
+    alarms: list = field(default_factory=list)
+    """Iterations at which the hacking alarm fired."""
+    refresher: RMRefresher | None = None
+    """Online RM refresh (rm_refresh), or None."""
 
     @classmethod
     def create(cls, cfg: PPOConfig, acc, m: PPOModels, data: PPOInputs, split: BatchSplit) -> "PPOState":
@@ -393,23 +428,41 @@ class PPOState:
         ptx = PtxIterator(data.ptx_feats, split.micro, data.tok.pad_token_id, cfg.seed + acc.process_index,
                           acc.device) if cfg.ptx_coef > 0 else None
         sampling = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index)
-        return cls(kl_ctl, core.RunningMoments(), NonFiniteGuard(cfg.max_nonfinite_steps), sampling, ema, ptx)
+        refresher = RMRefresher(cfg.rm_refresh, m.reward_model, data.prompts, cfg.seed, cfg.max_new_tokens) \
+            if cfg.rm_refresh is not None else None
+        return cls(kl_ctl, core.RunningMoments(), NonFiniteGuard(cfg.max_nonfinite_steps), sampling, ema, ptx,
+                   refresher=refresher)
 
     def state_dict(self) -> dict:
         return {"kl_ctl": self.kl_ctl.state_dict(), "moments": self.moments.state_dict(),
                 "guard": self.guard.state_dict(), "ptx": self.ptx.state_dict() if self.ptx else None,
-                "initial": {k: v for k, v in self.summary.items() if k.startswith("initial_")}}
+                "initial": {k: v for k, v in self.summary.items() if k.startswith("initial_")},
+                "evals": [vars(e) for e in self.evals], "best_gold": self.best_gold, "alarms": self.alarms,
+                "rm_refresh": self.refresher.state_dict() if self.refresher else None}
 
     def load(self, state: dict, ckpt: Path, rank: int) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.moments.load_state_dict(state["moments"])
         self.guard.load_state_dict(state["guard"])
         self.summary.update(state["initial"])
+        self.evals = [Evaluation(**e) for e in state.get("evals", [])]
+        self.best_gold, self.alarms = state.get("best_gold", {}), state.get("alarms", [])
+        if self.refresher is not None and state.get("rm_refresh"):
+            self.refresher.load_state_dict(state["rm_refresh"])
         if self.ptx is not None:
             self.ptx.load_state_dict(state["ptx"])
         if self.ema is not None:
             name = f"ema-rank{rank}.safetensors" if self.ema.sharded else "ema.safetensors"
             self.ema.load(load_tensors(ckpt / name))
+
+
+def checkpoint_parts(m: PPOModels, st: PPOState, **extra) -> CheckpointParts:
+    """The models' parts of a checkpoint, the sampling generator and, with rm_refresh, the RM and its AdamW."""
+    parts = m.checkpoint_parts(generators={"sampling": st.sampling}, **extra)
+    if st.refresher is not None:
+        parts.models["reward_model"] = st.refresher.rm.model
+        parts.optimizers["reward_model"] = st.refresher.optimizer
+    return parts
 
 
 @dataclass
@@ -436,13 +489,39 @@ class PPORun:
         with self.m.gathered():  # ZeRO-3: the policy's weights gathered once for the whole evaluation
             return evaluate_policy(self.m, self.data, self.cfg, self.acc.device)
 
+    def after_evaluation(self, it: int, res: dict) -> bool:
+        """Gold against proxy after a held-out evaluation: keep the best-by-gold policy in best_gold/,
+        sound the hacking alarm [Gao et al. 2022]. Returns whether the run should stop (stop_on_alarm)."""
+        cfg, st = self.cfg, self.st
+        gold = res.get("eval_gold_reward", res.get("eval_gold_accuracy"))
+        st.evals.append(Evaluation(it, res["eval_kl"], res["eval_reward"], gold))
+        if gold is not None and (not st.best_gold or gold > st.best_gold["value"]):
+            st.best_gold = {"value": gold, "iteration": it}
+            self.save_policy(self.out / "best_gold")
+        reason = hacking_alarm(st.evals, cfg.alarm_window, cfg.alarm_proxy_rise, cfg.alarm_gold_drop, cfg.kl_budget)
+        self.logger.log(it, {"hacking_alarm": float(reason is not None)})
+        if reason:
+            log.warning("iteration %d: reward hacking alarm: %s%s", it, reason,
+                        "; stopping (stop_on_alarm)" if cfg.stop_on_alarm else "")
+            st.alarms.append(it)
+        return bool(reason) and cfg.stop_on_alarm
+
+    def save_policy(self, folder: Path) -> None:
+        """The policy as an HF folder (collective under ZeRO-3, which consolidates its partitions)."""
+        state = None
+        if zero_stage(self.acc) == 3:
+            full = self.acc.get_state_dict(self.m.engine)
+            state = {k[len("policy."):]: v for k, v in full.items() if k.startswith("policy.")} if full else None
+        if self.acc.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_model_files(self.m.policy, self.data.tok, folder, state_dict=state)
+
     def save(self, step: int, rng_state: dict | None = None) -> None:
         """A resumable checkpoint after `step` (collective); `rng_state` as saved by rng_snapshot."""
         ema = self.st.ema
         ema_t = {"ema": ema.tensors()} if ema is not None else None
-        parts = self.m.checkpoint_parts(generators={"sampling": self.st.sampling},
-                                        extra_tensors=ema_t if ema and not ema.sharded else None,
-                                        sharded_tensors=ema_t if ema and ema.sharded else None)
+        parts = checkpoint_parts(self.m, self.st, extra_tensors=ema_t if ema and not ema.sharded else None,
+                                 sharded_tensors=ema_t if ema and ema.sharded else None)
         save_checkpoint(self.acc, self.out, step, parts, state=self.st.state_dict(), keep=self.cfg.save_total_limit,
                         rng_state=rng_state)
 
@@ -466,7 +545,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     peak = cfg.peak_tflops * 1e12 or measure_matmul_peak(dtype=peak_dtype, device=acc.device)
     log.info("MFU against %s %.3g TFLOP/s (%s matmul peak)", "a given" if cfg.peak_tflops else "a measured",
              peak / 1e12, str(peak_dtype).replace("torch.", ""))
-    start, state = resume_state(acc, out, resume, m.checkpoint_parts(generators={"sampling": st.sampling}))
+    start, state = resume_state(acc, out, resume, checkpoint_parts(m, st))
     if state:
         st.load(state, latest_checkpoint(out), acc.process_index)
     if acc.is_main_process and (not resume or not (out / "recipe.yaml").exists()):  # (killed before it was written)
@@ -480,18 +559,24 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         initial = run.evaluate()
         st.summary.update({"initial_" + k: v for k, v in initial.items()})
         logger.log(0, initial)
+        run.after_evaluation(0, initial)
+    if st.refresher is not None and st.refresher.pending:  # paused for human ranking: learn from the ranks first
+        logger.log(start, st.refresher.finish_pending(acc))
     bar = progress(total=cfg.steps, initial=start, desc="ppo", disable=not acc.is_main_process)
     for it in range(start + 1, cfg.steps + 1):
-        postfix = ppo_iteration(run, it)
-        if postfix:
-            bar.set_postfix(**postfix)
+        postfix, stop = ppo_iteration(run, it)
+        bar.set_postfix(**postfix)
         bar.update(1)
+        if stop:
+            st.summary["stopped_by_alarm"] = it
+            break
     bar.close()
     return finish_ppo(run, t_start, str(peak_dtype).replace("torch.", ""))
 
 
-def ppo_iteration(run: PPORun, it: int) -> dict:
-    """Sample -> score -> experience -> update -> log / checkpoint. Returns the progress-bar figures."""
+def ppo_iteration(run: PPORun, it: int) -> tuple[dict, bool]:
+    """Sample -> score -> experience -> update -> log / evaluate / checkpoint. Returns the
+    progress-bar figures and whether the run stops here (hacking alarm with stop_on_alarm)."""
     cfg, acc, m, st, data = run.cfg, run.acc, run.m, run.st, run.data
     t_gen, t_score, t_exp, t_train = Timer(), Timer(), Timer(), Timer()
     rng_at_start = rng_snapshot({"sampling": st.sampling})  # a reward failure saves the state of it - 1
@@ -528,12 +613,33 @@ def ppo_iteration(run: PPORun, it: int) -> dict:
                    **({"gold": f"{metrics['gold_accuracy']:.2f}"} if "gold_accuracy" in metrics else {})}
     if acc.is_main_process and cfg.sample_every and (it % cfg.sample_every == 0 or it == 1):
         _log_samples(run.out, run.logger, it, ro, raw_scores)
-    if cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.steps and run.evaluates:
-        run.logger.log(it, run.evaluate())
-    if cfg.save_every and (it % cfg.save_every == 0 or it == cfg.steps):
+    stop = False
+    if cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.steps:
+        if run.evaluates:
+            res = run.evaluate()
+            run.logger.log(it, res)
+            stop = run.after_evaluation(it, res)
+        stop = acc.reduce(torch.tensor(float(stop), device=acc.device), "sum").item() > 0  # every process stops
+    paused = refresh_rm(run, it)
+    if paused or (cfg.save_every and (it % cfg.save_every == 0 or it == cfg.steps or stop)):
         run.save(it)
+    if paused:
+        raise Paused(paused)
     fault_point_step(it)
-    return postfix
+    return postfix, stop
+
+
+def refresh_rm(run: PPORun, it: int) -> str | None:
+    """The online RM refresh when due (rm_refresh.every); returns the pause message when a person
+    must rank the samples first (the caller saves a checkpoint, then stops)."""
+    ref = run.st.refresher
+    if ref is None or it % ref.cfg.every or it == run.cfg.steps:  # (no rollout would use a last refresh)
+        return None
+    unwrap(run.m.policy).eval()
+    with run.m.gathered():
+        metrics = ref.refresh(unwrap(run.m.policy), run.data.tok, run.acc, it, run.out)
+    run.logger.log(it, metrics)
+    return ref.pending["message"] if ref.pending else None
 
 
 def rollout_prompts(run: PPORun, it: int) -> list:
@@ -563,6 +669,9 @@ def log_iteration(run: PPORun, it: int, batch: tuple, stats: dict, mean_kl: floa
         g = gold_reward(None, ro.texts, task=[p.meta["task"] for p in ro.prompts],
                         input=[p.meta["input"] for p in ro.prompts])
         m["gold_accuracy"] = torch.tensor(sum(g) / len(g), device=device)
+    gold = gold_scores(ro, run.m, run.data, run.cfg, device)
+    if gold is not None:
+        m["gold_reward"] = gold.mean()
     m = {k: acc.reduce(torch.as_tensor(v, device=device, dtype=torch.float32).clone(), "mean").item()
          for k, v in m.items()}
     m.update({k: acc.reduce(torch.tensor(v, device=device, dtype=torch.float32), "mean").item()
@@ -579,10 +688,16 @@ def finish_ppo(run: PPORun, t_start: float, peak_dtype: str) -> dict:
     """Final evaluation, summary, the policy (and its EMA) saved as HF folders; the run promoted."""
     cfg, acc, m, st, out = run.cfg, run.acc, run.m, run.st, run.out
     summary = st.summary
+    last = summary.get("stopped_by_alarm", cfg.steps)
     if run.evaluates:
         final = run.evaluate()
         summary.update(final)
-        run.logger.log(cfg.steps, final)
+        run.logger.log(last, final)
+        run.after_evaluation(last, final)
+    if st.best_gold:
+        summary.update({"best_gold": st.best_gold["value"], "best_gold_iteration": st.best_gold["iteration"]})
+    if st.evals:
+        summary["hacking_alarms"] = st.alarms
     n_updates = cfg.steps * cfg.ppo_epochs * (run.split.rollouts // run.split.minibatch)
     summary.update({"steps": cfg.steps, "optimizer_steps": n_updates, "skipped_nonfinite_steps": st.guard.skipped,
                     **st.guard.summary(), "train_prompts": len(run.data.prompts), "mfu_peak_dtype": peak_dtype,
@@ -602,6 +717,9 @@ def finish_ppo(run: PPORun, t_start: float, peak_dtype: str) -> dict:
         if st.ema is not None:
             (out / "ema").mkdir(exist_ok=True)
             save_model_files(m.policy, run.data.tok, out / "ema", state_dict=ema_state)
+        if st.refresher is not None:  # the refreshed RM, as `rlhf rm` saves one
+            (out / "reward_model").mkdir(exist_ok=True)
+            save_model_files(st.refresher.rm.model, st.refresher.rm.tok, out / "reward_model")
         write_summary(out, summary)
     finish_run(acc, run.logger, out)
     return summary

@@ -27,6 +27,7 @@ from torch import nn
 from ..algos.advantages import ADVANTAGE_ESTIMATORS
 from ..checkpoint import CheckpointParts
 from ..config import PPOConfig
+from ..errors import RunError
 from ..engine import (frozen_placement, gathered_params, is_deepspeed, make_optimizer, make_scheduler,
                       prepare_frozen, zero_stage)
 from ..flops import count_flop_params
@@ -76,6 +77,8 @@ class PPOModels:
     """Matmul parameters per model (policy, value, rm): the MFU's FLOP counts."""
     gathered: Callable = contextlib.nullcontext
     """Context in which the policy's full weights are present (ZeRO-3: gathered once per generation)."""
+    gold_reward_model: RewardModel | None = None
+    """A held-out reward model that measures (gold), never trains."""
 
     @contextlib.contextmanager
     def reference(self):
@@ -112,6 +115,9 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     """Load, place and prepare every model of the run; build the optimizers and schedules."""
     zero3 = zero_stage(acc) == 3
     placement = frozen_placement(acc, cfg.frozen_models)
+    if cfg.rm_refresh is not None and placement != "whole":
+        raise RunError(f"recipe: 'rm_refresh' trains the reward model, which needs it whole on every process "
+                       f"('frozen_models: whole'), not {placement}")
     into_parts = zero3 and cfg.model.init == "pretrained" and not cfg.model.gguf_file
     whole = contextlib.nullcontext if into_parts else outside_zero3_init  # "load whole, partition later"
     with whole():
@@ -144,8 +150,14 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     if zero3:
         log.info("ZeRO-3: read straight into partitions: %s; loaded whole, then partitioned: %s",
                  ", ".join(n for n, yes in read if yes) or "-", ", ".join(n for n, yes in read if not yes) or "-")
+    gold = None
+    if cfg.gold_reward_model:  # measured like the RM, never trained: placed as the frozen models are
+        with contextlib.nullcontext() if zero3 and placement == "sharded" else outside_zero3_init():
+            gold = RewardModel(cfg.gold_reward_model)
+        gold.model, gold.device = prepare_frozen(acc, gold.model, placement), acc.device
     m = _prepare(cfg, acc, policy, value, split)
     m.ref, m.reward_model, m.collective = ref, reward_model, zero3 or placement != "whole"
+    m.gold_reward_model = gold
     m.flop_params = {"policy": count_flop_params(unwrap(m.policy)), **flops,
                      "value": count_flop_params(unwrap(m.value).backbone) + 1 if m.value is not None else 0}
     return m

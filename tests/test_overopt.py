@@ -1,0 +1,106 @@
+"""Reward over-optimisation in PPO: gold beside proxy, the hacking alarm, best_gold/, and the
+online RM refresh (kill -9 during a refresh, then exact resume; the human-judge round trip)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(sft_checkpoint, task_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("overopt") / "rm"
+    run_cli("rm", "recipes/tiny/rm.yaml", "--output_dir", out, "--model.name_or_path", sft_checkpoint,
+            "--data.train", task_dir / "prefs.jsonl", "--data.eval", "null", "--data.eval_split", "0.1",
+            "--sample", "null", "--train.max_steps", "10", "--normalize_data", "null")
+    return out
+
+
+def _ppo(sft_checkpoint, tiny_rm, task_dir):
+    return ["ppo", "recipes/tiny/ppo.yaml", "--model.name_or_path", sft_checkpoint, "--reward_model", tiny_rm,
+            "--data.train", task_dir / "rl_prompts.jsonl", "--data.eval", task_dir / "eval_prompts.jsonl",
+            "--rollout_batch_size", "16", "--minibatch_size", "8", "--micro_batch_size", "8", "--ppo_epochs", "1",
+            "--max_new_tokens", "8", "--eval_samples", "16", "--sample_every", "0"]
+
+
+def test_gold_beside_proxy_alarm_stop_and_best_gold(tmp_path, sft_checkpoint, tiny_rm, task_dir):
+    out = tmp_path / "ppo"
+    p = run_cli(*_ppo(sft_checkpoint, tiny_rm, task_dir), "--output_dir", out, "--steps", "4", "--eval_every", "1",
+                "--gold_reward_fns", "[{fn: gold}]", "--kl_budget", "1e-9", "--stop_on_alarm", "true",
+                "--lr", "1e-3")
+    s = json.loads(p.stdout)
+    assert s["stopped_by_alarm"] == 1 and s["hacking_alarms"][0] == 1  # KL > budget at the first evaluation
+    assert "iteration 1: reward hacking alarm: KL to the SFT policy" in p.stderr
+    assert "eval_gold_reward" in s and "initial_eval_gold_reward" in s and "best_gold_iteration" in s
+    m = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert any("gold_reward" in r for r in m) and any(r.get("hacking_alarm") == 1.0 for r in m)
+    assert (out / "best_gold" / "model.safetensors").exists() and (out / "report" / "gao_proxy_vs_gold.png").exists()
+    assert (out / "checkpoints" / "step-00000001").is_dir() or not list((out / "checkpoints").glob("*"))
+
+
+def _refresh_args(sft_checkpoint, tiny_rm, task_dir, judge="judge", steps=5):
+    spec = (f"{{every: 2, num_prompts: 8, k: 2, steps: 3, batch_size: 4, judge: {judge}, "
+            f"data: {task_dir / 'prefs.jsonl'}}}")
+    return [*_ppo(sft_checkpoint, tiny_rm, task_dir), "--steps", str(steps), "--save_every", "2", "--rm_refresh",
+            spec]
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_rm_refresh_kill9_during_a_refresh_resumes_exactly(tmp_path, sft_checkpoint, tiny_rm, task_dir):
+    args = _refresh_args(sft_checkpoint, tiny_rm, task_dir)
+    p = run_cli(*args, "--output_dir", tmp_path / "full")
+    assert "could not build the report" not in p.stderr  # (the refresh's metric names hold a '/')
+    assert (tmp_path / "full" / "report" / "13_rm_refresh_accuracy_before.png").exists()
+    m = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl") if "rm_refresh/loss" in l]
+    assert [r["step"] for r in m] == [2, 4] and 0 <= m[0]["rm_refresh/accuracy_before"] <= 1
+    rm_before, rm_after = _weights(tiny_rm / "model.safetensors"), _weights(tmp_path / "full" / "reward_model" /
+                                                                             "model.safetensors")
+    assert any(not torch.equal(rm_before[k], rm_after[k]) for k in rm_before)  # the RM learnt
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT), RLHF_FAULT="refresh:5")  # 2nd refresh
+    cut = subprocess.run([sys.executable, "-m", "rlhf", *map(str, args), "--output_dir", str(tmp_path / "cut")],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert cut.returncode == -9, cut.stderr[-2000:]
+    run_cli(*args, "--output_dir", tmp_path / "cut", "--resume")
+    for f in ("model.safetensors", "reward_model/model.safetensors"):
+        a, b = _weights(tmp_path / "full" / f), _weights(tmp_path / "cut" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    assert json.loads(p.stdout)["eval_reward"] == json.loads((tmp_path / "cut" / "summary.json").read_text())[
+        "eval_reward"]
+
+
+def test_human_judge_round_trip(tmp_path, sft_checkpoint, tiny_rm, task_dir):
+    """judge: human pauses the run (exit 3) with the samples written; a person's ranks, joined by
+    `rlhf data join-ranks`, let --resume continue from there."""
+    from rlhf.data.tasks import judge_one
+    from rlhf.rundir import staging_path
+
+    args = _refresh_args(sft_checkpoint, tiny_rm, task_dir, judge="human", steps=3)
+    out = tmp_path / "ppo"
+    p = run_cli(*args, "--output_dir", out, check=False)
+    assert p.returncode == 3 and "paused for human ranking at iteration 2" in p.stderr, p.stderr[-2000:]
+    staged = staging_path(out)
+    samples = staged / "rm_refresh" / "iter000002-samples.jsonl"
+    rows = [json.loads(l) for l in open(samples)]
+    assert len(rows) == 8 and all(len(r["responses"]) == 2 for r in rows)
+    ranks = tmp_path / "ranks.jsonl"  # the "person": the task judge's order, 1 = best
+    with open(ranks, "w") as f:
+        for r in rows:
+            score = [judge_one(r["task"], r["input"], x) for x in r["responses"]]
+            f.write(json.dumps({"id": r["id"], "ranks": [1, 2] if score[0] >= score[1] else [2, 1]}) + "\n")
+    run_cli("data", "join-ranks", samples, ranks, "--out", staged / "rm_refresh" / "iter000002-rankings.jsonl")
+    run_cli(*args, "--output_dir", out, "--resume")
+    m = [json.loads(l) for l in open(out / "metrics.jsonl") if "rm_refresh/loss" in l]
+    assert [r["step"] for r in m] == [2]  # the person's rankings were learnt from, then the run finished
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
