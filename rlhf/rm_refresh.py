@@ -59,7 +59,8 @@ class RMRefresher:
         self.old = [self.encode(g) for g in old]
         self.collected: list[dict] = []  # ranking rows as JSON (the checkpoint keeps them)
         self.refreshes, self.pending = 0, None
-        # the sequences whose mean score stays 0 (InstructGPT's normalisation), re-applied after each refresh
+        # a fixed set of sequences whose mean score must not move with a refresh: the bias absorbs
+        # the shift, so the proxy keeps the scale the RM stage gave it [IGPT §3.5]
         self.reference = [seqs[w] for seqs, pairs in self.old[:256] for w in sorted({p[0] for p in pairs})]
         self.rm.model.requires_grad_(True)
         self.optimizer = make_optimizer(self.rm.model.parameters(), _optim(cfg.lr))
@@ -128,17 +129,26 @@ class RMRefresher:
             if g is not None:
                 new.append(self.encode(g))
         metrics = {"rm_refresh/accuracy_before": self._accuracy(new, acc), "rm_refresh/new_groups": float(len(new))}
+        if not self.reference:  # no old data: the first refresh's preferred responses are the fixed set
+            self.reference = [seqs[w] for seqs, pairs in new[:256] for w in sorted({p[0] for p in pairs})]
+        before = self._reference_mean()
         self.collected += rows
         fresh = [e for e in (self._encode_row(r, i) for i, r in enumerate(self.collected)) if e]
         metrics["rm_refresh/loss"] = self._train(fresh, acc)
         metrics["rm_refresh/accuracy_after"] = self._accuracy(new, acc)
-        if self.reference:  # keep the score's scale: the reference set scores mean 0 again [IGPT §3.5]
-            self.rm.bias = reward_bias(self.rm.score_ids(self.reference, normalized=False))
+        if before is not None:  # the shift of the fixed set's mean score goes into the bias
+            self.rm.bias -= self._reference_mean() - before
             self.rm.model.config.update({BIAS_KEY: self.rm.bias})
             metrics["rm_refresh/bias"] = self.rm.bias
         metrics["rm_refresh/groups"] = float(len(fresh))
         self.refreshes += 1
         return metrics
+
+    def _reference_mean(self) -> float | None:
+        if not self.reference:
+            return None
+        self.rm.model.eval()
+        return -reward_bias(self.rm.score_ids(self.reference, normalized=False))
 
     def _encode_row(self, row: dict, i: int):
         g = parse_preference(Row(row, "rm_refresh", i + 1), {})
@@ -157,7 +167,9 @@ class RMRefresher:
         with the old pairs; under DDP every process takes its share of each batch and the gradients
         are summed, so every process holds the same RM."""
         model, bs, total = self.rm.model, self.cfg.batch_size, 0.0
-        n_new = bs if not self.old else max(1, round(bs * self.cfg.new_share)) if fresh else 0
+        if not fresh and not self.old:  # every ranking so far was a tie: nothing to learn from yet
+            return float("nan")
+        n_new = 0 if not fresh else bs if not self.old else max(1, round(bs * self.cfg.new_share))
         new_order = epoch_permutation(len(fresh), self.seed + 97, self.refreshes) if fresh else []
         old_order = epoch_permutation(len(self.old), self.seed + 89, self.refreshes) if self.old else []
         for step in range(self.cfg.steps):

@@ -69,9 +69,14 @@ def run_compare(cfg: CompareConfig, output_dir: str | None = None, overwrite: bo
                 run_stage=None) -> dict:
     """SFT and RM once, then every method x seed; reuses what is complete. `run_stage` runs one
     stage (:func:`rlhf.stages.run`, which calls this)."""
+    import os
+
     root = Path(output_dir or cfg.output_dir or "")
     if not str(root) or str(root) == ".":
         raise RunError("no output directory: pass --output_dir or set output_dir in the recipe")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RunError("rlhf compare runs as one process (it starts each run in its own); to give the runs several "
+                       "processes, launch the stages' recipes with torchrun / accelerate launch")
     sft_dir, rm_dir = root / "sft", root / "rm"
     has_rm = bool(cfg.rm.data.train or cfg.rm.sample is not None)
     runs = method_configs(cfg, sft_dir, rm_dir if has_rm else None)  # checked before anything runs
@@ -107,17 +112,23 @@ def run_apart(stage: str, run_cfg, folder: Path, resume: bool) -> dict:
     import subprocess
     import sys
 
-    from ..config import dump_yaml
+    import yaml
 
+    recipe = folder.with_suffix(".yaml")
+    wanted = yaml.safe_dump(to_dict(run_cfg), sort_keys=False, width=float("inf"))
     if (folder / "summary.json").exists():
+        if recipe.exists() and recipe.read_text() != wanted:
+            raise RunError(f"{folder}: made from another recipe than this comparison's ({recipe} differs); remove it "
+                           f"to run it again")
         return json.loads((folder / "summary.json").read_text())
     folder.parent.mkdir(parents=True, exist_ok=True)
-    recipe = folder.with_suffix(".yaml")
-    dump_yaml(run_cfg, recipe)
+    recipe.write_text(wanted)
     interrupted = staging_path(folder).exists()
     flags = (["--resume"] if resume else ["--overwrite"]) if interrupted else []
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     p = subprocess.run([sys.executable, "-m", "rlhf", stage, str(recipe), "--output_dir", str(folder), *flags],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if p.returncode != 0:
         last = [line for line in p.stderr.splitlines() if line.strip()][-1:] or ["(no output)"]
         raise RunError(f"{folder}: the {stage} run failed (exit {p.returncode}): {last[0]}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..checkpoint import truncate_jsonl
 from ..config import DPOConfig, PPOConfig, dump_yaml, to_dict
 from ..data.formats import load_examples, parse_preference, parse_prompt
-from ..engine import (MetricsLogger, atomic_write_text, finish_run, grad_accum_steps, inputs_first, make_accelerator,
+from ..engine import (MetricsLogger, RunError, atomic_write_text, finish_run, grad_accum_steps, inputs_first, make_accelerator,
                       open_run, peak_memory, prepare_output_dir, resolve_mixed_precision, set_seed, world_size,
                       write_summary)
 from ..faults import fault_point_step
@@ -83,7 +83,8 @@ def dpo_trainer(cfg: DPOConfig, policy, ref, tok, rows: list[dict], out: Path, l
     mp = resolve_mixed_precision(tc.mixed_precision)
     args = TRLConfig(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
-        learning_rate=tc.lr, lr_scheduler_type=tc.lr_scheduler, warmup_steps=tc.warmup_ratio,
+        learning_rate=tc.lr, lr_scheduler_type=tc.lr_scheduler,
+        warmup_steps=min(tc.warmup_ratio, 0.999999),  # (a value < 1 is a share of the steps)
         num_train_epochs=tc.epochs, max_steps=tc.max_steps, weight_decay=tc.weight_decay, adam_beta1=tc.adam_beta1,
         adam_beta2=tc.adam_beta2, adam_epsilon=tc.adam_eps, max_grad_norm=tc.max_grad_norm if tc.max_grad_norm > 0
         else 0.0, logging_steps=tc.log_every, save_strategy="steps" if tc.save_every else "no",
@@ -115,6 +116,9 @@ def evaluate(cfg: DPOConfig, policy, ref, reward_model, tok, prompts: list, devi
 
 def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
+    if cfg.train.deepspeed:  # (our evaluation and saving read the whole model on the main process)
+        raise RunError("recipe: 'train.deepspeed' is not supported by rlhf dpo yet; run it under DDP (torchrun / "
+                       "accelerate launch)")
     acc = make_accelerator(cfg.train.mixed_precision)
     rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume)
     if rf.done:
@@ -133,8 +137,8 @@ def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     if acc.is_main_process and (not resume or not (out / "recipe.yaml").exists()):  # (killed before it was written)
         dump_yaml(cfg, out / "recipe.yaml")
     ckpt = last_complete_checkpoint(out) if resume else None
-    if acc.is_main_process:  # records logged after the checkpoint are logged again
-        truncate_jsonl(out / "metrics.jsonl", int(ckpt.name.split("-")[1]) if ckpt else -1)
+    if acc.is_main_process:  # records logged after the checkpoint are logged again (the step-0 evaluation kept)
+        truncate_jsonl(out / "metrics.jsonl", int(ckpt.name.split("-")[1]) if ckpt else 0)
     logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
     log.info("DPO: %d pairs, beta %g, %d held-out prompts, policy %.2fM params%s", len(rows), cfg.beta, len(prompts),
              count_parameters(policy) / 1e6, f", resuming from {ckpt.name}" if ckpt else "")

@@ -438,7 +438,8 @@ class PPOState:
                 "guard": self.guard.state_dict(), "ptx": self.ptx.state_dict() if self.ptx else None,
                 "initial": {k: v for k, v in self.summary.items() if k.startswith("initial_")},
                 "evals": [vars(e) for e in self.evals], "best_gold": self.best_gold, "alarms": self.alarms,
-                "rm_refresh": self.refresher.state_dict() if self.refresher else None}
+                "rm_refresh": self.refresher.state_dict() if self.refresher else None,
+                "stopped_by_alarm": self.summary.get("stopped_by_alarm")}
 
     def load(self, state: dict, ckpt: Path, rank: int) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -447,6 +448,8 @@ class PPOState:
         self.summary.update(state["initial"])
         self.evals = [Evaluation(**e) for e in state.get("evals", [])]
         self.best_gold, self.alarms = state.get("best_gold", {}), state.get("alarms", [])
+        if state.get("stopped_by_alarm"):  # a stop survives a resume: the run only finishes
+            self.summary["stopped_by_alarm"] = state["stopped_by_alarm"]
         if self.refresher is not None and state.get("rm_refresh"):
             self.refresher.load_state_dict(state["rm_refresh"])
         if self.ptx is not None:
@@ -494,8 +497,14 @@ class PPORun:
         sound the hacking alarm [Gao et al. 2022]. Returns whether the run should stop (stop_on_alarm)."""
         cfg, st = self.cfg, self.st
         gold = res.get("eval_gold_reward", res.get("eval_gold_accuracy"))
+        if st.evals and st.evals[-1].iteration == it:  # (the final evaluation of a run stopped at an evaluation)
+            return False
         st.evals.append(Evaluation(it, res["eval_kl"], res["eval_reward"], gold))
-        if gold is not None and (not st.best_gold or gold > st.best_gold["value"]):
+        better = gold is not None and (not st.best_gold or gold > st.best_gold["value"])
+        if self.m.collective:  # every process saves a sharded policy together: one decides (the main one)
+            better = self.acc.reduce(torch.tensor(float(better and self.acc.is_main_process),
+                                                  device=self.acc.device), "sum").item() > 0
+        if better:
             st.best_gold = {"value": gold, "iteration": it}
             self.save_policy(self.out / "best_gold")
         reason = hacking_alarm(st.evals, cfg.alarm_window, cfg.alarm_proxy_rise, cfg.alarm_gold_drop, cfg.kl_budget)
@@ -563,7 +572,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     if st.refresher is not None and st.refresher.pending:  # paused for human ranking: learn from the ranks first
         logger.log(start, st.refresher.finish_pending(acc))
     bar = progress(total=cfg.steps, initial=start, desc="ppo", disable=not acc.is_main_process)
-    for it in range(start + 1, cfg.steps + 1):
+    for it in range(start + 1, cfg.steps + 1 if "stopped_by_alarm" not in st.summary else start + 1):
         postfix, stop = ppo_iteration(run, it)
         bar.set_postfix(**postfix)
         bar.update(1)
@@ -620,7 +629,7 @@ def ppo_iteration(run: PPORun, it: int) -> tuple[dict, bool]:
             run.logger.log(it, res)
             stop = run.after_evaluation(it, res)
         stop = acc.reduce(torch.tensor(float(stop), device=acc.device), "sum").item() > 0  # every process stops
-    paused = refresh_rm(run, it)
+    paused = refresh_rm(run, it) if not stop else None
     if paused or (cfg.save_every and (it % cfg.save_every == 0 or it == cfg.steps or stop)):
         run.save(it)
     if paused:
@@ -698,8 +707,8 @@ def finish_ppo(run: PPORun, t_start: float, peak_dtype: str) -> dict:
         summary.update({"best_gold": st.best_gold["value"], "best_gold_iteration": st.best_gold["iteration"]})
     if st.evals:
         summary["hacking_alarms"] = st.alarms
-    n_updates = cfg.steps * cfg.ppo_epochs * (run.split.rollouts // run.split.minibatch)
-    summary.update({"steps": cfg.steps, "optimizer_steps": n_updates, "skipped_nonfinite_steps": st.guard.skipped,
+    n_updates = last * cfg.ppo_epochs * (run.split.rollouts // run.split.minibatch)
+    summary.update({"steps": last, "optimizer_steps": n_updates, "skipped_nonfinite_steps": st.guard.skipped,
                     **st.guard.summary(), "train_prompts": len(run.data.prompts), "mfu_peak_dtype": peak_dtype,
                     "eval_prompts": len(run.data.eval_prompts), "kl_coef_final": st.kl_ctl.value,
                     "train_seconds": round(time.time() - t_start, 1), "num_processes": acc.num_processes})

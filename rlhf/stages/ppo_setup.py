@@ -22,13 +22,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..algos.advantages import ADVANTAGE_ESTIMATORS
 from ..checkpoint import CheckpointParts
 from ..config import PPOConfig
 from ..errors import RunError
-from ..engine import (frozen_placement, gathered_params, is_deepspeed, make_optimizer, make_scheduler,
+from ..engine import (compute_dtype, frozen_placement, gathered_params, is_deepspeed, make_optimizer, make_scheduler,
                       prepare_frozen, zero_stage)
 from ..flops import count_flop_params
 from ..models import disable_dropout, load_causal_lm, outside_zero3_init, unwrap
@@ -115,9 +116,16 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     """Load, place and prepare every model of the run; build the optimizers and schedules."""
     zero3 = zero_stage(acc) == 3
     placement = frozen_placement(acc, cfg.frozen_models)
-    if cfg.rm_refresh is not None and placement != "whole":
-        raise RunError(f"recipe: 'rm_refresh' trains the reward model, which needs it whole on every process "
-                       f"('frozen_models: whole'), not {placement}")
+    if cfg.rm_refresh is not None:
+        if placement != "whole":
+            raise RunError(f"recipe: 'rm_refresh' trains the reward model, which needs it whole on every process "
+                           f"('frozen_models: whole'), not {placement}")
+        if is_deepspeed(acc) and compute_dtype(acc) != torch.float32:  # DeepSpeed casts the frozen RM to half
+            raise RunError("recipe: 'rm_refresh' trains the reward model in fp32; under DeepSpeed bf16/fp16 the RM is "
+                           "cast to half precision (run with mixed_precision: no, or without DeepSpeed)")
+        n = acc.num_processes
+        if cfg.rm_refresh.batch_size < n or cfg.rm_refresh.num_prompts < n:
+            raise RunError(f"recipe: rm_refresh.batch_size and rm_refresh.num_prompts must be >= the {n} processes")
     into_parts = zero3 and cfg.model.init == "pretrained" and not cfg.model.gguf_file
     whole = contextlib.nullcontext if into_parts else outside_zero3_init  # "load whole, partition later"
     with whole():
