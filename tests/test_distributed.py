@@ -28,13 +28,22 @@ def test_batch_that_cannot_split_is_an_error():
         grad_accum_steps(64, 24, 1)
 
 
+def free_port() -> int:
+    """A port nothing listens on now (tests may run in parallel workers: no fixed ports)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(nproc, *args):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1",
                PYTHONPATH=str(ROOT))
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "rlhf", *map(str, args)] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-         str(29500 + os.getpid() % 1000), "-m", "rlhf", *map(str, args)]
+         str(free_port()), "-m", "rlhf", *map(str, args)]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     return p
@@ -90,7 +99,7 @@ def test_sft_under_the_deepspeed_launcher_agrees_with_one_process(tmp_path, sft_
     env = dict(os.environ, OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
         env.pop(k, None)
-    p = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000 + 23), "--module",
+    p = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module",
                         "rlhf", *SFT, "--train.deepspeed", "recipes/deepspeed/zero2.json", "--output_dir",
                         str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -196,7 +205,7 @@ def _kill_resume_2proc(tmp_path, args, fault):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1",
                PYTHONPATH=str(ROOT), RLHF_FAULT=fault)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29500 + os.getpid() % 1000 + 11), "-m", "rlhf", *map(str, args), "--output_dir",
+                        str(free_port()), "-m", "rlhf", *map(str, args), "--output_dir",
                         str(tmp_path / "cut")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
                        check=False)
     assert p.returncode != 0 and not (tmp_path / "cut" / "summary.json").exists(), p.stderr[-2000:]

@@ -441,7 +441,7 @@ def test_overwrite_killed_at_any_moment_keeps_the_old_run_or_the_new_one(tmp_pat
     new = ["sft", "recipes/tiny/sft.yaml", "--train.max_steps", "6", "--train.save_every", "2", "--seed", "7",
            "--gen_eval_samples", "2", "--train.log_every", "1"]
     kills = ["promote:1", f"step:{rng.randint(1, 5)}", f"checkpoint:{rng.randint(1, 3)}",
-             f"time:{rng.uniform(1.0, 6.0):.2f}", f"time:{rng.uniform(1.0, 6.0):.2f}"]
+             f"time:{rng.uniform(1.0, 6.0):.2f}"]
     old = _tree(finished_run)
     for i, kill in enumerate(kills):
         out = tmp_path / f"run{i}"
