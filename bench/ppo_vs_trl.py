@@ -39,8 +39,11 @@ SIZES = {
 DEFAULTS = {"tiny": (64, 16, 16, 4, 12, 20, 3), "6m": (64, 16, 16, 4, 12, 6, 2), "smollm2": (16, 8, 8, 2, 32, 4, 2)}
 
 
-def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RLHF_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false")
+RETAIN_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
+def sh(cmd: list[str], extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, **kw)
     if p.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
@@ -108,6 +111,9 @@ def main() -> None:
     for k in ("batch", "minibatch", "micro", "epochs", "response", "iters", "reps"):
         ap.add_argument(f"--{k}", type=int, help="default: by --size (see DEFAULTS)")
     ap.add_argument("--only", choices=["ours", "trl"], help="run one side only")
+    ap.add_argument("--trl_retain_malloc", action="store_true",
+                    help="also run TRL under the glibc settings rlhf applies to itself (MALLOC_MMAP_MAX_=0, "
+                         "MALLOC_TRIM_THRESHOLD_=2GiB; see rlhf.engine.retain_freed_cpu_memory), as a third side")
     ap.add_argument("--out", help="JSON results file (default bench/results/ppo_vs_trl_<size>.json)")
     a = ap.parse_args()
     for k, v in zip(("batch", "minibatch", "micro", "epochs", "response", "iters", "reps"), DEFAULTS[a.size]):
@@ -125,29 +131,36 @@ def main() -> None:
              "trl": [trl_python(), str(ROOT / "bench/_trl_ppo.py"), *common]}
     if a.only:
         sides = {a.only: sides[a.only]}
+    if a.trl_retain_malloc and "trl" in sides:
+        sides["trl+malloc"] = sides["trl"]
     runs: dict[str, list[dict]] = {k: [] for k in sides}
     for rep in range(a.reps):
         for name, cmd in sides.items():  # alternate: ours, trl, ours, trl, ...
             t = time.time()
-            res = json.loads(sh(cmd).stdout.strip().splitlines()[-1])
+            res = json.loads(sh(cmd, RETAIN_MALLOC if name == "trl+malloc" else None).stdout.strip().splitlines()[-1])
             runs[name].append(res)
             per = statistics.median(res["iter_seconds"][1:])
-            print(f"rep {rep + 1} {name:4s}: {per:.3f} s/iteration (median), peak RSS {res['peak_rss_mb']:.0f} MB, "
+            print(f"rep {rep + 1} {name:10s}: {per:.3f} s/iteration (median), peak RSS {res['peak_rss_mb']:.0f} MB, "
                   f"run {time.time() - t:.0f} s", flush=True)
     summary = {"size": a.size, "settings": vars(a), "peak_tflops": peak}
     for name, rs in runs.items():
+        if not rs:
+            continue
         per_iter = [s for r in rs for s in r["iter_seconds"][1:]]
         summary[name] = {"median_s_per_iter": statistics.median(per_iter),
                          "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
         if "phases" in rs[0]:
             summary[name]["phases"] = {k: statistics.median(r["phases"][k] for r in rs) for k in rs[0]["phases"]}
     print("\n== result ==")
-    for name in runs:
-        print(f"{name:5s} {summary[name]['median_s_per_iter']:.3f} s/iteration, peak RSS "
+    for name in (n for n in runs if n in summary):
+        print(f"{name:10s} {summary[name]['median_s_per_iter']:.3f} s/iteration, peak RSS "
               f"{summary[name]['peak_rss_mb']:.0f} MB")
-    if len(runs) == 2:
+    if "trl" in summary and "ours" in summary:
         summary["speedup"] = summary["trl"]["median_s_per_iter"] / summary["ours"]["median_s_per_iter"]
         print(f"speed-up of rlhf over TRL 1.12.0: {summary['speedup']:.2f}x per PPO iteration")
+    if "trl+malloc" in summary and "ours" in summary:
+        summary["speedup_vs_trl_malloc"] = summary["trl+malloc"]["median_s_per_iter"] / summary["ours"]["median_s_per_iter"]
+        print(f"speed-up over TRL under the same glibc settings: {summary['speedup_vs_trl_malloc']:.2f}x")
     if "phases" in summary.get("ours", {}):
         ph = summary["ours"]["phases"]
         print("ours by phase (median s): " + ", ".join(f"{k[5:]} {ph[k]:.3f}" for k in ph if k.startswith("time_")))

@@ -2,11 +2,15 @@
 
 A transformer with N parameters spends about 2·N FLOPs per token in a forward pass and 6·N in a
 forward + backward pass (Kaplan et al. 2020, §2.1; the attention term 2·n_layer·ctx·d is small at
-the lengths used here and left out). PPO's phases:
+the lengths used here and left out). The LM head (H = vocabulary x width parameters, 21% of
+SmolLM2-135M) runs only where a next-token distribution is read, so it is counted only there:
+N_policy below is the policy without its head. PPO's phases (tokens: real ones, never padding):
 
-- generate:   2 · N_policy per token processed (prompt prefill + each sampled token, KV cache);
-- experience: 2 · (N_policy + N_reference + N_value [+ N_rm]) per sequence token (no-grad passes);
-- train:      6 · (N_policy + N_value) per sequence token, per PPO epoch.
+- generate:   2 · N_policy per token processed (prompt prefill + each sampled token, KV cache)
+              + 2 · H per sampled token;
+- experience: 2 · (N_policy + N_reference + N_value [+ N_rm]) per sequence token
+              + 2 · 2 · H per response token (policy and reference; no-grad passes);
+- train:      6 · (N_policy + N_value) per sequence token + 6 · H per response token, per PPO epoch.
 
 MFU = FLOPs / seconds / peak, with the peak measured on the same machine by
 :func:`measure_matmul_peak` (a large matmul in the dtype the run computes in: fp32, or bf16/fp16
@@ -34,6 +38,12 @@ def count_flop_params(model) -> int:
     if emb is not None and (out is None or out.weight is not emb.weight):
         n -= _numel(emb.weight)
     return n
+
+
+def count_head_params(model) -> int:
+    """Parameters of the LM head (the output embedding), 0 for a model without one."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return _numel(out.weight) if out is not None else 0
 
 
 def forward_flops(n_params: int, tokens: int) -> float:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .algos.core import token_logprobs
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +38,23 @@ def right_pad(seqs: list[list[int]], pad_value: int, device=None) -> torch.Tenso
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out.to(device)
+
+
+def row_extents(prompt_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per row of a left-padded prompt + right-padded response batch: the column its prompt
+    starts in and its response length (read back once per rollout)."""
+    start = prompt_mask.shape[1] - prompt_mask.sum(1)
+    return start.tolist(), response_mask.sum(1).tolist()
+
+
+def trim_columns(starts: list[int], lengths: list[int], rows, prompt_width: int) -> tuple[slice, int]:
+    """(the columns of the sequence batch, the response width) that `rows` need: the left padding
+    all of them share and the response columns after all of them ended are cut. Those columns are
+    masked in every one of these rows, so no value at a kept position changes (attention is causal
+    and masked; position ids come from the mask) beyond float rounding, and none of the work is
+    done for padding."""
+    width = max(1, max(lengths[i] for i in rows))
+    return slice(min(starts[i] for i in rows), prompt_width + width), width
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -170,23 +188,20 @@ def eos_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, 
 
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-                      temperature: float = 1.0, return_entropy: bool = False):
+                      temperature: float = 1.0, return_entropy: bool = False, entropy_grad: bool = False):
     """Log-probs (B, R) of the last `response_len` tokens of `input_ids` under `model`.
 
     input_ids: (B, P + R) = left-padded prompt followed by the response. Logits are divided by
     `temperature` (the sampling temperature). The logit at position t predicts token t + 1,
     hence the slice ``[-R-1:-1]``. Optionally also returns the entropy (B, R) of each
-    position's distribution.
+    position's distribution (differentiable only with `entropy_grad`: see core.token_logprobs).
     """
     pos = position_ids_from_mask(attention_mask)
     # only the last R + 1 positions need the LM head (a large share of the work at big vocabularies)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                    logits_to_keep=response_len + 1).logits
-    logits = logits[:, -response_len - 1 : -1, :].float() / temperature  # (B, R, V)
-    targets = input_ids[:, -response_len:]
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = torch.gather(logp_all, 2, targets.unsqueeze(-1)).squeeze(-1)
-    if not return_entropy:
-        return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    logits = logits[:, -response_len - 1 : -1, :].float()  # (B, R, V)
+    if temperature != 1.0:  # (x / 1.0 is x: no copy of the (B, R, V) logits for nothing)
+        logits = logits / temperature
+    logp, entropy = token_logprobs(logits, input_ids[:, -response_len:], return_entropy, entropy_grad)
+    return (logp, entropy) if return_entropy else logp

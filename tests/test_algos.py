@@ -356,3 +356,33 @@ def test_hacking_alarm_kl_budget_and_missing_gold():
 
     assert "passed kl_budget 2" in hacking_alarm(_evals([1, 2, 3], [None] * 3, kl=[0.5, 1.5, 2.5]), 3, 0.0, 0.02, 2.0)
     assert hacking_alarm(_evals([1, 2, 3], [None] * 3), 3, 0.0, 0.02) is None  # no gold: only the budget can fire
+
+
+def test_token_logprobs_hand_computed_and_against_log_softmax():
+    # logits (0, ln 3): softmax (1/4, 3/4); log p of token 1 = ln 3/4, entropy = -(1/4 ln 1/4 + 3/4 ln 3/4)
+    x = torch.tensor([[0.0, math.log(3.0)]])
+    for grad in (False, True):
+        xx = x.clone().requires_grad_(grad)
+        logp, ent = core.token_logprobs(xx, torch.tensor([1]))
+        assert logp.item() == pytest.approx(math.log(0.75), abs=1e-6)
+        assert ent.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-6)
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 50) * 4).double()
+    y = torch.randint(0, 50, (3, 5))
+    ref_all = torch.log_softmax(logits, -1)
+    ref = ref_all.gather(-1, y[..., None]).squeeze(-1)
+    g = torch.randn(3, 5, dtype=torch.double)
+    for entropy_grad in (False, True):
+        a = logits.clone().requires_grad_(True)
+        lp, ent = core.token_logprobs(a, y, entropy_grad=entropy_grad)
+        torch.testing.assert_close(lp, ref)
+        torch.testing.assert_close(ent, -(ref_all.exp() * ref_all).sum(-1))
+        assert ent.requires_grad == entropy_grad
+        (lp * g).sum().backward()
+        b = logits.clone().requires_grad_(True)
+        (torch.log_softmax(b, -1).gather(-1, y[..., None]).squeeze(-1) * g).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad)  # d logp_y / dx = onehot(y) - softmax(x)
+    with torch.no_grad():  # the no-grad path (old / reference log-probs)
+        lp, ent = core.token_logprobs(logits, y, with_entropy=False)
+        torch.testing.assert_close(lp, ref)
+        assert ent is None

@@ -240,6 +240,60 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return masked_sum(per_token, mask) / n, clipfrac
 
 
+def _logp_entropy(logits: torch.Tensor, targets: torch.Tensor):
+    """(logp, entropy, exp(x - max), its sum): one vocabulary-sized tensor made."""
+    top = logits.amax(-1, keepdim=True)
+    e = (logits - top).exp_()
+    total = e.sum(-1, keepdim=True)
+    lse = top + total.log()
+    logp = (logits.gather(-1, targets.unsqueeze(-1)) - lse).squeeze(-1)
+    entropy = lse.squeeze(-1) - torch.linalg.vecdot(e, logits) / total.squeeze(-1)  # H = lse - E_p[x]
+    return logp, entropy, e, total
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(x)[y] with the softmax kept for a one-allocation backward (see token_logprobs)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        logp, entropy, p, total = _logp_entropy(logits, targets)
+        p.div_(total)  # the softmax, for the backward
+        ctx.save_for_backward(p, targets)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        p, targets = ctx.saved_tensors
+        # d logp_y / d x_v = 1[v = y] - p_v; the saved softmax becomes the gradient in place
+        # (the graph is never run twice: PPO's backward does not retain it)
+        grad = p.mul_(-grad_logp.unsqueeze(-1))
+        grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logp.unsqueeze(-1))
+        return grad, None
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = True,
+                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(y_t | ...) of the chosen tokens and the entropy of each position, from logits.
+
+    logits (..., V) float, targets (...) int64 -> (logp (...), entropy (...) or None), in nats.
+    logp = x_y - logsumexp(x) (the log-softmax at the target: the [PPO] ratio's numerator);
+    H = logsumexp(x) - sum_v softmax(x)_v x_v. The (..., V) log-softmax is never materialised:
+    with a gradient, one vocabulary-sized tensor (the softmax) is made and reused as the
+    gradient, where log_softmax + gather + their backward make five; without one, it is made
+    and dropped. The values equal F.log_softmax(x).gather(y) to float rounding. The entropy
+    carries no gradient unless `entropy_grad` (an entropy bonus in the loss), which takes
+    F.log_softmax through autograd."""
+    if entropy_grad:
+        logp_all = F.log_softmax(logits, dim=-1)
+        logp = torch.gather(logp_all, -1, targets.unsqueeze(-1)).squeeze(-1)
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _TokenLogprobs.apply(logits, targets)
+    logp, entropy = _logp_entropy(logits, targets)[:2]  # the same arithmetic: a ratio of exactly 1 stays 1
+    return logp, entropy if with_entropy else None
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """(..., V) logits -> (...) entropy of the softmax distribution, in nats."""
     logp = F.log_softmax(logits.float(), dim=-1)

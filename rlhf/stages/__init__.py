@@ -11,8 +11,9 @@ def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False,
     """Run one stage (or the pipeline). If it stops with an error, the run folder it was writing
     is cleaned up: a staged run without a checkpoint is removed, one with a checkpoint is kept,
     marked FAILED and resumable (the error message says where)."""
-    from ..engine import OPEN_RUNS, fail_open_runs, user_errors
+    from ..engine import OPEN_RUNS, fail_open_runs, retain_freed_cpu_memory, user_errors
 
+    retain_freed_cpu_memory()  # freed tensors' memory is reused, not page-faulted in again (engine.py)
     opened = len(OPEN_RUNS)  # (a pipeline's stages run inside it: each cleans up only what it opened)
     try:
         return _run(stage, cfg, output_dir, overwrite, resume)

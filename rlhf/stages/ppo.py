@@ -45,7 +45,8 @@ from ..models import count_parameters, load_tokenizer, save_model_files, unwrap
 from ..ptx import PtxIterator
 from ..rm_refresh import Paused, RMRefresher
 from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call, load_reward_fn
-from ..rollout import Generation, generate, position_ids_from_mask, response_logprobs
+from ..rollout import (Generation, generate, position_ids_from_mask, response_logprobs, row_extents,
+                       trim_columns)
 from ..tokenization import decode_response, encode_prompt, encode_sft
 from ..value import response_values
 from .ppo_setup import BatchSplit, PPOModels, setup_models
@@ -208,6 +209,15 @@ class Experience:
     kl: torch.Tensor             # (B, R) the estimator used in the reward
     non_score: torch.Tensor      # (B, R)
     kl_loss_coef: float = 0.0    # beta of the KL loss term (kl_penalty: loss), 0 when the KL is in the reward
+    row_start: list[int] = field(default_factory=list)   # per row: the column its prompt starts in
+    row_length: list[int] = field(default_factory=list)  # per row: its response length
+
+    def rows(self, rows: list[int]) -> tuple[torch.Tensor, slice, int]:
+        """Index tensor of `rows`, the sequence columns they need and their response width
+        (padding shared by all of them is cut: rollout.trim_columns)."""
+        prompt_width = self.input_ids.shape[1] - self.response_mask.shape[1]
+        cols, width = trim_columns(self.row_start, self.row_length, rows, prompt_width)
+        return torch.tensor(rows, device=self.input_ids.device), cols, width
 
 
 def sequence_batch(g: Generation) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,13 +246,16 @@ def make_experience(ro: Rollout, scores: torch.Tensor, m: PPOModels, kl_coef: fl
     R = g.response_ids.shape[1]
     rmask = g.response_mask.float()
     policy, value_model = unwrap(m.policy), unwrap(m.value) if m.value is not None else None
+    starts, lengths = row_extents(g.prompt_mask, g.response_mask)
     old_lp, ref_lp, vals = [], [], []
-    for sl in _slices(ids.shape[0], micro_batch_size):
-        old_lp.append(response_logprobs(policy, ids[sl], mask[sl], R, cfg.temperature))
+    for sl in _slices(ids.shape[0], micro_batch_size):  # each micro-batch without its padding columns
+        cols, r = trim_columns(starts, lengths, range(sl.start, sl.stop), g.prompt_ids.shape[1])
+        x, xm = ids[sl, cols], mask[sl, cols]
+        old_lp.append(_pad_to(response_logprobs(policy, x, xm, r, cfg.temperature), R))
         with m.reference() as ref:
-            ref_lp.append(response_logprobs(ref, ids[sl], mask[sl], R, cfg.temperature))
+            ref_lp.append(_pad_to(response_logprobs(ref, x, xm, r, cfg.temperature), R))
         if value_model is not None:
-            vals.append(response_values(value_model, ids[sl], mask[sl], R))
+            vals.append(_pad_to(response_values(value_model, x, xm, r), R))
     old_lp, ref_lp = torch.cat(old_lp), torch.cat(ref_lp)
     values = torch.cat(vals) if vals else None
     kl = core.kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * rmask
@@ -259,11 +272,16 @@ def make_experience(ro: Rollout, scores: torch.Tensor, m: PPOModels, kl_coef: fl
     values = values * rmask if values is not None else torch.zeros_like(rmask)
     returns = returns if returns is not None else torch.zeros_like(rmask)
     return Experience(ids, mask, rmask, old_lp, ref_lp, values, adv, returns, rewards, kl, non_score,
-                      kl_coef if kl_where == "loss" else 0.0)
+                      kl_coef if kl_where == "loss" else 0.0, starts, lengths)
 
 
 def _slices(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, r) -> (B, width), zeros after column r (positions the response mask zeroes)."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
 
 
 # ----------------------------------------------------------------------------- update
@@ -273,7 +291,7 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
                st: "PPOState") -> dict:
     """ppo_epochs passes over the rollout, reshuffled each time; minibatch -> micro-batches; one
     optimizer step per minibatch, skipped whole if anything is non-finite on any process."""
-    B, R = exp.input_ids.shape[0], exp.response_mask.shape[1]
+    B = exp.input_ids.shape[0]
     sums: dict[str, torch.Tensor | float] = {}  # kept on the device: read back once, at the end
     steps = 0
     for epoch in range(cfg.ppo_epochs):
@@ -287,8 +305,7 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
                 sync = k == len(micro) - 1
                 with acc.no_sync(m.policy) if not sync else _nothing(), \
                         acc.no_sync(m.value) if not sync and m.value is not None else _nothing():
-                    loss = micro_batch_loss(exp, torch.tensor(mi, device=exp.input_ids.device), m, cfg, R, n_tok,
-                                            sums, len(mi) / len(mb))
+                    loss = micro_batch_loss(exp, mi, m, cfg, n_tok, sums, len(mi) / len(mb))
                     if st.ptx is not None:
                         ptx_loss = st.ptx.loss(m.policy) / len(micro)
                         loss = loss + cfg.ptx_coef * ptx_loss
@@ -309,29 +326,32 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
     return {k: float(v) / steps for k, v in sums.items()}
 
 
-def micro_batch_loss(exp: Experience, idx: torch.Tensor, m: PPOModels, cfg: PPOConfig, R: int, n_tok: float,
-                     sums: dict, weight: float) -> torch.Tensor:
+def micro_batch_loss(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOConfig, n_tok: float, sums: dict,
+                     weight: float) -> torch.Tensor:
     """Clipped surrogate [PPO eq. 7] + vf_coef x clipped value loss [N+] - entropy bonus, as this
-    micro-batch's share of the minibatch's token mean; its statistics are added to `sums`."""
-    ids, mask, rmask = exp.input_ids[idx], exp.attention_mask[idx], exp.response_mask[idx]
-    logp, ent = response_logprobs(m.policy, ids, mask, R, cfg.temperature, return_entropy=True)
-    if cfg.entropy_coef == 0:
-        ent = ent.detach()  # logged only: no backward through the entropy
-    pg_loss, pst = core.policy_loss(logp, exp.old_logprobs[idx], exp.advantages[idx], rmask, cfg.cliprange,
+    micro-batch's share of the minibatch's token mean; its statistics are added to `sums`. The
+    micro-batch's rows come without the padding columns they all share (Experience.rows)."""
+    idx, cols, R = exp.rows(rows)
+    ids, mask, rmask = exp.input_ids[idx, cols], exp.attention_mask[idx, cols], exp.response_mask[idx, :R]
+    # the entropy is logged; it carries a gradient only when it is in the loss
+    logp, ent = response_logprobs(m.policy, ids, mask, R, cfg.temperature, return_entropy=True,
+                                  entropy_grad=cfg.entropy_coef != 0)
+    pg_loss, pst = core.policy_loss(logp, exp.old_logprobs[idx, :R], exp.advantages[idx, :R], rmask, cfg.cliprange,
                                     cfg.log_ratio_clamp, n_tok)
     loss = pg_loss
     _add(sums, "pg_loss", pg_loss)
     if m.value is not None:
         vpred = m.value(ids, mask, position_ids_from_mask(mask))[:, -R - 1 : -1]
-        vf_loss, vclip = core.value_loss(vpred, exp.old_values[idx], exp.returns[idx], rmask, cfg.cliprange_value,
-                                         n_tok)
+        vf_loss, vclip = core.value_loss(vpred, exp.old_values[idx, :R], exp.returns[idx, :R], rmask,
+                                         cfg.cliprange_value, n_tok)
         loss = loss + cfg.vf_coef * vf_loss
         _add(sums, "vf_loss", vf_loss)
     entropy = core.masked_sum(ent, rmask) / n_tok
     loss = loss - cfg.entropy_coef * entropy
     _add(sums, "entropy", entropy)
     if exp.kl_loss_coef > 0:  # GRPO: beta * KL(pi || pi_ref) as a loss term, on the current policy [Shao et al. 2024]
-        kl_loss = core.masked_sum(core.kl_estimate(logp, exp.ref_logprobs[idx], cfg.kl_loss_estimator), rmask) / n_tok
+        kl = core.kl_estimate(logp, exp.ref_logprobs[idx, :R], cfg.kl_loss_estimator)
+        kl_loss = core.masked_sum(kl, rmask) / n_tok
         loss = loss + exp.kl_loss_coef * kl_loss
         _add(sums, "kl_loss", kl_loss)
     for name, value in (("policy_clipfrac", pst.clipfrac), ("approx_kl", pst.approx_kl),
@@ -750,13 +770,15 @@ def phase_throughput(ro: Rollout, exp: Experience, times: dict, flop_params: dic
                      peak: float) -> dict:
     """Tokens/s and MFU of each phase of one iteration on this process (formulas: rlhf.flops)."""
     n_policy, n_value, n_rm = flop_params["policy"], flop_params["value"], flop_params["rm"]
+    n_head = flop_params.get("policy_head", 0)
     t_gen, t_exp, t_train = times["generate"], times["score"] + times["experience"], times["train"]
     gen_tokens = int(ro.gen.response_mask.sum())
     prefill = int(ro.gen.prompt_mask.sum())
     seq_tokens = int(exp.attention_mask.sum())
-    f_gen = forward_flops(n_policy, prefill + gen_tokens)
-    f_exp = forward_flops(2 * n_policy + n_value + n_rm, seq_tokens)  # policy, reference, value, RM
-    f_train = train_flops(n_policy + n_value, seq_tokens) * ppo_epochs
+    f_gen = forward_flops(n_policy, prefill + gen_tokens) + forward_flops(n_head, gen_tokens)
+    # policy, reference, value, RM; the LM head at the response tokens of the policy and reference
+    f_exp = forward_flops(2 * n_policy + n_value + n_rm, seq_tokens) + forward_flops(2 * n_head, gen_tokens)
+    f_train = (train_flops(n_policy + n_value, seq_tokens) + train_flops(n_head, gen_tokens)) * ppo_epochs
     return {"tokens_per_s_generate": gen_tokens / max(t_gen, 1e-9),
             "tokens_per_s_train": seq_tokens * ppo_epochs / max(t_train, 1e-9),
             "mfu_generate": mfu(f_gen, t_gen, peak), "mfu_experience": mfu(f_exp, t_exp, peak),

@@ -31,7 +31,7 @@ from ..config import PPOConfig
 from ..errors import RunError
 from ..engine import (compute_dtype, frozen_placement, gathered_params, is_deepspeed, make_optimizer, make_scheduler,
                       prepare_frozen, zero_stage)
-from ..flops import count_flop_params
+from ..flops import count_flop_params, count_head_params
 from ..models import disable_dropout, load_causal_lm, outside_zero3_init, unwrap
 from ..rewards import RewardModel
 from ..value import load_value_model
@@ -166,7 +166,8 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     m = _prepare(cfg, acc, policy, value, split)
     m.ref, m.reward_model, m.collective = ref, reward_model, zero3 or placement != "whole"
     m.gold_reward_model = gold
-    m.flop_params = {"policy": count_flop_params(unwrap(m.policy)), **flops,
+    head = count_head_params(unwrap(m.policy))  # counted only where logits are read (rlhf.flops)
+    m.flop_params = {"policy": count_flop_params(unwrap(m.policy)) - head, "policy_head": head, **flops,
                      "value": count_flop_params(unwrap(m.value).backbone) + 1 if m.value is not None else 0}
     return m
 
