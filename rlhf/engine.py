@@ -495,23 +495,29 @@ _MALLOC_SET: list[bool] = []
 
 
 def retain_freed_cpu_memory() -> bool:
-    """On Linux with glibc, serve every allocation from the heap and keep freed memory there
-    (``mallopt(M_MMAP_MAX, 0)``, ``M_TRIM_THRESHOLD`` 2 GiB), once per process.
+    """For runs on the CPU, on Linux with glibc: serve every allocation from the heap and keep
+    freed memory there (``mallopt(M_MMAP_MAX, 0)``, ``M_TRIM_THRESHOLD`` 2 GiB), once per process.
 
     By default glibc gives each block over its mmap threshold (at most 32 MiB) fresh pages from
     the kernel and returns them when freed, so every activation, every (B, R, V) logits tensor
     and every vocabulary-sized gradient of a training step is page-faulted in again, zeroed by the
     kernel, at every micro-batch; on the CPU that costs ~10% of a SmolLM2-135M PPO step
-    (docs/performance.md). Kept, the freed blocks are reused the next micro-batch. The process
-    keeps up to 2 GiB more of freed memory than it would (peak RSS is unchanged: the same blocks
-    are reused). ``RLHF_MALLOC=system`` leaves glibc's defaults. Returns whether it applied."""
+    (docs/performance.md). Kept, the freed blocks are reused the next micro-batch. The cost: the
+    process keeps the memory it has freed (its resident size stays near its peak instead of
+    falling after it; the peak itself is unchanged in our measurements). Not applied when an
+    accelerator is present (there the large tensors live on the device, and the host copies freed
+    after partitioning or saving should go back to the system), nor with ``RLHF_MALLOC=system``.
+    Returns whether it applied."""
     import ctypes
     import sys
 
     if _MALLOC_SET:
         return _MALLOC_SET[0]
+    accelerator = getattr(torch, "accelerator", None)
+    has_device = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    on_cpu = not has_device or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     ok = False
-    if sys.platform.startswith("linux") and os.environ.get("RLHF_MALLOC", "retain") != "system":
+    if on_cpu and sys.platform.startswith("linux") and os.environ.get("RLHF_MALLOC", "retain") != "system":
         try:
             libc = ctypes.CDLL("libc.so.6")
             m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>

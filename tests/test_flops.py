@@ -51,3 +51,12 @@ def test_retain_freed_cpu_memory_once_and_declinable(monkeypatch):
     assert engine.retain_freed_cpu_memory() is expected
     assert calls == ([(-4, 0), (-1, 2**31 - 1)] if expected else [])  # M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB
     assert engine.retain_freed_cpu_memory() is expected and len(calls) == (2 if expected else 0)  # once
+    import torch  # with an accelerator the host's freed memory goes back to the system: nothing set
+
+    calls.clear()
+    monkeypatch.setattr(engine, "_MALLOC_SET", [])
+    if getattr(torch, "accelerator", None) is not None:
+        monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert engine.retain_freed_cpu_memory() is False and calls == []

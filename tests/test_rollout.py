@@ -117,3 +117,37 @@ def test_entropy_returned(tiny_lm):
     ids = torch.tensor([[5, 6, 7, 8]])
     lp, ent = response_logprobs(tiny_lm, ids, torch.ones_like(ids), 2, return_entropy=True)
     assert lp.shape == ent.shape == (1, 2) and (ent > 0).all()
+
+
+def test_trimmed_micro_batches_keep_every_value(tiny_lm):
+    """Cutting the padding columns all rows of a micro-batch share (rollout.trim_columns) changes
+    no log-prob or value at a real response position beyond float rounding, for any subset of
+    rows; the full-width batch is the reference."""
+    from rlhf.rollout import row_extents, trim_columns
+    from rlhf.value import ValueModel, response_values
+
+    torch.manual_seed(0)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15], [16]]
+    responses = [[20, 21, 22, 23, 24], [25, 26], [27, 28, 29], [30]]
+    P, R = max(map(len, prompts)), max(map(len, responses))
+    ids = torch.zeros(4, P + R, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, P - len(p):P], mask[i, P - len(p):P] = torch.tensor(p), 1
+        ids[i, P:P + len(r)], mask[i, P:P + len(r)] = torch.tensor(r), 1
+    starts, lengths = row_extents(mask[:, :P], mask[:, P:])
+    assert starts == [0, 4, 3, 5] and lengths == [5, 2, 3, 1]
+    head = torch.nn.Linear(tiny_lm.config.hidden_size, 1)
+    value = ValueModel(tiny_lm.model, head).eval()
+    with torch.no_grad():
+        full_lp = response_logprobs(tiny_lm, ids, mask, R, temperature=0.7)
+        full_v = response_values(value, ids, mask, R)
+        for rows in ([1, 3], [2, 1], [3], [0, 3], [0, 1, 2, 3]):
+            cols, r = trim_columns(starts, lengths, rows, P)
+            assert r == max(lengths[i] for i in rows) and cols.start == min(starts[i] for i in rows)
+            lp = response_logprobs(tiny_lm, ids[rows][:, cols], mask[rows][:, cols], r, temperature=0.7)
+            v = response_values(value, ids[rows][:, cols], mask[rows][:, cols], r)
+            for k, i in enumerate(rows):
+                n = lengths[i]
+                torch.testing.assert_close(lp[k, :n], full_lp[i, :n], rtol=0, atol=1e-5)
+                torch.testing.assert_close(v[k, :n], full_v[i, :n], rtol=0, atol=1e-5)

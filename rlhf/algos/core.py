@@ -263,6 +263,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (no second-order gradients through the in-place reuse)
     def backward(ctx, grad_logp, _grad_entropy):
         p, targets = ctx.saved_tensors
         # d logp_y / d x_v = 1[v = y] - p_v; the saved softmax becomes the gradient in place
