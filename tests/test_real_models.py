@@ -59,9 +59,9 @@ def test_smollm2_rm_and_ppo(smol):
 @pytest.mark.slow
 def test_minilm_encoder_reward_model_and_ppo(smol):
     d, demos = smol
-    run_cli("rm", MINILM, "--output_dir", d / "rm_minilm", "--train.max_steps", "2", "--train.batch_size", "4",
-            "--train.micro_batch_size", "4", "--data.eval", "null", "--data.max_samples", "40", "--normalize_data",
-            demos)
+    run_cli("rm", MINILM, "--output_dir", d / "rm_minilm", "--sample", "null", "--train.max_steps", "2",
+            "--train.batch_size", "4", "--train.micro_batch_size", "4", "--data.eval", "null", "--data.max_samples",
+            "40", "--normalize_data", demos)
     from rlhf.rewards import RewardModel
 
     rm = RewardModel(str(d / "rm_minilm"))
