@@ -110,10 +110,13 @@ def main() -> None:
     ap.add_argument("--size", choices=list(SIZES), default="tiny")
     for k in ("batch", "minibatch", "micro", "epochs", "response", "iters", "reps"):
         ap.add_argument(f"--{k}", type=int, help="default: by --size (see DEFAULTS)")
-    ap.add_argument("--only", choices=["ours", "trl"], help="run one side only")
+    ap.add_argument("--only", choices=["ours", "trl"], help="run only the sides whose name starts with this")
     ap.add_argument("--trl_retain_malloc", action="store_true",
                     help="also run TRL under the glibc settings rlhf applies to itself (MALLOC_MMAP_MAX_=0, "
                          "MALLOC_TRIM_THRESHOLD_=2GiB; see rlhf.engine.retain_freed_cpu_memory), as a third side")
+    ap.add_argument("--sampling_logprobs", action="store_true",
+                    help="also run ours with old_logprobs: sampling (the old log-probs read from the sampling pass, "
+                         "as TRL does) as a side 'ours+samplelp'")
     ap.add_argument("--out", help="JSON results file (default bench/results/ppo_vs_trl_<size>.json)")
     a = ap.parse_args()
     for k, v in zip(("batch", "minibatch", "micro", "epochs", "response", "iters", "reps"), DEFAULTS[a.size]):
@@ -129,8 +132,11 @@ def main() -> None:
               "--response", str(a.response)]
     sides = {"ours": [sys.executable, str(ROOT / "bench/_ours_ppo.py"), *common, "--peak_tflops", str(peak)],
              "trl": [trl_python(), str(ROOT / "bench/_trl_ppo.py"), *common]}
+    if a.sampling_logprobs:
+        sides = {"ours": sides["ours"], "ours+samplelp": sides["ours"] + ["--old_logprobs", "sampling"],
+                 "trl": sides["trl"]}
     if a.only:
-        sides = {a.only: sides[a.only]}
+        sides = {k: v for k, v in sides.items() if k.startswith(a.only)}
     if a.trl_retain_malloc and "trl" in sides:
         sides["trl+malloc"] = sides["trl"]
     runs: dict[str, list[dict]] = {k: [] for k in sides}
@@ -140,7 +146,7 @@ def main() -> None:
             res = json.loads(sh(cmd, RETAIN_MALLOC if name == "trl+malloc" else None).stdout.strip().splitlines()[-1])
             runs[name].append(res)
             per = statistics.median(res["iter_seconds"][1:])
-            print(f"rep {rep + 1} {name:10s}: {per:.3f} s/iteration (median), peak RSS {res['peak_rss_mb']:.0f} MB, "
+            print(f"rep {rep + 1} {name:13s}: {per:.3f} s/iteration (median), peak RSS {res['peak_rss_mb']:.0f} MB, "
                   f"run {time.time() - t:.0f} s", flush=True)
     summary = {"size": a.size, "settings": vars(a), "peak_tflops": peak}
     for name, rs in runs.items():
@@ -153,7 +159,7 @@ def main() -> None:
             summary[name]["phases"] = {k: statistics.median(r["phases"][k] for r in rs) for k in rs[0]["phases"]}
     print("\n== result ==")
     for name in (n for n in runs if n in summary):
-        print(f"{name:10s} {summary[name]['median_s_per_iter']:.3f} s/iteration, peak RSS "
+        print(f"{name:13s} {summary[name]['median_s_per_iter']:.3f} s/iteration, peak RSS "
               f"{summary[name]['peak_rss_mb']:.0f} MB")
     if "trl" in summary and "ours" in summary:
         summary["speedup"] = summary["trl"]["median_s_per_iter"] / summary["ours"]["median_s_per_iter"]
@@ -161,6 +167,9 @@ def main() -> None:
     if "trl+malloc" in summary and "ours" in summary:
         summary["speedup_vs_trl_malloc"] = summary["trl+malloc"]["median_s_per_iter"] / summary["ours"]["median_s_per_iter"]
         print(f"speed-up over TRL under the same glibc settings: {summary['speedup_vs_trl_malloc']:.2f}x")
+    if "trl" in summary and "ours+samplelp" in summary:
+        summary["speedup_samplelp"] = summary["trl"]["median_s_per_iter"] / summary["ours+samplelp"]["median_s_per_iter"]
+        print(f"speed-up with old_logprobs: sampling: {summary['speedup_samplelp']:.2f}x")
     if "phases" in summary.get("ours", {}):
         ph = summary["ours"]["phases"]
         print("ours by phase (median s): " + ", ".join(f"{k[5:]} {ph[k]:.3f}" for k in ph if k.startswith("time_")))

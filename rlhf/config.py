@@ -419,6 +419,10 @@ class PPOConfig(OptimConfig, LoopConfig):
     """Response budget."""
     temperature: float = 1.0
     """Sampling temperature; log-probs are computed from logits / temperature as well [N]."""
+    old_logprobs: Literal["recompute", "sampling"] = "recompute"
+    """Where the ratio's old log-probs come from: 'recompute' (a policy pass over the finished rollout [N])
+    or 'sampling' (read from the sampling pass's logits, as TRL does: one policy pass less per rollout; equal
+    to float rounding in fp32, less close in bf16)."""
     missing_eos_penalty: float = -1.0
     """Score given to a response that never emits EOS within max_new_tokens [N+ uses -1]."""
     penalize_missing_eos: bool = True

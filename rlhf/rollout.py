@@ -88,6 +88,9 @@ class Generation:
     """(B, R) 1 up to and including EOS."""
     has_eos: torch.Tensor
     """(B,) bool: the response ended with EOS within the budget."""
+    logprobs: torch.Tensor | None = None
+    """(B, R) log-probs of the sampled tokens under the sampling pass's logits / temperature (before
+    top-k / top-p filtering), 0 outside the response mask; only with ``return_logprobs``."""
 
 
 def _cache_kwarg(model) -> str:
@@ -117,6 +120,8 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     greedy: bool = False
+    return_logprobs: bool = False
+    """Keep each sampled token's log-prob (Generation.logprobs)."""
 
 
 @torch.no_grad()
@@ -124,13 +129,19 @@ def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id
              generator: torch.Generator | None = None, device=None, sync_every: int | None = None,
              **sampling) -> Generation:
     """Sample up to `max_new_tokens` for each prompt with a KV cache (one model call per token);
-    `sampling` holds :class:`Sampling`'s fields (max_new_tokens, temperature, top_k, top_p, greedy).
+    `sampling` holds :class:`Sampling`'s fields (max_new_tokens, temperature, top_k, top_p, greedy,
+    return_logprobs).
 
     `generator` must live on `device` (the model's): torch samples a CUDA tensor only with a
     CUDA generator. Whether every row has finished is read back from the device every
     `sync_every` tokens (default: every token on the CPU, where reading is free; every 8 on an
     accelerator, where each read stalls the queue); columns after the last EOS are cut, so the
     result has the same shape either way (only the generator's position differs).
+
+    With `return_logprobs`, each sampled token's log-prob under logits / temperature (unfiltered:
+    the policy's distribution, as the PPO ratio needs it) is kept: the same values as
+    :func:`response_logprobs` over the finished sequences, to float rounding (the KV-cached pass
+    adds up in a different order).
     """
     settings = Sampling(**sampling)
     max_new_tokens, temperature, greedy = settings.max_new_tokens, settings.temperature, settings.greedy
@@ -150,6 +161,7 @@ def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache, logits = _cache_of(out), out.logits[:, -1, :].float()
     responses = torch.full((bsz, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((bsz, max_new_tokens), device=device) if settings.return_logprobs else None
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
     next_pos = pos[:, -1:] + 1
     steps = 0
@@ -161,6 +173,10 @@ def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         responses[:, t] = token
+        if logprobs is not None:  # x_y / T - logsumexp(x / T), 0 after EOS
+            scaled = logits / temperature if temperature != 1.0 else logits
+            lp = scaled.gather(-1, token[:, None]).squeeze(-1) - scaled.logsumexp(-1)
+            logprobs[:, t] = torch.where(finished, torch.zeros_like(lp), lp)
         finished |= token == eos_token_id
         steps = t + 1
         if t == max_new_tokens - 1 or ((t + 1) % sync_every == 0 and bool(finished.all())):
@@ -171,11 +187,13 @@ def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id
         cache, logits = _cache_of(out), out.logits[:, -1, :].float()
         next_pos = next_pos + 1
     responses = responses[:, :steps]
+    logprobs = logprobs[:, :steps] if logprobs is not None else None
     response_mask, has_eos = eos_mask(responses, eos_token_id)
     if sync_every > 1:  # columns sampled after every row had finished are all padding: cut them
         width = int(response_mask.sum(0).nonzero().max()) + 1 if response_mask.any() else 0
         responses, response_mask = responses[:, :width], response_mask[:, :width]
-    return Generation(ids, mask[:, : ids.shape[1]], responses, response_mask, has_eos)
+        logprobs = logprobs[:, :width] if logprobs is not None else None
+    return Generation(ids, mask[:, : ids.shape[1]], responses, response_mask, has_eos, logprobs)
 
 
 def eos_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,6 +113,26 @@ def test_sampling_draws_from_softmax_of_logits_over_temperature(T):
         assert torch.equal(g.response_ids[:, t], last), t
 
 
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_sampling_logprobs_equal_recomputed_ones(tiny_lm, tok, T):
+    """old_logprobs: sampling. The log-probs kept while sampling (KV cache, one token at a time)
+    are response_logprobs over the finished, left-padded sequences to float rounding, and 0 after
+    EOS; with a wrong temperature or an off-by-one position they differ by far more."""
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]] * 4
+    g = generate(tiny_lm, prompts, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                 max_new_tokens=10, temperature=T, generator=torch.Generator().manual_seed(3), return_logprobs=True)
+    assert g.logprobs.shape == g.response_ids.shape
+    ids, mask = torch.cat([g.prompt_ids, g.response_ids], 1), torch.cat([g.prompt_mask, g.response_mask], 1)
+    want = response_logprobs(tiny_lm, ids, mask, g.response_ids.shape[1], temperature=T)
+    m = g.response_mask.bool()
+    assert torch.allclose(g.logprobs[m], want[m], atol=1e-5, rtol=0)
+    assert (g.logprobs[~m] == 0).all() and (~m).any()  # some rows ended early
+    shifted = response_logprobs(tiny_lm, ids[:, :-1], mask[:, :-1], g.response_ids.shape[1] - 1, temperature=T)
+    assert (g.logprobs[:, 1:][m[:, 1:]] - shifted[m[:, 1:]]).abs().max() > 1e-2
+    assert generate(tiny_lm, prompts, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                    max_new_tokens=4).logprobs is None
+
+
 def test_entropy_returned(tiny_lm):
     ids = torch.tensor([[5, 6, 7, 8]])
     lp, ent = response_logprobs(tiny_lm, ids, torch.ones_like(ids), 2, return_entropy=True)

@@ -110,14 +110,15 @@ def _ppo_cfg(sft_checkpoint, task_dir, **over):
 
 
 @pytest.mark.slow
-def test_ratio_is_exactly_one_on_first_minibatch(sft_checkpoint, task_dir):
+@pytest.mark.parametrize("old_logprobs", ["recompute", "sampling"])
+def test_ratio_is_exactly_one_on_first_minibatch(sft_checkpoint, task_dir, old_logprobs):
     from rlhf.data.formats import load_examples, parse_prompt
     from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
     from rlhf.rollout import response_logprobs
     from rlhf.stages.ppo import make_experience, make_rollout
     from rlhf.stages.ppo_setup import PPOModels
 
-    cfg = _ppo_cfg(sft_checkpoint, task_dir, temperature=0.8)
+    cfg = _ppo_cfg(sft_checkpoint, task_dir, temperature=0.8, old_logprobs=old_logprobs)
     tok = load_tokenizer(cfg.model)
     policy = load_causal_lm(cfg.model, tok).eval()
     disable_dropout(policy)
@@ -126,7 +127,11 @@ def test_ratio_is_exactly_one_on_first_minibatch(sft_checkpoint, task_dir):
     value = lambda ids, mask, pos=None: torch.zeros(ids.shape)  # noqa: E731
     models = PPOModels(policy, value, policy, None, [], [])  # the reference is the policy itself
     exp = make_experience(ro, torch.ones(16), models, 0.1, cfg, micro_batch_size=16)
-    assert exp.kl.abs().max().item() == 0.0  # policy == reference: KL exactly 0
+    if old_logprobs == "recompute":
+        assert exp.kl.abs().max().item() == 0.0  # policy == reference: KL exactly 0
+    else:  # the sampling pass's log-probs are taken as they are; the reference recomputes them
+        assert exp.old_logprobs is ro.gen.logprobs
+        assert exp.kl.abs().max().item() < 1e-5
     idx = torch.tensor([3, 0, 7, 12])  # a shuffled micro-batch, as in the update
     R = exp.response_mask.shape[1]
     policy.train()
@@ -191,13 +196,14 @@ def test_reward_fn_import_errors(tmp_path):
 @pytest.mark.slow
 def test_ppo_every_option_runs(tmp_path, sft_checkpoint, task_dir, rm_run):
     """RM + reward fn sum, value from the RM, k3, adaptive KL, running-std scaling, reward
-    whitening, PPO-ptx, EMA: each branch of the loop runs and logs what it should."""
+    whitening, PPO-ptx, EMA, old log-probs from sampling: each branch of the loop runs and logs
+    what it should."""
     rm_dir, _ = rm_run
     cfg = _ppo_cfg(sft_checkpoint, task_dir, reward_model=str(rm_dir), value_init="reward_model",
                    reward_fns=[{"fn": "gold", "weight": 0.5}], kl_estimator="k3", adaptive_kl=True, kl_target=0.01,
                    kl_horizon=100, scale_reward="running_std", whiten_rewards=True, ptx_coef=0.5,
                    ptx_data=str(task_dir / "sft.jsonl"), ema_decay=0.9, eval_every=1, steps=2, entropy_coef=0.01,
-                   **{"model.gradient_checkpointing": True})
+                   old_logprobs="sampling", **{"model.gradient_checkpointing": True})
     s = run("ppo", cfg, str(tmp_path / "ppo"), overwrite=True)
     m = [json.loads(l) for l in open(tmp_path / "ppo" / "metrics.jsonl")]
     train = [r for r in m if "pg_loss" in r]

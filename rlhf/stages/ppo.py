@@ -137,7 +137,8 @@ class Rollout:
 def make_rollout(policy, tok, prompts: list, cfg: PPOConfig, generator: torch.Generator, device) -> Rollout:
     encoded = [encode_prompt(tok, p.prompt) for p in prompts]
     gen = generate(policy, encoded, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator, device=device)
+                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator, device=device,
+                   return_logprobs=cfg.old_logprobs == "sampling")
     texts = decode_responses(tok, gen)
     return Rollout(gen, prompts, texts)
 
@@ -251,12 +252,13 @@ def make_experience(ro: Rollout, scores: torch.Tensor, m: PPOModels, kl_coef: fl
     for sl in _slices(ids.shape[0], micro_batch_size):  # each micro-batch without its padding columns
         cols, r = trim_columns(starts, lengths, range(sl.start, sl.stop), g.prompt_ids.shape[1])
         x, xm = ids[sl, cols], mask[sl, cols]
-        old_lp.append(_pad_to(response_logprobs(policy, x, xm, r, cfg.temperature), R))
+        if g.logprobs is None:  # old_logprobs: recompute (else they were kept while sampling)
+            old_lp.append(_pad_to(response_logprobs(policy, x, xm, r, cfg.temperature), R))
         with m.reference() as ref:
             ref_lp.append(_pad_to(response_logprobs(ref, x, xm, r, cfg.temperature), R))
         if value_model is not None:
             vals.append(_pad_to(response_values(value_model, x, xm, r), R))
-    old_lp, ref_lp = torch.cat(old_lp), torch.cat(ref_lp)
+    old_lp, ref_lp = torch.cat(old_lp) if g.logprobs is None else g.logprobs, torch.cat(ref_lp)
     values = torch.cat(vals) if vals else None
     kl = core.kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * rmask
     kl_where, whiten = kl_placement(cfg)
