@@ -8,7 +8,7 @@
 Each argument is LABEL=RUN, RUN a pipeline run folder (sft/ rm/ ppo/) or a PPO run folder. Prints a
 markdown table: held-out gold accuracy (T = 1) of the SFT policy (PPO's evaluation before its first
 iteration, on the same prompts) and after PPO, the gain, the KL to the SFT policy and the RM score on
-the held-out prompts, and each stage's time. --png draws gold accuracy and KL against the iteration.
+the held-out prompts, and each stage's time and their sum. --png draws gold accuracy and KL against the iteration.
 """
 
 from __future__ import annotations
@@ -30,18 +30,19 @@ def read_run(folder: str) -> dict:
     s = _load(ppo / "summary.json")
     seconds = {st: _load(root / st / "summary.json").get("train_seconds") for st in ("sft", "rm")}
     seconds["ppo"] = s.get("train_seconds") or s.get("seconds")
-    return {"evals": evals, "ppo": s, "seconds": seconds, "total": _load(root / "summary.json").get("total_seconds")}
+    return {"evals": evals, "ppo": s, "seconds": seconds}
 
 
 def table(runs: dict[str, dict]) -> str:
-    head = ("| run | SFT gold (T = 1) | after PPO | gain | KL (nats/seq) | RM score | SFT / RM / PPO s | total |\n"
+    head = ("| run | SFT gold (T = 1) | after PPO | gain | KL (nats/seq) | RM score | SFT / RM / PPO s | stages in all |\n"
             "|---|---|---|---|---|---|---|---|")
     rows = []
     for label, r in runs.items():
         first, last = r["evals"][0], r["evals"][-1]
         sec = r["seconds"]
         times = " / ".join("–" if sec.get(k) is None else f"{sec[k]:.0f}" for k in ("sft", "rm", "ppo"))
-        total = "–" if r["total"] is None else f"{r['total'] / 60:.1f} min"
+        parts = [sec.get(k) for k in ("sft", "rm", "ppo")]  # (a resumed pipeline's own total counts the last part)
+        total = "–" if None in parts else f"{sum(parts) / 60:.1f} min"
         rows.append(f"| {label} | {first['eval_gold_accuracy']:.3f} | {last['eval_gold_accuracy']:.3f} (it "
                     f"{last['step']}) | **{100 * (last['eval_gold_accuracy'] - first['eval_gold_accuracy']):+.1f}** "
                     f"| {last['eval_kl']:.2f} | {first['eval_reward']:.2f} → {last['eval_reward']:.2f} | {times} "
