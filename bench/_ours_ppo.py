@@ -36,7 +36,8 @@ def main():
     stamps = [r["time"] for r in m]
     phases = ("time_generate", "time_score", "time_experience", "time_train", "tokens_per_s_generate",
               "tokens_per_s_train", "mfu_generate", "mfu_experience", "mfu_train")
-    print(json.dumps({"impl": "rlhf", "old_logprobs": a.old_logprobs, "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],
+    print(json.dumps({"impl": "rlhf", "old_logprobs": a.old_logprobs,
+                      "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "phases": {k: sorted(r[k] for r in m)[len(m) // 2] for k in phases}}))
 

@@ -173,9 +173,9 @@ def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         responses[:, t] = token
-        if logprobs is not None:  # x_y / T - logsumexp(x / T), 0 after EOS
+        if logprobs is not None:  # the same formula as response_logprobs, 0 after EOS
             scaled = logits / temperature if temperature != 1.0 else logits
-            lp = scaled.gather(-1, token[:, None]).squeeze(-1) - scaled.logsumexp(-1)
+            lp = token_logprobs(scaled[:, None], token[:, None], with_entropy=False)[0][:, 0]
             logprobs[:, t] = torch.where(finished, torch.zeros_like(lp), lp)
         finished |= token == eos_token_id
         steps = t + 1
