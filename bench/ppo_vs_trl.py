@@ -117,6 +117,9 @@ def main() -> None:
     ap.add_argument("--sampling_logprobs", action="store_true",
                     help="also run ours with old_logprobs: sampling (the old log-probs read from the sampling pass, "
                          "as TRL does) as a side 'ours+samplelp'")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run ours with compile: true (regional torch.compile) as 'ours+compile', and "
+                         "with --sampling_logprobs 'ours+samplelp+compile' too")
     ap.add_argument("--out", help="JSON results file (default bench/results/ppo_vs_trl_<size>.json)")
     a = ap.parse_args()
     for k, v in zip(("batch", "minibatch", "micro", "epochs", "response", "iters", "reps"), DEFAULTS[a.size]):
@@ -132,9 +135,12 @@ def main() -> None:
               "--response", str(a.response)]
     sides = {"ours": [sys.executable, str(ROOT / "bench/_ours_ppo.py"), *common, "--peak_tflops", str(peak)],
              "trl": [trl_python(), str(ROOT / "bench/_trl_ppo.py"), *common]}
+    variants = {"ours": sides["ours"]}
     if a.sampling_logprobs:
-        sides = {"ours": sides["ours"], "ours+samplelp": sides["ours"] + ["--old_logprobs", "sampling"],
-                 "trl": sides["trl"]}
+        variants["ours+samplelp"] = sides["ours"] + ["--old_logprobs", "sampling"]
+    if a.compile:
+        variants.update({name + "+compile": cmd + ["--compile"] for name, cmd in variants.items()})
+    sides = {**variants, "trl": sides["trl"]}
     if a.only:
         sides = {k: v for k, v in sides.items() if k.startswith(a.only)}
     if a.trl_retain_malloc and "trl" in sides:
@@ -155,6 +161,8 @@ def main() -> None:
         per_iter = [s for r in rs for s in r["iter_seconds"][1:]]
         summary[name] = {"median_s_per_iter": statistics.median(per_iter),
                          "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+        if "first_iter_phase_seconds" in rs[0]:
+            summary[name]["first_iter_phase_seconds"] = statistics.median(r["first_iter_phase_seconds"] for r in rs)
         if "phases" in rs[0]:
             summary[name]["phases"] = {k: statistics.median(r["phases"][k] for r in rs) for k in rs[0]["phases"]}
     print("\n== result ==")
@@ -167,9 +175,10 @@ def main() -> None:
     if "trl+malloc" in summary and "ours" in summary:
         summary["speedup_vs_trl_malloc"] = summary["trl+malloc"]["median_s_per_iter"] / summary["ours"]["median_s_per_iter"]
         print(f"speed-up over TRL under the same glibc settings: {summary['speedup_vs_trl_malloc']:.2f}x")
-    if "trl" in summary and "ours+samplelp" in summary:
-        summary["speedup_samplelp"] = summary["trl"]["median_s_per_iter"] / summary["ours+samplelp"]["median_s_per_iter"]
-        print(f"speed-up with old_logprobs: sampling: {summary['speedup_samplelp']:.2f}x")
+    for name in (n for n in summary if n.startswith("ours+") and "trl" in summary):  # speedup_samplelp, ...
+        key = "speedup_" + "_".join(name.split("+")[1:])
+        summary[key] = summary["trl"]["median_s_per_iter"] / summary[name]["median_s_per_iter"]
+        print(f"speed-up of {name}: {summary[key]:.2f}x")
     if "phases" in summary.get("ours", {}):
         ph = summary["ours"]["phases"]
         print("ours by phase (median s): " + ", ".join(f"{k[5:]} {ph[k]:.3f}" for k in ph if k.startswith("time_")))

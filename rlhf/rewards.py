@@ -206,6 +206,7 @@ def forward_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     kwargs = {}
     if getattr(getattr(model, "config", None), "model_type", None) not in ("bert", "roberta", "distilbert", "deberta-v2"):
         kwargs["position_ids"] = position_ids_from_mask(mask)
+        kwargs["use_cache"] = False  # (a decoder: no KV cache for a full-sequence pass)
     return model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, 0].float()
 
 

@@ -143,7 +143,14 @@ def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id
     :func:`response_logprobs` over the finished sequences, to float rounding (the KV-cached pass
     adds up in a different order).
     """
-    settings = Sampling(**sampling)
+    # compiled blocks (PPOConfig.compile) run eagerly here: see models.compile_blocks
+    with torch.compiler.set_stance("force_eager"):
+        return _generate(model, prompts, eos_token_id, pad_token_id, generator, device, sync_every,
+                         Sampling(**sampling))
+
+
+def _generate(model, prompts, eos_token_id, pad_token_id, generator, device, sync_every,
+              settings: Sampling) -> Generation:
     max_new_tokens, temperature, greedy = settings.max_new_tokens, settings.temperature, settings.greedy
     top_k, top_p = settings.top_k, settings.top_p
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -216,7 +223,7 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     pos = position_ids_from_mask(attention_mask)
     # only the last R + 1 positions need the LM head (a large share of the work at big vocabularies)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
                    logits_to_keep=response_len + 1).logits
     logits = logits[:, -response_len - 1 : -1, :].float()  # (B, R, V)
     if temperature != 1.0:  # (x / 1.0 is x: no copy of the (B, R, V) logits for nothing)

@@ -28,7 +28,8 @@ class ValueModel(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, input_ids, attention_mask, position_ids=None):
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
         h = out.last_hidden_state
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
 

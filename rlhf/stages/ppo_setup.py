@@ -32,7 +32,7 @@ from ..errors import RunError
 from ..engine import (compute_dtype, frozen_placement, gathered_params, is_deepspeed, make_optimizer, make_scheduler,
                       prepare_frozen, zero_stage)
 from ..flops import count_flop_params, count_head_params
-from ..models import disable_dropout, load_causal_lm, outside_zero3_init, unwrap
+from ..models import compile_blocks, disable_dropout, load_causal_lm, outside_zero3_init, unwrap
 from ..rewards import RewardModel
 from ..value import load_value_model
 
@@ -166,6 +166,14 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     m = _prepare(cfg, acc, policy, value, split)
     m.ref, m.reward_model, m.collective = ref, reward_model, zero3 or placement != "whole"
     m.gold_reward_model = gold
+    if cfg.compile:
+        if is_deepspeed(acc):
+            raise RunError("recipe: 'compile: true' is not supported under DeepSpeed yet (run without it, or "
+                           "with DDP)")
+        models = [unwrap(m.policy), m.ref, unwrap(m.value) if m.value is not None else None,
+                  reward_model.model if reward_model is not None else None]
+        n = sum(compile_blocks(x) for x in models if x is not None)
+        log.info("compile: %d transformer blocks compiled (the first iteration pays for it)", n)
     head = count_head_params(unwrap(m.policy))  # counted only where logits are read (rlhf.flops)
     m.flop_params = {"policy": count_flop_params(unwrap(m.policy)) - head, "policy_head": head, **flops,
                      "value": count_flop_params(unwrap(m.value).backbone) + 1 if m.value is not None else 0}
