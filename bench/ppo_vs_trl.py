@@ -175,7 +175,7 @@ def main() -> None:
     if "trl+malloc" in summary and "ours" in summary:
         summary["speedup_vs_trl_malloc"] = summary["trl+malloc"]["median_s_per_iter"] / summary["ours"]["median_s_per_iter"]
         print(f"speed-up over TRL under the same glibc settings: {summary['speedup_vs_trl_malloc']:.2f}x")
-    for name in (n for n in summary if n.startswith("ours+") and "trl" in summary):  # speedup_samplelp, ...
+    for name in [n for n in summary if n.startswith("ours+") and "trl" in summary]:  # speedup_samplelp, ...
         key = "speedup_" + "_".join(name.split("+")[1:])
         summary[key] = summary["trl"]["median_s_per_iter"] / summary[name]["median_s_per_iter"]
         print(f"speed-up of {name}: {summary[key]:.2f}x")
