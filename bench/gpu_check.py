@@ -10,6 +10,9 @@ What it runs (SmolLM2-135M-sized models, bf16 unless said otherwise), and what i
 3. RM (bf16) on the SFT checkpoint: loss finite and falling; memory released.
 4. PPO (bf16) against that RM: KL to the reference is exactly 0 before any update (reference
    under the policy's autocast), losses finite, tokens/s and MFU per phase against the bf16 peak.
+   The same with the opt-in speed settings (`compile: true`, `old_logprobs: sampling`): losses
+   finite, KL exactly 0 before any update, iteration 1's mean PPO ratio within 0.05 of the
+   default run's, and its phase times beside the default's.
 5. PPO in fp16 (accelerate's GradScaler with policy + value optimizers), and under single-GPU
    DeepSpeed ZeRO-2 and ZeRO-3 (each in its own process).
 6. PPO killed (SIGKILL) after iteration 2 and resumed: max |Δweight| against an uninterrupted
@@ -238,6 +241,23 @@ def main() -> int:
     RESULTS["ppo_phases_bf16"] = {**phases, "peak_tflops": m[-1]["peak_tflops"], "dtype": ppo["mfu_peak_dtype"]}
     check("ppo_bf16: MFU against the bf16 peak", ppo["mfu_peak_dtype"] == "bfloat16" and phases["mfu_train"] > 0,
           **{k: v for k, v in phases.items() if k.startswith("mfu_")})
+
+    # ------------------------------------------- the opt-in speed settings: compile, sampling log-probs
+    fast_out = work / "ppo_bf16_fast"
+    fast = run_stage("ppo_bf16_fast", "ppo", {**ppo_base, "mixed_precision": prec, "compile": True,
+                                              "old_logprobs": "sampling"}, fast_out)
+    mf = [r for r in map(json.loads, open(fast_out / "metrics.jsonl")) if "pg_loss" in r]
+    fast_phases = {k: _median([r[k] for r in mf[1:] or mf]) for k in mf[-1] if k.startswith("time_")}
+    RESULTS["ppo_phases_bf16_fast"] = {**fast_phases, "stage_seconds": fast.get("train_seconds")}
+    # the sampling pass's bf16 log-probs against the training pass's: iteration 1's mean ratio (over its
+    # epochs and minibatches) beside the default run's, which recomputes them
+    check("ppo_bf16 compile + old_logprobs: sampling: KL exactly 0 before any update, losses finite, "
+          "iteration 1's mean ratio within 0.05 of the default run's",
+          fast["initial_eval_kl"] == 0.0 and all(_finite(r[k]) for r in mf for k in ("pg_loss", "vf_loss"))
+          and abs(mf[0]["ratio_mean"] - m[0]["ratio_mean"]) < 0.05,
+          initial_eval_kl=fast["initial_eval_kl"], ratio_mean_first=mf[0]["ratio_mean"],
+          ratio_mean_first_default=m[0]["ratio_mean"], eval_reward=fast["eval_reward"],
+          train_s=fast_phases["time_train"], train_s_default=phases["time_train"])
 
     # ---------------------------------------------------------------- fp16 (GradScaler)
     ppo16 = run_stage("ppo_fp16", "ppo", {**ppo_base, "mixed_precision": "fp16", "steps": 2}, work / "ppo_fp16")

@@ -424,10 +424,10 @@ class PPOConfig(OptimConfig, LoopConfig):
     or 'sampling' (read from the sampling pass's logits, as TRL does: one policy pass less per rollout; equal
     to float rounding in fp32, less close in bf16)."""
     compile: bool = False
-    """torch.compile every transformer block of the policy, reference, value model and reward model
-    (regional compilation: the blocks share one compiled graph, so compiling them all costs about one
-    block's compile, ~10 s on a CPU). Sampling runs them eagerly. Numbers equal to float rounding; not
-    with DeepSpeed yet. See docs/performance.md."""
+    """torch.compile every transformer block of the policy and value model for the training passes
+    (regional: the blocks share compiled graphs, so compiling all costs about one block's compile).
+    Sampling, experience and evaluation passes stay eager. The PPO ratio starts at 1 to float rounding
+    then. Not with DeepSpeed yet. Measured in docs/performance.md."""
     missing_eos_penalty: float = -1.0
     """Score given to a response that never emits EOS within max_new_tokens [N+ uses -1]."""
     penalize_missing_eos: bool = True

@@ -188,30 +188,40 @@ def enable_gradient_checkpointing(model) -> None:
 
 def compile_blocks(model: nn.Module) -> int:
     """Regional `torch.compile`: every transformer block of `model` (the classes its transformers
-    `_no_split_modules` names, e.g. LlamaDecoderLayer) compiled in place with `Module.compile()`,
-    so parameter names, state dicts and checkpoints are unchanged. The blocks run the same code, so
-    they share compiled graphs: compiling 30 costs about one block's compile (a graph per mode,
-    training / no-grad, and per new shape until dynamo marks it dynamic). Returns the number of
-    blocks compiled.
+    `_no_split_modules` names, e.g. LlamaDecoderLayer, embeddings left out; without that list, the
+    children of its longest `nn.ModuleList`) compiled in place with `Module.compile()`, so
+    parameter names, state dicts and checkpoints are unchanged. The blocks run the same code, so
+    they share compiled graphs: compiling 30 costs about one block's compile (a graph per model
+    and new shape until dynamo marks the shape dynamic). Returns the number of blocks compiled.
 
-    The callers pass `use_cache=False` in full-sequence forwards and sample under
-    `torch.compiler.set_stance("force_eager")` (rollout.generate): with a KV cache each block's
-    layer index becomes a guard and every block would compile again."""
+    Full-sequence forwards must pass `use_cache=False`: with a KV cache each block's layer index
+    becomes a guard and every block would compile again. Outside training, callers run the
+    blocks eagerly (:func:`eager_blocks`)."""
     import torch._dynamo
 
     names = set()
     for m in model.modules():  # the HF model may sit inside a wrapper (ValueModel, peft)
-        names.update(getattr(m, "_no_split_modules", None) or [])
+        names.update(n for n in getattr(m, "_no_split_modules", None) or [] if not n.endswith("Embeddings"))
     blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:  # (DistilBERT, DeBERTa-v2 name none): the layer stack
+        stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+        blocks = list(max(stacks, key=len)) if stacks else []
     if not blocks:
-        raise ModelError(f"recipe: 'compile': found no transformer blocks in {type(model).__name__} "
-                         f"(transformers' _no_split_modules is empty)")
-    # policy, reference, value and reward model blocks share the code object, hence its cache entries:
-    # one per (model kind, grad mode, static/dynamic shape) is more than dynamo's default of 8
+        raise ModelError(f"recipe: 'compile': found no transformer blocks in {type(model).__name__}")
+    # the policy's and value model's blocks share the code object, hence its cache entries: one per
+    # (model, static / dynamic shapes), more than dynamo's default of 8 with a few shape changes
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for b in blocks:
         b.compile()
     return len(blocks)
+
+
+def eager_blocks():
+    """Inside, blocks compiled by :func:`compile_blocks` run eagerly: sampling (a KV cache would
+    recompile every block, see above), and PPO's no-grad experience and evaluation passes, where the
+    compiled CPU kernels were slower than eager ones (docs/performance.md) and where eager passes keep
+    the policy's and reference's log-probs bit-equal before any update. A no-op for eager models."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def outside_zero3_init():

@@ -38,5 +38,5 @@ class PtxIterator:
 
     def loss(self, policy) -> torch.Tensor:
         ids, mask, labels = collate_sft(self.next_batch(), self.pad_id, self.device)
-        s, n = core.lm_loss_sum(policy(input_ids=ids, attention_mask=mask).logits, labels)
+        s, n = core.lm_loss_sum(policy(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
         return s / max(n, 1)

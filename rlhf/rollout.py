@@ -143,8 +143,9 @@ def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id
     :func:`response_logprobs` over the finished sequences, to float rounding (the KV-cached pass
     adds up in a different order).
     """
-    # compiled blocks (PPOConfig.compile) run eagerly here: see models.compile_blocks
-    with torch.compiler.set_stance("force_eager"):
+    from .models import eager_blocks
+
+    with eager_blocks():  # (compiled blocks, PPOConfig.compile: see models.compile_blocks)
         return _generate(model, prompts, eos_token_id, pad_token_id, generator, device, sync_every,
                          Sampling(**sampling))
 

@@ -219,27 +219,29 @@ def test_ppo_every_option_runs(tmp_path, sft_checkpoint, task_dir, rm_run):
 
 @pytest.mark.slow
 def test_compiled_blocks_give_the_eager_numbers(tmp_path, sft_checkpoint, task_dir, rm_run):
-    """compile: true (regional torch.compile of policy, reference, value model and RM blocks) moves
-    no logged number beyond float rounding, and sampling stays eager: the same tokens."""
+    """compile: true (regional torch.compile of the policy's and value model's blocks for training)
+    moves no logged number beyond float rounding; sampling stays eager: the same tokens."""
     rm_dir, _ = rm_run
     runs = {}
     for compiled in (False, True):
         cfg = _ppo_cfg(sft_checkpoint, task_dir, reward_model=str(rm_dir), value_init="reward_model",
                        reward_fns=[], steps=2, compile=compiled, sample_every=1)
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         run("ppo", cfg, str(tmp_path / str(compiled)), overwrite=True)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        # eager: none; compiled: one graph per (model, grad mode, static / dynamic shapes), shared by
-        # the blocks -- 8 here. A KV cache in a full-sequence pass makes every block's layer index a
-        # guard, one graph more per block (13 with the value model's use_cache=False removed)
-        assert graphs == 0 if not compiled else 0 < graphs <= 8, graphs
+        # eager: none; compiled: the policy's and value model's blocks in training share one graph
+        # (two once a shape turns dynamic). A KV cache in a full-sequence pass makes every block's
+        # layer index a guard, one graph more per block (3 with the value model's use_cache=False removed)
+        assert graphs == 0 if not compiled else 0 < graphs <= 2, graphs
         runs[compiled] = [json.loads(l) for l in open(tmp_path / str(compiled) / "metrics.jsonl") if '"pg_loss"' in l]
     for key in ("pg_loss", "vf_loss", "rm_score", "kl", "approx_kl", "entropy", "policy_grad_norm", "value_grad_norm"):
         for eager, comp in zip(runs[False], runs[True]):
             assert comp[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
     samples = [[json.loads(l) for l in open(tmp_path / str(c) / "samples.jsonl")] for c in (False, True)]
-    assert len(samples[0]) == 16 and [r["completion"] for r in samples[0]] == [r["completion"] for r in samples[1]]
-    assert [r["score"] for r in samples[1]] == pytest.approx([r["score"] for r in samples[0]], rel=1e-4)
+    first = [[r for r in rows if r["step"] == 1] for rows in samples]  # (later: weights equal to rounding)
+    assert len(first[0]) == 8 and [r["completion"] for r in first[0]] == [r["completion"] for r in first[1]]
+    assert [r["score"] for r in first[1]] == pytest.approx([r["score"] for r in first[0]], rel=1e-4)
 
 
 def test_compile_blocks_finds_the_transformer_blocks():
@@ -255,6 +257,8 @@ def test_compile_blocks_finds_the_transformer_blocks():
     assert compile_blocks(model) == 3
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     assert model.lm_head._compiled_call_impl is None  # only the blocks
+    stack = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 2))
+    assert compile_blocks(stack) == 2  # no _no_split_modules: the longest layer list
     with pytest.raises(ModelError, match="no transformer blocks"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 

@@ -41,7 +41,7 @@ from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, backward, 
                       finish_run, inputs_first, loss_scale, make_accelerator, open_run, peak_memory, prepare_output_dir,
                       progress, set_seed, step_models, world_size, write_summary, zero_stage)
 from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
-from ..models import count_parameters, load_tokenizer, save_model_files, unwrap
+from ..models import count_parameters, eager_blocks, load_tokenizer, save_model_files, unwrap
 from ..ptx import PtxIterator
 from ..rm_refresh import Paused, RMRefresher
 from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call, load_reward_fn
@@ -511,7 +511,8 @@ class PPORun:
         return bool(self.data.eval_prompts) and (self.acc.is_main_process or self.m.collective)
 
     def evaluate(self) -> dict:
-        with self.m.gathered():  # ZeRO-3: the policy's weights gathered once for the whole evaluation
+        # ZeRO-3: the policy's weights gathered once for the whole evaluation
+        with self.m.gathered(), eager_blocks():
             return evaluate_policy(self.m, self.data, self.cfg, self.acc.device)
 
     def after_evaluation(self, it: int, res: dict) -> bool:
@@ -627,7 +628,7 @@ def ppo_iteration(run: PPORun, it: int) -> tuple[dict, bool]:
             raise reward_failure(failure, it, not already_saved, lambda: run.save(it - 1, rng_at_start), run.out)
         scores = core.REWARD_SCALINGS[cfg.scale_reward].fn(raw_scores, st.moments, acc.gather(raw_scores))
         scores = core.clip_scores(scores, cfg.reward_clip)
-    with t_exp:
+    with t_exp, eager_blocks():  # (compile: the blocks are compiled for the training passes only)
         exp = make_experience(ro, scores, m, st.kl_ctl.value, cfg, run.split.micro,
                               reduce=lambda t: acc.reduce(t.clone(), "sum"))
     m.train()  # (dropout is off; training mode is what activation checkpointing needs)

@@ -114,6 +114,8 @@ class PPOModels:
 
 def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     """Load, place and prepare every model of the run; build the optimizers and schedules."""
+    if cfg.compile and is_deepspeed(acc):
+        raise RunError("recipe: 'compile: true' is not supported under DeepSpeed yet (run without it, or with DDP)")
     zero3 = zero_stage(acc) == 3
     placement = frozen_placement(acc, cfg.frozen_models)
     if cfg.rm_refresh is not None:
@@ -167,13 +169,9 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     m.ref, m.reward_model, m.collective = ref, reward_model, zero3 or placement != "whole"
     m.gold_reward_model = gold
     if cfg.compile:
-        if is_deepspeed(acc):
-            raise RunError("recipe: 'compile: true' is not supported under DeepSpeed yet (run without it, or "
-                           "with DDP)")
-        models = [unwrap(m.policy), m.ref, unwrap(m.value) if m.value is not None else None,
-                  reward_model.model if reward_model is not None else None]
-        n = sum(compile_blocks(x) for x in models if x is not None)
-        log.info("compile: %d transformer blocks compiled (the first iteration pays for it)", n)
+        n = sum(compile_blocks(unwrap(x)) for x in (m.policy, m.value) if x is not None)  # the trained ones
+        log.info("compile: %d transformer blocks of the policy and value model compiled for the training "
+                 "passes (the first iteration pays for it)", n)
     head = count_head_params(unwrap(m.policy))  # counted only where logits are read (rlhf.flops)
     m.flop_params = {"policy": count_flop_params(unwrap(m.policy)) - head, "policy_head": head, **flops,
                      "value": count_flop_params(unwrap(m.value).backbone) + 1 if m.value is not None else 0}
