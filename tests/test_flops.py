@@ -60,3 +60,26 @@ def test_retain_freed_cpu_memory_once_and_declinable(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     assert engine.retain_freed_cpu_memory() is False and calls == []
+
+
+@pytest.mark.parametrize("policy_pass, mfu_exp", [(True, 5.76), (False, 3.68)])
+def test_phase_throughput_by_hand(policy_pass, mfu_exp):
+    """Per-phase FLOPs counted by hand: 10 sequence tokens (6 prompt + 4 response), policy 100
+    params + head 10, value 50, RM 30, 2 PPO epochs, peak 1000 FLOP/s. The experience phase runs
+    the reference (and the policy, when the old log-probs are recomputed), the value model and RM."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rlhf.stages.ppo import phase_throughput
+
+    gen = SimpleNamespace(response_mask=torch.tensor([[1, 1, 1, 1]]), prompt_mask=torch.ones(1, 6))
+    ro, exp = SimpleNamespace(gen=gen), SimpleNamespace(attention_mask=torch.ones(1, 10))
+    times = {"generate": 1.0, "score": 0.5, "experience": 0.5, "train": 2.0}
+    params = {"policy": 100, "policy_head": 10, "value": 50, "rm": 30}
+    r = phase_throughput(ro, exp, times, params, ppo_epochs=2, peak=1000.0, policy_pass=policy_pass)
+    assert r["mfu_generate"] == pytest.approx((2 * 100 * 10 + 2 * 10 * 4) / 1.0 / 1000)  # 2.08
+    # 2 (2 x 100 + 50 + 30) 10 + 2 (2 x 10) 4 = 5760 with the policy pass; 2 (100 + 80) 10 + 2 x 10 x 4 = 3680
+    assert r["mfu_experience"] == pytest.approx(mfu_exp)
+    assert r["mfu_train"] == pytest.approx((6 * 150 * 10 + 6 * 10 * 4) * 2 / 2.0 / 1000)  # 9.24
+    assert r["tokens_per_s_generate"] == 4.0 and r["tokens_per_s_train"] == 10.0

@@ -711,7 +711,8 @@ def log_iteration(run: PPORun, it: int, batch: tuple, stats: dict, mean_kl: floa
     m.update({"kl_coef": st.kl_ctl.value, "lr": run.m.schedulers[0].get_last_lr()[0],
               **{f"time_{k}": v for k, v in times.items()},
               "tokens_generated": int(rm_.sum().item()) * acc.num_processes})
-    m.update(phase_throughput(ro, exp, times, run.m.flop_params, run.cfg.ppo_epochs, run.peak))
+    m.update(phase_throughput(ro, exp, times, run.m.flop_params, run.cfg.ppo_epochs, run.peak,
+                              policy_pass=run.cfg.old_logprobs == "recompute"))
     run.logger.log(it, m)
     return m
 
@@ -770,8 +771,10 @@ def reward_failure(error: RewardError | None, it: int, save_now: bool, save, out
 
 
 def phase_throughput(ro: Rollout, exp: Experience, times: dict, flop_params: dict, ppo_epochs: int,
-                     peak: float) -> dict:
-    """Tokens/s and MFU of each phase of one iteration on this process (formulas: rlhf.flops)."""
+                     peak: float, policy_pass: bool = True) -> dict:
+    """Tokens/s and MFU of each phase of one iteration on this process (formulas: rlhf.flops).
+    `policy_pass`: whether the experience phase ran the policy (old log-probs recomputed) besides the
+    reference; with old_logprobs: sampling it did not."""
     n_policy, n_value, n_rm = flop_params["policy"], flop_params["value"], flop_params["rm"]
     n_head = flop_params.get("policy_head", 0)
     t_gen, t_exp, t_train = times["generate"], times["score"] + times["experience"], times["train"]
@@ -779,8 +782,9 @@ def phase_throughput(ro: Rollout, exp: Experience, times: dict, flop_params: dic
     prefill = int(ro.gen.prompt_mask.sum())
     seq_tokens = int(exp.attention_mask.sum())
     f_gen = forward_flops(n_policy, prefill + gen_tokens) + forward_flops(n_head, gen_tokens)
-    # policy, reference, value, RM; the LM head at the response tokens of the policy and reference
-    f_exp = forward_flops(2 * n_policy + n_value + n_rm, seq_tokens) + forward_flops(2 * n_head, gen_tokens)
+    # (policy,) reference, value, RM; the LM head at the response tokens of the policy and reference
+    n_lm = 2 if policy_pass else 1
+    f_exp = forward_flops(n_lm * n_policy + n_value + n_rm, seq_tokens) + forward_flops(n_lm * n_head, gen_tokens)
     f_train = (train_flops(n_policy + n_value, seq_tokens) + train_flops(n_head, gen_tokens)) * ppo_epochs
     return {"tokens_per_s_generate": gen_tokens / max(t_gen, 1e-9),
             "tokens_per_s_train": seq_tokens * ppo_epochs / max(t_train, 1e-9),
