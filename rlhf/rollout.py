@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .algos.core import token_logprobs
+from .models import eager_blocks
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,8 +144,6 @@ def generate(model, prompts: list[list[int]], *, eos_token_id: int, pad_token_id
     :func:`response_logprobs` over the finished sequences, to float rounding (the KV-cached pass
     adds up in a different order).
     """
-    from .models import eager_blocks
-
     with eager_blocks():  # (compiled blocks, PPOConfig.compile: see models.compile_blocks)
         return _generate(model, prompts, eos_token_id, pad_token_id, generator, device, sync_every,
                          Sampling(**sampling))
