@@ -120,6 +120,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also run ours with compile: true (regional torch.compile) as 'ours+compile', and "
                          "with --sampling_logprobs 'ours+samplelp+compile' too")
+    ap.add_argument("--sides", help="comma-separated side names to run (e.g. ours,ours+samplelp+compile,trl); "
+                                    "default: every side the other flags ask for")
     ap.add_argument("--out", help="JSON results file (default bench/results/ppo_vs_trl_<size>.json)")
     a = ap.parse_args()
     for k, v in zip(("batch", "minibatch", "micro", "epochs", "response", "iters", "reps"), DEFAULTS[a.size]):
@@ -143,6 +145,11 @@ def main() -> None:
     sides = {**variants, "trl": sides["trl"]}
     if a.only:
         sides = {k: v for k, v in sides.items() if k.startswith(a.only)}
+    if a.sides:
+        unknown = set(a.sides.split(",")) - set(sides)
+        if unknown:
+            sys.exit(f"--sides: unknown {sorted(unknown)}; these flags give {list(sides)}")
+        sides = {k: v for k, v in sides.items() if k in a.sides.split(",")}
     if a.trl_retain_malloc and "trl" in sides:
         sides["trl+malloc"] = sides["trl"]
     runs: dict[str, list[dict]] = {k: [] for k in sides}
