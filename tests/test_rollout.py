@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from rlhf.rollout import eos_mask, filter_logits, generate, left_pad, position_ids_from_mask, response_logprobs
+import rlhf.rollout
+from rlhf.rollout import (FewRowsLinear, eos_mask, few_rows_linear, filter_logits, generate, left_pad,
+                          position_ids_from_mask, response_logprobs)
 
 
 def test_left_pad_and_positions():
@@ -171,3 +173,40 @@ def test_trimmed_micro_batches_keep_every_value(tiny_lm):
                 n = lengths[i]
                 torch.testing.assert_close(lp[k, :n], full_lp[i, :n], rtol=0, atol=1e-5)
                 torch.testing.assert_close(v[k, :n], full_v[i, :n], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_linear_is_linear(bias):
+    """(W xᵀ)ᵀ + b equals x Wᵀ + b to float rounding, in the input's leading shape; inside
+    FewRowsLinear an nn.Linear of 2..max_rows rows takes that path, one row or more rows do not."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40, bias=bias)
+    x = torch.randn(17, 1, 24)
+    assert torch.allclose(few_rows_linear(x, lin.weight, lin.bias), lin(x), atol=1e-6, rtol=0)
+    calls = []
+    real = rlhf.rollout.few_rows_linear
+    rlhf.rollout.few_rows_linear = lambda *a: calls.append(a[0].shape) or real(*a)
+    try:
+        with torch.no_grad(), FewRowsLinear(max_rows=16):
+            ys = [lin(x[:rows]) for rows in (1, 2, 16, 17)]
+    finally:
+        rlhf.rollout.few_rows_linear = real
+    assert calls == [(2, 1, 24), (16, 1, 24)]
+    for y, rows in zip(ys, (1, 2, 16, 17)):
+        assert y.shape == (rows, 1, 40) and torch.allclose(y, lin(x[:rows]), atol=1e-6, rtol=0)
+
+
+def test_decoding_steps_use_few_rows_linear(tiny_lm, tok, monkeypatch):
+    """generate() runs its decoding steps through few_rows_linear (the prefill does not), and the
+    tokens and log-probs are those of plain F.linear."""
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]] * 4
+    kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=8, return_logprobs=True)
+    calls = []
+    real = rlhf.rollout.few_rows_linear
+    monkeypatch.setattr(rlhf.rollout, "few_rows_linear", lambda *a: calls.append(a[0].shape[:-1]) or real(*a))
+    fast = generate(tiny_lm, prompts, generator=torch.Generator().manual_seed(3), **kw)
+    assert calls and set(calls) == {(12, 1)}
+    monkeypatch.setattr(FewRowsLinear, "__torch_function__", lambda self, f, t, a=(), k=None: f(*a, **(k or {})))
+    plain = generate(tiny_lm, prompts, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(fast.response_ids, plain.response_ids)
+    assert torch.allclose(fast.logprobs, plain.logprobs, atol=1e-5, rtol=0)
