@@ -83,8 +83,8 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` = x Wᵀ + b, computed as (W xᵀ)ᵀ + b. The same products and
-    sums to float rounding; x: (..., K), weight: (N, K), result (..., N), a transposed view.
+    """``F.linear(x, weight, bias)`` = x Wᵀ + b, computed as (W xᵀ)ᵀ + b: the same result to float
+    rounding. x: (..., K), weight: (N, K); the result (..., N) is a view of the transposed product.
 
     For a decoding step's few rows (one per sequence) MKL's fp32 sgemm is faster this way round on
     the CPUs measured: it splits x Wᵀ over x's few rows, W xᵀ over W's many. SmolLM2-135M, 16 rows:
@@ -108,11 +108,12 @@ class FewRowsLinear(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            x = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-            if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.dim() == 2
-                    and 2 <= rows <= self.max_rows):
+            rows = x.numel() // max(x.shape[-1], 1) if x is not None and x.dim() else 0
+            if (2 <= rows <= self.max_rows and x.device.type == "cpu" and weight is not None and weight.dim() == 2
+                    and x.dtype == weight.dtype == torch.float32):
                 return few_rows_linear(x, weight, bias)
         return func(*args, **kwargs)
 
