@@ -176,7 +176,7 @@ def test_trimmed_micro_batches_keep_every_value(tiny_lm):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_few_rows_linear_is_linear(bias):
+def test_few_rows_linear_is_linear(bias, monkeypatch):
     """(W xᵀ)ᵀ + b equals x Wᵀ + b to float rounding, in the input's leading shape; inside
     FewRowsLinear an nn.Linear of 2..max_rows rows takes that path, one row or more rows do not."""
     torch.manual_seed(0)
@@ -184,13 +184,9 @@ def test_few_rows_linear_is_linear(bias):
     x = torch.randn(17, 1, 24)
     assert torch.allclose(few_rows_linear(x, lin.weight, lin.bias), lin(x), atol=1e-6, rtol=0)
     calls = []
-    real = rlhf.rollout.few_rows_linear
-    rlhf.rollout.few_rows_linear = lambda *a: calls.append(a[0].shape) or real(*a)
-    try:
-        with torch.no_grad(), FewRowsLinear(max_rows=16):
-            ys = [lin(x[:rows]) for rows in (1, 2, 16, 17)]
-    finally:
-        rlhf.rollout.few_rows_linear = real
+    monkeypatch.setattr(rlhf.rollout, "few_rows_linear", lambda *a: calls.append(a[0].shape) or few_rows_linear(*a))
+    with torch.no_grad(), FewRowsLinear(max_rows=16):
+        ys = [lin(x[:rows]) for rows in (1, 2, 16, 17)]
     assert calls == [(2, 1, 24), (16, 1, 24)]
     for y, rows in zip(ys, (1, 2, 16, 17)):
         assert y.shape == (rows, 1, 40) and torch.allclose(y, lin(x[:rows]), atol=1e-6, rtol=0)
@@ -202,8 +198,7 @@ def test_decoding_steps_use_few_rows_linear(tiny_lm, tok, monkeypatch):
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]] * 4
     kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=8, return_logprobs=True)
     calls = []
-    real = rlhf.rollout.few_rows_linear
-    monkeypatch.setattr(rlhf.rollout, "few_rows_linear", lambda *a: calls.append(a[0].shape[:-1]) or real(*a))
+    monkeypatch.setattr(rlhf.rollout, "few_rows_linear", lambda *a: calls.append(a[0].shape[:-1]) or few_rows_linear(*a))
     fast = generate(tiny_lm, prompts, generator=torch.Generator().manual_seed(3), **kw)
     assert calls and set(calls) == {(12, 1)}
     monkeypatch.setattr(FewRowsLinear, "__torch_function__", lambda self, f, t, a=(), k=None: f(*a, **(k or {})))
