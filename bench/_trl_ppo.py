@@ -26,6 +26,8 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--kl_coef", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--onednn", action="store_true",
+                    help="run the four models' linear layers through oneDNN as rlhf's onednn_linear does")
     a = ap.parse_args()
 
     import datasets
@@ -46,6 +48,11 @@ def main():
     ref = AutoModelForCausalLM.from_pretrained(a.policy)
     reward = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)
     value = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)
+    if a.onednn:  # the same kernels as ours with onednn_linear: true, for a side-by-side at equal kernels
+        from rlhf.cpu_linear import use_onednn_linear
+
+        for m in (policy, ref, reward, value):
+            use_onednn_linear(m)
     ga = a.minibatch // a.micro * (a.batch // a.minibatch)
     args = PPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.micro, gradient_accumulation_steps=ga,
@@ -66,7 +73,8 @@ def main():
     t0 = time.perf_counter()
     trainer.train()
     stamps = [t0] + times
-    print(json.dumps({"impl": "trl-1.12.0", "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],
+    print(json.dumps({"impl": "trl-1.12.0", "onednn_linear": a.onednn,
+                      "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

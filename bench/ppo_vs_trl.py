@@ -120,6 +120,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also run ours with compile: true (regional torch.compile) as 'ours+compile', and "
                          "with --sampling_logprobs 'ours+samplelp+compile' too")
+    ap.add_argument("--onednn", action="store_true",
+                    help="also run every 'ours' side with onednn_linear: true (fp32 linear layers through oneDNN "
+                         "instead of MKL, rlhf.cpu_linear) as '<side>+onednn', and TRL with the same layers as "
+                         "'trl+onednn' (its four models switched by rlhf.cpu_linear.use_onednn_linear)")
     ap.add_argument("--sides", help="comma-separated side names to run (e.g. ours,ours+samplelp+compile,trl); "
                                     "default: every side the other flags ask for")
     ap.add_argument("--out", help="JSON results file (default bench/results/ppo_vs_trl_<size>.json)")
@@ -142,7 +146,10 @@ def main() -> None:
         variants["ours+samplelp"] = sides["ours"] + ["--old_logprobs", "sampling"]
     if a.compile:
         variants.update({name + "+compile": cmd + ["--compile"] for name, cmd in variants.items()})
-    sides = {**variants, "trl": sides["trl"]}
+    if a.onednn:
+        variants.update({name + "+onednn": cmd + ["--onednn"] for name, cmd in variants.items()})
+    trl = {"trl": sides["trl"], **({"trl+onednn": sides["trl"] + ["--onednn"]} if a.onednn else {})}
+    sides = {**variants, **trl}
     if a.only:
         sides = {k: v for k, v in sides.items() if k.startswith(a.only)}
     if a.sides:
@@ -186,6 +193,10 @@ def main() -> None:
         key = "speedup_" + "_".join(name.split("+")[1:])
         summary[key] = summary["trl"]["median_s_per_iter"] / summary[name]["median_s_per_iter"]
         print(f"speed-up of {name}: {summary[key]:.2f}x")
+    for name in [n for n in summary if n.startswith("ours") and n.endswith("+onednn") and "trl+onednn" in summary]:
+        key = "speedup_vs_trl_onednn_" + "_".join(name.split("+")[1:])  # both sides on the same kernels
+        summary[key] = summary["trl+onednn"]["median_s_per_iter"] / summary[name]["median_s_per_iter"]
+        print(f"speed-up of {name} over TRL with the same oneDNN layers: {summary[key]:.2f}x")
     if "phases" in summary.get("ours", {}):
         ph = summary["ours"]["phases"]
         print("ours by phase (median s): " + ", ".join(f"{k[5:]} {ph[k]:.3f}" for k in ph if k.startswith("time_")))

@@ -244,6 +244,39 @@ def test_compiled_blocks_give_the_eager_numbers(tmp_path, sft_checkpoint, task_d
     assert [r["score"] for r in first[1]] == pytest.approx([r["score"] for r in first[0]], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_onednn_linear_gives_the_default_numbers(tmp_path, sft_checkpoint, task_dir, rm_run, monkeypatch):
+    """onednn_linear: true (every fp32 nn.Linear through oneDNN, rlhf.cpu_linear), alone and with
+    compile: true, moves no logged number beyond float rounding and samples the same tokens, and its
+    products really run through oneDNN (counted)."""
+    import rlhf.cpu_linear
+
+    if not rlhf.cpu_linear.onednn_linear_available():
+        pytest.skip("this torch has no oneDNN")
+    calls = []
+    orig = rlhf.cpu_linear._linear_pointwise
+    monkeypatch.setattr(rlhf.cpu_linear, "_linear_pointwise", lambda *a: calls.append(1) or orig(*a))
+    rm_dir, _ = rm_run
+    runs = {}
+    for name, over in {"default": {}, "onednn": {"onednn_linear": True},
+                       "onednn+compile": {"onednn_linear": True, "compile": True}}.items():
+        cfg = _ppo_cfg(sft_checkpoint, task_dir, reward_model=str(rm_dir), value_init="reward_model",
+                       reward_fns=[], steps=2, sample_every=1, peak_tflops=1.0, **over)  # (no peak measured)
+        torch._dynamo.reset()
+        calls.clear()
+        run("ppo", cfg, str(tmp_path / name), overwrite=True)
+        assert (len(calls) > 0) == ("onednn" in name), (name, len(calls))
+        runs[name] = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl") if '"pg_loss"' in l]
+    for name in ("onednn", "onednn+compile"):
+        for key in ("pg_loss", "vf_loss", "rm_score", "kl", "approx_kl", "entropy", "policy_grad_norm",
+                    "value_grad_norm"):
+            for ref, got in zip(runs["default"], runs[name]):
+                assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (name, key)
+        first = [[r for r in map(json.loads, open(tmp_path / n / "samples.jsonl")) if r["step"] == 1]
+                 for n in ("default", name)]
+        assert len(first[0]) == 8 and [r["completion"] for r in first[0]] == [r["completion"] for r in first[1]]
+
+
 def test_compile_blocks_finds_the_transformer_blocks():
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -28,6 +28,7 @@ from torch import nn
 from ..algos.advantages import ADVANTAGE_ESTIMATORS
 from ..checkpoint import CheckpointParts
 from ..config import PPOConfig
+from ..cpu_linear import onednn_linear_available, use_onednn_linear
 from ..errors import RunError
 from ..engine import (compute_dtype, frozen_placement, gathered_params, is_deepspeed, make_optimizer, make_scheduler,
                       prepare_frozen, zero_stage)
@@ -116,6 +117,12 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     """Load, place and prepare every model of the run; build the optimizers and schedules."""
     if cfg.compile and is_deepspeed(acc):
         raise RunError("recipe: 'compile: true' is not supported under DeepSpeed yet (run without it, or with DDP)")
+    if cfg.onednn_linear:
+        if acc.device.type != "cpu" or is_deepspeed(acc) or compute_dtype(acc) != torch.float32:
+            raise RunError("recipe: 'onednn_linear: true' is for fp32 runs on the CPU without DeepSpeed "
+                           f"(this run: {acc.device.type}, {compute_dtype(acc)}, deepspeed={is_deepspeed(acc)})")
+        if not onednn_linear_available():
+            raise RunError("recipe: 'onednn_linear: true', but this torch build has no oneDNN linear op")
     zero3 = zero_stage(acc) == 3
     placement = frozen_placement(acc, cfg.frozen_models)
     if cfg.rm_refresh is not None:
@@ -168,6 +175,10 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     m = _prepare(cfg, acc, policy, value, split)
     m.ref, m.reward_model, m.collective = ref, reward_model, zero3 or placement != "whole"
     m.gold_reward_model = gold
+    if cfg.onednn_linear:  # before compiling: the compiled blocks trace the oneDNN layers
+        models = (m.policy, m.ref, m.value, reward_model and reward_model.model, gold and gold.model)
+        n = sum(use_onednn_linear(unwrap(x)) for x in models if x is not None)
+        log.info("onednn_linear: %d linear layers run through oneDNN", n)
     if cfg.compile:
         n = sum(compile_blocks(unwrap(x)) for x in (m.policy, m.value) if x is not None)  # the trained ones
         log.info("compile: %d transformer blocks of the policy and value model compiled for the training "

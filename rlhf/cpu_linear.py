@@ -1,0 +1,108 @@
+"""fp32 linear layers through oneDNN on the CPU (recipe key ``onednn_linear``, opt-in).
+
+torch computes an fp32 ``nn.Linear`` on the CPU with MKL's sgemm. On the AMD CPUs this project is
+measured on (AVX-512), MKL runs its AVX2 kernels and reaches about half of what the cores can do:
+a 2048³ product at 176 GFLOP/s, where oneDNN, which torch also ships and which chooses its kernels
+by the CPU's instruction sets, reaches 382 GFLOP/s, and SmolLM2's training products 2× as fast
+(docs/performance.md, "oneDNN linear layers"). On Intel CPUs MKL is already at the peak and the
+two are alike.
+
+:func:`use_onednn_linear` makes a model's fp32 ``nn.Linear`` layers run :class:`OneDNNLinear`:
+the same products, forward and backward, through ``torch.ops.mkldnn._linear_pointwise`` (the op
+inductor itself emits for CPU linear layers). Results equal ``F.linear``'s to float rounding (a
+different summation order); parameters, state dicts and checkpoints are untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN and the linear op used here."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _linear_pointwise(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
+
+
+@torch.library.custom_op("rlhf::onednn_mm", mutates_args=())
+def _onednn_mm_op(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The same product as an opaque op for torch.compile: inductor lowers mkldnn._linear_pointwise
+    only for frozen (constant) weights, and a trained weight is not one."""
+    return _linear_pointwise(a, b_t, bias)
+
+
+@_onednn_mm_op.register_fake
+def _(a, b_t, bias):
+    return a.new_empty((*a.shape[:-1], b_t.shape[0]))
+
+
+def onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b_tᵀ (+ bias) by oneDNN: a (..., K), b_t (N, K) -> (..., N). Strided views (transposes)
+    are read in place, not copied."""
+    if torch.compiler.is_compiling():
+        return _onednn_mm_op(a, b_t, bias)
+    return _linear_pointwise(a, b_t, bias)  # (eager: without the custom op's dispatch per call)
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with the forward and both backward products by oneDNN.
+
+    x: (..., K), weight: (N, K), bias: (N,) or None -> y: (..., N). Backward, with g = ∂L/∂y
+    flattened to (M, N) and x to (M, K): ∂L/∂x = g W, ∂L/∂W = gᵀ x, ∂L/∂b = Σ_rows g (the same
+    formulas as ``F.linear``'s autograd)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_mm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = onednn_mm(g, weight.t()).reshape(x.shape)  # g W = g (Wᵀ)ᵀ
+        if ctx.needs_input_grad[1]:
+            grad_w = onednn_mm(g.t(), x.reshape(-1, x.shape[-1]).t())  # gᵀ x = gᵀ (xᵀ)ᵀ
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through :class:`OneDNNLinear` (a plain oneDNN call without grad)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return OneDNNLinear.apply(x, weight, bias)
+    return onednn_mm(x, weight, bias)
+
+
+class _OneDNNLinearLayer(nn.Linear):
+    """An ``nn.Linear`` whose forward is :func:`onednn_linear` on CPU fp32 inputs; anything else
+    (another device or dtype) runs ``F.linear`` as before. Only ever set as ``__class__`` of an
+    existing ``nn.Linear`` by :func:`use_onednn_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32:
+            return onednn_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def use_onednn_linear(model: nn.Module) -> int:
+    """Run every plain ``nn.Linear`` of `model` through oneDNN on CPU fp32 inputs (its class becomes
+    a subclass of ``nn.Linear`` with that forward; parameters, hooks and state dict unchanged).
+    Returns the number of layers switched; 0 when this torch has no oneDNN."""
+    if not onednn_linear_available():
+        return 0
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = _OneDNNLinearLayer
+            n += 1
+    return n

@@ -1,0 +1,85 @@
+"""fp32 linear layers through oneDNN (rlhf.cpu_linear): the same products as F.linear, forward and
+backward, to float rounding."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf.cpu_linear import OneDNNLinear, onednn_linear, onednn_linear_available, use_onednn_linear
+
+pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN")
+
+
+def test_onednn_linear_hand_computed():
+    """y = x Wᵀ + b, ∂/∂x = g W, ∂/∂W = gᵀ x, ∂/∂b = Σ g, with g = 1 (exact in fp32)."""
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)
+    b = torch.tensor([0.5, -1.0, 0.0], requires_grad=True)
+    y = onednn_linear(x, w, b)
+    assert y.tolist() == [[1.5, 1.0, 3.0], [3.5, 3.0, 7.0]]
+    y.sum().backward()
+    assert x.grad.tolist() == [[2.0, 2.0], [2.0, 2.0]]
+    assert w.grad.tolist() == [[4.0, 6.0], [4.0, 6.0], [4.0, 6.0]]
+    assert b.grad.tolist() == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_equals_f_linear(bias):
+    """3-D and transposed (strided) inputs, a random upstream gradient: outputs and all three
+    gradients equal F.linear's to float rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 48).transpose(0, 1)  # (3, 5, 48), not contiguous
+    w, b = torch.randn(40, 48), torch.randn(40) if bias else None
+    g = torch.randn(3, 5, 40)
+    grads = []
+    for fn in (F.linear, onednn_linear):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bs = b.clone().requires_grad_() if bias else None
+        y = fn(xs, ws, bs)
+        y.backward(g)
+        grads.append((y, xs.grad, ws.grad, bs.grad if bias else None))
+    for ref, got in zip(*grads):
+        if ref is not None:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():  # the no-grad path (one oneDNN call, no autograd node)
+        torch.testing.assert_close(onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_use_onednn_linear_switches_every_linear_and_keeps_the_numbers(monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import TINY_ARCH
+
+    arch = {k: v for k, v in TINY_ARCH.items() if k != "model_type"}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **arch))
+    switched = copy.deepcopy(model)
+    n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert use_onednn_linear(switched) == n_linear > 0
+    assert sum(isinstance(m, torch.nn.Linear) for m in switched.modules()) == n_linear  # still nn.Linear
+    assert not any(type(m) is torch.nn.Linear for m in switched.modules())  # every one switched
+    ref_sd, got_sd = model.state_dict(), switched.state_dict()
+    assert ref_sd.keys() == got_sd.keys() and all(torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    losses = []
+    for m in (model, switched):
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        losses.append(out.loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), switched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    calls = []
+    orig = OneDNNLinear.forward  # the switched model's training pass really goes through OneDNNLinear
+    monkeypatch.setattr(OneDNNLinear, "forward", staticmethod(lambda ctx, *a: calls.append(1) or orig(ctx, *a)))
+    switched(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == n_linear
+
+    half = copy.deepcopy(switched).to(torch.bfloat16)  # other dtypes run F.linear as before
+    ref_half = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(half(input_ids=ids).logits, ref_half(input_ids=ids).logits)
