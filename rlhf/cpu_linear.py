@@ -51,9 +51,10 @@ def onednn_mm(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = No
 class OneDNNLinear(torch.autograd.Function):
     """y = x Wᵀ + b with the forward and both backward products by oneDNN.
 
-    x: (..., K), weight: (N, K), bias: (N,) or None -> y: (..., N). Backward, with g = ∂L/∂y
-    flattened to (M, N) and x to (M, K): ∂L/∂x = g W, ∂L/∂W = gᵀ x, ∂L/∂b = Σ_rows g (the same
-    formulas as ``F.linear``'s autograd)."""
+    x: (M, K), weight: (N, K), bias: (N,) or None -> y: (M, N). Backward, with g = ∂L/∂y:
+    ∂L/∂x = g W, ∂L/∂W = gᵀ x, ∂L/∂b = Σ_rows g (the same formulas as ``F.linear``'s autograd).
+    Takes 2-D x only: oneDNN returns a 3-D result as a view, and a view made inside a custom
+    Function may not be changed in place later (TRL divides its logits by the temperature in place)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -64,22 +65,23 @@ class OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = onednn_mm(g, weight.t()).reshape(x.shape)  # g W = g (Wᵀ)ᵀ
+            grad_x = onednn_mm(grad, weight.t())  # g W = g (Wᵀ)ᵀ
         if ctx.needs_input_grad[1]:
-            grad_w = onednn_mm(g.t(), x.reshape(-1, x.shape[-1]).t())  # gᵀ x = gᵀ (xᵀ)ᵀ
+            grad_w = onednn_mm(grad.t(), x.t())  # gᵀ x = gᵀ (xᵀ)ᵀ
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0)
+            grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` through :class:`OneDNNLinear` (a plain oneDNN call without grad)."""
+    """``F.linear(x, weight, bias)`` through :class:`OneDNNLinear`, x: (..., K) -> (..., N) (a plain
+    oneDNN call without grad)."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return OneDNNLinear.apply(x, weight, bias)
+        out = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     return onednn_mm(x, weight, bias)
 
 

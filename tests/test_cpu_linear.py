@@ -83,3 +83,18 @@ def test_use_onednn_linear_switches_every_linear_and_keeps_the_numbers(monkeypat
     ref_half = copy.deepcopy(model).to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(half(input_ids=ids).logits, ref_half(input_ids=ids).logits)
+
+
+def test_onednn_linear_output_can_be_changed_in_place_like_f_linear():
+    """TRL slices the logits and divides them by the temperature in place: allowed on F.linear's
+    output, so it must be on ours (a view made inside an autograd.Function would forbid it)."""
+    torch.manual_seed(0)
+    x0, w0 = torch.randn(2, 3, 8), torch.randn(5, 8)
+    grads = []
+    for fn in (F.linear, onednn_linear):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        logits = fn(x, w)[:, 1:]
+        logits /= 0.7
+        (logits * torch.arange(5.0)).sum().backward()
+        grads.append((x.grad, w.grad))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
