@@ -108,3 +108,16 @@ def use_onednn_linear(model: nn.Module) -> int:
             m.__class__ = _OneDNNLinearLayer
             n += 1
     return n
+
+
+def check_onednn_linear(acc) -> None:
+    """One-line RunError unless this run can use ``onednn_linear: true``: fp32 on the CPU, without
+    DeepSpeed, on a torch with oneDNN."""
+    from .engine import compute_dtype, is_deepspeed
+    from .errors import RunError
+
+    if acc.device.type != "cpu" or is_deepspeed(acc) or compute_dtype(acc) != torch.float32:
+        raise RunError("recipe: 'onednn_linear: true' is for fp32 runs on the CPU without DeepSpeed "
+                       f"(this run: {acc.device.type}, {compute_dtype(acc)}, deepspeed={is_deepspeed(acc)})")
+    if not onednn_linear_available():
+        raise RunError("recipe: 'onednn_linear: true', but this torch build has no oneDNN linear op")

@@ -277,6 +277,38 @@ def test_onednn_linear_gives_the_default_numbers(tmp_path, sft_checkpoint, task_
         assert len(first[0]) == 8 and [r["completion"] for r in first[0]] == [r["completion"] for r in first[1]]
 
 
+@pytest.mark.slow
+def test_onednn_linear_in_sft_and_rm_gives_the_default_numbers(tmp_path, sft_checkpoint, task_dir, monkeypatch):
+    """onednn_linear: true in the SFT and RM stages: the products go through oneDNN (counted) and
+    the losses and metrics equal the default run's to float rounding."""
+    import rlhf.cpu_linear
+
+    if not rlhf.cpu_linear.onednn_linear_available():
+        pytest.skip("this torch has no oneDNN")
+    calls = []
+    orig = rlhf.cpu_linear._linear_pointwise
+    monkeypatch.setattr(rlhf.cpu_linear, "_linear_pointwise", lambda *a: calls.append(1) or orig(*a))
+    stages = {
+        "sft": {"model.name_or_path": str(sft_checkpoint), "data.train": str(task_dir / "sft.jsonl"),
+                "data.eval_split": 0.1, "data.max_length": 48, "train.max_steps": 3, "train.batch_size": 16,
+                "train.micro_batch_size": 8, "train.lr": 1e-3, "gen_eval_samples": 8, "max_new_tokens": 6},
+        "rm": {"model.name_or_path": str(sft_checkpoint), "data.train": str(task_dir / "prefs.jsonl"),
+               "data.eval": str(task_dir / "prefs_eval.jsonl"), "data.max_length": 48, "train.max_steps": 3,
+               "train.batch_size": 16, "train.micro_batch_size": 8, "train.lr": 1e-3,
+               "normalize_data": str(task_dir / "sft.jsonl")}}
+    for stage, over in stages.items():
+        summaries = {}
+        for onednn in (False, True):
+            calls.clear()
+            cfg = load_stage_config(stage, None, {**over, "onednn_linear": onednn})
+            summaries[onednn] = run(stage, cfg, str(tmp_path / f"{stage}{onednn}"), overwrite=True)
+            assert (len(calls) > 0) == onednn, (stage, onednn, len(calls))
+        keys = [k for k, v in summaries[False].items() if isinstance(v, float) and ("loss" in k or "accuracy" in k)]
+        assert keys, summaries[False]
+        for k in keys:
+            assert summaries[True][k] == pytest.approx(summaries[False][k], rel=1e-4, abs=1e-6), (stage, k)
+
+
 def test_compile_blocks_finds_the_transformer_blocks():
     from transformers import AutoConfig, AutoModelForCausalLM
 

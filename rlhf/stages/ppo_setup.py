@@ -28,7 +28,7 @@ from torch import nn
 from ..algos.advantages import ADVANTAGE_ESTIMATORS
 from ..checkpoint import CheckpointParts
 from ..config import PPOConfig
-from ..cpu_linear import onednn_linear_available, use_onednn_linear
+from ..cpu_linear import check_onednn_linear, use_onednn_linear
 from ..errors import RunError
 from ..engine import (compute_dtype, frozen_placement, gathered_params, is_deepspeed, make_optimizer, make_scheduler,
                       prepare_frozen, zero_stage)
@@ -118,11 +118,7 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     if cfg.compile and is_deepspeed(acc):
         raise RunError("recipe: 'compile: true' is not supported under DeepSpeed yet (run without it, or with DDP)")
     if cfg.onednn_linear:
-        if acc.device.type != "cpu" or is_deepspeed(acc) or compute_dtype(acc) != torch.float32:
-            raise RunError("recipe: 'onednn_linear: true' is for fp32 runs on the CPU without DeepSpeed "
-                           f"(this run: {acc.device.type}, {compute_dtype(acc)}, deepspeed={is_deepspeed(acc)})")
-        if not onednn_linear_available():
-            raise RunError("recipe: 'onednn_linear: true', but this torch build has no oneDNN linear op")
+        check_onednn_linear(acc)
     zero3 = zero_stage(acc) == 3
     placement = frozen_placement(acc, cfg.frozen_models)
     if cfg.rm_refresh is not None:
