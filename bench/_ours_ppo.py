@@ -20,10 +20,12 @@ def main():
     ap.add_argument("--peak_tflops", type=float, default=0.0)
     ap.add_argument("--old_logprobs", default="recompute", choices=["recompute", "sampling"])
     ap.add_argument("--compile", action="store_true", help="compile: true (regional torch.compile)")
-    ap.add_argument("--onednn", action="store_true", help="onednn_linear: true (rlhf.cpu_linear)")
+    ap.add_argument("--onednn", action="store_true",
+                    help="onednn_linear: true (rlhf.cpu_linear); without it the default, auto")
     a = ap.parse_args()
 
     from rlhf.config import load_stage_config
+    from rlhf.cpu_linear import mkl_below_peak_here
     from rlhf.stages import run
 
     out = tempfile.mkdtemp() + "/ppo"
@@ -33,7 +35,7 @@ def main():
         "minibatch_size": a.minibatch, "micro_batch_size": a.micro, "ppo_epochs": a.epochs,
         "max_new_tokens": a.response, "lr": a.lr, "kl_coef": a.kl_coef, "seed": a.seed, "sample_every": 0,
         "peak_tflops": a.peak_tflops, "old_logprobs": a.old_logprobs,
-        "compile": a.compile, "onednn_linear": a.onednn})
+        "compile": a.compile, "onednn_linear": True if a.onednn else "auto"})
     run("ppo", cfg, out)
     m = [json.loads(l) for l in open(out + "/metrics.jsonl") if '"pg_loss"' in l]
     stamps = [r["time"] for r in m]
@@ -41,7 +43,8 @@ def main():
               "tokens_per_s_train", "mfu_generate", "mfu_experience", "mfu_train")
     first = sum(v for k, v in m[0].items() if k.startswith("time_"))  # with compile: includes compiling
     print(json.dumps({"impl": "rlhf", "old_logprobs": a.old_logprobs, "compile": a.compile,
-                      "onednn_linear": a.onednn, "first_iter_phase_seconds": first,
+                      "onednn_linear": True if a.onednn else "auto", "mkl_below_peak_here": mkl_below_peak_here(),
+                      "first_iter_phase_seconds": first,
                       "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "phases": {k: sorted(r[k] for r in m)[len(m) // 2] for k in phases}}))

@@ -1,6 +1,8 @@
 """Worker: TRL 1.12.0's trl.experimental.ppo.PPOTrainer on the bench's models (run in the TRL venv).
 
-Prints one JSON line: seconds of each PPO iteration (update), peak RSS. Called by ppo_vs_trl.py.
+Prints one JSON line: seconds of each PPO iteration (update), peak RSS, and the median seconds of
+each phase (generate; experience: reference, value and reward forwards; train), read off clocks
+set around TRL's own module-level `batch_generation` and `forward`. Called by ppo_vs_trl.py.
 """
 
 import argparse
@@ -61,7 +63,23 @@ def main():
         missing_eos_penalty=-1.0, temperature=1.0, kl_coef=a.kl_coef, learning_rate=a.lr,
         num_sample_generations=0, report_to=[], save_strategy="no", logging_steps=10**6, bf16=False, fp16=False,
         use_cpu=True, gradient_checkpointing=False, seed=a.seed, dataloader_num_workers=0)
-    times = []
+    times, marks = [], []  # marks: per iteration [generation start, generation end, first training forward]
+    import trl.experimental.ppo.ppo_trainer as ppo_mod
+
+    generate, forward = ppo_mod.batch_generation, ppo_mod.forward
+
+    def timed_generation(*args, **kw):
+        marks.append([time.perf_counter()])
+        out = generate(*args, **kw)
+        marks[-1].append(time.perf_counter())
+        return out
+
+    def timed_forward(model, *args, **kw):
+        if hasattr(model, "value_model") and marks and len(marks[-1]) == 2:  # the policy+value wrapper: training
+            marks[-1].append(time.perf_counter())
+        return forward(model, *args, **kw)
+
+    ppo_mod.batch_generation, ppo_mod.forward = timed_generation, timed_forward
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -73,7 +91,10 @@ def main():
     t0 = time.perf_counter()
     trainer.train()
     stamps = [t0] + times
-    print(json.dumps({"impl": "trl-1.12.0", "onednn_linear": a.onednn,
+    rows = [(m[1] - m[0], m[2] - m[1], end - m[2]) for m, end in zip(marks, times) if len(m) == 3]
+    phases = {k: sorted(r[i] for r in rows)[len(rows) // 2]
+              for i, k in enumerate(("time_generate", "time_experience", "time_train"))} if rows else {}
+    print(json.dumps({"impl": "trl-1.12.0", "onednn_linear": a.onednn, "phases": phases,
                       "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -203,6 +203,9 @@ def main() -> None:
         print(f"ours: generate {ph['tokens_per_s_generate']:.0f} tok/s (MFU {ph['mfu_generate']:.1%}), "
               f"experience MFU {ph['mfu_experience']:.1%}, train {ph['tokens_per_s_train']:.0f} tok/s "
               f"(MFU {ph['mfu_train']:.1%})")
+    for name in [n for n in summary if n.startswith("trl") and summary[n].get("phases")]:
+        ph = summary[name]["phases"]  # (TRL scores inside its experience phase)
+        print(f"{name} by phase (median s): " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in ph.items()))
     out = Path(a.out or ROOT / f"bench/results/ppo_vs_trl_{a.size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))

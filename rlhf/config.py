@@ -254,10 +254,12 @@ class SFTConfig:
     """Also log metrics to Weights & Biases under this project (offline unless WANDB_MODE says otherwise)."""
     max_new_tokens: int = 64
     """Generation budget for the gold evaluation."""
-    onednn_linear: bool = False
-    """CPU fp32 runs: every nn.Linear of the model runs through oneDNN instead of MKL (rlhf.cpu_linear),
-    forward and backward: the same products to float rounding, ~2x as fast on AMD CPUs. Not with
-    DeepSpeed or mixed precision. See docs/performance.md."""
+    onednn_linear: bool | Literal["auto"] = "auto"
+    """CPU fp32 runs: nn.Linear layers of the model run through oneDNN instead of MKL (rlhf.cpu_linear),
+    forward and backward: the same products to float rounding, ~2x as fast on AMD CPUs with AVX-512.
+    auto: only there (x86, AVX-512, not Intel), fp32 on the CPU without DeepSpeed, for layers of
+    >= 65,536 weights; true: every layer (an error on a GPU, under DeepSpeed or in mixed precision);
+    false: never. See docs/performance.md."""
 
     def problems(self) -> list[tuple[str, str]]:
         return _problems(self, {"max_new_tokens": (1, None), "gen_eval_samples": (0, None)})
@@ -290,10 +292,12 @@ class RMConfig:
     wandb_project: str | None = None
     """Also log metrics to Weights & Biases under this project (offline unless WANDB_MODE says otherwise)."""
 
-    onednn_linear: bool = False
-    """CPU fp32 runs: every nn.Linear of the reward model runs through oneDNN instead of MKL (rlhf.cpu_linear),
-    forward and backward: the same products to float rounding, ~2x as fast on AMD CPUs. Not with
-    DeepSpeed or mixed precision. See docs/performance.md."""
+    onednn_linear: bool | Literal["auto"] = "auto"
+    """CPU fp32 runs: nn.Linear layers of the reward model run through oneDNN instead of MKL (rlhf.cpu_linear),
+    forward and backward: the same products to float rounding, ~2x as fast on AMD CPUs with AVX-512.
+    auto: only there (x86, AVX-512, not Intel), fp32 on the CPU without DeepSpeed, for layers of
+    >= 65,536 weights; true: every layer (an error on a GPU, under DeepSpeed or in mixed precision);
+    false: never. See docs/performance.md."""
 
     def problems(self) -> list[tuple[str, str]]:
         return _problems(self, {"normalize_max_samples": (1, None)})
@@ -437,11 +441,13 @@ class PPOConfig(OptimConfig, LoopConfig):
     (regional: the blocks share compiled graphs, so compiling all costs about one block's compile).
     Sampling, experience and evaluation passes stay eager. The PPO ratio starts at 1 to float rounding
     then. Not with DeepSpeed yet. Measured in docs/performance.md."""
-    onednn_linear: bool = False
-    """CPU fp32 runs: every nn.Linear of the policy, reference, value model and RMs runs through oneDNN
+    onednn_linear: bool | Literal["auto"] = "auto"
+    """CPU fp32 runs: nn.Linear layers of the policy, reference, value model and RMs run through oneDNN
     instead of MKL (rlhf.cpu_linear), forward and backward: the same products to float rounding, ~2x as
-    fast on AMD CPUs, where MKL uses its AVX2 kernels. Not with DeepSpeed or mixed precision. Measured in
-    docs/performance.md."""
+    fast on AMD CPUs with AVX-512, where MKL uses its AVX2 kernels. auto: only there (x86, AVX-512, not
+    Intel), fp32 on the CPU without DeepSpeed, for layers of >= 65,536 weights (the tiny recipes'
+    model has none); true: every layer (an error on a GPU, under DeepSpeed or in mixed precision);
+    false: never. Measured in docs/performance.md."""
     missing_eos_penalty: float = -1.0
     """Score given to a response that never emits EOS within max_new_tokens [N+ uses -1]."""
     penalize_missing_eos: bool = True

@@ -1,4 +1,4 @@
-"""fp32 linear layers through oneDNN on the CPU (recipe key ``onednn_linear``, opt-in).
+"""fp32 linear layers through oneDNN on the CPU (recipe key ``onednn_linear``: auto, true or false).
 
 torch computes an fp32 ``nn.Linear`` on the CPU with MKL's sgemm. On the AMD CPUs this project is
 measured on (AVX-512), MKL runs its AVX2 kernels and reaches about half of what the cores can do:
@@ -11,6 +11,12 @@ already at the peak and the two are alike.
 the same products, forward and backward, through ``torch.ops.mkldnn._linear_pointwise`` (the op
 inductor itself emits for CPU linear layers). Results equal ``F.linear``'s to float rounding (a
 different summation order); parameters, state dicts and checkpoints are untouched.
+
+``onednn_linear: auto`` (the default) switches only where it is known to pay
+(:func:`onednn_linear_pays_here`): an fp32 CPU run without DeepSpeed, on an x86 CPU with AVX-512
+not made by Intel, and only layers of at least :data:`AUTO_MIN_WEIGHTS` weights (oneDNN's per-call
+cost made a 149k-parameter model slower). Elsewhere, Intel CPUs and the tiny recipes included,
+nothing changes.
 """
 
 from __future__ import annotations
@@ -96,18 +102,67 @@ class _OneDNNLinearLayer(nn.Linear):
         return super().forward(x)
 
 
-def use_onednn_linear(model: nn.Module) -> int:
-    """Run every plain ``nn.Linear`` of `model` through oneDNN on CPU fp32 inputs (its class becomes
-    a subclass of ``nn.Linear`` with that forward; parameters, hooks and state dict unchanged).
-    Returns the number of layers switched; 0 when this torch has no oneDNN."""
+def use_onednn_linear(model: nn.Module, min_weights: int = 0) -> int:
+    """Run every plain ``nn.Linear`` of `model` with at least `min_weights` weights through oneDNN on
+    CPU fp32 inputs (its class becomes a subclass of ``nn.Linear`` with that forward; parameters,
+    hooks and state dict unchanged). Returns the number of layers switched; 0 when this torch has
+    no oneDNN."""
     if not onednn_linear_available():
         return 0
     n = 0
     for m in model.modules():
-        if type(m) is nn.Linear:
+        if type(m) is nn.Linear and m.weight.numel() >= min_weights:
             m.__class__ = _OneDNNLinearLayer
             n += 1
     return n
+
+
+AUTO_MIN_WEIGHTS = 2**16
+"""``onednn_linear: auto`` switches layers of at least this many weights (256 x 256): every layer of
+the 6M bench model (1.50x TRL with them, 1.08x without), none of the tiny recipes' 149k-parameter
+model (2.44x with them, 2.80x without; docs/performance.md)."""
+
+
+def mkl_below_peak_here(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU is one where MKL's fp32 sgemm runs below the cores' peak: x86 with AVX-512,
+    vendor not Intel (MKL chooses its kernels by vendor and runs AVX2 ones there; measured on an AMD
+    EPYC Zen 5: 176 against oneDNN's 382-432 GFLOP/s). `cpuinfo`: /proc/cpuinfo's text (read when
+    None; False where there is none)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read(1 << 16)
+        except OSError:
+            return False
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields.get("vendor_id", "GenuineIntel") != "GenuineIntel" and "avx512f" in fields.get("flags", "").split()
+
+
+def _run_takes_onednn(acc) -> bool:
+    from .engine import compute_dtype, is_deepspeed
+
+    return acc.device.type == "cpu" and not is_deepspeed(acc) and compute_dtype(acc) == torch.float32
+
+
+def onednn_linear_pays_here(acc) -> bool:
+    """What ``onednn_linear: auto`` decides for this run: an fp32 CPU run without DeepSpeed, a torch
+    with oneDNN, and a CPU on which MKL runs below its peak (:func:`mkl_below_peak_here`)."""
+    return _run_takes_onednn(acc) and onednn_linear_available() and mkl_below_peak_here()
+
+
+def apply_onednn_linear(setting: bool | str, acc, models: list) -> int:
+    """Switch the `models` (None entries skipped) as the recipe's ``onednn_linear`` says: true, every
+    plain nn.Linear (:func:`check_onednn_linear` has passed); "auto", where
+    :func:`onednn_linear_pays_here`, the layers of at least :data:`AUTO_MIN_WEIGHTS` weights;
+    false, none. Returns the number of layers switched."""
+    if setting is True:
+        return sum(use_onednn_linear(m) for m in models if m is not None)
+    if setting == "auto" and onednn_linear_pays_here(acc):
+        return sum(use_onednn_linear(m, AUTO_MIN_WEIGHTS) for m in models if m is not None)
+    return 0
 
 
 def check_onednn_linear(acc) -> None:
@@ -116,7 +171,7 @@ def check_onednn_linear(acc) -> None:
     from .engine import compute_dtype, is_deepspeed
     from .errors import RunError
 
-    if acc.device.type != "cpu" or is_deepspeed(acc) or compute_dtype(acc) != torch.float32:
+    if not _run_takes_onednn(acc):
         raise RunError("recipe: 'onednn_linear: true' is for fp32 runs on the CPU without DeepSpeed "
                        f"(this run: {acc.device.type}, {compute_dtype(acc)}, deepspeed={is_deepspeed(acc)})")
     if not onednn_linear_available():

@@ -346,8 +346,7 @@ def step_models(acc, parts: list[tuple], max_grad_norm: float, loss_ok: bool = T
         return StepResult(applied, [norm], overflow=overflow)
     acc.unscale_gradients()  # fp16: every optimizer unscaled once (a no-op otherwise)
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    norms = [float(torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.grad is not None], limit))
-             for m, _, _ in parts]
+    norms = [clip_grad_norm([p for p in m.parameters() if p.grad is not None], limit) for m, _, _ in parts]
     stepped = not bad and all(math.isfinite(n) for n in norms)
     scaler = acc.scaler
     if stepped:
@@ -367,6 +366,22 @@ def step_models(acc, parts: list[tuple], max_grad_norm: float, loss_ok: bool = T
     for _, opt, _ in parts:
         opt.zero_grad(set_to_none=True)
     return StepResult(stepped, norms, overflow=overflow)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)``, bit for bit, returning the total L2
+    norm of the gradients as a float: scale every gradient by min(1, max_norm / (norm + 1e-6)). torch
+    multiplies even when that factor is exactly 1 (the norm below the limit, or no limit): a read and
+    write of every gradient for nothing (~0.1 s a step for a 135M model on 2 CPU cores); here the
+    gradients are only touched when they are scaled. A non-finite norm leaves them as they are
+    (torch would fill them with NaN); the caller skips that step either way."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.nn.utils.get_total_norm(grads)
+    if bool(max_norm / (total + 1e-6) < 1.0):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
 
 
 def loss_scale(acc) -> float | None:

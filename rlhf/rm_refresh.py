@@ -31,7 +31,7 @@ import torch
 
 from .config import RMRefreshConfig
 from .data.formats import Row, load_examples, parse_preference, parse_prompt, read_rows
-from .engine import epoch_permutation, make_optimizer
+from .engine import clip_grad_norm, epoch_permutation, make_optimizer
 from .errors import RunError
 from .evaluate import sample_texts
 from .faults import fault_point
@@ -184,7 +184,7 @@ class RMRefresher:
                 for p in model.parameters():
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            clip_grad_norm(list(model.parameters()), 1.0)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             fault_point("refresh")  # (test hook: RLHF_FAULT=refresh:N kills in the middle of a refresh)

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf.cpu_linear import OneDNNLinear, onednn_linear, onednn_linear_available, use_onednn_linear
+import rlhf.cpu_linear
+from rlhf.cpu_linear import (AUTO_MIN_WEIGHTS, OneDNNLinear, apply_onednn_linear, mkl_below_peak_here, onednn_linear,
+                             onednn_linear_available, onednn_linear_pays_here, use_onednn_linear)
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN")
 
@@ -98,3 +100,55 @@ def test_onednn_linear_output_can_be_changed_in_place_like_f_linear():
         (logits * torch.arange(5.0)).sum().backward()
         grads.append((x.grad, w.grad))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
+AMD_ZEN5 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_vp2intersect\n"
+
+
+@pytest.mark.parametrize("cpuinfo, slow", [
+    (AMD_ZEN5, True),  # MKL runs AVX2 kernels on an AVX-512 CPU
+    (AMD_ZEN5.replace(" avx512f avx512_vp2intersect", ""), False),  # AVX2 only: MKL's kernels fit
+    (AMD_ZEN5.replace("AuthenticAMD", "GenuineIntel"), False),  # MKL's own vendor
+    ("vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx512fp16\n", False),  # a flag is a whole word
+    ("", False),  # no /proc/cpuinfo fields (another OS): leave MKL alone
+])
+def test_mkl_below_peak_here_reads_vendor_and_avx512(cpuinfo, slow):
+    assert mkl_below_peak_here(cpuinfo) is slow
+
+
+def test_onednn_linear_auto_switches_only_large_layers_where_it_pays(monkeypatch):
+    """auto: where oneDNN pays, the layers of >= AUTO_MIN_WEIGHTS weights (not the small ones, whose
+    per-call cost made the tiny model slower); where it does not, none; true: all; false: none."""
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(64, 64), torch.nn.Linear(256, 255))
+
+    assert 256 * 256 >= AUTO_MIN_WEIGHTS > 256 * 255
+    monkeypatch.setattr(rlhf.cpu_linear, "onednn_linear_pays_here", lambda acc: True)
+    m = model()
+    assert apply_onednn_linear("auto", None, [m, None]) == 1
+    assert [type(x) is torch.nn.Linear for x in m] == [False, True, True]
+    assert apply_onednn_linear(False, None, [model()]) == 0
+    assert apply_onednn_linear(True, None, [model()]) == 3
+    monkeypatch.setattr(rlhf.cpu_linear, "onednn_linear_pays_here", lambda acc: False)
+    m = model()
+    assert apply_onednn_linear("auto", None, [m]) == 0 and all(type(x) is torch.nn.Linear for x in m)
+
+
+def test_onednn_linear_pays_here_needs_fp32_on_the_cpu(monkeypatch):
+    """auto never switches a mixed-precision, GPU or DeepSpeed run, nor one on a CPU where MKL is at
+    its peak."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    def acc(device="cpu", mp="no", dist=DistributedType.NO):
+        return SimpleNamespace(device=torch.device(device), mixed_precision=mp, native_amp=mp != "no",
+                               distributed_type=dist)
+
+    monkeypatch.setattr(rlhf.cpu_linear, "mkl_below_peak_here", lambda cpuinfo=None: True)
+    assert onednn_linear_pays_here(acc())
+    assert not onednn_linear_pays_here(acc(mp="bf16"))
+    assert not onednn_linear_pays_here(acc(device="cuda"))
+    assert not onednn_linear_pays_here(acc(dist=DistributedType.DEEPSPEED))
+    monkeypatch.setattr(rlhf.cpu_linear, "mkl_below_peak_here", lambda cpuinfo=None: False)
+    assert not onednn_linear_pays_here(acc())

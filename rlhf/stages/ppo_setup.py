@@ -28,7 +28,7 @@ from torch import nn
 from ..algos.advantages import ADVANTAGE_ESTIMATORS
 from ..checkpoint import CheckpointParts
 from ..config import PPOConfig
-from ..cpu_linear import check_onednn_linear, use_onednn_linear
+from ..cpu_linear import apply_onednn_linear, check_onednn_linear
 from ..errors import RunError
 from ..engine import (compute_dtype, frozen_placement, gathered_params, is_deepspeed, make_optimizer, make_scheduler,
                       prepare_frozen, zero_stage)
@@ -117,7 +117,7 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     """Load, place and prepare every model of the run; build the optimizers and schedules."""
     if cfg.compile and is_deepspeed(acc):
         raise RunError("recipe: 'compile: true' is not supported under DeepSpeed yet (run without it, or with DDP)")
-    if cfg.onednn_linear:
+    if cfg.onednn_linear is True:
         check_onednn_linear(acc)
     zero3 = zero_stage(acc) == 3
     placement = frozen_placement(acc, cfg.frozen_models)
@@ -171,10 +171,11 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     m = _prepare(cfg, acc, policy, value, split)
     m.ref, m.reward_model, m.collective = ref, reward_model, zero3 or placement != "whole"
     m.gold_reward_model = gold
-    if cfg.onednn_linear:  # before compiling: the compiled blocks trace the oneDNN layers
-        models = (m.policy, m.ref, m.value, reward_model and reward_model.model, gold and gold.model)
-        n = sum(use_onednn_linear(unwrap(x)) for x in models if x is not None)
-        log.info("onednn_linear: %d linear layers run through oneDNN", n)
+    # before compiling: the compiled blocks trace the oneDNN layers
+    models = (m.policy, m.ref, m.value, reward_model and reward_model.model, gold and gold.model)
+    n = apply_onednn_linear(cfg.onednn_linear, acc, [unwrap(x) for x in models if x is not None])
+    if n:
+        log.info("onednn_linear (%s): %d linear layers run through oneDNN", cfg.onednn_linear, n)
     if cfg.compile:
         n = sum(compile_blocks(unwrap(x)) for x in (m.policy, m.value) if x is not None)  # the trained ones
         log.info("compile: %d transformer blocks of the policy and value model compiled for the training "

@@ -25,7 +25,7 @@ import torch
 
 from ..algos.core import pairwise_rm_loss, reward_bias
 from ..config import ModelConfig, RMConfig, dump_yaml, to_dict
-from ..cpu_linear import check_onednn_linear, use_onednn_linear
+from ..cpu_linear import apply_onednn_linear, check_onednn_linear
 from ..data.formats import DataError, PrefGroup, load_examples, parse_preference, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, global_batches, inputs_first, prepare_output_dir,
                       peak_memory, progress, set_seed, shard, write_summary)
@@ -161,11 +161,12 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         eval_encoded = encode_groups(tok, eval_groups, cfg.data.max_length, cfg.data.skip_bad_rows, {})
         if cfg.sample is not None:
             check_sample_config(cfg.sample)
-    if cfg.onednn_linear:
+    if cfg.onednn_linear is True:
         check_onednn_linear(acc)
     model = load_reward_backbone(cfg.model, tok, cfg.seed)
-    if cfg.onednn_linear:
-        log.info("onednn_linear: %d linear layers run through oneDNN", use_onednn_linear(model))
+    n = apply_onednn_linear(cfg.onednn_linear, acc, [model])
+    if n:
+        log.info("onednn_linear: %d linear layers run through oneDNN", n)
     out = prepare_output_dir(acc, rf, overwrite, resume)
 
     summary: dict = {"stage": "rm"}

@@ -30,7 +30,7 @@ from ..engine import (backward, finish_run, gathered_params, loss_scale, optimiz
 from ..checkpoint import save_checkpoint
 from ..faults import fault_point_step, inject_fault
 from ..evaluate import gold_accuracy, gold_examples
-from ..cpu_linear import check_onednn_linear, use_onednn_linear
+from ..cpu_linear import apply_onednn_linear, check_onednn_linear
 from ..models import count_parameters, load_causal_lm, load_tokenizer, save_model_files, unwrap
 from ..tokenization import IGNORE_INDEX, collate_sft, encode_sft
 
@@ -116,11 +116,12 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
             tok = load_tokenizer(cfg.model, train_texts=_texts(train_ex))
         train_feats = encode_examples(tok, train_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
         eval_feats = encode_examples(tok, eval_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
-    if cfg.onednn_linear:
+    if cfg.onednn_linear is True:
         check_onednn_linear(acc)
     model = load_causal_lm(cfg.model, tok, seed=cfg.seed)
-    if cfg.onednn_linear:
-        log.info("onednn_linear: %d linear layers run through oneDNN", use_onednn_linear(model))
+    n = apply_onednn_linear(cfg.onednn_linear, acc, [model])
+    if n:
+        log.info("onednn_linear: %d linear layers run through oneDNN", n)
     if cfg.packing:
         train_feats = pack(train_feats, cfg.data.max_length)
 

@@ -1,0 +1,39 @@
+"""rlhf.engine's small pieces."""
+
+import pytest
+import torch
+
+from rlhf.engine import clip_grad_norm
+
+
+def _params(grads):
+    ps = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    return ps
+
+
+def test_clip_grad_norm_hand_computed():
+    """Gradients (3, 4): norm 5; a limit of 1 scales them by 1 / (5 + 1e-6); a limit of 10 leaves them."""
+    ps = _params([torch.tensor([3.0]), torch.tensor([4.0])])
+    assert clip_grad_norm(ps, 1.0) == 5.0
+    assert [p.grad.item() for p in ps] == pytest.approx([0.6, 0.8], rel=1e-6)
+    ps = _params([torch.tensor([3.0]), torch.tensor([4.0])])
+    assert clip_grad_norm(ps, 10.0) == 5.0 and [p.grad.item() for p in ps] == [3.0, 4.0]
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("limit", [1.0, 0.3, float("inf")])
+def test_clip_grad_norm_is_torchs_bit_for_bit_and_writes_only_when_it_scales(scale, limit):
+    torch.manual_seed(0)
+    grads = [torch.randn(40, 30) * scale, torch.randn(30) * scale]
+    ref, got = _params(grads), _params(grads)
+    versions = [p.grad._version for p in got]
+    assert clip_grad_norm(got, limit) == float(torch.nn.utils.clip_grad_norm_(ref, limit))
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ref, got))
+    scaled = limit / (float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))) + 1e-6) < 1
+    assert [p.grad._version != v for p, v in zip(got, versions)] == [scaled] * 2
+
+
+def test_clip_grad_norm_without_gradients():
+    assert clip_grad_norm([torch.nn.Parameter(torch.ones(2))], 1.0) == 0.0
