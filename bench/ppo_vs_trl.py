@@ -10,8 +10,9 @@ micro-batch, PPO epochs, prompts and response length, on the same torch/transfor
 (TRL 1.12.0 is installed by this script into its own venv that sees this Python's packages,
 because trl >= 1.13 has no PPOTrainer). Runs alternate (ours, TRL, ours, TRL, ...) so drift on
 a shared machine cancels; the report gives medians of seconds per iteration (the first
-iteration of each run is warm-up and dropped), their ratio, peak RSS, and our per-phase times,
-tokens/s and MFU against a matmul peak measured here.
+iteration of each run is warm-up and dropped), their ratio, peak RSS, our per-phase times,
+tokens/s and MFU against a matmul peak measured here, and TRL's phases (generate; experience,
+which includes its reward-model scoring; train) read off clocks set around its own functions.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ median of `--repeats`:
 - the policy's forward (transformer body + LM head at the response positions), the log-prob and
   entropy of the response tokens, the value model's forward, the losses;
 - the backward of the policy's part of the loss and of the value model's part, apart;
-- the optimizer step: gradient-norm clipping, AdamW per model, zero_grad;
+- the optimizer step: gradient-norm clipping (the norms are reported), AdamW per model, zero_grad;
 against the FLOPs of each piece at the fp32 matmul peak measured in the same process. Nothing is
 trained: the weights are restored after the repeats, and the run then goes on as usual.
 """
@@ -48,6 +48,7 @@ def main() -> None:
     import rlhf.stages.ppo as ppo
     from rlhf.algos import core
     from rlhf.config import load_stage_config
+    from rlhf.engine import clip_grad_norm
     from rlhf.flops import measure_matmul_peak, train_flops
     from rlhf.rollout import position_ids_from_mask
     from rlhf.stages import run
@@ -93,8 +94,8 @@ def main() -> None:
             t0 = tick("policy backward", t0)
             lv.backward()
             t0 = tick("value backward", t0)
-            for mod, _, _ in m.step_parts():
-                torch.nn.utils.clip_grad_norm_([p for p in mod.parameters() if p.grad is not None], 1.0)
+            norms = [clip_grad_norm([p for p in mod.parameters() if p.grad is not None], cfg.max_grad_norm)
+                     for mod, _, _ in m.step_parts()]  # (as step_models does)
             t0 = tick("clip grad norms", t0)
             for _, opt, _ in m.step_parts():
                 opt.step()
@@ -122,7 +123,8 @@ def main() -> None:
         result.update({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
                        "cpu_threads": torch.get_num_threads(), "onednn_linear": a.onednn, "compile": a.compile,
                        "micro_batch": split.micro, "tokens": seq_tokens, "response_tokens": resp,
-                       "peak_gflops": peak / 1e9, "seconds": med, "matmul_floor_seconds": ideal,
+                       "peak_gflops": peak / 1e9, "max_grad_norm": cfg.max_grad_norm,
+                       "grad_norms": norms, "seconds": med, "matmul_floor_seconds": ideal,
                        "step_seconds": total, "step_mfu": f_all / total / peak})
         print(f"\none micro-batch + optimizer step: {split.micro} rows, {seq_tokens} tokens; peak {peak / 1e9:.0f} "
               f"GFLOP/s; onednn_linear={a.onednn} compile={a.compile}")
