@@ -10,7 +10,8 @@ figure the mean of several repeats in one process:
   input: as `few_rows_linear` (what decoding uses) and as plain `F.linear`;
 - the floor under them: one read of every weight (a sum) and their FLOPs at the fp32 matmul peak
   measured here;
-- drawing the next token: `torch.multinomial` (what generate uses) against an inverse-CDF draw
+- drawing the next token: `torch.multinomial`, `rollout.sample_tokens` (what generate uses since
+  2026-12-05: multinomial's tokens, its exponential race drawn in one call), and an inverse-CDF draw
   (cumsum + one uniform per row + searchsorted; the same distribution, other tokens per seed).
 """
 
@@ -52,7 +53,7 @@ def main() -> None:
     from rlhf.engine import retain_freed_cpu_memory
     from rlhf.flops import measure_matmul_peak
     from rlhf.rollout import (FewRowsLinear, _cache_kwarg, _cache_of, few_rows_linear, left_pad,
-                              position_ids_from_mask)
+                              position_ids_from_mask, sample_tokens)
 
     retain_freed_cpu_memory()
     sft, _ = smollm2_models(WORK / "smollm2")
@@ -115,6 +116,7 @@ def main() -> None:
         return torch.searchsorted(cdf, u).clamp_(max=probs.shape[-1] - 1)
 
     r["multinomial_ms"] = best_of(lambda: mean_ms(lambda: torch.multinomial(probs, 1, generator=gen), 20))
+    r["sample_tokens_ms"] = best_of(lambda: mean_ms(lambda: sample_tokens(probs, gen), 20))
     r["inverse_cdf_ms"] = best_of(lambda: mean_ms(inverse_cdf, 20))
 
     print(f"SmolLM2-135M, 16 sequences of {len(prompts[0])}-token prompts, fp32, {threads} threads; "
@@ -127,6 +129,7 @@ def main() -> None:
              ("one read of every weight (floor)", "read_every_weight_once_ms"),
              (f"their {r['products_gflop']:.1f} GFLOP at the peak (floor)", "products_at_peak_ms"),
              ("next token: torch.multinomial", "multinomial_ms"),
+             ("next token: sample_tokens (its tokens)", "sample_tokens_ms"),
              ("next token: inverse CDF", "inverse_cdf_ms")]
     for label, key in table:
         print(f"  {label:<40}: {r[key]:7.2f} ms")

@@ -96,6 +96,39 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of (B, V) probabilities -> (B,): ``torch.multinomial(probs, 1, generator)``,
+    the same tokens from the same generator state, in less than half the time on the CPU.
+
+    torch draws one sample by the exponential race: argmax_v p_v / q_v with q_v ~ Exp(1), one q per
+    vocabulary entry (the Gumbel-max trick with the exp taken) [Gumbel 1954; torch's
+    ``multinomial``]. On the CPU its ``exponential_`` draws each q serially: 53 random bits u per
+    entry from the Mersenne twister, then ``-log1p(-u)`` in double precision, cast to float. Here
+    the same 53-bit integers come from one ``random_`` call on the same generator, and the
+    logarithm runs vectorised: for float32 probabilities the q are the same floats (checked bit for
+    bit against ``exponential_`` in tests/test_rollout.py; a vectorised and a scalar double log can
+    differ in the last bit, which changes the float only if it crosses a rounding boundary, about
+    one value in 10^9), so the same token wins, and the generator ends in the same state. SmolLM2's
+    49k vocabulary, 16 rows: 22-28 ms -> ~10 ms per decoding step on 2 cores. Other devices and
+    dtypes call ``torch.multinomial``."""
+    if probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.dim() != 2:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # torch.multinomial's own checks, with its messages
+    if not bool((probs.max() < float("inf")) & (probs.min() >= 0)):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+    if bool((probs.sum(1) == 0).any()):
+        raise RuntimeError("invalid multinomial distribution (sum of probabilities <= 0)")
+    return (probs / cpu_exponentials(probs.shape, generator)).argmax(-1)
+
+
+def cpu_exponentials(shape, generator: torch.Generator | None = None) -> torch.Tensor:
+    """float32 Exp(1) draws, the values ``torch.empty(shape).exponential_(generator=generator)``
+    gives on the CPU (see :func:`sample_tokens`), drawn in one ``random_`` call: u = 53 random bits
+    / 2^53, q = -log1p(-u) in double precision, cast to float."""
+    bits = torch.empty(shape, dtype=torch.int64).random_(0, 2**53, generator=generator)
+    return torch.log1p(bits.double().mul_(2.0**-53).neg_()).neg_().float()
+
+
 class FewRowsLinear(TorchFunctionMode):
     """Inside, every ``F.linear`` (so every ``nn.Linear``) on a CPU fp32 input of 2 to
     `max_rows` rows runs as :func:`few_rows_linear`. :func:`generate` wraps its decoding steps in
@@ -219,7 +252,7 @@ def _generate(model, prompts, eos_token_id, pad_token_id, generator, device, syn
             token = logits.argmax(-1)
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            token = sample_tokens(probs, generator)  # (torch.multinomial's tokens, faster on the CPU)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         responses[:, t] = token
         if logprobs is not None:  # the same formula as response_logprobs, 0 after EOS

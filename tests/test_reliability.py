@@ -273,12 +273,18 @@ def _rlhf_here(capsys, *args) -> tuple[int, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "no-overwrite"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_malformed_input_one_line_exit_2_earlier_run_untouched(tmp_path, case, overwrite, finished_run, capsys):
+def test_malformed_input_one_line_exit_2_earlier_run_untouched(tmp_path, case, overwrite, finished_run, capsys,
+                                                              monkeypatch):
     """Every bad input: exit 2, one line naming file:line:field, no traceback, and the finished
     run it would replace byte-identical, with --overwrite and without (then the message also says
     the folder holds a run: inputs are validated first, and both problems are named)."""
     import shutil
 
+    # run where the recipes' relative paths (runs/tiny/sft) point at nothing, whatever the checkout
+    # holds: the README's first command leaves a real runs/tiny/ in it
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "recipes").symlink_to(ROOT / "recipes")
+    monkeypatch.chdir(tmp_path / "cwd")
     _, build, pattern = case
     out = tmp_path / "out"
     shutil.copytree(finished_run, out)

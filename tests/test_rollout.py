@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rlhf.rollout
-from rlhf.rollout import (FewRowsLinear, eos_mask, few_rows_linear, filter_logits, generate, left_pad,
+from rlhf.rollout import (FewRowsLinear, cpu_exponentials, sample_tokens, eos_mask, few_rows_linear, filter_logits, generate, left_pad,
                           position_ids_from_mask, response_logprobs)
 
 
@@ -205,3 +205,46 @@ def test_decoding_steps_use_few_rows_linear(tiny_lm, tok, monkeypatch):
     plain = generate(tiny_lm, prompts, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(fast.response_ids, plain.response_ids)
     assert torch.allclose(fast.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+
+
+def test_cpu_exponentials_are_torchs_bit_for_bit():
+    """The Exp(1) draws behind sample_tokens are exponential_'s floats, and leave the generator where
+    exponential_ leaves it (SmolLM2's vocabulary, 16 rows, a few seeds)."""
+    for seed in range(3):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        ref = torch.empty(16, 49153).exponential_(generator=g1)
+        got = cpu_exponentials((16, 49153), g2)
+        assert got.dtype == torch.float32 and torch.equal(got, ref)
+        assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+
+
+def test_sample_tokens_are_torch_multinomials():
+    """The same tokens as torch.multinomial(probs, 1) from the same generator, draw after draw:
+    peaked, flat and top-k-filtered (zeros) distributions, one row and many, an explicit generator
+    and the default one; float64 probabilities go to torch.multinomial itself."""
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for i in range(60):
+        logits = torch.randn(1 + i % 17, 50 + 37 * i) * (0.1 + i % 6)
+        if i % 3 == 0:
+            logits = filter_logits(logits, top_k=5)
+        probs = logits.softmax(-1)
+        assert torch.equal(sample_tokens(probs, g2), torch.multinomial(probs, 1, generator=g1).squeeze(-1))
+    probs = torch.randn(8, 300).softmax(-1)
+    torch.manual_seed(5)
+    ref = torch.multinomial(probs, 1).squeeze(-1)
+    torch.manual_seed(5)
+    assert torch.equal(sample_tokens(probs), ref)
+    p64 = probs.double()
+    g1.manual_seed(1), g2.manual_seed(1)
+    assert torch.equal(sample_tokens(p64, g2), torch.multinomial(p64, 1, generator=g1).squeeze(-1))
+
+
+@pytest.mark.parametrize("bad", ["negative", "nan", "inf", "zero_row"])
+def test_sample_tokens_refuses_what_multinomial_refuses(bad):
+    probs = torch.full((2, 4), 0.25)
+    probs[1] = {"negative": -1.0, "nan": float("nan"), "inf": float("inf"), "zero_row": 0.0}[bad]
+    with pytest.raises(RuntimeError) as ours:
+        sample_tokens(probs)
+    with pytest.raises(RuntimeError) as torchs:
+        torch.multinomial(probs, 1)
+    assert str(ours.value) in str(torchs.value)
