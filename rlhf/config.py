@@ -645,6 +645,10 @@ STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Union:  # (typing.Union's __name__ is just "Union")
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
