@@ -7,6 +7,8 @@ import resource
 import sys
 import tempfile
 
+import torch
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -36,6 +38,11 @@ def main():
         "max_new_tokens": a.response, "lr": a.lr, "kl_coef": a.kl_coef, "seed": a.seed, "sample_every": 0,
         "peak_tflops": a.peak_tflops, "old_logprobs": a.old_logprobs,
         "compile": a.compile, "onednn_linear": True if a.onednn else "auto"})
+    steps: dict[int, int] = {}  # optimizer steps actually taken, per optimizer (torch's global step hook)
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: steps.__setitem__(id(opt), steps.get(id(opt), 0) + 1))
     run("ppo", cfg, out)
     m = [json.loads(l) for l in open(out + "/metrics.jsonl") if '"pg_loss"' in l]
     stamps = [r["time"] for r in m]
@@ -43,6 +50,7 @@ def main():
               "tokens_per_s_train", "mfu_generate", "mfu_experience", "mfu_train")
     first = sum(v for k, v in m[0].items() if k.startswith("time_"))  # with compile: includes compiling
     print(json.dumps({"impl": "rlhf", "old_logprobs": a.old_logprobs, "compile": a.compile,
+                      "optimizer_steps_per_iteration": max(steps.values(), default=0) / a.iters,
                       "onednn_linear": True if a.onednn else "auto", "mkl_below_peak_here": mkl_below_peak_here(),
                       "first_iter_phase_seconds": first,
                       "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],

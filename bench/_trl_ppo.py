@@ -85,6 +85,11 @@ def main():
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter())
 
+    steps: dict[int, int] = {}  # optimizer steps actually taken, per optimizer (torch's global step hook)
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: steps.__setitem__(id(opt), steps.get(id(opt), 0) + 1))
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=ds, eval_dataset=ds.select(range(a.batch)),
                          callbacks=[Clock()])
@@ -95,6 +100,7 @@ def main():
     phases = {k: sorted(r[i] for r in rows)[len(rows) // 2]
               for i, k in enumerate(("time_generate", "time_experience", "time_train"))} if rows else {}
     print(json.dumps({"impl": "trl-1.12.0", "onednn_linear": a.onednn, "phases": phases,
+                      "optimizer_steps_per_iteration": max(steps.values(), default=0) / a.iters,
                       "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -176,6 +176,8 @@ def main() -> None:
         per_iter = [s for r in rs for s in r["iter_seconds"][1:]]
         summary[name] = {"median_s_per_iter": statistics.median(per_iter),
                          "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+        if "optimizer_steps_per_iteration" in rs[0]:
+            summary[name]["optimizer_steps_per_iteration"] = rs[0]["optimizer_steps_per_iteration"]
         if "first_iter_phase_seconds" in rs[0]:
             summary[name]["first_iter_phase_seconds"] = statistics.median(r["first_iter_phase_seconds"] for r in rs)
         if "phases" in rs[0]:
@@ -204,6 +206,10 @@ def main() -> None:
         print(f"ours: generate {ph['tokens_per_s_generate']:.0f} tok/s (MFU {ph['mfu_generate']:.1%}), "
               f"experience MFU {ph['mfu_experience']:.1%}, train {ph['tokens_per_s_train']:.0f} tok/s "
               f"(MFU {ph['mfu_train']:.1%})")
+    steps = {n: summary[n]["optimizer_steps_per_iteration"] for n in runs
+             if n in summary and "optimizer_steps_per_iteration" in summary[n]}
+    if steps:  # the same rollouts, minibatches and epochs; TRL's gradient accumulation spans minibatches
+        print("optimizer steps per iteration: " + ", ".join(f"{n} {v:g}" for n, v in steps.items()))
     for name in [n for n in summary if n.startswith("trl") and summary[n].get("phases")]:
         ph = summary[name]["phases"]  # (TRL scores inside its experience phase)
         print(f"{name} by phase (median s): " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in ph.items()))
