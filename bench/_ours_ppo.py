@@ -7,7 +7,7 @@ import resource
 import sys
 import tempfile
 
-import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def main():
@@ -39,8 +39,6 @@ def main():
         "peak_tflops": a.peak_tflops, "old_logprobs": a.old_logprobs,
         "compile": a.compile, "onednn_linear": True if a.onednn else "auto"})
     steps: dict[int, int] = {}  # optimizer steps actually taken, per optimizer (torch's global step hook)
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
     register_optimizer_step_post_hook(
         lambda opt, args, kwargs: steps.__setitem__(id(opt), steps.get(id(opt), 0) + 1))
     run("ppo", cfg, out)

@@ -12,6 +12,7 @@ import tempfile
 import time
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def main():
@@ -86,8 +87,6 @@ def main():
             times.append(time.perf_counter())
 
     steps: dict[int, int] = {}  # optimizer steps actually taken, per optimizer (torch's global step hook)
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
     register_optimizer_step_post_hook(
         lambda opt, args, kwargs: steps.__setitem__(id(opt), steps.get(id(opt), 0) + 1))
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
