@@ -19,7 +19,8 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--kl_coef", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--peak_tflops", type=float, default=0.0)
+    ap.add_argument("--peak_tflops", type=float, default=0.0,
+                    help="the MFU denominator; default: the matmul peak this process measures just before the run")
     ap.add_argument("--old_logprobs", default="recompute", choices=["recompute", "sampling"])
     ap.add_argument("--compile", action="store_true", help="compile: true (regional torch.compile)")
     ap.add_argument("--onednn", action="store_true",
@@ -28,20 +29,23 @@ def main():
 
     from rlhf.config import load_stage_config
     from rlhf.cpu_linear import mkl_below_peak_here
+    from rlhf.flops import measure_matmul_peak
     from rlhf.stages import run
 
+    peak_start = measure_matmul_peak(2048, 10) / 1e12  # this process, this moment: the machine's speed drifts
     out = tempfile.mkdtemp() + "/ppo"
     cfg = load_stage_config("ppo", None, {
         "model.name_or_path": a.policy, "reward_model": a.reward, "value_init": "reward_model",
         "data.train": a.prompts, "data.eval_split": 0.0, "steps": a.iters, "rollout_batch_size": a.batch,
         "minibatch_size": a.minibatch, "micro_batch_size": a.micro, "ppo_epochs": a.epochs,
         "max_new_tokens": a.response, "lr": a.lr, "kl_coef": a.kl_coef, "seed": a.seed, "sample_every": 0,
-        "peak_tflops": a.peak_tflops, "old_logprobs": a.old_logprobs,
+        "peak_tflops": a.peak_tflops or peak_start, "old_logprobs": a.old_logprobs,
         "compile": a.compile, "onednn_linear": True if a.onednn else "auto"})
     steps: dict[int, int] = {}  # optimizer steps actually taken, per optimizer (torch's global step hook)
     register_optimizer_step_post_hook(
         lambda opt, args, kwargs: steps.__setitem__(id(opt), steps.get(id(opt), 0) + 1))
     run("ppo", cfg, out)
+    peak_end = measure_matmul_peak(2048, 10) / 1e12
     m = [json.loads(l) for l in open(out + "/metrics.jsonl") if '"pg_loss"' in l]
     stamps = [r["time"] for r in m]
     phases = ("time_generate", "time_score", "time_experience", "time_train", "tokens_per_s_generate",
@@ -50,7 +54,8 @@ def main():
     print(json.dumps({"impl": "rlhf", "old_logprobs": a.old_logprobs, "compile": a.compile,
                       "optimizer_steps_per_iteration": max(steps.values(), default=0) / a.iters,
                       "onednn_linear": True if a.onednn else "auto", "mkl_below_peak_here": mkl_below_peak_here(),
-                      "first_iter_phase_seconds": first,
+                      "first_iter_phase_seconds": first, "mfu_peak_tflops": a.peak_tflops or peak_start,
+                      "peak_tflops_start": peak_start, "peak_tflops_end": peak_end,
                       "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "phases": {k: sorted(r[k] for r in m)[len(m) // 2] for k in phases}}))

@@ -38,7 +38,10 @@ def main():
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
+    from rlhf.flops import measure_matmul_peak  # (the venv sees this Python's packages, rlhf included)
+
     assert trl.__version__ == "1.12.0", trl.__version__
+    peak_start = measure_matmul_peak(2048, 10) / 1e12  # the machine's speed around this run, as ours reports it
     torch.manual_seed(a.seed)
     tok = AutoTokenizer.from_pretrained(a.policy)
     tok.padding_side = "left"
@@ -94,12 +97,14 @@ def main():
                          callbacks=[Clock()])
     t0 = time.perf_counter()
     trainer.train()
+    peak_end = measure_matmul_peak(2048, 10) / 1e12
     stamps = [t0] + times
     rows = [(m[1] - m[0], m[2] - m[1], end - m[2]) for m, end in zip(marks, times) if len(m) == 3]
     phases = {k: sorted(r[i] for r in rows)[len(rows) // 2]
               for i, k in enumerate(("time_generate", "time_experience", "time_train"))} if rows else {}
     print(json.dumps({"impl": "trl-1.12.0", "onednn_linear": a.onednn, "phases": phases,
                       "optimizer_steps_per_iteration": max(steps.values(), default=0) / a.iters,
+                      "peak_tflops_start": peak_start, "peak_tflops_end": peak_end,
                       "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

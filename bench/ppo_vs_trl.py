@@ -10,9 +10,12 @@ micro-batch, PPO epochs, prompts and response length, on the same torch/transfor
 (TRL 1.12.0 is installed by this script into its own venv that sees this Python's packages,
 because trl >= 1.13 has no PPOTrainer). Runs alternate (ours, TRL, ours, TRL, ...) so drift on
 a shared machine cancels; the report gives medians of seconds per iteration (the first
-iteration of each run is warm-up and dropped), their ratio, peak RSS, our per-phase times,
-tokens/s and MFU against a matmul peak measured here, and TRL's phases (generate; experience,
-which includes its reward-model scoring; train) read off clocks set around its own functions.
+iteration of each run is warm-up and dropped), their ratio, each rep's ratio of a run to the TRL
+run beside it, peak RSS, our per-phase times, tokens/s and MFU, and TRL's phases (generate;
+experience, which includes its reward-model scoring; train) read off clocks set around its own
+functions. Every worker measures the fp32 matmul peak just before and just after its run (the
+speed of a shared machine drifts by a third within minutes): our MFU is quoted against the peak
+before, and the report gives each run's training MFU against both.
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ def main() -> None:
               str(ROOT / "recipes/tiny/data/rl_prompts.jsonl"), "--iters", str(a.iters), "--batch", str(a.batch),
               "--minibatch", str(a.minibatch), "--micro", str(a.micro), "--epochs", str(a.epochs),
               "--response", str(a.response)]
-    sides = {"ours": [sys.executable, str(ROOT / "bench/_ours_ppo.py"), *common, "--peak_tflops", str(peak)],
+    # (each worker measures the peak itself just before and after its run: MFU against the machine's speed then)
+    sides = {"ours": [sys.executable, str(ROOT / "bench/_ours_ppo.py"), *common],
              "trl": [trl_python(), str(ROOT / "bench/_trl_ppo.py"), *common]}
     variants = {"ours": sides["ours"]}
     if a.sampling_logprobs:
@@ -167,8 +171,10 @@ def main() -> None:
             res = json.loads(sh(cmd, RETAIN_MALLOC if name == "trl+malloc" else None).stdout.strip().splitlines()[-1])
             runs[name].append(res)
             per = statistics.median(res["iter_seconds"][1:])
+            drift = (f", matmul peak {res['peak_tflops_start'] * 1e3:.0f} -> {res['peak_tflops_end'] * 1e3:.0f} GFLOP/s"
+                     if "peak_tflops_start" in res else "")
             print(f"rep {rep + 1} {name:13s}: {per:.3f} s/iteration (median), peak RSS {res['peak_rss_mb']:.0f} MB, "
-                  f"run {time.time() - t:.0f} s", flush=True)
+                  f"run {time.time() - t:.0f} s{drift}", flush=True)
     summary = {"size": a.size, "settings": vars(a), "peak_tflops": peak}
     for name, rs in runs.items():
         if not rs:
@@ -182,6 +188,14 @@ def main() -> None:
             summary[name]["first_iter_phase_seconds"] = statistics.median(r["first_iter_phase_seconds"] for r in rs)
         if "phases" in rs[0]:
             summary[name]["phases"] = {k: statistics.median(r["phases"][k] for r in rs) for k in rs[0]["phases"]}
+        if "peak_tflops_start" in rs[0]:  # the machine's matmul peak before and after each run
+            summary[name]["peak_tflops_runs"] = [[r["peak_tflops_start"], r["peak_tflops_end"]] for r in rs]
+        if "mfu_peak_tflops" in rs[0] and "mfu_train" in rs[0].get("phases", {}):
+            # the training MFU of each run against the slower and the faster of its two peaks
+            summary[name]["mfu_train_runs"] = [
+                sorted(r["phases"]["mfu_train"] * r["mfu_peak_tflops"] / p for p in (r["peak_tflops_start"],
+                                                                                       r["peak_tflops_end"]))
+                for r in rs]
     print("\n== result ==")
     for name in (n for n in runs if n in summary):
         print(f"{name:13s} {summary[name]['median_s_per_iter']:.3f} s/iteration, peak RSS "
@@ -200,6 +214,15 @@ def main() -> None:
         key = "speedup_vs_trl_onednn_" + "_".join(name.split("+")[1:])  # both sides on the same kernels
         summary[key] = summary["trl+onednn"]["median_s_per_iter"] / summary[name]["median_s_per_iter"]
         print(f"speed-up of {name} over TRL with the same oneDNN layers: {summary[key]:.2f}x")
+    if "trl" in runs:  # each run against the TRL run next to it (same rep): drift between reps cancels
+        for name in [n for n in runs if n.startswith("ours") and runs[n]]:
+            pairs = [statistics.median(t["iter_seconds"][1:]) / statistics.median(o["iter_seconds"][1:])
+                     for o, t in zip(runs[name], runs["trl"])]
+            summary.setdefault("paired_speedups", {})[name] = pairs
+            print(f"{name} vs TRL, rep by rep: " + ", ".join(f"{x:.2f}x" for x in pairs))
+    for name in [n for n in summary if isinstance(summary[n], dict) and "mfu_train_runs" in summary[n]]:
+        lo, hi = min(r[0] for r in summary[name]["mfu_train_runs"]), max(r[1] for r in summary[name]["mfu_train_runs"])
+        print(f"{name}: train MFU {lo:.1%}-{hi:.1%} against the matmul peaks measured at the start and end of its runs")
     if "phases" in summary.get("ours", {}):
         ph = summary["ours"]["phases"]
         print("ours by phase (median s): " + ", ".join(f"{k[5:]} {ph[k]:.3f}" for k in ph if k.startswith("time_")))
