@@ -33,13 +33,14 @@ def main():
     from rlhf.stages import run
 
     peak_start = measure_matmul_peak(2048, 10) / 1e12  # this process, this moment: the machine's speed drifts
+    mfu_peak = a.peak_tflops or peak_start
     out = tempfile.mkdtemp() + "/ppo"
     cfg = load_stage_config("ppo", None, {
         "model.name_or_path": a.policy, "reward_model": a.reward, "value_init": "reward_model",
         "data.train": a.prompts, "data.eval_split": 0.0, "steps": a.iters, "rollout_batch_size": a.batch,
         "minibatch_size": a.minibatch, "micro_batch_size": a.micro, "ppo_epochs": a.epochs,
         "max_new_tokens": a.response, "lr": a.lr, "kl_coef": a.kl_coef, "seed": a.seed, "sample_every": 0,
-        "peak_tflops": a.peak_tflops or peak_start, "old_logprobs": a.old_logprobs,
+        "peak_tflops": mfu_peak, "old_logprobs": a.old_logprobs,
         "compile": a.compile, "onednn_linear": True if a.onednn else "auto"})
     steps: dict[int, int] = {}  # optimizer steps actually taken, per optimizer (torch's global step hook)
     register_optimizer_step_post_hook(
@@ -54,7 +55,7 @@ def main():
     print(json.dumps({"impl": "rlhf", "old_logprobs": a.old_logprobs, "compile": a.compile,
                       "optimizer_steps_per_iteration": max(steps.values(), default=0) / a.iters,
                       "onednn_linear": True if a.onednn else "auto", "mkl_below_peak_here": mkl_below_peak_here(),
-                      "first_iter_phase_seconds": first, "mfu_peak_tflops": a.peak_tflops or peak_start,
+                      "first_iter_phase_seconds": first, "mfu_peak_tflops": mfu_peak,
                       "peak_tflops_start": peak_start, "peak_tflops_end": peak_end,
                       "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

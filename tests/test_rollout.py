@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import rlhf.rollout
-from rlhf.rollout import (FewRowsLinear, cpu_exponentials, sample_tokens, eos_mask, few_rows_linear, filter_logits, generate, left_pad,
-                          position_ids_from_mask, response_logprobs)
+from rlhf.rollout import (FewRowsLinear, cpu_exponentials, eos_mask, few_rows_linear, filter_logits, generate,
+                          left_pad, position_ids_from_mask, response_logprobs, sample_tokens)
 
 
 def test_left_pad_and_positions():
