@@ -7,6 +7,7 @@ import resource
 import sys
 import tempfile
 
+import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
@@ -25,6 +26,8 @@ def main():
     ap.add_argument("--compile", action="store_true", help="compile: true (regional torch.compile)")
     ap.add_argument("--onednn", action="store_true",
                     help="onednn_linear: true (rlhf.cpu_linear); without it the default, auto")
+    ap.add_argument("--bf16", action="store_true",
+                    help="mixed_precision: bf16 (autocast over fp32 weights); the peaks are then bf16 matmuls")
     a = ap.parse_args()
 
     from rlhf.config import load_stage_config
@@ -32,7 +35,8 @@ def main():
     from rlhf.flops import measure_matmul_peak
     from rlhf.stages import run
 
-    peak_start = measure_matmul_peak(2048, 10) / 1e12  # this process, this moment: the machine's speed drifts
+    peak_dtype = torch.bfloat16 if a.bf16 else torch.float32  # the dtype the run's matmuls execute in
+    peak_start = measure_matmul_peak(2048, 10, peak_dtype) / 1e12  # this process, this moment: the machine's speed drifts
     mfu_peak = a.peak_tflops or peak_start
     out = tempfile.mkdtemp() + "/ppo"
     cfg = load_stage_config("ppo", None, {
@@ -41,18 +45,19 @@ def main():
         "minibatch_size": a.minibatch, "micro_batch_size": a.micro, "ppo_epochs": a.epochs,
         "max_new_tokens": a.response, "lr": a.lr, "kl_coef": a.kl_coef, "seed": a.seed, "sample_every": 0,
         "peak_tflops": mfu_peak, "old_logprobs": a.old_logprobs,
-        "compile": a.compile, "onednn_linear": True if a.onednn else "auto"})
+        "compile": a.compile, "onednn_linear": True if a.onednn else "auto",
+        "mixed_precision": "bf16" if a.bf16 else "auto"})
     steps: dict[int, int] = {}  # optimizer steps actually taken, per optimizer (torch's global step hook)
     register_optimizer_step_post_hook(
         lambda opt, args, kwargs: steps.__setitem__(id(opt), steps.get(id(opt), 0) + 1))
     run("ppo", cfg, out)
-    peak_end = measure_matmul_peak(2048, 10) / 1e12
+    peak_end = measure_matmul_peak(2048, 10, peak_dtype) / 1e12
     m = [json.loads(l) for l in open(out + "/metrics.jsonl") if '"pg_loss"' in l]
     stamps = [r["time"] for r in m]
     phases = ("time_generate", "time_score", "time_experience", "time_train", "tokens_per_s_generate",
               "tokens_per_s_train", "mfu_generate", "mfu_experience", "mfu_train")
     first = sum(v for k, v in m[0].items() if k.startswith("time_"))  # with compile: includes compiling
-    print(json.dumps({"impl": "rlhf", "old_logprobs": a.old_logprobs, "compile": a.compile,
+    print(json.dumps({"impl": "rlhf", "bf16": a.bf16, "old_logprobs": a.old_logprobs, "compile": a.compile,
                       "optimizer_steps_per_iteration": max(steps.values(), default=0) / a.iters,
                       "onednn_linear": True if a.onednn else "auto", "mkl_below_peak_here": mkl_below_peak_here(),
                       "first_iter_phase_seconds": first, "mfu_peak_tflops": mfu_peak,

@@ -31,6 +31,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--onednn", action="store_true",
                     help="run the four models' linear layers through oneDNN as rlhf's onednn_linear does")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16=True (accelerate's autocast over fp32 weights); the peaks are then bf16 matmuls")
+    ap.add_argument("--trl_bf16_own", action="store_true",
+                    help="with --bf16: only TRL's own bf16=True autocast (its training forward), the rollout in fp32")
     a = ap.parse_args()
 
     import datasets
@@ -41,7 +45,8 @@ def main():
     from rlhf.flops import measure_matmul_peak  # (the venv sees this Python's packages, rlhf included)
 
     assert trl.__version__ == "1.12.0", trl.__version__
-    peak_start = measure_matmul_peak(2048, 10) / 1e12  # the machine's speed around this run, as ours reports it
+    peak_dtype = torch.bfloat16 if a.bf16 else torch.float32
+    peak_start = measure_matmul_peak(2048, 10, peak_dtype) / 1e12  # the machine's speed around this run, as ours reports it
     torch.manual_seed(a.seed)
     tok = AutoTokenizer.from_pretrained(a.policy)
     tok.padding_side = "left"
@@ -65,7 +70,7 @@ def main():
         num_mini_batches=a.batch // a.minibatch, num_ppo_epochs=a.epochs, total_episodes=a.batch * a.iters,
         local_rollout_forward_batch_size=a.batch, response_length=a.response, stop_token="eos",
         missing_eos_penalty=-1.0, temperature=1.0, kl_coef=a.kl_coef, learning_rate=a.lr,
-        num_sample_generations=0, report_to=[], save_strategy="no", logging_steps=10**6, bf16=False, fp16=False,
+        num_sample_generations=0, report_to=[], save_strategy="no", logging_steps=10**6, bf16=a.bf16, fp16=False,
         use_cpu=True, gradient_checkpointing=False, seed=a.seed, dataloader_num_workers=0)
     times, marks = [], []  # marks: per iteration [generation start, generation end, first training forward]
     import trl.experimental.ppo.ppo_trainer as ppo_mod
@@ -96,13 +101,17 @@ def main():
                          value_model=value, train_dataset=ds, eval_dataset=ds.select(range(a.batch)),
                          callbacks=[Clock()])
     t0 = time.perf_counter()
-    trainer.train()
-    peak_end = measure_matmul_peak(2048, 10) / 1e12
+    # bf16: the whole loop under the autocast ours runs in. TRL's own bf16=True autocasts only the
+    # prepared policy+value wrapper's training forward; its generation and the reference, reward
+    # and value forwards of its rollout would otherwise stay fp32 (work ours does in bf16).
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16 and not a.trl_bf16_own):
+        trainer.train()
+    peak_end = measure_matmul_peak(2048, 10, peak_dtype) / 1e12
     stamps = [t0] + times
     rows = [(m[1] - m[0], m[2] - m[1], end - m[2]) for m, end in zip(marks, times) if len(m) == 3]
     phases = {k: sorted(r[i] for r in rows)[len(rows) // 2]
               for i, k in enumerate(("time_generate", "time_experience", "time_train"))} if rows else {}
-    print(json.dumps({"impl": "trl-1.12.0", "onednn_linear": a.onednn, "phases": phases,
+    print(json.dumps({"impl": "trl-1.12.0", "bf16": a.bf16, "onednn_linear": a.onednn, "phases": phases,
                       "optimizer_steps_per_iteration": max(steps.values(), default=0) / a.iters,
                       "peak_tflops_start": peak_start, "peak_tflops_end": peak_end,
                       "iter_seconds": [b - c for b, c in zip(stamps[1:], stamps[:-1])],

@@ -3,6 +3,7 @@
     python bench/ppo_vs_trl.py                 # tiny models (149k params), 20 iterations x 3 reps
     python bench/ppo_vs_trl.py --size 6m       # ~6M-parameter models (for MFU)
     python bench/ppo_vs_trl.py --size smollm2  # SmolLM2-135M-Instruct in all four roles (vocabulary 49k)
+    python bench/ppo_vs_trl.py --size smollm2 --bf16   # both sides in bf16 mixed precision (CPUs with AMX)
 
 Both implementations train the same policy / reference / value (initialised from the RM) /
 reward model for the same number of PPO iterations with the same rollout batch, minibatch,
@@ -128,6 +129,11 @@ def main() -> None:
                     help="also run every 'ours' side with onednn_linear: true (fp32 linear layers through oneDNN "
                          "instead of MKL, rlhf.cpu_linear) as '<side>+onednn', and TRL with the same layers as "
                          "'trl+onednn' (its four models switched by rlhf.cpu_linear.use_onednn_linear)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="run every side in bf16 mixed precision (ours mixed_precision: bf16; TRL bf16=True with "
+                         "its whole loop under the same CPU autocast, so that its rollout runs in bf16 as ours "
+                         "does), plus 'trl+ownbf16': TRL's bf16=True alone, which leaves its rollout in fp32; "
+                         "MFU is then against a bf16 matmul peak")
     ap.add_argument("--sides", help="comma-separated side names to run (e.g. ours,ours+samplelp+compile,trl); "
                                     "default: every side the other flags ask for")
     ap.add_argument("--out", help="JSON results file (default bench/results/ppo_vs_trl_<size>.json)")
@@ -155,6 +161,10 @@ def main() -> None:
         variants.update({name + "+onednn": cmd + ["--onednn"] for name, cmd in variants.items()})
     trl = {"trl": sides["trl"], **({"trl+onednn": sides["trl"] + ["--onednn"]} if a.onednn else {})}
     sides = {**variants, **trl}
+    if a.bf16:
+        sides = {k: v + ["--bf16"] for k, v in sides.items()}
+        if "trl" in sides:  # TRL as its bf16=True runs it: autocast over its training forward only
+            sides["trl+ownbf16"] = sides["trl"] + ["--trl_bf16_own"]
     if a.only:
         sides = {k: v for k, v in sides.items() if k.startswith(a.only)}
     if a.sides:
@@ -236,7 +246,7 @@ def main() -> None:
     for name in [n for n in summary if n.startswith("trl") and summary[n].get("phases")]:
         ph = summary[name]["phases"]  # (TRL scores inside its experience phase)
         print(f"{name} by phase (median s): " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in ph.items()))
-    out = Path(a.out or ROOT / f"bench/results/ppo_vs_trl_{a.size}.json")
+    out = Path(a.out or ROOT / f"bench/results/ppo_vs_trl_{a.size}{'_bf16' if a.bf16 else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}")

@@ -190,6 +190,10 @@ def test_few_rows_linear_is_linear(bias, monkeypatch):
     assert calls == [(2, 1, 24), (16, 1, 24)]
     for y, rows in zip(ys, (1, 2, 16, 17)):
         assert y.shape == (rows, 1, 40) and torch.allclose(y, lin(x[:rows]), atol=1e-6, rtol=0)
+    # under a CPU autocast (mixed_precision: bf16) the product runs in bf16: F.linear's own path
+    with torch.no_grad(), FewRowsLinear(max_rows=16), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x[:16])
+    assert calls == [(2, 1, 24), (16, 1, 24)] and y.dtype == torch.bfloat16
 
 
 def test_decoding_steps_use_few_rows_linear(tiny_lm, tok, monkeypatch):
