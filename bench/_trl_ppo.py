@@ -34,7 +34,8 @@ def main():
     ap.add_argument("--bf16", action="store_true",
                     help="bf16=True (accelerate's autocast over fp32 weights); the peaks are then bf16 matmuls")
     ap.add_argument("--trl_bf16_own", action="store_true",
-                    help="with --bf16: only TRL's own bf16=True autocast (its training forward), the rollout in fp32")
+                    help="with --bf16: TRL's own bf16=True alone (an autocast over its training forward only; "
+                         "its rollout in fp32)")
     a = ap.parse_args()
 
     import datasets
@@ -75,6 +76,21 @@ def main():
     times, marks = [], []  # marks: per iteration [generation start, generation end, first training forward]
     import trl.experimental.ppo.ppo_trainer as ppo_mod
 
+    if a.bf16 and not a.trl_bf16_own:
+        # TRL's own bf16=True autocasts only the prepared policy+value wrapper's training forward: its
+        # generation and its rollout's reference, value and reward forwards would stay fp32, work ours
+        # does in bf16. Each of those calls runs here under the same CPU autocast, one region per call
+        # (so its weights are cast once per call, as ours are once per generation). Not one region
+        # around train(): autocast's cache would then serve the weights' bf16 copies from before
+        # every optimizer step.
+        def in_bf16(f, skip=lambda *args: False):
+            def g(*args, **kw):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not skip(*args)):
+                    return f(*args, **kw)
+            return g
+
+        ppo_mod.batch_generation, ppo_mod.get_reward = in_bf16(ppo_mod.batch_generation), in_bf16(ppo_mod.get_reward)
+        ppo_mod.forward = in_bf16(ppo_mod.forward, lambda model, *args: hasattr(model, "value_model"))
     generate, forward = ppo_mod.batch_generation, ppo_mod.forward
 
     def timed_generation(*args, **kw):
@@ -101,11 +117,7 @@ def main():
                          value_model=value, train_dataset=ds, eval_dataset=ds.select(range(a.batch)),
                          callbacks=[Clock()])
     t0 = time.perf_counter()
-    # bf16: the whole loop under the autocast ours runs in. TRL's own bf16=True autocasts only the
-    # prepared policy+value wrapper's training forward; its generation and the reference, reward
-    # and value forwards of its rollout would otherwise stay fp32 (work ours does in bf16).
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16 and not a.trl_bf16_own):
-        trainer.train()
+    trainer.train()
     peak_end = measure_matmul_peak(2048, 10, peak_dtype) / 1e12
     stamps = [t0] + times
     rows = [(m[1] - m[0], m[2] - m[1], end - m[2]) for m, end in zip(marks, times) if len(m) == 3]

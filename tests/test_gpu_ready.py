@@ -100,11 +100,17 @@ def test_ppo_fp16_through_the_grad_scaler_runs_and_resumes_its_scale(sft_checkpo
 
 
 @pytest.mark.slow
-def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path):
+def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monkeypatch):
     """bf16 autocast through SFT, RM and PPO; PPO's frozen reference runs under the same autocast
-    as the policy, so their KL before any update is exactly 0."""
+    as the policy, so their KL before any update is exactly 0; PPO generates (rollouts and
+    evaluation) inside one autocast region, so each weight is cast once per generation."""
+    import rlhf.stages.ppo as ppo_mod
     from rlhf.config import load_stage_config
     from rlhf.stages import run
+
+    in_region, generate = [], ppo_mod.generate
+    monkeypatch.setattr(ppo_mod, "generate",
+                        lambda *a, **k: in_region.append(torch.is_autocast_enabled("cpu")) or generate(*a, **k))
 
     sft = load_stage_config("sft", None, {
         "model.init": "from_config", "model.arch": TINY_ARCH, "model.tokenizer_vocab_size": 300,
@@ -128,6 +134,7 @@ def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path):
     s = run("ppo", ppo, str(tmp_path / "ppo"))
     assert s["initial_eval_kl"] == 0.0 and s["initial_eval_kl_k3"] == 0.0
     assert s["mfu_peak_dtype"] == "bfloat16" and math.isfinite(s["eval_reward"])
+    assert len(in_region) >= 4 and all(in_region)  # 2 rollouts, 2+ evaluations
 
 
 def test_frozen_reference_runs_under_the_policy_autocast():

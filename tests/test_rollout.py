@@ -1,5 +1,7 @@
 """Generation and log-probs: padding invariance, EOS handling, temperature consistency."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -252,3 +254,39 @@ def test_sample_tokens_refuses_what_multinomial_refuses(bad):
     with pytest.raises(RuntimeError) as torchs:
         torch.multinomial(probs, 1)
     assert str(ours.value) in str(torchs.value)
+
+
+def test_generation_in_one_autocast_region_casts_each_weight_once(tiny_lm, tok):
+    """Under mixed precision accelerate wraps the model's forward in an autocast, which casts every
+    fp32 weight to bf16 on each call: once per token in decoding. PPOModels.autocast (the
+    run's own autocast) entered around the whole generation keeps one cast of each weight (autocast
+    caches them until its outermost region exits): the same tokens and log-probs, far fewer casts."""
+    from accelerate import Accelerator
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):  # counts the bf16 copies made of the model's weights
+        def __init__(self, weights):
+            super().__init__()
+            self.n, self.weights = 0, weights
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                    and args[0].data_ptr() in self.weights):
+                self.n += 1
+            return func(*args, **kwargs)
+
+    acc = Accelerator(mixed_precision="bf16", cpu=True)
+    model = acc.prepare_model(tiny_lm)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    kw = dict(eos_token_id=-1, pad_token_id=tok.pad_token_id, max_new_tokens=6, return_logprobs=True)
+    weights = {p.data_ptr() for p in model.parameters() if p.dim() == 2}
+    out = {}
+    for name, region in (("per token", contextlib.nullcontext), ("one region", acc.autocast)):
+        casts = Casts(weights)
+        with torch.no_grad(), region(), casts:
+            out[name] = generate(model, prompts, generator=torch.Generator().manual_seed(0), **kw)
+        out[name + " casts"] = casts.n
+    assert torch.equal(out["per token"].response_ids, out["one region"].response_ids)
+    assert torch.equal(out["per token"].logprobs, out["one region"].logprobs)
+    assert out["per token casts"] >= 6 * len(weights) and out["one region casts"] <= len(weights)

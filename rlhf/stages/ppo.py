@@ -20,6 +20,7 @@ estimator, reward scaling, value initialisation).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -134,11 +135,15 @@ class Rollout:
     texts: list[str]
 
 
-def make_rollout(policy, tok, prompts: list, cfg: PPOConfig, generator: torch.Generator, device) -> Rollout:
+def make_rollout(policy, tok, prompts: list, cfg: PPOConfig, generator: torch.Generator, device,
+                 autocast=contextlib.nullcontext) -> Rollout:
+    """Sample a response to each prompt; `autocast` (PPOModels.autocast) is entered around the whole
+    generation, so that under mixed precision each weight is cast once, not once per token."""
     encoded = [encode_prompt(tok, p.prompt) for p in prompts]
-    gen = generate(policy, encoded, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator, device=device,
-                   return_logprobs=cfg.old_logprobs == "sampling")
+    with autocast():
+        gen = generate(policy, encoded, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=generator,
+                       device=device, return_logprobs=cfg.old_logprobs == "sampling")
     texts = decode_responses(tok, gen)
     return Rollout(gen, prompts, texts)
 
@@ -365,8 +370,6 @@ def micro_batch_loss(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOCon
 
 
 def _nothing():
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -388,7 +391,7 @@ def evaluate_policy(m: PPOModels, data: PPOInputs, cfg: PPOConfig, device) -> di
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
     scores, kls, k3s, golds, lengths, eos, gold_rewards = [], [], [], [], [], [], []
     for chunk in chunks(data.eval_prompts, cfg.rollout_batch_size):
-        ro = make_rollout(policy, data.tok, chunk, cfg, gen, device)
+        ro = make_rollout(policy, data.tok, chunk, cfg, gen, device, m.autocast)
         s, _ = compute_scores(ro, data.tok, m.reward_model, data.reward_fns, cfg, device)
         g = gold_scores(ro, m, data, cfg, device)
         if g is not None:
@@ -616,7 +619,7 @@ def ppo_iteration(run: PPORun, it: int) -> tuple[dict, bool]:
 
     unwrap(m.policy).eval()
     with t_gen, m.gathered():  # ZeRO-3: the weights are gathered once for the whole rollout
-        ro = make_rollout(unwrap(m.policy), data.tok, batch, cfg, st.sampling, acc.device)
+        ro = make_rollout(unwrap(m.policy), data.tok, batch, cfg, st.sampling, acc.device, m.autocast)
     with t_score:
         try:
             raw_scores, parts, failure = *compute_scores(ro, data.tok, m.reward_model, data.reward_fns, cfg,

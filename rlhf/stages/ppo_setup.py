@@ -81,6 +81,11 @@ class PPOModels:
     """Context in which the policy's full weights are present (ZeRO-3: gathered once per generation)."""
     gold_reward_model: RewardModel | None = None
     """A held-out reward model that measures (gold), never trains."""
+    autocast: Callable = contextlib.nullcontext
+    """The run's mixed-precision autocast (accelerate's; a no-op in fp32 and under DeepSpeed, which
+    casts the weights itself), entered once around a whole generation. The prepared models enter
+    it in every forward, and autocast caches each weight's bf16/fp16 copy until the outermost
+    region exits: inside this one a weight is cast once per rollout, not once per token."""
 
     @contextlib.contextmanager
     def reference(self):
@@ -208,7 +213,8 @@ def _prepare(cfg: PPOConfig, acc, policy, value, split: BatchSplit) -> PPOModels
     prepared = acc.prepare(*models, *opts)
     models, opts = list(prepared[: len(models)]), list(prepared[len(models):])
     scheds = [make_scheduler(o, cfg.lr_scheduler, n_updates, cfg.warmup_ratio) for o in opts]
-    return PPOModels(models[0], models[1] if value is not None else None, None, None, opts, scheds)
+    return PPOModels(models[0], models[1] if value is not None else None, None, None, opts, scheds,
+                     autocast=acc.autocast)
 
 
 def _partitioned(model) -> bool:
