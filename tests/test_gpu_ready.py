@@ -111,6 +111,9 @@ def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monk
     in_region, generate = [], ppo_mod.generate
     monkeypatch.setattr(ppo_mod, "generate",
                         lambda *a, **k: in_region.append(torch.is_autocast_enabled("cpu")) or generate(*a, **k))
+    flash, loss = [], ppo_mod.micro_batch_loss  # the training forwards: SDPA's math path on the CPU in bf16
+    monkeypatch.setattr(ppo_mod, "micro_batch_loss",
+                        lambda *a, **k: flash.append(torch.backends.cuda.flash_sdp_enabled()) or loss(*a, **k))
 
     sft = load_stage_config("sft", None, {
         "model.init": "from_config", "model.arch": TINY_ARCH, "model.tokenizer_vocab_size": 300,
@@ -135,6 +138,7 @@ def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monk
     assert s["initial_eval_kl"] == 0.0 and s["initial_eval_kl_k3"] == 0.0
     assert s["mfu_peak_dtype"] == "bfloat16" and math.isfinite(s["eval_reward"])
     assert len(in_region) >= 4 and all(in_region)  # 2 rollouts, 2+ evaluations
+    assert flash and not any(flash) and torch.backends.cuda.flash_sdp_enabled()  # (and restored after)
 
 
 def test_frozen_reference_runs_under_the_policy_autocast():
@@ -150,6 +154,26 @@ def test_frozen_reference_runs_under_the_policy_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             expected = torch.nn.functional.linear(x, ref.weight, ref.bias).float()
         assert torch.equal(ref(x), expected)
+
+
+def test_backpropagated_attention_takes_the_math_path_only_on_the_cpu_in_half_precision():
+    """On the CPU in bf16/fp16, SDPA's flash-attention backward is the slow kernel: forwards that
+    are backpropagated run SDPA's math path there (the same attention to rounding); fp32 and other
+    devices keep flash attention."""
+    import torch.nn.functional as F
+
+    from rlhf.engine import backpropagated_attention
+
+    for device, dtype, flash in (("cpu", torch.bfloat16, False), ("cpu", torch.float16, False),
+                                 ("cpu", torch.float32, True), ("cuda", torch.bfloat16, True)):
+        with backpropagated_attention(device, dtype):
+            assert torch.backends.cuda.flash_sdp_enabled() is flash
+    assert torch.backends.cuda.flash_sdp_enabled()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with backpropagated_attention("cpu", torch.bfloat16):
+        math_out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(math_out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-2, rtol=2e-2)
 
 
 def test_matmul_peak_in_the_dtype_that_runs():

@@ -38,9 +38,10 @@ from ..config import PPOConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
 from ..data.tasks import gold_reward, has_gold
 from ..ema import EMA
-from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, backward, chunks, compute_dtype, epoch_permutation,
-                      finish_run, inputs_first, loss_scale, make_accelerator, open_run, peak_memory, prepare_output_dir,
-                      progress, set_seed, step_models, world_size, write_summary, zero_stage)
+from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, backpropagated_attention, backward, chunks,
+                      compute_dtype, epoch_permutation, finish_run, inputs_first, loss_scale, make_accelerator, open_run,
+                      peak_memory, prepare_output_dir, progress, set_seed, step_models, world_size, write_summary,
+                      zero_stage)
 from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
 from ..models import count_parameters, eager_blocks, load_tokenizer, save_model_files, unwrap
 from ..ptx import PtxIterator
@@ -301,6 +302,7 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
     B = exp.input_ids.shape[0]
     sums: dict[str, torch.Tensor | float] = {}  # kept on the device: read back once, at the end
     steps = 0
+    dtype = compute_dtype(acc, cfg.model.dtype)  # (on the CPU in half precision: SDPA's math path, see engine)
     for epoch in range(cfg.ppo_epochs):
         perm = epoch_permutation(B, cfg.seed + 7919 * acc.process_index, iteration * 1000 + epoch)
         for mb in chunks(perm, split.minibatch):
@@ -311,7 +313,8 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
             for k, mi in enumerate(micro):
                 sync = k == len(micro) - 1
                 with acc.no_sync(m.policy) if not sync else _nothing(), \
-                        acc.no_sync(m.value) if not sync and m.value is not None else _nothing():
+                        acc.no_sync(m.value) if not sync and m.value is not None else _nothing(), \
+                        backpropagated_attention(exp.input_ids.device, dtype):
                     loss = micro_batch_loss(exp, mi, m, cfg, n_tok, sums, len(mi) / len(mb))
                     if st.ptx is not None:
                         ptx_loss = st.ptx.loss(m.policy) / len(micro)
