@@ -103,7 +103,8 @@ def test_ppo_fp16_through_the_grad_scaler_runs_and_resumes_its_scale(sft_checkpo
 def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monkeypatch):
     """bf16 autocast through SFT, RM and PPO; PPO's frozen reference runs under the same autocast
     as the policy, so their KL before any update is exactly 0; PPO generates (rollouts and
-    evaluation) inside one autocast region, so each weight is cast once per generation."""
+    evaluation) inside one autocast region, so each weight is cast once per generation; every
+    stage's training forwards take SDPA's math path (engine.backpropagated_attention)."""
     import rlhf.stages.ppo as ppo_mod
     from rlhf.config import load_stage_config
     from rlhf.stages import run
@@ -111,9 +112,13 @@ def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monk
     in_region, generate = [], ppo_mod.generate
     monkeypatch.setattr(ppo_mod, "generate",
                         lambda *a, **k: in_region.append(torch.is_autocast_enabled("cpu")) or generate(*a, **k))
-    flash, loss = [], ppo_mod.micro_batch_loss  # the training forwards: SDPA's math path on the CPU in bf16
-    monkeypatch.setattr(ppo_mod, "micro_batch_loss",
-                        lambda *a, **k: flash.append(torch.backends.cuda.flash_sdp_enabled()) or loss(*a, **k))
+    import rlhf.stages.rm as rm_mod
+    import rlhf.stages.sft as sft_mod
+
+    flash = []  # every stage's training forwards: SDPA's math path on the CPU in bf16; no-grad ones: flash
+    for mod, name in ((sft_mod, "lm_loss_sum"), (rm_mod, "group_loss"), (ppo_mod, "micro_batch_loss")):
+        monkeypatch.setattr(mod, name, lambda *a, _f=getattr(mod, name), _n=name, **k: flash.append(
+            (_n, torch.is_grad_enabled(), torch.backends.cuda.flash_sdp_enabled())) or _f(*a, **k))
 
     sft = load_stage_config("sft", None, {
         "model.init": "from_config", "model.arch": TINY_ARCH, "model.tokenizer_vocab_size": 300,
@@ -138,7 +143,8 @@ def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monk
     assert s["initial_eval_kl"] == 0.0 and s["initial_eval_kl_k3"] == 0.0
     assert s["mfu_peak_dtype"] == "bfloat16" and math.isfinite(s["eval_reward"])
     assert len(in_region) >= 4 and all(in_region)  # 2 rollouts, 2+ evaluations
-    assert flash and not any(flash) and torch.backends.cuda.flash_sdp_enabled()  # (and restored after)
+    assert {n for n, grad, _ in flash if grad} == {"lm_loss_sum", "group_loss", "micro_batch_loss"}
+    assert all(on != grad for _, grad, on in flash) and torch.backends.cuda.flash_sdp_enabled()  # (restored after)
 
 
 def test_frozen_reference_runs_under_the_policy_autocast():

@@ -31,8 +31,8 @@ from ..engine import (MetricsLogger, chunks, global_batches, inputs_first, prepa
                       peak_memory, progress, set_seed, shard, write_summary)
 from ..checkpoint import save_checkpoint
 from ..faults import fault_point_step, inject_fault
-from ..engine import (atomic_write_text, backward, finish_run, gathered_params, loss_scale, optimizer_step,
-                      prepare_training, start_run, zero_stage)
+from ..engine import (atomic_write_text, backpropagated_attention, backward, compute_dtype, finish_run,
+                      gathered_params, loss_scale, optimizer_step, prepare_training, start_run, zero_stage)
 from ..models import (ModelError, count_parameters, disable_dropout, enable_gradient_checkpointing, load_tokenizer,
                       save_model_files,
                       torch_dtype, unwrap)
@@ -216,7 +216,8 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         step_loss, step_acc = 0.0, 0.0
         for k, mb in enumerate(micro):
             last = k == len(micro) - 1
-            with contextlib.nullcontext() if last else acc.no_sync(model):
+            with contextlib.nullcontext() if last else acc.no_sync(model), \
+                    backpropagated_attention(acc.device, compute_dtype(acc, cfg.model.dtype)):
                 losses, c, r = group_loss(model, mb, tok.pad_token_id, acc.device, cfg.margin)
                 loss = inject_fault(losses.sum(), step)
                 backward(acc, loss / pairs_in_batch * acc.num_processes, accum, last)

@@ -25,8 +25,8 @@ from ..config import ModelConfig, SFTConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, global_batches, inputs_first, prepare_output_dir,
                       peak_memory, progress, set_seed, shard, write_summary)
-from ..engine import (backward, finish_run, gathered_params, loss_scale, optimizer_step, prepare_training, start_run,
-                      zero_stage)
+from ..engine import (backpropagated_attention, backward, compute_dtype, finish_run, gathered_params, loss_scale,
+                      optimizer_step, prepare_training, start_run, zero_stage)
 from ..checkpoint import save_checkpoint
 from ..faults import fault_point_step, inject_fault
 from ..evaluate import gold_accuracy, gold_examples
@@ -157,7 +157,8 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         for k, mb in enumerate(micro):
             ids, mask, labels = collate_sft(mb, tok.pad_token_id, acc.device)
             last = k == len(micro) - 1
-            with contextlib.nullcontext() if last else acc.no_sync(model):
+            with contextlib.nullcontext() if last else acc.no_sync(model), \
+                    backpropagated_attention(acc.device, compute_dtype(acc, cfg.model.dtype)):
                 loss_sum, _ = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
                 loss_sum = inject_fault(loss_sum, step)
                 backward(acc, loss_sum / max(n_tokens, 1) * acc.num_processes, accum, last)
