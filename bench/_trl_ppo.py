@@ -32,7 +32,8 @@ def main():
     ap.add_argument("--onednn", action="store_true",
                     help="run the four models' linear layers through oneDNN as rlhf's onednn_linear does")
     ap.add_argument("--bf16", action="store_true",
-                    help="bf16=True (accelerate's autocast over fp32 weights); the peaks are then bf16 matmuls")
+                    help="bf16=True (accelerate's autocast over fp32 weights), and each rollout call under the same "
+                         "autocast (see --trl_bf16_own); the peaks are then bf16 matmuls")
     ap.add_argument("--trl_bf16_own", action="store_true",
                     help="with --bf16: TRL's own bf16=True alone (an autocast over its training forward only; "
                          "its rollout in fp32)")

@@ -131,9 +131,9 @@ def main() -> None:
                          "'trl+onednn' (its four models switched by rlhf.cpu_linear.use_onednn_linear)")
     ap.add_argument("--bf16", action="store_true",
                     help="run every side in bf16 mixed precision (ours mixed_precision: bf16; TRL bf16=True with "
-                         "its whole loop under the same CPU autocast, so that its rollout runs in bf16 as ours "
-                         "does), plus 'trl+ownbf16': TRL's bf16=True alone, which leaves its rollout in fp32; "
-                         "MFU is then against a bf16 matmul peak")
+                         "each of its rollout calls under the same CPU autocast, so that its rollout runs in bf16 "
+                         "as ours does), plus 'trl+ownbf16': TRL's bf16=True alone, which leaves its rollout in "
+                         "fp32; MFU is then against a bf16 matmul peak")
     ap.add_argument("--sides", help="comma-separated side names to run (e.g. ours,ours+samplelp+compile,trl); "
                                     "default: every side the other flags ask for")
     ap.add_argument("--out", help="JSON results file (default bench/results/ppo_vs_trl_<size>.json)")

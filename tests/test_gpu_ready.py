@@ -106,15 +106,14 @@ def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monk
     evaluation) inside one autocast region, so each weight is cast once per generation; every
     stage's training forwards take SDPA's math path (engine.backpropagated_attention)."""
     import rlhf.stages.ppo as ppo_mod
+    import rlhf.stages.rm as rm_mod
+    import rlhf.stages.sft as sft_mod
     from rlhf.config import load_stage_config
     from rlhf.stages import run
 
     in_region, generate = [], ppo_mod.generate
     monkeypatch.setattr(ppo_mod, "generate",
                         lambda *a, **k: in_region.append(torch.is_autocast_enabled("cpu")) or generate(*a, **k))
-    import rlhf.stages.rm as rm_mod
-    import rlhf.stages.sft as sft_mod
-
     flash = []  # every stage's training forwards: SDPA's math path on the CPU in bf16; no-grad ones: flash
     for mod, name in ((sft_mod, "lm_loss_sum"), (rm_mod, "group_loss"), (ppo_mod, "micro_batch_loss")):
         monkeypatch.setattr(mod, name, lambda *a, _f=getattr(mod, name), _n=name, **k: flash.append(

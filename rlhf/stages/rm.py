@@ -206,6 +206,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     win = state.get("rank", {}).get("window", {"loss": 0.0, "acc": 0.0, "pairs": 0})  # this process's sums
     if state:
         guard.load_state_dict(state["guard"])
+    dtype = compute_dtype(acc, cfg.model.dtype)  # (on the CPU in half precision: SDPA's math path, see engine)
     for step, idx in enumerate(batches, 1):
         if step <= start:  # the data position of a resumed run is its step count
             continue
@@ -217,7 +218,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         for k, mb in enumerate(micro):
             last = k == len(micro) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model), \
-                    backpropagated_attention(acc.device, compute_dtype(acc, cfg.model.dtype)):
+                    backpropagated_attention(acc.device, dtype):
                 losses, c, r = group_loss(model, mb, tok.pad_token_id, acc.device, cfg.margin)
                 loss = inject_fault(losses.sum(), step)
                 backward(acc, loss / pairs_in_batch * acc.num_processes, accum, last)

@@ -147,6 +147,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     model.train()
     bar = progress(total=len(batches), initial=start, desc="sft", disable=not acc.is_main_process)
     micro_losses: list[float] = []
+    dtype = compute_dtype(acc, cfg.model.dtype)  # (on the CPU in half precision: SDPA's math path, see engine)
     for step, idx in enumerate(batches, 1):
         if step <= start:  # the data position of a resumed run is its step count
             continue
@@ -158,7 +159,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
             ids, mask, labels = collate_sft(mb, tok.pad_token_id, acc.device)
             last = k == len(micro) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model), \
-                    backpropagated_attention(acc.device, compute_dtype(acc, cfg.model.dtype)):
+                    backpropagated_attention(acc.device, dtype):
                 loss_sum, _ = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
                 loss_sum = inject_fault(loss_sum, step)
                 backward(acc, loss_sum / max(n_tokens, 1) * acc.num_processes, accum, last)
