@@ -38,9 +38,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--onednn", action="store_true", help="onednn_linear: true (without it: the default, auto)")
     ap.add_argument("--compile", action="store_true", help="compile: true")
+    ap.add_argument("--bf16", action="store_true",
+                    help="mixed_precision: bf16 (autocast over fp32 weights; MFU against the bf16 matmul peak)")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/train_anatomy_smollm2[...].json)")
     a = ap.parse_args()
-    suffix = ("_onednn" if a.onednn else "") + ("_compile" if a.compile else "")
+    suffix = ("_onednn" if a.onednn else "") + ("_compile" if a.compile else "") + ("_bf16" if a.bf16 else "")
     out_json = Path(a.out or ROOT / "bench" / "results" / f"train_anatomy_smollm2{suffix}.json")
 
     from ppo_vs_trl import WORK, smollm2_models
@@ -48,13 +50,13 @@ def main() -> None:
     import rlhf.stages.ppo as ppo
     from rlhf.algos import core
     from rlhf.config import load_stage_config
-    from rlhf.engine import clip_grad_norm
+    from rlhf.engine import backpropagated_attention, clip_grad_norm
     from rlhf.flops import measure_matmul_peak, train_flops
     from rlhf.rollout import position_ids_from_mask
     from rlhf.stages import run
 
     sft, rm = smollm2_models(WORK / "smollm2")
-    peak = measure_matmul_peak(2048, 10)
+    peak = measure_matmul_peak(2048, 10, dtype=torch.bfloat16 if a.bf16 else torch.float32)
     result: dict = {}
 
     def anatomy(exp, m, acc, cfg, split, iteration, st):
@@ -71,6 +73,9 @@ def main() -> None:
             t.setdefault(name, []).append(now - t0)
             return now
 
+        # as ppo_update: training forwards take SDPA's math path on the CPU in bf16 (rlhf.engine)
+        attention = backpropagated_attention(ids.device, torch.bfloat16 if a.bf16 else torch.float32)
+        attention.__enter__()
         for _ in range(a.repeats + 1):  # the first one warms up (and compiles)
             t0 = time.perf_counter()
             pos = position_ids_from_mask(mask)
@@ -103,6 +108,7 @@ def main() -> None:
             for _, opt, _ in m.step_parts():
                 opt.zero_grad(set_to_none=True)
             tick("zero_grad", t0)
+        attention.__exit__(None, None, None)
         for o, s in zip(m.optimizers, saved):
             o.load_state_dict(s)
         for mod, w in zip((m.policy, m.value), weights):
@@ -121,7 +127,7 @@ def main() -> None:
         total = sum(med.values())
         f_all = 3 * (f_fwd_pol + f_fwd_val)
         result.update({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-                       "cpu_threads": torch.get_num_threads(), "onednn_linear": a.onednn, "compile": a.compile,
+                       "cpu_threads": torch.get_num_threads(), "onednn_linear": a.onednn, "compile": a.compile, "bf16": a.bf16,
                        "micro_batch": split.micro, "tokens": seq_tokens, "response_tokens": resp,
                        "peak_gflops": peak / 1e9, "max_grad_norm": cfg.max_grad_norm,
                        "grad_norms": norms, "seconds": med, "matmul_floor_seconds": ideal,
@@ -140,7 +146,8 @@ def main() -> None:
         "model.name_or_path": str(sft), "reward_model": str(rm), "value_init": "reward_model",
         "data.train": prompts, "data.eval_split": 0.0, "steps": 1, "rollout_batch_size": 16, "minibatch_size": 8,
         "micro_batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 32, "sample_every": 0,
-        "compile": a.compile, "onednn_linear": True if a.onednn else "auto"})
+        "compile": a.compile, "onednn_linear": True if a.onednn else "auto",
+        "mixed_precision": "bf16" if a.bf16 else "auto"})
     try:
         run("ppo", cfg, tempfile.mkdtemp() + "/ppo")
     except SystemExit:

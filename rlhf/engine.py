@@ -122,6 +122,29 @@ def compute_dtype(acc, model_dtype: str = "float32") -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model_dtype, torch.float32)
 
 
+def hold_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the `nn.Linear` weights and biases of a frozen model that runs under a `dtype`
+    autocast in `dtype`, once. Autocast casts a linear layer's fp32 weight to `dtype` in every
+    forward and caches the copy only for weights that require grad, so a frozen model (reference,
+    reward model) paid a full cast of its weights per call: ~0.12 s per 128M parameters on a
+    2-core CPU, several calls an iteration. The products are the same bit for bit (autocast rounds
+    the same fp32 value to the same `dtype` value) and everything else keeps its fp32 weights:
+    embeddings, norms, and so the residual stream. An LM head tied to the input embeddings is
+    untied for this (its own `dtype` copy; the embeddings stay fp32). Call it only on a model
+    whose forward always runs under that autocast (accelerate's prepared forward). Returns the
+    number of layers converted."""
+    n = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or module.weight.dtype != torch.float32:
+            continue  # (subclasses such as LoRA or quantized layers do their own casting)
+        for name in ("weight", "bias"):
+            p = getattr(module, name)
+            if p is not None:  # a new tensor: a weight shared with another module stays as it is there
+                setattr(module, name, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
+        n += 1
+    return n
+
+
 def backpropagated_attention(device, dtype: torch.dtype):
     """Context for forward passes that will be backpropagated: on the CPU in bf16/fp16, SDPA's math
     path instead of ATen's flash attention, whose CPU backward is the slow one there (forward +
@@ -242,7 +265,7 @@ def frozen_placement(acc, setting: str) -> str:
     return setting
 
 
-def prepare_frozen(acc, model, placement: str):
+def prepare_frozen(acc, model, placement: str, trained_later: bool = False):
     """A frozen model for no-grad forwards under the run's engine; returns the module to call.
 
     'whole': on this process's device. 'sharded'/'offload': a ZeRO-3 inference engine (no
@@ -250,7 +273,9 @@ def prepare_frozen(acc, model, placement: str):
     are: every process keeps 1/N of each parameter, and each submodule's forward gathers its
     weights for the moment it runs (so every process must make the same forward calls);
     'offload' keeps the shards in CPU memory (ZeRO-Inference). The model was loaded whole; its
-    full copy is freed as it is partitioned here.
+    full copy is freed as it is partitioned here. Under a bf16/fp16 autocast its linear weights
+    are held in that dtype (`hold_linear_weights`) unless it is `trained_later` (the RM of an
+    online `rm_refresh`), which keeps fp32 weights for its optimizer.
     """
     model.eval().requires_grad_(False)
     if placement == "whole":
@@ -260,7 +285,10 @@ def prepare_frozen(acc, model, placement: str):
             return model.to(dtype) if dtype != torch.float32 else model
         # on the device, and under the autocast the trained models run in (bf16/fp16), so the
         # reference sees exactly the policy's arithmetic: the KL at step 0 is exactly 0
-        return acc.prepare_model(model, evaluation_mode=True)
+        model = acc.prepare_model(model, evaluation_mode=True)
+        if acc.native_amp and compute_dtype(acc) != torch.float32 and not trained_later:
+            hold_linear_weights(model, compute_dtype(acc))
+        return model
     import copy
 
     import deepspeed

@@ -161,6 +161,61 @@ def test_frozen_reference_runs_under_the_policy_autocast():
         assert torch.equal(ref(x), expected)
 
 
+class _WeightCasts:
+    """Counts the bf16 copies made of the given tensors (autocast's weight casts) while entered."""
+
+    def __init__(self, tensors):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                        and args[0].data_ptr() in counter.ptrs):
+                    counter.n += 1
+                return func(*args, **kwargs)
+
+        self.n, self.ptrs, self.mode = 0, {t.data_ptr() for t in tensors}, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_frozen_models_hold_their_linear_weights_in_the_autocast_dtype(tiny_lm):
+    """A frozen model under a bf16 autocast (reference, reward model) keeps bf16 copies of its
+    linear layers' weights instead of casting them in every forward (autocast caches casts only
+    for weights that require grad): the same logits bit for bit, no weight cast per call, the
+    embeddings (tied to the LM head in this model) still fp32."""
+    import copy
+
+    from rlhf.engine import make_accelerator, prepare_frozen
+
+    fp32 = prepare_frozen(make_accelerator("no"), copy.deepcopy(tiny_lm), "whole")  # fp32 runs: as it was
+    assert all(p.dtype == torch.float32 for p in fp32.parameters())
+    assert fp32.get_input_embeddings().weight is fp32.get_output_embeddings().weight
+    acc = make_accelerator("bf16")  # (last: the process's accelerate state stays bf16, as the other tests expect)
+    plain = acc.prepare_model(copy.deepcopy(tiny_lm).requires_grad_(False), evaluation_mode=True)
+    held = prepare_frozen(acc, copy.deepcopy(tiny_lm), "whole")
+    emb, head = held.get_input_embeddings().weight, held.get_output_embeddings().weight
+    assert emb.dtype == torch.float32 and head.dtype == torch.bfloat16 and emb.data_ptr() != head.data_ptr()
+    linears = [m for m in held.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    ids = torch.randint(3, 200, (3, 9))
+    weights = [p for p in plain.parameters() if p.dim() == 2]
+    with torch.no_grad(), _WeightCasts(weights) as cast_plain:
+        expected = plain(input_ids=ids).logits
+    with torch.no_grad(), _WeightCasts([p for p in held.parameters() if p.dim() == 2]) as cast_held:
+        got = held(input_ids=ids).logits
+    assert torch.equal(got, expected)
+    assert cast_plain.n >= len(linears) and cast_held.n == 0
+
+
 def test_backpropagated_attention_takes_the_math_path_only_on_the_cpu_in_half_precision():
     """On the CPU in bf16/fp16, SDPA's flash-attention backward is the slow kernel: forwards that
     are backpropagated run SDPA's math path there (the same attention to rounding); fp32 and other

@@ -218,14 +218,18 @@ def test_ppo_every_option_runs(tmp_path, sft_checkpoint, task_dir, rm_run):
 
 
 @pytest.mark.slow
-def test_compiled_blocks_give_the_eager_numbers(tmp_path, sft_checkpoint, task_dir, rm_run):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_compiled_blocks_give_the_eager_numbers(tmp_path, sft_checkpoint, task_dir, rm_run, precision):
     """compile: true (regional torch.compile of the policy's and value model's blocks for training)
-    moves no logged number beyond float rounding; sampling stays eager: the same tokens."""
+    moves no logged number beyond float rounding (bf16's under bf16 mixed precision, where the
+    compiled kernels fuse and round differently: grad norms within 3% in the run this bound was
+    set on); sampling stays eager: the same tokens."""
     rm_dir, _ = rm_run
     runs = {}
+    tol = dict(rel=1e-4, abs=1e-6) if precision == "no" else dict(rel=5e-2, abs=2e-3)
     for compiled in (False, True):
         cfg = _ppo_cfg(sft_checkpoint, task_dir, reward_model=str(rm_dir), value_init="reward_model",
-                       reward_fns=[], steps=2, compile=compiled, sample_every=1)
+                       reward_fns=[], steps=2, compile=compiled, sample_every=1, mixed_precision=precision)
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         run("ppo", cfg, str(tmp_path / str(compiled)), overwrite=True)
@@ -237,11 +241,13 @@ def test_compiled_blocks_give_the_eager_numbers(tmp_path, sft_checkpoint, task_d
         runs[compiled] = [json.loads(l) for l in open(tmp_path / str(compiled) / "metrics.jsonl") if '"pg_loss"' in l]
     for key in ("pg_loss", "vf_loss", "rm_score", "kl", "approx_kl", "entropy", "policy_grad_norm", "value_grad_norm"):
         for eager, comp in zip(runs[False], runs[True]):
-            assert comp[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
+            assert comp[key] == pytest.approx(eager[key], **tol), (key, eager[key], comp[key])
     samples = [[json.loads(l) for l in open(tmp_path / str(c) / "samples.jsonl")] for c in (False, True)]
     first = [[r for r in rows if r["step"] == 1] for rows in samples]  # (later: weights equal to rounding)
     assert len(first[0]) == 8 and [r["completion"] for r in first[0]] == [r["completion"] for r in first[1]]
     assert [r["score"] for r in first[1]] == pytest.approx([r["score"] for r in first[0]], rel=1e-4)
+    if precision == "bf16":  # (the runs really were in bf16)
+        assert json.load(open(tmp_path / "True" / "summary.json"))["mfu_peak_dtype"] == "bfloat16"
 
 
 @pytest.mark.slow

@@ -84,8 +84,12 @@ class PPOModels:
     autocast: Callable = contextlib.nullcontext
     """The run's mixed-precision autocast (accelerate's; a no-op in fp32 and under DeepSpeed, which
     casts the weights itself), entered once around a whole generation. The prepared models enter
-    it in every forward, and autocast caches each weight's bf16/fp16 copy until the outermost
-    region exits: inside this one a weight is cast once per rollout, not once per token."""
+    it in every forward, and autocast caches each trained weight's bf16/fp16 copy until the
+    outermost region exits: inside this one a weight is cast once per rollout, not once per
+    token. (The frozen models hold their linear weights in that dtype instead:
+    rlhf.engine.hold_linear_weights. The experience forwards are not put in one region: that
+    would save one cast of the policy and value model per micro-batch after the first, for a
+    bf16 copy of both held at once, and on a GPU the memory is the dearer of the two.)"""
 
     @contextlib.contextmanager
     def reference(self):
@@ -164,7 +168,9 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
             value = load_value_model(cfg, tok, reward_model)
         read.append(("value model", _partitioned(value.backbone)))
     if reward_model is not None:
-        reward_model.model, reward_model.device = prepare_frozen(acc, reward_model.model, placement), acc.device
+        refreshed = cfg.rm_refresh is not None  # (trained online: it keeps its fp32 weights)
+        reward_model.model = prepare_frozen(acc, reward_model.model, placement, trained_later=refreshed)
+        reward_model.device = acc.device
     if zero3:
         log.info("ZeRO-3: read straight into partitions: %s; loaded whole, then partitioned: %s",
                  ", ".join(n for n, yes in read if yes) or "-", ", ".join(n for n, yes in read if not yes) or "-")
