@@ -158,6 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear torch.distributed down before the interpreter does: a process group still alive at
+    exit leaves its backend's threads to static destructors, and a CPU (gloo) rank then could
+    abort at exit ("terminate called without an active exception") after finishing its work."""
+    dist = sys.modules.get("torch.distributed")  # (never imported: nothing to close)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def process_rank() -> int:

@@ -153,3 +153,16 @@ def test_the_deepspeed_launchers_local_rank_argument_is_dropped():
 
     assert _drop_local_rank(["--local_rank=1", "sft", "r.yaml", "--train.lr", "1"]) == ["sft", "r.yaml", "--train.lr", "1"]
     assert _drop_local_rank(["sft", "--local_rank", "0", "r.yaml"]) == ["sft", "r.yaml"]
+
+
+def test_the_cli_tears_the_process_group_down_before_exit(tmp_path):
+    """Every `rlhf` command ends (success or error) with torch.distributed torn down, so that no
+    backend thread is left to the interpreter's exit (a CPU rank could abort there)."""
+    import torch.distributed as dist
+
+    from rlhf.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    assert main(["sft", str(tmp_path / "missing.yaml")]) == 2  # a user error: the group goes all the same
+    assert not dist.is_initialized()
