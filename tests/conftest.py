@@ -21,6 +21,32 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers (pytest -n 2): one
     torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
+class WeightCasts:
+    """Counts the bf16 copies made of the given tensors while entered: autocast's weight casts."""
+
+    def __init__(self, tensors):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                        and args[0].data_ptr() in counter.ptrs):
+                    counter.n += 1
+                return func(*args, **kwargs)
+
+        self.n, self.ptrs, self.mode = 0, {t.data_ptr() for t in tensors}, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
 TINY_ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64,
              "tie_word_embeddings": True}

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_ARCH, run_cli
+from conftest import TINY_ARCH, WeightCasts, run_cli
 
 
 # ----------------------------------------------------------------------------- fp16 GradScaler
@@ -161,32 +161,6 @@ def test_frozen_reference_runs_under_the_policy_autocast():
         assert torch.equal(ref(x), expected)
 
 
-class _WeightCasts:
-    """Counts the bf16 copies made of the given tensors (autocast's weight casts) while entered."""
-
-    def __init__(self, tensors):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        counter = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
-                        and args[0].data_ptr() in counter.ptrs):
-                    counter.n += 1
-                return func(*args, **kwargs)
-
-        self.n, self.ptrs, self.mode = 0, {t.data_ptr() for t in tensors}, Mode()
-
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
-
-
 def test_frozen_models_hold_their_linear_weights_in_the_autocast_dtype(tiny_lm):
     """A frozen model under a bf16 autocast (reference, reward model) keeps bf16 copies of its
     linear layers' weights instead of casting them in every forward (autocast caches casts only
@@ -208,9 +182,9 @@ def test_frozen_models_hold_their_linear_weights_in_the_autocast_dtype(tiny_lm):
     assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
     ids = torch.randint(3, 200, (3, 9))
     weights = [p for p in plain.parameters() if p.dim() == 2]
-    with torch.no_grad(), _WeightCasts(weights) as cast_plain:
+    with torch.no_grad(), WeightCasts(weights) as cast_plain:
         expected = plain(input_ids=ids).logits
-    with torch.no_grad(), _WeightCasts([p for p in held.parameters() if p.dim() == 2]) as cast_held:
+    with torch.no_grad(), WeightCasts([p for p in held.parameters() if p.dim() == 2]) as cast_held:
         got = held(input_ids=ids).logits
     assert torch.equal(got, expected)
     assert cast_plain.n >= len(linears) and cast_held.n == 0

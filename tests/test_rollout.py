@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+from conftest import WeightCasts
 
 import rlhf.rollout
 from rlhf.rollout import (FewRowsLinear, cpu_exponentials, eos_mask, few_rows_linear, filter_logits, generate,
@@ -262,29 +263,15 @@ def test_generation_in_one_autocast_region_casts_each_weight_once(tiny_lm, tok):
     run's own autocast) entered around the whole generation keeps one cast of each weight (autocast
     caches them until its outermost region exits): the same tokens and log-probs, far fewer casts."""
     from accelerate import Accelerator
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Casts(TorchDispatchMode):  # counts the bf16 copies made of the model's weights
-        def __init__(self, weights):
-            super().__init__()
-            self.n, self.weights = 0, weights
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
-                    and args[0].data_ptr() in self.weights):
-                self.n += 1
-            return func(*args, **kwargs)
 
     acc = Accelerator(mixed_precision="bf16", cpu=True)
     model = acc.prepare_model(tiny_lm)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     kw = dict(eos_token_id=-1, pad_token_id=tok.pad_token_id, max_new_tokens=6, return_logprobs=True)
-    weights = {p.data_ptr() for p in model.parameters() if p.dim() == 2}
+    weights = [p for p in model.parameters() if p.dim() == 2]
     out = {}
     for name, region in (("per token", contextlib.nullcontext), ("one region", acc.autocast)):
-        casts = Casts(weights)
-        with torch.no_grad(), region(), casts:
+        with torch.no_grad(), region(), WeightCasts(weights) as casts:
             out[name] = generate(model, prompts, generator=torch.Generator().manual_seed(0), **kw)
         out[name + " casts"] = casts.n
     assert torch.equal(out["per token"].response_ids, out["one region"].response_ids)
