@@ -1,6 +1,6 @@
 """Where PPO's training phase spends its time on the CPU: SmolLM2-135M-Instruct (issue 17).
 
-    python bench/train_anatomy.py [--onednn] [--compile]   # ~3 min; prints a table, writes JSON
+    python bench/train_anatomy.py [--onednn] [--compile] [--bf16]   # ~3 min; prints a table, writes JSON
 
 Runs `rlhf ppo` on the bench's SmolLM2 models (the issue-17 work: 16 rollouts, minibatch and
 micro-batch 8, 32 response tokens) up to its first update; there it takes the run's own
@@ -11,7 +11,8 @@ median of `--repeats`:
   entropy of the response tokens, the value model's forward, the losses;
 - the backward of the policy's part of the loss and of the value model's part, apart;
 - the optimizer step: gradient-norm clipping (the norms are reported), AdamW per model, zero_grad;
-against the FLOPs of each piece at the fp32 matmul peak measured in the same process. Nothing is
+against the FLOPs of each piece at the matmul peak measured in the same process (fp32; bf16 with
+`--bf16`, which runs the stage in bf16 mixed precision as `mixed_precision: bf16` does). Nothing is
 trained: the weights are restored after the repeats, and the run then goes on as usual.
 """
 
@@ -127,8 +128,8 @@ def main() -> None:
         total = sum(med.values())
         f_all = 3 * (f_fwd_pol + f_fwd_val)
         result.update({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-                       "cpu_threads": torch.get_num_threads(), "onednn_linear": a.onednn, "compile": a.compile, "bf16": a.bf16,
-                       "micro_batch": split.micro, "tokens": seq_tokens, "response_tokens": resp,
+                       "cpu_threads": torch.get_num_threads(), "onednn_linear": a.onednn, "compile": a.compile,
+                       "bf16": a.bf16, "micro_batch": split.micro, "tokens": seq_tokens, "response_tokens": resp,
                        "peak_gflops": peak / 1e9, "max_grad_norm": cfg.max_grad_norm,
                        "grad_norms": norms, "seconds": med, "matmul_floor_seconds": ideal,
                        "step_seconds": total, "step_mfu": f_all / total / peak})
