@@ -122,6 +122,13 @@ def compute_dtype(acc, model_dtype: str = "float32") -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model_dtype, torch.float32)
 
 
+def run_autocast(acc):
+    """The run's mixed-precision autocast as a context factory, for one region around many
+    forwards (a whole generation: autocast keeps a trained weight's bf16/fp16 copy until its
+    outermost region exits): accelerate's; a no-op under DeepSpeed, which casts the weights itself."""
+    return contextlib.nullcontext if is_deepspeed(acc) else acc.autocast
+
+
 def hold_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Store the `nn.Linear` weights and biases of a frozen model that runs under a `dtype`
     autocast in `dtype`, once. Autocast casts a linear layer's fp32 weight to `dtype` in every

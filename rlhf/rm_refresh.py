@@ -31,7 +31,7 @@ import torch
 
 from .config import RMRefreshConfig
 from .data.formats import Row, load_examples, parse_preference, parse_prompt, read_rows
-from .engine import clip_grad_norm, epoch_permutation, make_optimizer
+from .engine import clip_grad_norm, epoch_permutation, make_optimizer, run_autocast
 from .errors import RunError
 from .evaluate import sample_texts
 from .faults import fault_point
@@ -95,7 +95,8 @@ class RMRefresher:
         mine = picked[acc.process_index :: acc.num_processes]  # each process ranks its share; all learn from all
         expanded = [p for p in mine for _ in range(k)]
         texts, _ = sample_texts(policy, tok, [p.prompt for p in expanded], max_new_tokens=self.max_new_tokens,
-                                seed=self.seed * 1009 + it * 7 + acc.process_index, batch_size=64)
+                                seed=self.seed * 1009 + it * 7 + acc.process_index, batch_size=64,
+                                autocast=run_autocast(acc))
         scores = None
         if self.judge is not None:
             fields = {f: [p.meta.get(f) for p in expanded] for f in expanded[0].meta}

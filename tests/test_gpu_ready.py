@@ -103,17 +103,23 @@ def test_ppo_fp16_through_the_grad_scaler_runs_and_resumes_its_scale(sft_checkpo
 def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monkeypatch):
     """bf16 autocast through SFT, RM and PPO; PPO's frozen reference runs under the same autocast
     as the policy, so their KL before any update is exactly 0; PPO generates (rollouts and
-    evaluation) inside one autocast region, so each weight is cast once per generation; every
-    stage's training forwards take SDPA's math path (engine.backpropagated_attention)."""
+    evaluation) inside one autocast region, so each weight is cast once per generation, and so
+    does SFT's gold-accuracy sampling; every stage's training forwards take SDPA's math path
+    (engine.backpropagated_attention)."""
     import rlhf.stages.ppo as ppo_mod
     import rlhf.stages.rm as rm_mod
     import rlhf.stages.sft as sft_mod
     from rlhf.config import load_stage_config
     from rlhf.stages import run
 
+    import rlhf.evaluate as eval_mod
+
     in_region, generate = [], ppo_mod.generate
     monkeypatch.setattr(ppo_mod, "generate",
                         lambda *a, **k: in_region.append(torch.is_autocast_enabled("cpu")) or generate(*a, **k))
+    sft_region = []  # SFT's gold-accuracy sampling (rlhf.evaluate.sample_texts), in one region too
+    monkeypatch.setattr(eval_mod, "generate",
+                        lambda *a, **k: sft_region.append(torch.is_autocast_enabled("cpu")) or generate(*a, **k))
     flash = []  # every stage's training forwards: SDPA's math path on the CPU in bf16; no-grad ones: flash
     for mod, name in ((sft_mod, "lm_loss_sum"), (rm_mod, "group_loss"), (ppo_mod, "micro_batch_loss")):
         monkeypatch.setattr(mod, name, lambda *a, _f=getattr(mod, name), _n=name, **k: flash.append(
@@ -127,6 +133,7 @@ def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monk
     run("sft", sft, str(tmp_path / "sft"))
     losses = [json.loads(l)["loss"] for l in open(tmp_path / "sft" / "metrics.jsonl") if '"loss"' in l]
     assert losses[-1] < losses[0]
+    assert len(sft_region) >= 2 and all(sft_region)  # sampled and greedy gold accuracy
     rm = load_stage_config("rm", None, {
         "model.name_or_path": str(sft_checkpoint), "data.train": str(task_dir / "prefs.jsonl"),
         "data.max_length": 48, "data.max_samples": 64, "train.max_steps": 3, "train.batch_size": 16,

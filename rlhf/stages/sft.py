@@ -26,7 +26,7 @@ from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, global_batches, inputs_first, prepare_output_dir,
                       peak_memory, progress, set_seed, shard, write_summary)
 from ..engine import (backpropagated_attention, backward, compute_dtype, finish_run, gathered_params, loss_scale,
-                      optimizer_step, prepare_training, start_run, zero_stage)
+                      optimizer_step, prepare_training, run_autocast, start_run, zero_stage)
 from ..checkpoint import save_checkpoint
 from ..faults import fault_point_step, inject_fault
 from ..evaluate import gold_accuracy, gold_examples
@@ -205,7 +205,8 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         with gathered_params(acc, m):
             for key, greedy in (("eval_gold_accuracy", False), ("eval_gold_accuracy_greedy", True)):
                 summary[key] = gold_accuracy(m, tok, gold, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
-                                             greedy=greedy, seed=cfg.seed + 1, device=acc.device)
+                                             greedy=greedy, seed=cfg.seed + 1, device=acc.device,
+                                             autocast=run_autocast(acc))
         summary["eval_gold_prompts"] = len(gold)
     summary["train_seconds"] = round(time.time() - t_start, 1)
     summary["num_processes"] = acc.num_processes
