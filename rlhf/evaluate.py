@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -14,13 +13,9 @@ from .tokenization import decode_response, encode_prompt
 
 @torch.no_grad()
 def sample_texts(model, tok, prompts: list, *, batch_size: int = 64, seed: int = 0, device=None,
-                 progress_desc: str | None = None, autocast=contextlib.nullcontext,
-                 **sampling) -> tuple[list[str], list[bool]]:
+                 progress_desc: str | None = None, **sampling) -> tuple[list[str], list[bool]]:
     """Sample one response per prompt (messages or raw text); returns (texts, ended_with_eos).
-    `sampling`: :class:`rlhf.rollout.Sampling`'s fields (max_new_tokens, temperature, ...).
-    `autocast`: the run's autocast for a model prepared under mixed precision
-    (`rlhf.engine.run_autocast`), entered around the whole sampling so that each weight is cast
-    to bf16/fp16 once, not once per token (see PPOModels.autocast)."""
+    `sampling`: :class:`rlhf.rollout.Sampling`'s fields (max_new_tokens, temperature, ...)."""
     from .engine import progress
 
     was_training = model.training
@@ -30,22 +25,21 @@ def sample_texts(model, tok, prompts: list, *, batch_size: int = 64, seed: int =
     texts, eos = [], []
     encoded = [encode_prompt(tok, p) for p in prompts]
     starts = list(range(0, len(encoded), batch_size))
-    with autocast():
-        for s in progress(starts, desc=progress_desc or "sampling", disable=progress_desc is None):
-            g = generate(model, encoded[s : s + batch_size], eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, generator=gen, device=device, **sampling)
-            for row, m, e in zip(g.response_ids.cpu(), g.response_mask.cpu().bool(), g.has_eos.tolist()):  # one copy
-                texts.append(decode_response(tok, row[m].tolist()))
-                eos.append(e)
+    for s in progress(starts, desc=progress_desc or "sampling", disable=progress_desc is None):
+        g = generate(model, encoded[s : s + batch_size], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     generator=gen, device=device, **sampling)
+        for row, m, e in zip(g.response_ids.cpu(), g.response_mask.cpu().bool(), g.has_eos.tolist()):  # one copy
+            texts.append(decode_response(tok, row[m].tolist()))
+            eos.append(e)
     model.train(was_training)
     return texts, eos
 
 
 def gold_accuracy(model, tok, examples: list, *, batch_size: int = 64, seed: int = 0, device=None,
-                  autocast=contextlib.nullcontext, **sampling) -> float:
+                  **sampling) -> float:
     """Share of held-out prompts answered correctly (built-in task checker); examples carry meta."""
     texts, _ = sample_texts(model, tok, [e.prompt for e in examples], batch_size=batch_size, seed=seed, device=device,
-                            autocast=autocast, **sampling)
+                            **sampling)
     ok = tasks.gold_reward(None, texts, task=[e.meta["task"] for e in examples],
                            input=[e.meta["input"] for e in examples])
     return sum(ok) / len(ok)

@@ -94,9 +94,9 @@ class RMRefresher:
         picked = [self.prompts[order[(start + j) % len(order)]] for j in range(n)]
         mine = picked[acc.process_index :: acc.num_processes]  # each process ranks its share; all learn from all
         expanded = [p for p in mine for _ in range(k)]
-        texts, _ = sample_texts(policy, tok, [p.prompt for p in expanded], max_new_tokens=self.max_new_tokens,
-                                seed=self.seed * 1009 + it * 7 + acc.process_index, batch_size=64,
-                                autocast=run_autocast(acc))
+        with run_autocast(acc)():  # one region: each weight is cast once, not once per token
+            texts, _ = sample_texts(policy, tok, [p.prompt for p in expanded], max_new_tokens=self.max_new_tokens,
+                                    seed=self.seed * 1009 + it * 7 + acc.process_index, batch_size=64)
         scores = None
         if self.judge is not None:
             fields = {f: [p.meta.get(f) for p in expanded] for f in expanded[0].meta}

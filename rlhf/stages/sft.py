@@ -202,11 +202,10 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     sharded = zero_stage(acc) == 3  # every rank takes part in a ZeRO-3 forward
     if gold and (acc.is_main_process or sharded):
         m = unwrap(model)
-        with gathered_params(acc, m):
+        with gathered_params(acc, m), run_autocast(acc)():  # (one region: each weight cast once, not per token)
             for key, greedy in (("eval_gold_accuracy", False), ("eval_gold_accuracy_greedy", True)):
                 summary[key] = gold_accuracy(m, tok, gold, max_new_tokens=cfg.max_new_tokens, temperature=1.0,
-                                             greedy=greedy, seed=cfg.seed + 1, device=acc.device,
-                                             autocast=run_autocast(acc))
+                                             greedy=greedy, seed=cfg.seed + 1, device=acc.device)
         summary["eval_gold_prompts"] = len(gold)
     summary["train_seconds"] = round(time.time() - t_start, 1)
     summary["num_processes"] = acc.num_processes
