@@ -75,41 +75,39 @@ def main() -> None:
             return now
 
         # as ppo_update: training forwards take SDPA's math path on the CPU in bf16 (rlhf.engine)
-        attention = backpropagated_attention(ids.device, torch.bfloat16 if a.bf16 else torch.float32)
-        attention.__enter__()
-        for _ in range(a.repeats + 1):  # the first one warms up (and compiles)
-            t0 = time.perf_counter()
-            pos = position_ids_from_mask(mask)
-            logits = m.policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                              logits_to_keep=R + 1).logits
-            logits = logits[:, -R - 1 : -1, :].float()
-            t0 = tick("policy forward (body + LM head)", t0)
-            logp, ent = core.token_logprobs(logits, ids[:, -R:], True, cfg.entropy_coef != 0)
-            t0 = tick("log-probs + entropy", t0)
-            vpred = m.value(ids, mask, position_ids_from_mask(mask))[:, -R - 1 : -1]
-            t0 = tick("value forward", t0)
-            pg_loss, _ = core.policy_loss(logp, exp.old_logprobs[idx, :R], exp.advantages[idx, :R], rmask,
-                                          cfg.cliprange, cfg.log_ratio_clamp, n_tok)
-            vf_loss, _ = core.value_loss(vpred, exp.old_values[idx, :R], exp.returns[idx, :R], rmask,
-                                         cfg.cliprange_value, n_tok)
-            entropy = core.masked_sum(ent, rmask) / n_tok
-            lp = pg_loss - cfg.entropy_coef * entropy
-            lv = cfg.vf_coef * vf_loss
-            t0 = tick("losses", t0)
-            lp.backward()
-            t0 = tick("policy backward", t0)
-            lv.backward()
-            t0 = tick("value backward", t0)
-            norms = [clip_grad_norm([p for p in mod.parameters() if p.grad is not None], cfg.max_grad_norm)
-                     for mod, _, _ in m.step_parts()]  # (as step_models does)
-            t0 = tick("clip grad norms", t0)
-            for _, opt, _ in m.step_parts():
-                opt.step()
-            t0 = tick("AdamW steps", t0)
-            for _, opt, _ in m.step_parts():
-                opt.zero_grad(set_to_none=True)
-            tick("zero_grad", t0)
-        attention.__exit__(None, None, None)
+        with backpropagated_attention(ids.device, torch.bfloat16 if a.bf16 else torch.float32):
+            for _ in range(a.repeats + 1):  # the first one warms up (and compiles)
+                t0 = time.perf_counter()
+                pos = position_ids_from_mask(mask)
+                logits = m.policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                                  logits_to_keep=R + 1).logits
+                logits = logits[:, -R - 1 : -1, :].float()
+                t0 = tick("policy forward (body + LM head)", t0)
+                logp, ent = core.token_logprobs(logits, ids[:, -R:], True, cfg.entropy_coef != 0)
+                t0 = tick("log-probs + entropy", t0)
+                vpred = m.value(ids, mask, position_ids_from_mask(mask))[:, -R - 1 : -1]
+                t0 = tick("value forward", t0)
+                pg_loss, _ = core.policy_loss(logp, exp.old_logprobs[idx, :R], exp.advantages[idx, :R], rmask,
+                                              cfg.cliprange, cfg.log_ratio_clamp, n_tok)
+                vf_loss, _ = core.value_loss(vpred, exp.old_values[idx, :R], exp.returns[idx, :R], rmask,
+                                             cfg.cliprange_value, n_tok)
+                entropy = core.masked_sum(ent, rmask) / n_tok
+                lp = pg_loss - cfg.entropy_coef * entropy
+                lv = cfg.vf_coef * vf_loss
+                t0 = tick("losses", t0)
+                lp.backward()
+                t0 = tick("policy backward", t0)
+                lv.backward()
+                t0 = tick("value backward", t0)
+                norms = [clip_grad_norm([p for p in mod.parameters() if p.grad is not None], cfg.max_grad_norm)
+                         for mod, _, _ in m.step_parts()]  # (as step_models does)
+                t0 = tick("clip grad norms", t0)
+                for _, opt, _ in m.step_parts():
+                    opt.step()
+                t0 = tick("AdamW steps", t0)
+                for _, opt, _ in m.step_parts():
+                    opt.zero_grad(set_to_none=True)
+                tick("zero_grad", t0)
         for o, s in zip(m.optimizers, saved):
             o.load_state_dict(s)
         for mod, w in zip((m.policy, m.value), weights):

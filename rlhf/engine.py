@@ -292,9 +292,9 @@ def prepare_frozen(acc, model, placement: str, trained_later: bool = False):
             return model.to(dtype) if dtype != torch.float32 else model
         # on the device, and under the autocast the trained models run in (bf16/fp16), so the
         # reference sees exactly the policy's arithmetic: the KL at step 0 is exactly 0
-        model = acc.prepare_model(model, evaluation_mode=True)
-        if acc.native_amp and compute_dtype(acc) != torch.float32 and not trained_later:
-            hold_linear_weights(model, compute_dtype(acc))
+        model, dtype = acc.prepare_model(model, evaluation_mode=True), compute_dtype(acc)
+        if acc.native_amp and dtype != torch.float32 and not trained_later:
+            hold_linear_weights(model, dtype)
         return model
     import copy
 

@@ -31,7 +31,7 @@ from ..config import PPOConfig
 from ..cpu_linear import apply_onednn_linear, check_onednn_linear
 from ..errors import RunError
 from ..engine import (compute_dtype, frozen_placement, gathered_params, is_deepspeed, make_optimizer, make_scheduler,
-                      prepare_frozen, zero_stage)
+                      prepare_frozen, run_autocast, zero_stage)
 from ..flops import count_flop_params, count_head_params
 from ..models import compile_blocks, disable_dropout, load_causal_lm, outside_zero3_init, unwrap
 from ..rewards import RewardModel
@@ -220,7 +220,7 @@ def _prepare(cfg: PPOConfig, acc, policy, value, split: BatchSplit) -> PPOModels
     models, opts = list(prepared[: len(models)]), list(prepared[len(models):])
     scheds = [make_scheduler(o, cfg.lr_scheduler, n_updates, cfg.warmup_ratio) for o in opts]
     return PPOModels(models[0], models[1] if value is not None else None, None, None, opts, scheds,
-                     autocast=acc.autocast)
+                     autocast=run_autocast(acc))
 
 
 def _partitioned(model) -> bool:
