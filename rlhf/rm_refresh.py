@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -185,8 +186,9 @@ class RMRefresher:
                 for p in model.parameters():
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
-            clip_grad_norm(list(model.parameters()), 1.0)
-            self.optimizer.step()
+            if not step_if_finite(model, self.optimizer, max_norm=1.0):
+                log.warning("rm_refresh: step %d of refresh %d skipped: the RM's gradient norm is not finite "
+                            "(its weights and AdamW state are left as they were)", step + 1, self.refreshes + 1)
             self.optimizer.zero_grad(set_to_none=True)
             fault_point("refresh")  # (test hook: RLHF_FAULT=refresh:N kills in the middle of a refresh)
             total += float(acc.reduce(loss.detach().clone(), "sum"))
@@ -203,6 +205,17 @@ class RMRefresher:
         self.collected, self.refreshes, self.pending = state["collected"], state["refreshes"], state["pending"]
         self.rm.bias = state.get("bias", self.rm.bias)
         self.rm.model.config.update({BIAS_KEY: self.rm.bias})
+
+
+def step_if_finite(model: torch.nn.Module, optimizer, max_norm: float) -> bool:
+    """Clip `model`'s gradients to `max_norm` and step `optimizer` only if their norm is finite: a
+    NaN/inf gradient (a NaN loss, an overflow) never reaches the RM's weights or AdamW moments,
+    which every later reward would inherit. Returns whether it stepped."""
+    norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], max_norm)
+    if not math.isfinite(norm):
+        return False
+    optimizer.step()
+    return True
 
 
 def _optim(lr: float):

@@ -78,6 +78,44 @@ def test_fp16_overflow_skips_step_halves_scale_once_and_is_not_a_nonfinite_strea
     assert guard.streak == 0 and guard.overflows == 1 and guard.summary() == {"skipped_overflow_steps": 1}
 
 
+def test_rm_refresh_is_refused_under_fp16(monkeypatch):
+    """The online RM refresh trains the RM with no loss scaler: under fp16 autocast (a GPU, or the
+    CPU's GradScaler test path) its gradients would underflow, or overflow into the weights. The
+    run is refused before any model loads."""
+    from rlhf.config import load_stage_config
+    from rlhf.errors import RunError
+    from rlhf.stages.ppo_setup import setup_models
+
+    acc = _scaler_accelerator(monkeypatch)
+    cfg = load_stage_config("ppo", None, {"model.name_or_path": "unused", "reward_fns": [{"fn": "gold"}],
+                                          "mixed_precision": "fp16", "rm_refresh": {"every": 2}})
+    with pytest.raises(RunError, match="'rm_refresh' trains the reward model without a loss scaler"):
+        setup_models(cfg, acc, tok=None, split=None)
+
+
+def test_rm_refresh_never_steps_on_a_non_finite_gradient():
+    """A NaN or inf gradient in the refreshed RM skips its step: the weights and AdamW moments stay
+    as they were (every later reward would be NaN otherwise); a finite one clips and steps."""
+    from rlhf.config import OptimConfig
+    from rlhf.engine import make_optimizer
+    from rlhf.rm_refresh import step_if_finite
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = make_optimizer(model.parameters(), OptimConfig(lr=1e-2))
+    before = [p.detach().clone() for p in model.parameters()]
+    for bad in (float("nan"), float("inf")):
+        model(torch.randn(3, 4)).sum().backward()
+        model.weight.grad[0, 1] = bad
+        assert not step_if_finite(model, opt, max_norm=1.0)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and not opt.state
+        opt.zero_grad(set_to_none=True)
+    model(torch.full((3, 4), 100.0)).sum().backward()
+    assert step_if_finite(model, opt, max_norm=1.0)
+    assert model.weight.grad.norm() <= 1.0 + 1e-6  # clipped before the step
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 @pytest.mark.slow
 def test_ppo_fp16_through_the_grad_scaler_runs_and_resumes_its_scale(sft_checkpoint, task_dir, tmp_path, monkeypatch):
     from rlhf.config import load_stage_config

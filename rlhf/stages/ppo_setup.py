@@ -134,6 +134,9 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
         if placement != "whole":
             raise RunError(f"recipe: 'rm_refresh' trains the reward model, which needs it whole on every process "
                            f"('frozen_models: whole'), not {placement}")
+        if compute_dtype(acc) == torch.float16:  # (bf16 autocast needs no scaler: fp32's range)
+            raise RunError("recipe: 'rm_refresh' trains the reward model without a loss scaler, and under fp16 its "
+                           "gradients underflow or overflow (run with mixed_precision: bf16 or no)")
         if is_deepspeed(acc) and compute_dtype(acc) != torch.float32:  # DeepSpeed casts the frozen RM to half
             raise RunError("recipe: 'rm_refresh' trains the reward model in fp32; under DeepSpeed bf16/fp16 the RM is "
                            "cast to half precision (run with mixed_precision: no, or without DeepSpeed)")
