@@ -623,6 +623,18 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def rank_chunks(items: list, acc, size: int) -> list[tuple[list, bool]]:
+    """This process's share of `items` (every world-th) in chunks of `size`, as (chunk, True), then
+    (filler, False) chunks until it has as many as the process with the most: every process must
+    run the same number of forwards, because under ZeRO-3 each forward gathers the weights
+    collectively and under DDP the first forward after training broadcasts buffers; a process that
+    ran fewer would leave the others waiting. A filler is `items[:1]`: run it, count nothing."""
+    n, world = len(items), acc.num_processes
+    mine = chunks(items[acc.process_index :: world], size)
+    most = -(-(-(-n // world)) // size)  # ceil(ceil(n / world) / size)
+    return [(c, True) for c in mine] + [(items[:1], False)] * (most - len(mine) if n else 0)
+
+
 # ----------------------------------------------------------------------------- output
 
 

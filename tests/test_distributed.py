@@ -37,14 +37,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(nproc, *args):
+def _launch(nproc, *args, timeout=900):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1",
                PYTHONPATH=str(ROOT))
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "rlhf", *map(str, args)] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
          str(free_port()), "-m", "rlhf", *map(str, args)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
     assert p.returncode == 0, p.stderr[-4000:]
     return p
 
@@ -86,6 +86,27 @@ def test_sft_two_processes_agree_with_one(tmp_path, sft_one, engine):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).num_parameters() == s1["parameters"]
+
+
+@pytest.mark.slow
+def test_held_out_evaluation_under_zero3_with_an_uneven_split(tmp_path):
+    """9 held-out rows on 2 processes in micro-batches of 4: one process runs 2 forwards, the other
+    1. Under ZeRO-3 every forward gathers the weights collectively (persistence threshold 0: the
+    tiny model's layers are below the recipe's 1e5), so the process with fewer forwards must run
+    filler ones or both hang; the fillers count for nothing (the loss equals 1 process's)."""
+    cfg = json.loads((ROOT / "recipes/deepspeed/zero3.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3.json").write_text(json.dumps(cfg))
+    rows = (ROOT / "recipes/tiny/data/sft.jsonl").read_text().splitlines()
+    (tmp_path / "eval.jsonl").write_text("\n".join(rows[:9]) + "\n")
+    args = [*SFT, "--train.max_steps", "2", "--train.micro_batch_size", "4", "--gen_eval_samples", "0",
+            "--data.eval", tmp_path / "eval.jsonl"]
+    _launch(1, *args, "--output_dir", tmp_path / "one", timeout=300)
+    _launch(2, *args, "--output_dir", tmp_path / "two", "--train.deepspeed", tmp_path / "zero3.json", timeout=300)
+    (s1, _), (s2, _) = _final(tmp_path / "one"), _final(tmp_path / "two")
+    assert s2["num_processes"] == 2
+    assert s2["initial_eval_loss"] == pytest.approx(s1["initial_eval_loss"], rel=1e-6)
+    assert s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-4)
 
 
 @pytest.mark.slow

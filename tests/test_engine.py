@@ -37,3 +37,21 @@ def test_clip_grad_norm_is_torchs_bit_for_bit_and_writes_only_when_it_scales(sca
 
 def test_clip_grad_norm_without_gradients():
     assert clip_grad_norm([torch.nn.Parameter(torch.ones(2))], 1.0) == 0.0
+
+
+@pytest.mark.parametrize("n,world,size", [(9, 2, 4), (1, 2, 4), (0, 2, 4), (8, 2, 4), (17, 3, 2), (5, 8, 1)])
+def test_rank_chunks_give_every_process_the_same_number_of_forwards_and_each_item_once(n, world, size):
+    """Held-out evaluation under ZeRO-3 / DDP: every process runs as many chunks as the busiest
+    (collective forwards), and the real chunks cover every item exactly once."""
+    from types import SimpleNamespace
+
+    from rlhf.engine import rank_chunks
+
+    items = list(range(n))
+    per_rank = [rank_chunks(items, SimpleNamespace(process_index=r, num_processes=world), size) for r in range(world)]
+    assert len({len(c) for c in per_rank}) == 1  # the same number of forwards everywhere
+    real = sorted(x for chunks in per_rank for c, ok in chunks if ok for x in c)
+    assert real == items
+    assert all(len(c) <= size and c for chunks in per_rank for c, _ in chunks)
+    if (n, world, size) == (9, 2, 4):
+        assert [ok for _, ok in per_rank[1]] == [True, False] and per_rank[1][1][0] == [0]

@@ -27,7 +27,7 @@ from ..algos.core import pairwise_rm_loss, reward_bias
 from ..config import ModelConfig, RMConfig, dump_yaml, to_dict
 from ..cpu_linear import apply_onednn_linear, check_onednn_linear
 from ..data.formats import DataError, PrefGroup, load_examples, parse_preference, parse_sft, split_train_eval
-from ..engine import (MetricsLogger, chunks, global_batches, inputs_first, prepare_output_dir,
+from ..engine import (MetricsLogger, chunks, rank_chunks, global_batches, inputs_first, prepare_output_dir,
                       peak_memory, progress, set_seed, shard, write_summary)
 from ..checkpoint import save_checkpoint
 from ..faults import fault_point_step, inject_fault
@@ -117,11 +117,14 @@ def encode_groups(tok, groups: list[PrefGroup], max_length: int, skip_bad_rows: 
 
 @torch.no_grad()
 def evaluate_pairs(model, groups, pad_id: int, micro_batch_size: int, acc) -> dict:
-    """Held-out pair metrics; each process scores every world-th group, sums are reduced."""
+    """Held-out pair metrics; each process scores every world-th group (:func:`rank_chunks`), sums are
+    reduced."""
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=acc.device)
-    for mb in chunks(groups[acc.process_index :: acc.num_processes], micro_batch_size):
+    for mb, real in rank_chunks(groups, acc, micro_batch_size):
         _, c, r = group_loss(model, mb, pad_id, acc.device)
+        if not real:
+            continue
         correct = (c > r).float() + 0.5 * (c == r).float()
         sums += torch.stack([correct.sum(), (c - r).sum(), c.sum(), r.sum(), pairwise_rm_loss(c, r).sum(),
                              torch.tensor(float(c.numel()), device=c.device)]).double()

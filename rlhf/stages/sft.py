@@ -23,7 +23,7 @@ import torch
 from ..algos.core import lm_loss_sum
 from ..config import ModelConfig, SFTConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
-from ..engine import (MetricsLogger, chunks, global_batches, inputs_first, prepare_output_dir,
+from ..engine import (MetricsLogger, chunks, rank_chunks, global_batches, inputs_first, prepare_output_dir,
                       peak_memory, progress, set_seed, shard, write_summary)
 from ..engine import (backpropagated_attention, backward, compute_dtype, finish_run, gathered_params, loss_scale,
                       optimizer_step, prepare_training, run_autocast, start_run, zero_stage)
@@ -81,13 +81,15 @@ def n_loss_tokens(feats) -> int:
 
 @torch.no_grad()
 def evaluate_loss(model, feats, pad_id: int, micro_batch_size: int, acc) -> float:
-    """Token-mean loss over `feats`; each process takes every world-th example, sums are reduced."""
+    """Token-mean loss over `feats`; each process takes every world-th example (:func:`rank_chunks`), sums are
+    reduced."""
     model.eval()
     total, count = 0.0, 0
-    for mb in chunks(feats[acc.process_index :: acc.num_processes], micro_batch_size):
+    for mb, real in rank_chunks(feats, acc, micro_batch_size):
         ids, mask, labels = collate_sft(mb, pad_id, acc.device)
         s, n = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
-        total, count = total + float(s), count + n
+        if real:
+            total, count = total + float(s), count + n
     model.train()
     sums = acc.reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=acc.device), "sum")
     return float(sums[0] / sums[1].clamp(min=1))
