@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .algos.registry import Registry
-from .models import ModelError, disable_dropout, enable_gradient_checkpointing, torch_dtype
+from .models import ModelError, disable_dropout, enable_gradient_checkpointing, load_causal_lm
 from .rollout import position_ids_from_mask
 
 VALUE_INITS = Registry("value_init", "where the value model's weights come from")
@@ -58,11 +58,12 @@ def from_reward_model(cfg, policy_tok, reward_model) -> tuple[nn.Module, nn.Modu
 
 @VALUE_INITS.register("policy")
 def from_policy(cfg, policy_tok, reward_model) -> tuple[nn.Module, nn.Module]:
-    """The policy's backbone and a fresh head, N(0, 1/sqrt(d + 1)) from its own seeded stream [N+]."""
-    from transformers import AutoModel
-
-    backbone = AutoModel.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
-                                         dtype=torch_dtype(cfg.model.dtype))
+    """The policy's backbone and a fresh head, N(0, 1/sqrt(d + 1)) from its own seeded stream [N+].
+    The backbone is loaded as the policy is (:func:`load_causal_lm`: a checkpoint, a GGUF file, or
+    `init: from_config` with the run's seed, so the same initial weights), its LM head dropped."""
+    with torch.random.fork_rng(devices=[]):  # (the run's own RNG streams are not touched)
+        lm = load_causal_lm(cfg.model, policy_tok, seed=cfg.seed)
+    backbone = getattr(lm, lm.base_model_prefix)
     d = backbone.config.hidden_size
     head = nn.Linear(d, 1, bias=False, dtype=torch.float32)
     with torch.no_grad():  # its own seeded stream: the same head however the backbone was loaded

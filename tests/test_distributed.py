@@ -161,6 +161,32 @@ def test_rm_and_ppo_under_ddp_and_rm_under_zero3(tmp_path, sft_one, rm_one):
     assert len(m) == 2 and all(r["tokens_generated"] > 0 for r in m)
 
 
+@pytest.mark.slow
+def test_ppo_two_processes_from_config_with_prompts_without_gold(tmp_path, sft_one):
+    """2 processes whose rollouts differ in having the gold task fields (some prompts are plain
+    questions): every process reduces the same metrics in the same order (a mismatch pairs
+    unrelated values and then hangs); the policy made from a config starts with the same weights
+    on both (the reference equals the policy: KL exactly 0 before any update); tokens_generated
+    counts both processes' tokens; rewards are whitened over the whole batch."""
+    rows = (ROOT / "recipes/tiny/data/rl_prompts.jsonl").read_text().splitlines()[:30]
+    rows += [json.dumps({"prompt": "Say something."}), json.dumps({"prompt": "Count to three."})]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "reward.py").write_text("def length(prompts, completions, **fields):\n"
+                                        "    return [len(c) / 10 for c in completions]\n")
+    arch = ("{model_type: llama, hidden_size: 64, intermediate_size: 256, num_hidden_layers: 2, "
+            "num_attention_heads: 4, num_key_value_heads: 4, max_position_embeddings: 64, tie_word_embeddings: true}")
+    out = tmp_path / "ppo"
+    _launch(2, "ppo", "recipes/tiny/ppo.yaml", "--model", f"{{init: from_config, arch: {arch}, tokenizer: {sft_one}}}",
+            "--reward_model", "null", "--reward_fns", f"[{{fn: '{tmp_path / 'reward.py'}:length'}}]",
+            "--value_init", "policy", "--data.train", tmp_path / "train.jsonl", "--steps", "4",
+            "--rollout_batch_size", "16", "--minibatch_size", "8", "--eval_samples", "8", "--whiten_rewards", "true",
+            "--output_dir", out, timeout=300)
+    m = [json.loads(l) for l in open(out / "metrics.jsonl") if '"pg_loss"' in l]
+    assert len(m) == 4 and m[0]["kl"] == 0.0
+    assert all(r["tokens_generated"] == round(r["response_length"] * 16) for r in m)
+    assert any("gold_accuracy" not in r for r in m)  # some rollout held a prompt without gold fields
+
+
 @pytest.fixture(scope="module")
 def rm_one(sft_one):
     out = sft_one.parent / "rm1"

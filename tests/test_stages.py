@@ -141,6 +141,38 @@ def test_ratio_is_exactly_one_on_first_minibatch(sft_checkpoint, task_dir, old_l
 
 
 @pytest.mark.slow
+def test_rewards_are_whitened_over_the_whole_batch_across_processes(sft_checkpoint, task_dir):
+    """whiten_rewards under data parallelism: the mean and variance are the whole batch's, as for
+    the advantages. Simulated here as two processes holding the same rollout (`reduce` doubles
+    every sum): the whitened rewards are those of the doubled batch, whose Bessel correction
+    differs from one process's own."""
+    from rlhf.algos import core
+    from rlhf.data.formats import load_examples, parse_prompt
+    from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
+    from rlhf.stages.ppo import make_experience, make_rollout
+    from rlhf.stages.ppo_setup import PPOModels
+
+    def experience(whiten: bool):
+        cfg = _ppo_cfg(sft_checkpoint, task_dir, whiten_rewards=whiten)
+        tok = load_tokenizer(cfg.model)
+        policy = load_causal_lm(cfg.model, tok).eval()
+        disable_dropout(policy)
+        prompts, _ = load_examples(cfg.data.train, parse_prompt, max_samples=16)
+        ro = make_rollout(policy, tok, prompts, cfg, torch.Generator().manual_seed(0), "cpu")
+        value = lambda ids, mask, pos=None: torch.zeros(ids.shape)  # noqa: E731
+        models = PPOModels(policy, value, policy, None, [], [])
+        scores = torch.linspace(-1.0, 2.0, 16)
+        return make_experience(ro, scores, models, 0.1, cfg, micro_batch_size=16, reduce=lambda t: 2 * t)
+
+    raw, whitened = experience(False), experience(True)
+    mask = raw.response_mask
+    both = core.masked_whiten(torch.cat([raw.rewards, raw.rewards]), torch.cat([mask, mask]), shift_mean=False)
+    alone = core.masked_whiten(raw.rewards, mask, shift_mean=False)
+    assert not torch.allclose(both[:16], alone, rtol=1e-5, atol=0)  # the test can tell them apart
+    torch.testing.assert_close(whitened.rewards, both[:16], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_ppo_python_reward_rises(tmp_path, sft_checkpoint, task_dir):
     reward_file = tmp_path / "my_reward.py"
     reward_file.write_text(

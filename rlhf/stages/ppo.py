@@ -269,8 +269,8 @@ def make_experience(ro: Rollout, scores: torch.Tensor, m: PPOModels, kl_coef: fl
     kl = core.kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * rmask
     kl_where, whiten = kl_placement(cfg)
     rewards, non_score = core.shaped_rewards(scores, kl, kl_coef if kl_where == "reward" else 0.0, rmask)
-    if cfg.whiten_rewards:
-        rewards = core.masked_whiten(rewards, rmask, shift_mean=False)
+    if cfg.whiten_rewards:  # over the whole batch, as the advantages: not each process's share
+        rewards = core.masked_whiten(rewards, rmask, shift_mean=False, reduce=reduce)
     first: dict[int, int] = {}  # the K samples of one prompt are K rows holding the same prompt object
     group = torch.tensor([first.setdefault(id(p), i) for i, p in enumerate(ro.prompts)], device=rmask.device)
     x = AdvantageInputs(rewards, scores, kl, rmask, group, values)
@@ -703,7 +703,8 @@ def log_iteration(run: PPORun, it: int, batch: tuple, stats: dict, mean_kl: floa
          "response_length": rm_.sum(-1).mean(), "eos_rate": ro.gen.has_eos.float().mean(),
          "advantage_mean": core.masked_mean(exp.advantages, rm_), "return_mean": core.masked_mean(exp.returns, rm_),
          "value_mean": core.masked_mean(exp.old_values, rm_), **{k: v.mean() for k, v in parts.items()}}
-    if has_gold([p.meta for p in ro.prompts]):
+    # every process must reduce the same keys in the same order: gold accuracy only if all have gold
+    if not acc.reduce(torch.tensor(float(not has_gold([p.meta for p in ro.prompts])), device=device), "sum").item():
         g = gold_reward(None, ro.texts, task=[p.meta["task"] for p in ro.prompts],
                         input=[p.meta["input"] for p in ro.prompts])
         m["gold_accuracy"] = torch.tensor(sum(g) / len(g), device=device)
@@ -716,7 +717,7 @@ def log_iteration(run: PPORun, it: int, batch: tuple, stats: dict, mean_kl: floa
               for k, v in sorted(stats.items())})
     m.update({"kl_coef": st.kl_ctl.value, "lr": run.m.schedulers[0].get_last_lr()[0],
               **{f"time_{k}": v for k, v in times.items()},
-              "tokens_generated": int(rm_.sum().item()) * acc.num_processes})
+              "tokens_generated": int(acc.reduce(rm_.sum().double(), "sum").item())})
     m.update(phase_throughput(ro, exp, times, run.m.flop_params, run.cfg.ppo_epochs, run.peak,
                               policy_pass=run.cfg.old_logprobs == "recompute"))
     run.logger.log(it, m)

@@ -145,8 +145,8 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
             raise RunError(f"recipe: rm_refresh.batch_size and rm_refresh.num_prompts must be >= the {n} processes")
     into_parts = zero3 and cfg.model.init == "pretrained" and not cfg.model.gguf_file
     whole = contextlib.nullcontext if into_parts else outside_zero3_init  # "load whole, partition later"
-    with whole():
-        policy = load_causal_lm(cfg.model, tok)
+    with whole(), torch.random.fork_rng(devices=[]):  # init: from_config gets the same weights on every process
+        policy = load_causal_lm(cfg.model, tok, seed=cfg.seed)  # (and each process keeps its own sampling RNG)
     disable_dropout(policy)
     read = [("policy", _partitioned(policy))]
     ref = None
