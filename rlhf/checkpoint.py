@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import RunError
 from .faults import fault_point
 
 CKPT_DIR = "checkpoints"
@@ -219,8 +220,6 @@ def _is_engine_optimizer(opt) -> bool:
 def _check_compatible(acc, ckpt: Path, state: dict, models: dict) -> None:
     """A DeepSpeed checkpoint resumes under DeepSpeed on the process count that wrote it (one
     partition of the weights and optimizer states each); a plain one resumes without DeepSpeed."""
-    from .errors import RunError
-
     saved = state.get("deepspeed_engines", [])
     now = sorted(name for name, model in models.items() if _is_engine(model))
     if saved != now:
@@ -244,11 +243,23 @@ def _plain_optimizer(opt):
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records logged after `step` (they are re-logged by the resumed run)."""
+    """Drop records logged after `step` (they are re-logged by the resumed run), and a last line
+    cut short (a process killed, or a disk filled, while writing it); a damaged line before the
+    last is an error naming it."""
     path = Path(path)
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    keep = []
+    for j, (i, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if j == len(lines) - 1:  # the record being written when the run stopped
+                break
+            raise RunError(f"{path}:{i}: not a JSON record ({e.msg}); remove the line to resume") from None
+        if record.get("step", 0) <= step:
+            keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
@@ -266,7 +277,16 @@ def resume_state(acc, out: Path, resume: bool, parts: CheckpointParts) -> tuple[
             truncate_jsonl(Path(out) / "samples.jsonl", -1)
         acc.wait_for_everyone()
         return 0, {}
-    state = load_checkpoint(acc, ckpt, parts)
+    try:
+        state = load_checkpoint(acc, ckpt, parts)
+    except RunError:
+        raise
+    except Exception as e:  # damaged on disk (they are written atomically) or not this run's: one line
+        earlier = list_checkpoints(out)[:-1]
+        then = f"--resume continues from {earlier[-1].name}" if earlier else "--resume starts the run over"
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise RunError(f"{ckpt}: cannot be restored ({type(e).__name__}: {why}); delete this checkpoint folder "
+                       f"and {then}") from e
     if acc.is_main_process:
         truncate_jsonl(Path(out) / "metrics.jsonl", state["step"])
         truncate_jsonl(Path(out) / "samples.jsonl", state["step"])

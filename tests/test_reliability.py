@@ -122,6 +122,32 @@ def test_checkpoints_are_kept_k_and_never_half_written(tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_past_a_damaged_checkpoint_and_a_metrics_line_cut_short(tmp_path):
+    """A metrics line cut short by the kill is dropped on resume; a checkpoint damaged on disk is a
+    one-line error naming it and the checkpoint to fall back to (no traceback); without it the
+    run resumes from the one before and finishes."""
+    out = tmp_path / "run"
+    args = ["sft", "recipes/tiny/sft.yaml", "--output_dir", out, "--train.max_steps", "8", "--train.save_every", "2",
+            "--train.log_every", "1", "--gen_eval_samples", "4"]
+    p = _rlhf(*args, env_extra={"RLHF_FAULT": "step:7"}, check=False)
+    assert p.returncode == -9
+    staged = staging_path(out)
+    with open(staged / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # the record being written when the process died
+    weights = staged / "checkpoints" / "step-00000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    p = _rlhf(*args, "--resume", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "step-00000006: cannot be restored (" in p.stderr and "continues from step-00000004" in p.stderr
+    import shutil
+
+    shutil.rmtree(staged / "checkpoints" / "step-00000006")
+    _rlhf(*args, "--resume")
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert steps == list(range(1, 9))
+
+
+@pytest.mark.slow
 def test_pipeline_resume_continues_the_stage_it_stopped_in(tmp_path):
     out = tmp_path / "pipe"
     small = ["--sft.train.max_steps", "6", "--sft.gen_eval_samples", "4", "--rm.sample.max_prompts", "8",
