@@ -661,14 +661,19 @@ def _coerce(value: Any, tp: Any, key: str, hints_ns: dict) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors = {}
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key, hints_ns)
             except ConfigError as e:
-                errors.append(str(e))
+                errors[arg] = e
+        # one real choice (`X | None`), or a mapping meant for the one dataclass: its own precise error
+        # (`sample.kk: unknown key`), not "expected SampleConfig | None, got {...}"
+        meant = [a for a in errors if isinstance(value, dict) and dataclasses.is_dataclass(a)]
+        if len(errors) == 1 or len(meant) == 1:
+            raise errors[meant[0] if meant else next(iter(errors))]
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}", key)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -856,7 +861,10 @@ def recipe_lines(path: str | Path | None) -> dict[str, int]:
 def where_set(key: str, recipe: str | Path | None, overrides: dict | None, section: str = "") -> str | None:
     """Where the user set dotted `key` (relative to `section`, a pipeline recipe's stage):
     'recipe.yaml:12' or 'command line --ppo.lr'; None if neither did."""
+    import re
+
     overrides = overrides or {}
+    key = re.sub(r"\[\d+\]", "", key)  # a list item's key (reward_fns[0].fn): the line of its list
     full = f"{section}.{key}" if section else key
     for name in (full, key):  # an override beats the recipe; it may name the section or not
         parts = name.split(".")
