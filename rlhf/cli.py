@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -319,10 +320,11 @@ def _folder_problem(args) -> str | None:
 
 def _load_policy(path: str):
     from .config import ModelConfig
-    from .models import disable_dropout, load_causal_lm, load_tokenizer
+    from .models import disable_dropout, load_causal_lm, load_tokenizer, read_model_config
 
     from .engine import runtime_device
 
+    read_model_config(path)  # a model folder (one line if not), before anything loads
     mc = ModelConfig(name_or_path=path)
     tok = load_tokenizer(mc)
     model = load_causal_lm(mc, tok)
@@ -336,7 +338,12 @@ def _read_prompts(path: str | None) -> list:
 
     if path and path.endswith((".jsonl", ".json", ".parquet")):
         return [parse_prompt(r).prompt for r in read_rows(path)]
-    lines = open(path).read().splitlines() if path else sys.stdin.read().splitlines()
+    from .data.formats import DataError
+    from .textio import read_text
+
+    if path and not Path(path).is_file():
+        raise DataError(f"{path}: not a file (--prompts: .jsonl, .json or .parquet rows, or one prompt per line)")
+    lines = read_text(path, DataError).splitlines() if path else sys.stdin.read().splitlines()
     return [[{"role": "user", "content": ln}] for ln in lines if ln.strip()]
 
 

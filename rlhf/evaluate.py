@@ -147,11 +147,14 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
     from transformers import AutoConfig
 
     from .data.formats import load_examples, parse_prompt
+    from .models import read_model_config
     from .rewards import RewardModel, load_reward_fn
 
     device = torch.device(device or "cpu")
     result: dict = {"generation": {**vars(cfg.sampling), "seed": cfg.seed, "max_samples": cfg.max_samples},
                     "checkpoints": {}}
+    archs = [((read_model_config(c) or vars(AutoConfig.from_pretrained(c))).get("architectures") or [""])[0]
+             for c in checkpoints]  # each a model folder, checked before any model loads
     rm = RewardModel(cfg.reward_model, device=device) if cfg.reward_model else None
     judge = load_reward_fn(cfg.judge) if cfg.judge else None
     fns = [(spec, load_reward_fn(spec)) for spec in cfg.reward_fns]  # every input checked before any model loads
@@ -159,8 +162,7 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
                             field_name="--prompts")[0] if cfg.prompts else []
     judged: dict[str, list[float]] = {}
     labels = [c if checkpoints.index(c) == i else f"{c}#{i + 1}" for i, c in enumerate(checkpoints)]
-    for label, ckpt in zip(labels, checkpoints):
-        arch = (AutoConfig.from_pretrained(ckpt).architectures or [""])[0]
+    for label, ckpt, arch in zip(labels, checkpoints, archs):
         if arch.endswith("ForSequenceClassification"):
             result["checkpoints"][label] = eval_reward_model(ckpt, cfg, device) if cfg.pairs else {}
             continue

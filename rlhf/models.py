@@ -89,7 +89,7 @@ def load_tokenizer(cfg: ModelConfig, train_texts: list[str] | None = None):
             kwargs["gguf_file"] = cfg.gguf_file
         try:
             tok = AutoTokenizer.from_pretrained(source, **kwargs)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # (ValueError: a folder with no tokenizer files in it)
             raise ModelError(f"{source}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
     return prepare_tokenizer(tok, cfg.chat_template)
 
@@ -110,11 +110,54 @@ def prepare_tokenizer(tok, chat_template: str | None = None):
     return tok
 
 
-def _check_local(source: str, fld: str) -> None:
+def _check_local(source: str, fld: str | None) -> None:
     p = Path(source)
-    looks_local = source.startswith((".", "/", "~")) or p.exists() or source.count("/") > 1
+    # 'runs/sftx' reads like a hub id ('org/name'), but when 'runs' is a folder here it is a path
+    # mistyped, not something to look up on the hub (a minute of retries without a network)
+    looks_local = source.startswith((".", "/", "~")) or p.exists() or source.count("/") > 1 or \
+        ("/" in source and Path(source.split("/")[0]).is_dir())
     if looks_local and not p.exists():
-        raise ModelError(f"recipe: '{fld}' points at a missing checkpoint: {source}")
+        raise ModelError(f"recipe: '{fld}' points at a missing checkpoint: {source}" if fld
+                         else f"{source}: no such checkpoint folder")
+
+
+def _named(fld: str | None, source: str, problem: str) -> str:
+    """'recipe: 'FIELD' PROBLEM: SOURCE' (the CLI puts the recipe's file:line in front), or
+    'SOURCE: PROBLEM' for a path given on the command line."""
+    return f"recipe: '{fld}' {problem}: {source}" if fld else f"{source}: {problem.removeprefix('is ')}"
+
+
+def read_model_config(source: str, fld: str | None = None) -> dict | None:
+    """A local checkpoint folder's config.json (None for a hub id, read by transformers later).
+    A folder without one, or a file, is not a model: one line naming the field, before loading."""
+    import json
+
+    _check_local(source, fld)
+    p = Path(source)
+    if not p.exists():
+        return None
+    if not (p / "config.json").is_file():
+        raise ModelError(_named(fld, source, "is not a model folder (no config.json in it)"))
+    from .textio import read_text
+
+    try:
+        return json.loads(read_text(p / "config.json", ModelError))
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{p / 'config.json'}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def check_reward_model(source: str, fld: str | None = None) -> None:
+    """`source` is a reward model as `rlhf rm` writes one: a *ForSequenceClassification with one
+    label. A policy checkpoint there would load with a fresh random head and score noise."""
+    conf = read_model_config(source, fld)
+    if conf is None:
+        return
+    arch = (conf.get("architectures") or ["(none named)"])[0]
+    labels = len(conf.get("id2label") or {0: ""})
+    if not arch.endswith("ForSequenceClassification") or labels != 1:
+        what = f"architecture {arch}" + (f", {labels} labels" if arch.endswith("ForSequenceClassification") else "")
+        raise ModelError(_named(fld, source, f"is not a reward model ({what}; a reward model is a "
+                                             f"*ForSequenceClassification with one label, as `rlhf rm` writes)"))
 
 
 # ----------------------------------------------------------------------------- models

@@ -217,10 +217,11 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         from .config import ModelConfig
-        from .models import ModelError, disable_dropout, load_tokenizer, torch_dtype
+        from .models import ModelError, check_reward_model, disable_dropout, load_tokenizer, torch_dtype
 
         if not Path(path).exists():
             raise ModelError(f"reward model checkpoint not found: {path}")
+        check_reward_model(path)
         self.tok = load_tokenizer(ModelConfig(name_or_path=path))
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(dtype))

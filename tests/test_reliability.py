@@ -180,6 +180,16 @@ def _reward(tmp_path, body):
     return ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--reward_fns", f"[{{fn: '{f}:r'}}]", "--reward_timeout", "2"]
 
 
+def _model_folder(tmp_path, name, architecture=None):
+    """A folder that reads as a checkpoint of `architecture` (its config.json only), or, with
+    None, a folder with no config.json at all."""
+    d = tmp_path / name
+    d.mkdir()
+    if architecture:
+        (d / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": "llama"}))
+    return d
+
+
 def _msgs(*roles):
     return [{"role": r, "content": f"{r} says {i}"} for i, r in enumerate(roles)]
 
@@ -244,6 +254,12 @@ CASES = [
      r"r\.yaml:2: rm_refresh\.every: must be >= 1, got 0"),
     ("unknown-key-in-list-item", lambda t: ["ppo", _bad(t, "r.yaml", "steps: 5\nreward_fns:\n  - {fnn: gold}\n")],
      r"r\.yaml:2: unknown key 'reward_fns\[0\]\.fnn' \(did you mean 'reward_fns\[0\]\.fn'\?\)"),
+    ("reward-model-is-a-policy", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--reward_model",
+                                            _model_folder(t, "sft", "LlamaForCausalLM")],
+     r"command line --reward_model: 'reward_model' is not a reward model \(architecture LlamaForCausalLM; a reward "
+     r"model is a \*ForSequenceClassification with one label"),
+    ("reward-model-not-a-model", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--reward_model", _model_folder(t, "e")],
+     r"command line --reward_model: 'reward_model' is not a model folder \(no config\.json in it\)"),
     ("mistyped-key", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--steps", "ten"],
      r"command line --steps: expected an integer"),
     ("out-of-range-in-recipe", lambda t: ["ppo", _bad(t, "r.yaml", "steps: 5\ntemperature: 0\n")],
@@ -329,6 +345,46 @@ def test_malformed_input_one_line_exit_2_earlier_run_untouched(tmp_path, case, o
     assert ("already holds a run" in err[0]) == (not overwrite), err[0]
     assert _tree(out) == before  # nothing already written was lost
     assert not staging_path(out).exists()  # and nothing half-made was left beside it
+
+
+def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys):
+    """`rlhf score` on a policy (it would load a fresh random head and score noise), `generate` and
+    `eval` on a folder that is not a model or does not exist, prompts that are not UTF-8 or not a
+    file: exit 2 and one line naming the path, never a traceback or a hub lookup."""
+    policy, empty = _model_folder(tmp_path, "sft", "LlamaForCausalLM"), _model_folder(tmp_path, "empty")
+    rows = _rows(tmp_path, "rows.jsonl", {"prompt": "a", "response": "b"})
+    prompts = _bad_bytes(tmp_path, "p.txt", b"caf\xe9\n")
+    cases = [(["score", policy, rows], rf"{policy}: not a reward model \(architecture LlamaForCausalLM"),
+             (["generate", empty, "--prompts", rows], rf"{empty}: not a model folder \(no config\.json in it\)"),
+             (["eval", tmp_path / "nope", "--prompts", rows], rf"{tmp_path / 'nope'}: no such checkpoint folder"),
+             (["eval", policy, "--prompts", rows, "--reward_model", policy], rf"{policy}: not a reward model"),
+             (["generate", tmp_path, "--prompts", prompts], r"p\.txt:1:4: not UTF-8 \(byte 0xe9\)"),
+             (["generate", tmp_path, "--prompts", tmp_path], rf"{tmp_path}: not a file")]
+    for args, pattern in cases:
+        if args[0] == "generate" and args[1] == tmp_path:  # (a real model, so the prompts are what is wrong)
+            args[1] = _tiny_policy(tmp_path)
+        rc, stderr = _rlhf_here(capsys, *args)
+        err = [l for l in stderr.strip().splitlines() if "error:" in l]
+        assert rc == 2 and len(err) == 1 and re.search(pattern, err[0]), (args, stderr[-2000:])
+
+
+def _tiny_policy(tmp_path):
+    out = tmp_path / "policy"
+    if not out.exists():
+        from transformers import AutoModelForCausalLM
+
+        from conftest import TINY_ARCH
+        from rlhf.models import train_tokenizer
+
+        tok = train_tokenizer(["sort the digits 0123456789"] * 4, 300)
+        cfg = dict(TINY_ARCH)
+        from transformers import AutoConfig
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tok),
+                                                                      **cfg))
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    return out
 
 
 @pytest.mark.slow

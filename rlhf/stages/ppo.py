@@ -43,7 +43,7 @@ from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, backpropag
                       peak_memory, prepare_output_dir, progress, set_seed, step_models, world_size, write_summary,
                       zero_stage)
 from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
-from ..models import count_parameters, eager_blocks, load_tokenizer, save_model_files, unwrap
+from ..models import check_reward_model, count_parameters, eager_blocks, load_tokenizer, save_model_files, unwrap
 from ..ptx import PtxIterator
 from ..rm_refresh import Paused, RMRefresher
 from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call, load_reward_fn
@@ -87,6 +87,9 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
     if len(prompts) < cfg.rollout_batch_size // cfg.samples_per_prompt:
         raise DataError(f"{cfg.data.train}: {len(prompts)} training prompts, fewer than one rollout batch "
                         f"({cfg.rollout_batch_size // cfg.samples_per_prompt} prompts)")
+    for fld in ("reward_model", "gold_reward_model"):  # before any model loads, not after the policy
+        if getattr(cfg, fld):
+            check_reward_model(getattr(cfg, fld), fld)
     reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]
     gold_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.gold_reward_fns]
     probe = prompts[:4]
