@@ -600,7 +600,8 @@ def global_batches(n: int, batch_size: int, seed: int, epochs: float, max_steps:
     """Indices of each global batch, epoch after epoch (drop-last within an epoch)."""
     per_epoch = n // batch_size
     if per_epoch == 0:
-        raise RunError(f"dataset of {n} examples is smaller than one batch of {batch_size}")
+        raise RunError(f"recipe: 'train.batch_size' ({batch_size}) is more than the {n} training examples: not one "
+                       f"full batch (lower it, or add data)")
     total = max_steps if max_steps > 0 else int(math.ceil(per_epoch * epochs))
     out, epoch = [], 0
     while len(out) < total:

@@ -164,6 +164,9 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         eval_encoded = encode_groups(tok, eval_groups, cfg.data.max_length, cfg.data.skip_bad_rows, {})
         if cfg.sample is not None:
             check_sample_config(cfg.sample)
+        else:  # the training set is known now (with sampling, only once the rankings are in)
+            n = len(encoded) if cfg.data.eval else len(split_train_eval(encoded, cfg.data.eval_split, cfg.seed)[0])
+            global_batches(n, tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
     if cfg.onednn_linear is True:
         check_onednn_linear(acc)
     model = load_reward_backbone(cfg.model, tok, cfg.seed)

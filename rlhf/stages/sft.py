@@ -118,16 +118,16 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
             tok = load_tokenizer(cfg.model, train_texts=_texts(train_ex))
         train_feats = encode_examples(tok, train_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
         eval_feats = encode_examples(tok, eval_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
+        if cfg.packing:
+            train_feats = pack(train_feats, cfg.data.max_length)
+        batches = global_batches(len(train_feats), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
     if cfg.onednn_linear is True:
         check_onednn_linear(acc)
     model = load_causal_lm(cfg.model, tok, seed=cfg.seed)
     n = apply_onednn_linear(cfg.onednn_linear, acc, [model])
     if n:
         log.info("onednn_linear: %d linear layers run through oneDNN", n)
-    if cfg.packing:
-        train_feats = pack(train_feats, cfg.data.max_length)
 
-    batches = global_batches(len(train_feats), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
     out = prepare_output_dir(acc, rf, overwrite, resume)
     t = prepare_training(acc, model, tc, len(batches), out, resume)
     model, optimizer, scheduler, guard, parts, start, state = (t.model, t.optimizer, t.scheduler, t.guard, t.parts,
