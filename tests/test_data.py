@@ -232,6 +232,28 @@ def test_join_ranks(tmp_path):
         F.join_ranks(str(samples), str(short), str(tmp_path / "o3.jsonl"))
 
 
+
+def test_join_ranks_refuses_ids_that_cannot_join_one_to_one(tmp_path):
+    """Two sample files concatenated both count their ids from 0: joining by id would put one
+    prompt's ranks on another's responses. Repeated ids, an id ranked twice, an id that is not a
+    string or integer, and a string id against an integer one are named, never joined."""
+    rows = [{"id": 0, "prompt": "q", "responses": ["a", "b"]}, {"id": 1, "prompt": "q1", "responses": ["c", "d"]}]
+    cat = write(tmp_path, "cat.jsonl", rows + [{"id": 0, "prompt": "other", "responses": ["e", "f"]}])
+    ranks = write(tmp_path, "r.jsonl", [{"id": 0, "ranks": [2, 1]}])
+    with pytest.raises(F.DataError, match=r"cat\.jsonl:3: field 'id': id 0 again \(first at line 1\)"):
+        F.join_ranks(str(cat), str(ranks), str(tmp_path / "o.jsonl"))
+    samples = write(tmp_path, "s.jsonl", rows)
+    twice = write(tmp_path, "twice.jsonl", [{"id": 0, "ranks": [2, 1]}, {"id": 0, "ranks": [1, 2]}])
+    with pytest.raises(F.DataError, match=r"twice\.jsonl:2: field 'id': id 0 ranked again \(first at line 1\)"):
+        F.join_ranks(str(samples), str(twice), str(tmp_path / "o.jsonl"))
+    as_list = write(tmp_path, "l.jsonl", [{"id": [0], "ranks": [2, 1]}])
+    with pytest.raises(F.DataError, match=r"l\.jsonl:1: field 'id': expected a string or an integer, got \[0\]"):
+        F.join_ranks(str(samples), str(as_list), str(tmp_path / "o.jsonl"))
+    as_str = write(tmp_path, "t.jsonl", [{"id": "1", "ranks": [2, 1]}])
+    with pytest.raises(F.DataError, match=r"id '1' is not in .*s\.jsonl \(but 1 is: the id's type differs\)"):
+        F.join_ranks(str(samples), str(as_str), str(tmp_path / "o.jsonl"))
+
+
 def test_ultrafeedback_style_full_conversations_with_prompt_field(tmp_path):
     u = {"role": "user", "content": "hi"}
     p = write(tmp_path, "uf.jsonl", [{"prompt": "hi", "chosen": [u, {"role": "assistant", "content": "hello"}],

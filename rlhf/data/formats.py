@@ -428,6 +428,13 @@ def split_train_eval(examples: list, eval_split: float, seed: int) -> tuple[list
     return [e for i, e in enumerate(examples) if i not in ev], [examples[i] for i in sorted(ev)]
 
 
+def _join_id(r: Row):
+    rid = r.data["id"]
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise DataError(f"{r.where('id')}: expected a string or an integer, got {rid!r}")
+    return rid
+
+
 def join_ranks(samples_path: str, ranks_path: str, out_path: str) -> int:
     """Join human ranks onto sampled responses by `id` -> K-way ranking rows (InstructGPT §3.4).
 
@@ -436,16 +443,27 @@ def join_ranks(samples_path: str, ranks_path: str, out_path: str) -> int:
     """
     from .tasks import write_jsonl
 
-    samples = {}
+    samples, where = {}, {}
     for r in read_rows(samples_path):
         if "id" not in r.data or "responses" not in r.data:
             raise DataError(f"{r.where('id')}: sample rows need 'id' and 'responses'")
-        samples[r.data["id"]] = r.data
-    out = []
+        rid = _join_id(r)
+        if rid in samples:  # (two sample files concatenated: both count from 0) ranks would join the wrong prompt
+            raise DataError(f"{r.where('id')}: id {rid!r} again (first at line {where[rid]}): ids must be unique to "
+                            f"join ranks to their samples")
+        samples[rid], where[rid] = r.data, r.line
+    out, ranked = [], {}
     for r in read_rows(ranks_path):
-        rid = r.data.get("id")
+        if "id" not in r.data:
+            raise DataError(f"{r.where('id')}: missing (each row ranks the sample row with this id)")
+        rid = _join_id(r)
         if rid not in samples:
-            raise DataError(f"{r.where('id')}: id {rid!r} is not in {samples_path}")
+            other = str(rid) if not isinstance(rid, str) else int(rid) if rid.lstrip("-").isdigit() else None
+            hint = f" (but {other!r} is: the id's type differs)" if other is not None and other in samples else ""
+            raise DataError(f"{r.where('id')}: id {rid!r} is not in {samples_path}{hint}")
+        if rid in ranked:
+            raise DataError(f"{r.where('id')}: id {rid!r} ranked again (first at line {ranked[rid]})")
+        ranked[rid] = r.line
         key = "ranks" if "ranks" in r.data else "scores" if "scores" in r.data else None
         if key is None:
             raise DataError(f"{r.where('ranks')}: missing (give 'ranks' or 'scores')")
