@@ -268,13 +268,14 @@ def _dispatch(args, rest: list[str]) -> int:
         return 0
     if args.command == "sample":
         from .config import SampleConfig
-        from .sampling import sample_rankings
+        from .sampling import check_sample_config, sample_rankings
 
         sc = SampleConfig(checkpoint=args.checkpoint, prompts=args.prompts, k=args.k, judge=args.judge,
                           max_prompts=args.max_prompts, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mix_with=args.mix_with)
         from .engine import runtime_device
 
+        check_sample_config(sc)  # the judge called once before the sampling, not after it
         print(json.dumps(sample_rankings(sc, args.out, seed=args.seed, device=runtime_device()), indent=2))
         return 0
     if args.command == "score":

@@ -263,6 +263,13 @@ CASES = [
     ("batch-larger-than-the-data", lambda t: ["sft", "recipes/tiny/sft.yaml", "--train.batch_size", "8192",
                                               "--train.micro_batch_size", "64"],
      r"command line --train\.batch_size: 'train\.batch_size' \(8192\) is more than the 3800 training examples"),
+    ("pipeline-with-no-stage", lambda t: ["pipeline", _bad(t, "p.yaml", "seed: 0\nsft: {}\n")],
+     r"recipe: no stage to run: give at least one of sft, rm, ppo, dpo a 'data\.train'"),
+    ("rm-refresh-judge-wrong-count", lambda t: _reward(t, "return [0.0] * len(completions)")
+     + ["--reward_model", _model_folder(t, "rm", "LlamaForSequenceClassification"), "--rm_refresh",
+        f"{{judge: '{t / 'judge.py'}:j'}}"] if _bad(t, "judge.py", "def j(prompts, completions, **kw):\n"
+                                                                 "    return [0.0]\n") else None,
+     r"reward function '.*judge\.py:j' returned 1 values for 4 samples \[at the check before the run"),
     ("mistyped-key", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--steps", "ten"],
      r"command line --steps: expected an integer"),
     ("out-of-range-in-recipe", lambda t: ["ppo", _bad(t, "r.yaml", "steps: 5\ntemperature: 0\n")],
@@ -353,16 +360,23 @@ def test_malformed_input_one_line_exit_2_earlier_run_untouched(tmp_path, case, o
 def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys):
     """`rlhf score` on a policy (it would load a fresh random head and score noise), `generate` and
     `eval` on a folder that is not a model or does not exist, prompts that are not UTF-8 or not a
-    file: exit 2 and one line naming the path, never a traceback or a hub lookup."""
+    file, a judge that returns the wrong count: exit 2 and one line naming the path or function,
+    never a traceback or a hub lookup, and before any sampling."""
     policy, empty = _model_folder(tmp_path, "sft", "LlamaForCausalLM"), _model_folder(tmp_path, "empty")
     rows = _rows(tmp_path, "rows.jsonl", {"prompt": "a", "response": "b"})
     prompts = _bad_bytes(tmp_path, "p.txt", b"caf\xe9\n")
+    judge = _bad(tmp_path, "judge.py", "def j(prompts, completions, **kw):\n    return [0.0]\n")
+    wrong_count = r"judge\.py:j' returned 1 values for 3 samples \[at the check before the run"
+    three = _rows(tmp_path, "three.jsonl", *[{"prompt": f"q{i}"} for i in range(3)])
     cases = [(["score", policy, rows], rf"{policy}: not a reward model \(architecture LlamaForCausalLM"),
              (["generate", empty, "--prompts", rows], rf"{empty}: not a model folder \(no config\.json in it\)"),
              (["eval", tmp_path / "nope", "--prompts", rows], rf"{tmp_path / 'nope'}: no such checkpoint folder"),
              (["eval", policy, "--prompts", rows, "--reward_model", policy], rf"{policy}: not a reward model"),
              (["generate", tmp_path, "--prompts", prompts], r"p\.txt:1:4: not UTF-8 \(byte 0xe9\)"),
-             (["generate", tmp_path, "--prompts", tmp_path], rf"{tmp_path}: not a file")]
+             (["generate", tmp_path, "--prompts", tmp_path], rf"{tmp_path}: not a file"),
+             # a judge is called once before any sampling, as PPO's reward functions are
+             (["sample", policy, three, "--judge", f"{judge}:j", "--out", tmp_path / "s.jsonl"], wrong_count),
+             (["eval", policy, "--prompts", three, "--judge", f"{judge}:j"], wrong_count)]
     for args, pattern in cases:
         if args[0] == "generate" and args[1] == tmp_path:  # (a real model, so the prompts are what is wrong)
             args[1] = _tiny_policy(tmp_path)

@@ -25,6 +25,10 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
     from ..engine import finish_folder, make_accelerator, open_run, prepare_output_dir
 
     run = run_stage
+    if not (cfg.sft.data.train or cfg.rm.data.train or cfg.rm.sample is not None or cfg.ppo.data.train
+            or cfg.dpo.data.train):  # (an empty or mis-sectioned recipe would "finish" having run nothing)
+        raise RunError("recipe: no stage to run: give at least one of sft, rm, ppo, dpo a 'data.train' "
+                       "(or rm a 'sample' section)")
     # the Accelerator (not a bare PartialState) first: it sets up gloo for multi-process CPU runs
     acc = make_accelerator(cfg.sft.train.mixed_precision)
     rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume)

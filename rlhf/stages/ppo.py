@@ -93,7 +93,9 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
     reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]
     gold_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.gold_reward_fns]
     probe = prompts[:4]
-    for _, fn in reward_fns + gold_fns:
+    refresh = cfg.rm_refresh  # its judge too, when it ranks samples of these prompts
+    judge = [load_reward_fn(refresh.judge)] if refresh and refresh.judge != "human" and not refresh.prompts else []
+    for fn in [fn for _, fn in reward_fns + gold_fns] + judge:
         dry_call(fn, [p.raw_prompt for p in probe], {k: [p.meta.get(k) for p in probe] for k in probe[0].meta},
                  cfg.reward_timeout)
     tok = load_tokenizer(cfg.model)
