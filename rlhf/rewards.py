@@ -83,6 +83,23 @@ def dry_call(fn: Callable, prompts: list, fields: dict[str, list], timeout: floa
         raise RewardError(f"{e} [at the check before the run, on {n} prompts with dummy completions]") from None
 
 
+def on_every_process(acc, fn: Callable):
+    """`fn()` on this process, then one vote among the processes: a RewardError that `fn` raised
+    on any of them is raised on every one (on the others as a pointer to it), so no process is left
+    waiting on a collective that another has left (the launcher would kill it, with no word why)."""
+    try:
+        out, failure = fn(), None
+    except RewardError as e:
+        out, failure = None, e
+    if acc.num_processes > 1 and acc.reduce(torch.tensor(float(failure is not None), device=acc.device),
+                                            "sum").item():
+        raise failure or RewardError("a reward function failed on another process (its error is in that "
+                                     "process's log)")
+    if failure is not None:
+        raise failure
+    return out
+
+
 def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: dict[str, list],
                    where: list[str] | None = None, timeout: float = 0.0) -> list[float]:
     """Call a reward function and check what it returns (count, type, finiteness) and how long it

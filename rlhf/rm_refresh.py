@@ -37,7 +37,7 @@ from .errors import RunError
 from .evaluate import sample_texts
 from .faults import fault_point
 from .algos.core import reward_bias
-from .rewards import BIAS_KEY, call_reward_fn, group_loss, load_reward_fn
+from .rewards import BIAS_KEY, call_reward_fn, group_loss, load_reward_fn, on_every_process
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class RMRefresher:
         scores = None
         if self.judge is not None:
             fields = {f: [p.meta.get(f) for p in expanded] for f in expanded[0].meta}
-            scores = call_reward_fn(self.judge, [p.raw_prompt for p in expanded], texts, fields)
+            raw = [p.raw_prompt for p in expanded]  # (a judge failing on one process stops them all)
+            scores = on_every_process(acc, lambda: call_reward_fn(self.judge, raw, texts, fields))
         rows = []
         for j, p in enumerate(mine):
             row = {"id": f"it{it}-{acc.process_index}-{j}", **p.meta, "prompt": p.raw_prompt,

@@ -8,6 +8,7 @@ backbone with a fresh head. A critic-free advantage estimator builds no value mo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -61,8 +62,12 @@ def from_policy(cfg, policy_tok, reward_model) -> tuple[nn.Module, nn.Module]:
     """The policy's backbone and a fresh head, N(0, 1/sqrt(d + 1)) from its own seeded stream [N+].
     The backbone is loaded as the policy is (:func:`load_causal_lm`: a checkpoint, a GGUF file, or
     `init: from_config` with the run's seed, so the same initial weights), its LM head dropped."""
+    # the policy's weights, without its LoRA adapters (the value model trains all of its own) and without
+    # activation checkpointing (load_value_model applies the recipe's to the backbone)
+    mc = dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, enabled=False),
+                             gradient_checkpointing=False)
     with torch.random.fork_rng(devices=[]):  # (the run's own RNG streams are not touched)
-        lm = load_causal_lm(cfg.model, policy_tok, seed=cfg.seed)
+        lm = load_causal_lm(mc, policy_tok, seed=cfg.seed)
     backbone = getattr(lm, lm.base_model_prefix)
     d = backbone.config.hidden_size
     head = nn.Linear(d, 1, bias=False, dtype=torch.float32)

@@ -187,6 +187,28 @@ def test_ppo_two_processes_from_config_with_prompts_without_gold(tmp_path, sft_o
     assert any("gold_accuracy" not in r for r in m)  # some rollout held a prompt without gold fields
 
 
+@pytest.mark.slow
+def test_a_gold_reward_failing_on_one_process_stops_every_process_with_its_message(tmp_path, sft_one):
+    """A held-out gold reward that raises on process 1 only (its own rollouts): both processes stop
+    at once with the error (process 0 pointing at process 1), not process 0 left in a collective
+    until the launcher kills it."""
+    (tmp_path / "gold.py").write_text(
+        "import os\n\ndef g(prompts, completions, **fields):\n"
+        "    if os.environ.get('RANK') == '1' and len(completions) == 8:\n"
+        "        raise ValueError('gold broke on rank 1')\n"
+        "    return [0.0] * len(completions)\n")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "rlhf", "ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", str(sft_one),
+           "--gold_reward_fns", f"[{{fn: '{tmp_path / 'gold.py'}:g'}}]", "--steps", "2", "--rollout_batch_size",
+           "16", "--minibatch_size", "8", "--eval_samples", "4", "--output_dir", str(tmp_path / "ppo")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode != 0
+    assert "raised ValueError: gold broke on rank 1" in p.stderr
+    assert "a reward function failed on another process" in p.stderr, p.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def rm_one(sft_one):
     out = sft_one.parent / "rm1"

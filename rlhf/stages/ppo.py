@@ -46,7 +46,7 @@ from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
 from ..models import check_reward_model, count_parameters, eager_blocks, load_tokenizer, save_model_files, unwrap
 from ..ptx import PtxIterator
 from ..rm_refresh import Paused, RMRefresher
-from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call, load_reward_fn
+from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call, load_reward_fn, on_every_process
 from ..rollout import (Generation, generate, position_ids_from_mask, response_logprobs, row_extents,
                        trim_columns)
 from ..tokenization import decode_response, encode_prompt, encode_sft
@@ -521,10 +521,15 @@ class PPORun:
         """This process evaluates (the main one, or every one when models are sharded)."""
         return bool(self.data.eval_prompts) and (self.acc.is_main_process or self.m.collective)
 
-    def evaluate(self) -> dict:
-        # ZeRO-3: the policy's weights gathered once for the whole evaluation
-        with self.m.gathered(), eager_blocks():
-            return evaluate_policy(self.m, self.data, self.cfg, self.acc.device)
+    def evaluate(self) -> dict | None:
+        """The held-out evaluation on the processes that evaluate (None on the others), then one
+        vote among all: a reward function failing in it on any process stops every process."""
+        def held_out():
+            if not self.evaluates:
+                return None
+            with self.m.gathered(), eager_blocks():  # ZeRO-3: the policy's weights gathered once
+                return evaluate_policy(self.m, self.data, self.cfg, self.acc.device)
+        return on_every_process(self.acc, held_out)
 
     def after_evaluation(self, it: int, res: dict) -> bool:
         """Gold against proxy after a held-out evaluation: keep the best-by-gold policy in best_gold/,
@@ -598,8 +603,8 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     log.info("PPO: %d prompts, %d held out, %d iterations x %d rollouts, %s advantages, policy %.2fM params%s",
              len(data.prompts), len(data.eval_prompts), cfg.steps, cfg.rollout_batch_size, cfg.advantage_estimator,
              count_parameters(unwrap(m.policy)) / 1e6, f", resuming after iteration {start}" if start else "")
-    if run.evaluates and not state:
-        initial = run.evaluate()
+    initial = run.evaluate() if not state else None
+    if initial is not None:
         st.summary.update({"initial_" + k: v for k, v in initial.items()})
         logger.log(0, initial)
         run.after_evaluation(0, initial)
@@ -658,8 +663,8 @@ def ppo_iteration(run: PPORun, it: int) -> tuple[dict, bool]:
         _log_samples(run.out, run.logger, it, ro, raw_scores)
     stop = False
     if cfg.eval_every and it % cfg.eval_every == 0 and it != cfg.steps:
-        if run.evaluates:
-            res = run.evaluate()
+        res = run.evaluate()
+        if res is not None:
             run.logger.log(it, res)
             stop = run.after_evaluation(it, res)
         stop = acc.reduce(torch.tensor(float(stop), device=acc.device), "sum").item() > 0  # every process stops
@@ -713,7 +718,7 @@ def log_iteration(run: PPORun, it: int, batch: tuple, stats: dict, mean_kl: floa
         g = gold_reward(None, ro.texts, task=[p.meta["task"] for p in ro.prompts],
                         input=[p.meta["input"] for p in ro.prompts])
         m["gold_accuracy"] = torch.tensor(sum(g) / len(g), device=device)
-    gold = gold_scores(ro, run.m, run.data, run.cfg, device)
+    gold = on_every_process(acc, lambda: gold_scores(ro, run.m, run.data, run.cfg, device))
     if gold is not None:
         m["gold_reward"] = gold.mean()
     m = {k: acc.reduce(torch.as_tensor(v, device=device, dtype=torch.float32).clone(), "mean").item()
@@ -734,8 +739,8 @@ def finish_ppo(run: PPORun, t_start: float, peak_dtype: str) -> dict:
     cfg, acc, m, st, out = run.cfg, run.acc, run.m, run.st, run.out
     summary = st.summary
     last = summary.get("stopped_by_alarm", cfg.steps)
-    if run.evaluates:
-        final = run.evaluate()
+    final = run.evaluate()
+    if final is not None:
         summary.update(final)
         run.logger.log(last, final)
         run.after_evaluation(last, final)
