@@ -1,6 +1,7 @@
 """Data formats, validation errors (file:line:field), K-way expansion, built-in tasks."""
 
 import json
+import re
 
 import pytest
 
@@ -104,6 +105,22 @@ def test_kway_ranking_expands_to_all_pairs_with_ties_dropped(tmp_path):
     for w, l, _ in g1.pairs:
         assert order[g1.responses[w][0]["content"]] < order[g1.responses[l][0]["content"]]
     assert len(g2.pairs) == 2 and stats["tied_pairs"] == 1
+
+
+def test_ranks_are_whole_numbers_from_one_and_all_tied_rows_are_counted(tmp_path):
+    """Scores written under 'ranks' would train the RM inverted (rank 1 is the best): a rank that
+    is not a whole number >= 1 names its field; a row whose responses all tie is dropped and
+    counted (all_tied_rows), not lost silently."""
+    for bad, shown in (([0.7, 0.2], "0.7"), ([1, -3], "-3"), ([2.5, 1], "2.5")):
+        p = write(tmp_path, "r.jsonl", [{"prompt": "q", "responses": ["a", "b"], "ranks": bad}])
+        with pytest.raises(F.DataError, match=rf"r\.jsonl:1: field 'ranks\[\d\]': a rank is a whole number >= 1 "
+                                             rf"\(1 = best\), got {re.escape(shown)}"):
+            load(p, F.parse_preference)
+    p = write(tmp_path, "t.jsonl", [{"prompt": "q", "responses": ["a", "b"], "ranks": [1, 1]},
+                                    {"prompt": "q", "responses": ["a", "b"], "scores": [0.5, 0.5]},
+                                    {"prompt": "q", "responses": ["a", "b"], "ranks": [2, 1.0]}])
+    groups, stats = load(p, F.parse_preference)
+    assert len(groups) == 1 and stats["all_tied_rows"] == 2
 
 
 def test_duplicate_responses_handled(tmp_path):

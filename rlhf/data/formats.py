@@ -295,6 +295,10 @@ def _parse_ranking(row: Row, stats: dict) -> PrefGroup | None:
     if not isinstance(vals, list) or len(vals) != len(resp):
         raise DataError(f"{row.where(key)}: expected a list of {len(resp)} numbers, one per response")
     vals = [_number(row, f"{key}[{i}]", v) for i, v in enumerate(vals)]
+    for i, v in enumerate(vals if key == "ranks" else []):  # (scores put under 'ranks' would train inverted)
+        if v < 1 or v != int(v):
+            raise DataError(f"{row.where(f'ranks[{i}]')}: a rank is a whole number >= 1 (1 = best), got {v!r}; "
+                            f"for values where higher is better use 'scores'")
     goodness = [-v for v in vals] if key == "ranks" else vals  # higher is better
     pairs = []
     for i, j in combinations(range(len(responses)), 2):
@@ -307,7 +311,11 @@ def _parse_ranking(row: Row, stats: dict) -> PrefGroup | None:
             continue
         w, l = (i, j) if goodness[i] > goodness[j] else (j, i)
         pairs.append((w, l, 0.0))
-    if not pairs:
+    if not pairs:  # every response tied (sampled rankings: all right or all wrong): nothing to learn
+        stats["all_tied_rows"] = stats.get("all_tied_rows", 0) + 1
+        if stats["all_tied_rows"] == 1:
+            log.info("%s: every response is ranked the same: the row is dropped (counted as all_tied_rows in "
+                     "summary.json)", row.where(key))
         return None
     return PrefGroup(as_prompt_messages(prompt), responses, pairs, row.where(),
                      [f"responses[{i}]" for i in range(len(responses))])
