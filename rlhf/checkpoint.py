@@ -265,6 +265,27 @@ def truncate_jsonl(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _unrestorable(e: Exception, ckpt: Path, out: Path) -> RunError | None:
+    """The one-line error for a checkpoint that cannot be restored, or None for other errors:
+    - damaged on disk (each is written atomically, so a disk fault or a hand edit): delete it, and
+      --resume continues from the one before;
+    - not this run's models (the recipe changed since: LoRA, the architecture): restore the recipe;
+      every older checkpoint would fail the same way, so deleting them would lose the run."""
+    why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    damaged = isinstance(e, (json.JSONDecodeError, EOFError, FileNotFoundError)) or \
+        type(e).__name__ in ("SafetensorError", "UnpicklingError") or "PytorchStreamReader" in why
+    if damaged:
+        earlier = list_checkpoints(out)[:-1]
+        then = f"--resume continues from {earlier[-1].name}" if earlier else "--resume starts the run over"
+        return RunError(f"{ckpt}: damaged, cannot be restored ({type(e).__name__}: {why}); delete this checkpoint "
+                        f"folder and {then}")
+    if isinstance(e, RuntimeError) and any(k in why for k in ("state_dict", "Missing key", "Unexpected key",
+                                                              "size mismatch")):
+        return RunError(f"{ckpt}: does not match this run's models ({why}); resume with the recipe that wrote it "
+                        f"(its recipe.yaml), or start a new run")
+    return None
+
+
 def resume_state(acc, out: Path, resume: bool, parts: CheckpointParts) -> tuple[int, dict]:
     """(step to continue after, saved state) — (0, {}) for a new run or a run with no checkpoint yet.
     Records logged after the checkpoint are dropped (the resumed run logs them again)."""
@@ -279,14 +300,8 @@ def resume_state(acc, out: Path, resume: bool, parts: CheckpointParts) -> tuple[
         return 0, {}
     try:
         state = load_checkpoint(acc, ckpt, parts)
-    except RunError:
-        raise
-    except Exception as e:  # damaged on disk (they are written atomically) or not this run's: one line
-        earlier = list_checkpoints(out)[:-1]
-        then = f"--resume continues from {earlier[-1].name}" if earlier else "--resume starts the run over"
-        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise RunError(f"{ckpt}: cannot be restored ({type(e).__name__}: {why}); delete this checkpoint folder "
-                       f"and {then}") from e
+    except Exception as e:  # one line for what a user can act on; anything else propagates as it is
+        raise _unrestorable(e, ckpt, out) or e
     if acc.is_main_process:
         truncate_jsonl(Path(out) / "metrics.jsonl", state["step"])
         truncate_jsonl(Path(out) / "samples.jsonl", state["step"])

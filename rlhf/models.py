@@ -112,13 +112,25 @@ def prepare_tokenizer(tok, chat_template: str | None = None):
 
 def _check_local(source: str, fld: str | None) -> None:
     p = Path(source)
+    looks_local = source.startswith((".", "/", "~")) or p.exists() or source.count("/") > 1
     # 'runs/sftx' reads like a hub id ('org/name'), but when 'runs' is a folder here it is a path
-    # mistyped, not something to look up on the hub (a minute of retries without a network)
-    looks_local = source.startswith((".", "/", "~")) or p.exists() or source.count("/") > 1 or \
-        ("/" in source and Path(source.split("/")[0]).is_dir())
-    if looks_local and not p.exists():
-        raise ModelError(f"recipe: '{fld}' points at a missing checkpoint: {source}" if fld
-                         else f"{source}: no such checkpoint folder")
+    # mistyped, not something to look up on the hub (a minute of retries without a network);
+    # unless the hub id is in the local hub cache
+    beside = "/" in source and Path(source.split("/")[0]).is_dir() and not _in_hub_cache(source)
+    if (looks_local or beside) and not p.exists():
+        hint = f" (a folder '{source.split('/')[0]}' is here; for the hub id, run from another folder)" if beside \
+            and not looks_local else ""
+        raise ModelError((f"recipe: '{fld}' points at a missing checkpoint: {source}" if fld
+                          else f"{source}: no such checkpoint folder") + hint)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # (not an id the hub accepts: not cached)
+        return False
 
 
 def _named(fld: str | None, source: str, problem: str) -> str:
@@ -172,6 +184,12 @@ def _sync_special_ids(model, tok) -> None:
     emb = model.get_input_embeddings().weight
     if getattr(emb, "ds_shape", emb.shape)[0] < len(tok):  # ds_shape: the full shape of a ZeRO-3 partition
         model.resize_token_embeddings(len(tok))
+
+
+def rng_fork():
+    """`torch.random.fork_rng` over the CPU generator and this process's CUDA device's: seeding
+    inside (a model made from a config) leaves the run's own streams as they were."""
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
 
 
 def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .algos.registry import Registry
-from .models import ModelError, disable_dropout, enable_gradient_checkpointing, load_causal_lm
+from .models import ModelError, disable_dropout, enable_gradient_checkpointing, load_causal_lm, rng_fork
 from .rollout import position_ids_from_mask
 
 VALUE_INITS = Registry("value_init", "where the value model's weights come from")
@@ -66,7 +66,7 @@ def from_policy(cfg, policy_tok, reward_model) -> tuple[nn.Module, nn.Module]:
     # activation checkpointing (load_value_model applies the recipe's to the backbone)
     mc = dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora, enabled=False),
                              gradient_checkpointing=False)
-    with torch.random.fork_rng(devices=[]):  # (the run's own RNG streams are not touched)
+    with rng_fork():  # (the run's own RNG streams are not touched)
         lm = load_causal_lm(mc, policy_tok, seed=cfg.seed)
     backbone = getattr(lm, lm.base_model_prefix)
     d = backbone.config.hidden_size

@@ -323,7 +323,7 @@ def test_every_command_puts_its_models_on_the_runtime_device(command, device_spy
     rows.write_text(json.dumps({"prompt": "sort: 3 1 2", "response": "1 2 3"}) + "\n")
     monkeypatch.setattr("sys.stdin", io.StringIO("sort: 3 1 2\n/exit\n"))
     argv = {"generate": ["generate", ckpt, "--prompts", prompts, "--max_new_tokens", "4", "--out", str(tmp_path / "g")],
-            "score": ["score", ckpt, str(rows)],  # a causal LM checkpoint loads as a (fresh-headed) classifier
+            "score": ["score", _as_reward_model(ckpt, tmp_path / "rm"), str(rows)],
             "eval": ["eval", ckpt, "--prompts", prompts, "--max_samples", "4", "--max_new_tokens", "4"],
             "sample": ["sample", ckpt, prompts, "--k", "2", "--max_prompts", "2", "--max_new_tokens", "4",
                        "--out", str(tmp_path / "s.jsonl")],
@@ -332,6 +332,16 @@ def test_every_command_puts_its_models_on_the_runtime_device(command, device_spy
     assert device_spy["asked"] >= 1
     want = "ForSequenceClassification" if command == "score" else "ForCausalLM"
     assert any(name.endswith(want) for name in device_spy["moved"]), device_spy["moved"]
+
+
+def _as_reward_model(policy: str, out) -> str:
+    """The policy's weights under a fresh one-label head, saved as `rlhf rm` saves a reward model
+    (`rlhf score` refuses a causal LM: it would score with a random head)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1).save_pretrained(out)
+    AutoTokenizer.from_pretrained(policy).save_pretrained(out)
+    return str(out)
 
 
 # ----------------------------------------------------------------------------- config ranges

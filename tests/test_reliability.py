@@ -121,6 +121,23 @@ def test_checkpoints_are_kept_k_and_never_half_written(tmp_path):
     assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-00000010", "step-00000012"]
 
 
+def test_only_a_damaged_checkpoint_is_called_damaged(tmp_path):
+    """The advice to delete a checkpoint is for damage only. A checkpoint of other models (the
+    recipe changed: every older one would fail too) says to restore the recipe; an error that is
+    neither (out of memory, a bug) propagates as it is."""
+    from safetensors import SafetensorError
+
+    from rlhf.checkpoint import _unrestorable
+
+    ckpt = tmp_path / "checkpoints" / "step-00000004"
+    damaged = _unrestorable(SafetensorError("invalid header length"), ckpt, tmp_path)
+    assert "damaged, cannot be restored" in str(damaged) and "delete this checkpoint folder" in str(damaged)
+    other = _unrestorable(RuntimeError("Error(s) in loading state_dict for LlamaForCausalLM: Missing key(s)"), ckpt,
+                          tmp_path)
+    assert "does not match this run's models" in str(other) and "delete" not in str(other)
+    assert _unrestorable(torch.OutOfMemoryError("CUDA out of memory"), ckpt, tmp_path) is None
+
+
 @pytest.mark.slow
 def test_resume_past_a_damaged_checkpoint_and_a_metrics_line_cut_short(tmp_path):
     """A metrics line cut short by the kill is dropped on resume; a checkpoint damaged on disk is a
@@ -138,7 +155,7 @@ def test_resume_past_a_damaged_checkpoint_and_a_metrics_line_cut_short(tmp_path)
     weights.write_bytes(weights.read_bytes()[:100])
     p = _rlhf(*args, "--resume", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    assert "step-00000006: cannot be restored (" in p.stderr and "continues from step-00000004" in p.stderr
+    assert "step-00000006: damaged, cannot be restored (" in p.stderr and "continues from step-00000004" in p.stderr
     import shutil
 
     shutil.rmtree(staged / "checkpoints" / "step-00000006")
@@ -254,11 +271,12 @@ CASES = [
      r"r\.yaml:2: rm_refresh\.every: must be >= 1, got 0"),
     ("unknown-key-in-list-item", lambda t: ["ppo", _bad(t, "r.yaml", "steps: 5\nreward_fns:\n  - {fnn: gold}\n")],
      r"r\.yaml:2: unknown key 'reward_fns\[0\]\.fnn' \(did you mean 'reward_fns\[0\]\.fn'\?\)"),
-    ("reward-model-is-a-policy", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--reward_model",
-                                            _model_folder(t, "sft", "LlamaForCausalLM")],
+    ("reward-model-is-a-policy", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--model.name_or_path", _tiny_policy(t),
+                                            "--reward_model", _model_folder(t, "sft", "LlamaForCausalLM")],
      r"command line --reward_model: 'reward_model' is not a reward model \(architecture LlamaForCausalLM; a reward "
      r"model is a \*ForSequenceClassification with one label"),
-    ("reward-model-not-a-model", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--reward_model", _model_folder(t, "e")],
+    ("reward-model-not-a-model", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--model.name_or_path", _tiny_policy(t),
+                                            "--reward_model", _model_folder(t, "e")],
      r"command line --reward_model: 'reward_model' is not a model folder \(no config\.json in it\)"),
     ("batch-larger-than-the-data", lambda t: ["sft", "recipes/tiny/sft.yaml", "--train.batch_size", "8192",
                                               "--train.micro_batch_size", "64"],

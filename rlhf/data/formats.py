@@ -311,11 +311,12 @@ def _parse_ranking(row: Row, stats: dict) -> PrefGroup | None:
             continue
         w, l = (i, j) if goodness[i] > goodness[j] else (j, i)
         pairs.append((w, l, 0.0))
-    if not pairs:  # every response tied (sampled rankings: all right or all wrong): nothing to learn
+    if not pairs and len(set(goodness)) == 1:  # every response tied (sampled: all right or all wrong)
         stats["all_tied_rows"] = stats.get("all_tied_rows", 0) + 1
         if stats["all_tied_rows"] == 1:
             log.info("%s: every response is ranked the same: the row is dropped (counted as all_tied_rows in "
                      "summary.json)", row.where(key))
+    if not pairs:
         return None
     return PrefGroup(as_prompt_messages(prompt), responses, pairs, row.where(),
                      [f"responses[{i}]" for i in range(len(responses))])
@@ -466,7 +467,7 @@ def join_ranks(samples_path: str, ranks_path: str, out_path: str) -> int:
             raise DataError(f"{r.where('id')}: missing (each row ranks the sample row with this id)")
         rid = _join_id(r)
         if rid not in samples:
-            other = str(rid) if not isinstance(rid, str) else int(rid) if rid.lstrip("-").isdigit() else None
+            other = str(rid) if not isinstance(rid, str) else int(rid) if rid.isascii() and rid.isdigit() else None
             hint = f" (but {other!r} is: the id's type differs)" if other is not None and other in samples else ""
             raise DataError(f"{r.where('id')}: id {rid!r} is not in {samples_path}{hint}")
         if rid in ranked:

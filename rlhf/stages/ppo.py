@@ -87,9 +87,6 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
     if len(prompts) < cfg.rollout_batch_size // cfg.samples_per_prompt:
         raise DataError(f"{cfg.data.train}: {len(prompts)} training prompts, fewer than one rollout batch "
                         f"({cfg.rollout_batch_size // cfg.samples_per_prompt} prompts)")
-    for fld in ("reward_model", "gold_reward_model"):  # before any model loads, not after the policy
-        if getattr(cfg, fld):
-            check_reward_model(getattr(cfg, fld), fld)
     reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]
     gold_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.gold_reward_fns]
     probe = prompts[:4]
@@ -99,6 +96,9 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
         dry_call(fn, [p.raw_prompt for p in probe], {k: [p.meta.get(k) for p in probe] for k in probe[0].meta},
                  cfg.reward_timeout)
     tok = load_tokenizer(cfg.model)
+    for fld in ("reward_model", "gold_reward_model"):  # before any model loads, not after the policy
+        if getattr(cfg, fld):
+            check_reward_model(getattr(cfg, fld), fld)
     for p in prompts + eval_prompts:
         n = len(encode_prompt(tok, p.prompt))
         if n > cfg.data.max_prompt_length:
@@ -398,10 +398,18 @@ def evaluate_policy(m: PPOModels, data: PPOInputs, cfg: PPOConfig, device) -> di
     policy.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
     scores, kls, k3s, golds, lengths, eos, gold_rewards = [], [], [], [], [], [], []
+    failure = None  # a reward function's error: raised after the loop, whose forwards may be collective
     for chunk in chunks(data.eval_prompts, cfg.rollout_batch_size):
         ro = make_rollout(policy, data.tok, chunk, cfg, gen, device, m.autocast)
-        s, _ = compute_scores(ro, data.tok, m.reward_model, data.reward_fns, cfg, device)
-        g = gold_scores(ro, m, data, cfg, device)
+        # (each RM's forward runs before the functions: on every process, whatever the functions do)
+        try:
+            s, _ = compute_scores(ro, data.tok, m.reward_model, data.reward_fns, cfg, device)
+        except RewardError as e:
+            failure, s = failure or e, torch.zeros(len(chunk), device=device)
+        try:
+            g = gold_scores(ro, m, data, cfg, device)
+        except RewardError as e:
+            failure, g = failure or e, None
         if g is not None:
             gold_rewards.append(g)
         ids, mask = sequence_batch(ro.gen)
@@ -419,6 +427,8 @@ def evaluate_policy(m: PPOModels, data: PPOInputs, cfg: PPOConfig, device) -> di
             golds += gold_reward(None, ro.texts, task=[p.meta["task"] for p in chunk],
                                  input=[p.meta["input"] for p in chunk])
     policy.train(was)
+    if failure is not None:
+        raise failure
     out = {"eval_reward": torch.cat(scores).mean().item(), "eval_kl": torch.cat(kls).mean().item(),
            "eval_kl_k3": torch.cat(k3s).mean().item(), "eval_response_length": torch.cat(lengths).mean().item(),
            "eval_eos_rate": torch.cat(eos).mean().item()}

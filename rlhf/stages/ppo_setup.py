@@ -33,7 +33,7 @@ from ..errors import RunError
 from ..engine import (compute_dtype, frozen_placement, gathered_params, is_deepspeed, make_optimizer, make_scheduler,
                       prepare_frozen, run_autocast, zero_stage)
 from ..flops import count_flop_params, count_head_params
-from ..models import compile_blocks, disable_dropout, load_causal_lm, outside_zero3_init, unwrap
+from ..models import compile_blocks, disable_dropout, load_causal_lm, outside_zero3_init, rng_fork, unwrap
 from ..rewards import RewardModel
 from ..value import load_value_model
 
@@ -145,7 +145,7 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
             raise RunError(f"recipe: rm_refresh.batch_size and rm_refresh.num_prompts must be >= the {n} processes")
     into_parts = zero3 and cfg.model.init == "pretrained" and not cfg.model.gguf_file
     whole = contextlib.nullcontext if into_parts else outside_zero3_init  # "load whole, partition later"
-    with whole(), torch.random.fork_rng(devices=[]):  # init: from_config gets the same weights on every process
+    with whole(), rng_fork():  # init: from_config gets the same weights on every process
         policy = load_causal_lm(cfg.model, tok, seed=cfg.seed)  # (and each process keeps its own sampling RNG)
     disable_dropout(policy)
     read = [("policy", _partitioned(policy))]
