@@ -109,23 +109,32 @@ def _ppo_cfg(sft_checkpoint, task_dir, **over):
     return load_stage_config("ppo", None, base)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("old_logprobs", ["recompute", "sampling"])
-def test_ratio_is_exactly_one_on_first_minibatch(sft_checkpoint, task_dir, old_logprobs):
+def _rollout_of_16(cfg):
+    """The SFT policy's seeded rollout of the first 16 training prompts, and PPOModels whose
+    reference is the policy itself and whose value model answers 0."""
     from rlhf.data.formats import load_examples, parse_prompt
     from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
-    from rlhf.rollout import response_logprobs
-    from rlhf.stages.ppo import make_experience, make_rollout
+    from rlhf.stages.ppo import make_rollout
     from rlhf.stages.ppo_setup import PPOModels
 
-    cfg = _ppo_cfg(sft_checkpoint, task_dir, temperature=0.8, old_logprobs=old_logprobs)
     tok = load_tokenizer(cfg.model)
     policy = load_causal_lm(cfg.model, tok).eval()
     disable_dropout(policy)
     prompts, _ = load_examples(cfg.data.train, parse_prompt, max_samples=16)
     ro = make_rollout(policy, tok, prompts, cfg, torch.Generator().manual_seed(0), "cpu")
     value = lambda ids, mask, pos=None: torch.zeros(ids.shape)  # noqa: E731
-    models = PPOModels(policy, value, policy, None, [], [])  # the reference is the policy itself
+    return ro, PPOModels(policy, value, policy, None, [], [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("old_logprobs", ["recompute", "sampling"])
+def test_ratio_is_exactly_one_on_first_minibatch(sft_checkpoint, task_dir, old_logprobs):
+    from rlhf.rollout import response_logprobs
+    from rlhf.stages.ppo import make_experience
+
+    cfg = _ppo_cfg(sft_checkpoint, task_dir, temperature=0.8, old_logprobs=old_logprobs)
+    ro, models = _rollout_of_16(cfg)
+    policy = models.policy
     exp = make_experience(ro, torch.ones(16), models, 0.1, cfg, micro_batch_size=16)
     if old_logprobs == "recompute":
         assert exp.kl.abs().max().item() == 0.0  # policy == reference: KL exactly 0
@@ -147,20 +156,11 @@ def test_rewards_are_whitened_over_the_whole_batch_across_processes(sft_checkpoi
     every sum): the whitened rewards are those of the doubled batch, whose Bessel correction
     differs from one process's own."""
     from rlhf.algos import core
-    from rlhf.data.formats import load_examples, parse_prompt
-    from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
-    from rlhf.stages.ppo import make_experience, make_rollout
-    from rlhf.stages.ppo_setup import PPOModels
+    from rlhf.stages.ppo import make_experience
 
     def experience(whiten: bool):
         cfg = _ppo_cfg(sft_checkpoint, task_dir, whiten_rewards=whiten)
-        tok = load_tokenizer(cfg.model)
-        policy = load_causal_lm(cfg.model, tok).eval()
-        disable_dropout(policy)
-        prompts, _ = load_examples(cfg.data.train, parse_prompt, max_samples=16)
-        ro = make_rollout(policy, tok, prompts, cfg, torch.Generator().manual_seed(0), "cpu")
-        value = lambda ids, mask, pos=None: torch.zeros(ids.shape)  # noqa: E731
-        models = PPOModels(policy, value, policy, None, [], [])
+        ro, models = _rollout_of_16(cfg)
         scores = torch.linspace(-1.0, 2.0, 16)
         return make_experience(ro, scores, models, 0.1, cfg, micro_batch_size=16, reduce=lambda t: 2 * t)
 
