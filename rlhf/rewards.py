@@ -266,7 +266,12 @@ class RewardModel:
         return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)], normalized, batch_size)
 
     def same_tokenizer(self, tok) -> bool:
-        return self.tok.get_vocab() == tok.get_vocab() and self.tok.chat_template == tok.chat_template
+        """The policy's sampled ids are exactly what this RM's tokenizer makes of the same text: the
+        same vocabulary, template and special tokens (else PPO re-encodes the text for the RM)."""
+        special = ("eos_token_id", "bos_token_id", "cls_token_id")
+        return self.tok.get_vocab() == tok.get_vocab() and self.tok.chat_template == tok.chat_template and \
+            all(getattr(self.tok, k, None) == getattr(tok, k, None) for k in special) and \
+            getattr(self.tok, "add_bos_token", False) == getattr(tok, "add_bos_token", False)
 
 
 def group_loss(model, groups: list[tuple[list[list[int]], list[tuple[int, int, float]]]], pad_id: int, device,

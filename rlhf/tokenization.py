@@ -61,7 +61,9 @@ def encode_sft(tok, prompt: Messages | str, completion: Messages) -> tuple[list[
     Each turn is tokenized as the difference between successive renderings of the conversation,
     so the prompt tokens are exactly those of :func:`encode_prompt`. An assistant turn is learnt
     up to and including its EOS; anything the template adds after the EOS (e.g. a newline) and
-    every non-assistant turn carry no loss.
+    every non-assistant turn carry no loss. A template that ends turns with another token than EOS
+    gets EOS after the last assistant turn only (earlier turns stay as the template renders them,
+    which is how a multi-turn PPO or evaluation prompt reads).
     """
     eos = tok.eos_token_id
     ids = encode_prompt(tok, prompt)
@@ -71,7 +73,8 @@ def encode_sft(tok, prompt: Messages | str, completion: Messages) -> tuple[list[
         return ids + resp, labels + resp
     history = list(prompt)
     rendered = _render(tok, history, add_generation_prompt=True)
-    for msg in completion:
+    last = max((i for i, m in enumerate(completion) if m["role"] == "assistant"), default=-1)
+    for i, msg in enumerate(completion):
         if msg["role"] == "assistant":
             pre = _render(tok, history, add_generation_prompt=True)
             if not pre.startswith(rendered) and rendered != pre:
@@ -88,8 +91,8 @@ def encode_sft(tok, prompt: Messages | str, completion: Messages) -> tuple[list[
             if eos in seg:
                 k = seg.index(eos) + 1
                 learn, rest = seg[:k], seg[k:]
-            else:
-                learn, rest = seg + [eos], []
+            else:  # a template whose turns end with another token: EOS ends the last reply only, so earlier
+                learn, rest = seg + ([eos] if i == last else []), []  # turns read as a PPO prompt renders them
             ids += learn + rest
             labels += learn + [IGNORE_INDEX] * len(rest)
             history.append(msg)

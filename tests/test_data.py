@@ -123,6 +123,20 @@ def test_ranks_are_whole_numbers_from_one_and_all_tied_rows_are_counted(tmp_path
     assert len(groups) == 1 and stats["all_tied_rows"] == 2
 
 
+def test_a_preference_compares_one_reply_not_several_turns(tmp_path):
+    """A response of several messages would be cut to its first (the RM scores one reply), so two
+    that differ only in a later turn would score the same: refused, naming the field."""
+    a = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+    u = {"role": "user", "content": "more?"}
+    rows = [{"prompt": "Q", "chosen": [a("same"), u, a("GOOD")], "rejected": [a("same"), u, a("BAD")]},
+            {"chosen": [u, a("same"), u, a("GOOD")], "rejected": [u, a("other"), u, a("BAD")]},
+            {"prompt": "Q", "responses": ["x", [a("y"), u, a("z")]], "ranks": [1, 2]}]
+    for i, (row, fld) in enumerate(zip(rows, ("chosen", "chosen", r"responses\[1\]"))):
+        p = write(tmp_path, f"m{i}.jsonl", [row])
+        with pytest.raises(F.DataError, match=rf"m{i}\.jsonl:1: field '{fld}': a response of 3 messages"):
+            load(p, F.parse_preference)
+
+
 def test_duplicate_responses_handled(tmp_path):
     p = write(tmp_path, "r.jsonl", [
         {"prompt": "q", "responses": ["a", "a", "b"], "scores": [1.0, 0.0, 0.5]},

@@ -277,3 +277,36 @@ def test_generation_in_one_autocast_region_casts_each_weight_once(tiny_lm, tok):
     assert torch.equal(out["per token"].response_ids, out["one region"].response_ids)
     assert torch.equal(out["per token"].logprobs, out["one region"].logprobs)
     assert out["per token casts"] >= 6 * len(weights) and out["one region casts"] <= len(weights)
+
+
+def test_the_rm_reads_the_eos_it_was_trained_on_even_when_a_response_was_cut(tok):
+    """A reward model is trained on prompt + reply + EOS. PPO hands it the sampled ids when it
+    shares the policy's tokenizer: a reply cut at max_new_tokens gets the EOS appended (as the
+    text path re-encodes it), one that ended with EOS is left as it is."""
+    import copy
+
+    from rlhf.data.formats import PromptExample
+    from rlhf.rewards import RewardModel
+    from rlhf.rollout import Generation
+    from rlhf.stages.ppo import Rollout, sequence_scores
+
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+
+    class SpyRM(RewardModel):
+        def __init__(self):  # (no checkpoint: the RM's tokenizer is the policy's)
+            self.tok, self.seqs = tok, None
+
+        def score_ids(self, seqs, normalized=True, batch_size=64):
+            self.seqs = seqs
+            return torch.zeros(len(seqs))
+
+    gen = Generation(prompt_ids=torch.tensor([[pad, 5], [6, 7]]), prompt_mask=torch.tensor([[0, 1], [1, 1]]),
+                     response_ids=torch.tensor([[8, eos, pad], [9, 10, 11]]),
+                     response_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]), has_eos=torch.tensor([True, False]))
+    prompts = [PromptExample([{"role": "user", "content": "q"}], {}, "q") for _ in range(2)]
+    rm = SpyRM()
+    sequence_scores(Rollout(gen, prompts, ["a", "b"]), tok, rm, [], 1.0, 0.0, "cpu")
+    assert rm.seqs == [[5, 8, eos], [6, 7, 9, 10, 11, eos]]
+    other = copy.deepcopy(tok)
+    other.eos_token = "<|user|>"  # the same vocabulary and template, another EOS: not the same tokenizer
+    assert rm.same_tokenizer(copy.deepcopy(tok)) and not rm.same_tokenizer(other)

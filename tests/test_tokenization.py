@@ -66,3 +66,21 @@ def test_raw_text_prompt(tok):
     ids, labels = encode_sft(tok, "Sort the digits: 21 ->", [{"role": "assistant", "content": " 12"}])
     learnt = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
     assert tok.decode(learnt) == " 12" + tok.eos_token
+
+
+def test_a_template_ending_turns_without_eos_gets_eos_after_the_last_reply_only(tok):
+    """Qwen-style: turns end with their own marker, EOS is another token. A multi-turn
+    demonstration learns EOS after its last reply only; the earlier turns read exactly as the
+    template renders them, which is how a multi-turn PPO or evaluation prompt reads them."""
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '|' }}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    prompt = [{"role": "user", "content": "a"}]
+    completion = [{"role": "assistant", "content": "1"}, {"role": "user", "content": "b"},
+                  {"role": "assistant", "content": "2"}]
+    ids, labels = encode_sft(t, prompt, completion)
+    assert ids.count(t.eos_token_id) == 1 and ids[-1] == t.eos_token_id
+    history = prompt + completion[:2]  # the second reply's context, as a PPO prompt would render it
+    assert ids[: len(encode_prompt(t, history))] == encode_prompt(t, history)

@@ -227,6 +227,15 @@ def _number(row: Row, fld: str, v: Any) -> float:
     return float(v)
 
 
+def _one_reply(row: Row, fld: str, response) -> None:
+    """A reward model scores one assistant reply after the prompt (rlhf.tokenization.encode_response
+    renders the first message only): a response of several turns would be cut to its first, and
+    two that differ only later would score the same. Refused, naming the field."""
+    if isinstance(response, list) and len(response) > 1:
+        raise DataError(f"{row.where(fld)}: a response of {len(response)} messages; a preference compares one "
+                        f"assistant reply: put the earlier turns in the prompt")
+
+
 def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
     """One preference row -> a PrefGroup (None if it carries no usable pair: all ties/duplicates)."""
     stats = stats if stats is not None else {}
@@ -243,6 +252,7 @@ def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
         for fld, v in zip(("chosen", "rejected"), whole):
             check_turns(row, _turns(fld, v), ends_on=("assistant",))
         prompt_m, c, r = split_implicit_prompt(whole[0], whole[1], row)
+        _one_reply(row, "chosen", c), _one_reply(row, "rejected", r)
         return PrefGroup(prompt_m, [c, r], [(0, 1, margin)], row.where())
     if "prompt" in d and d["prompt"] is not None:
         prompt = text_or_messages(row, "prompt")
@@ -257,10 +267,12 @@ def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
             check_turns(row, _turns("prompt", prompt_m) + _turns(fld, r), ends_on=("assistant",))
             if r and r[0]["role"] != "assistant":
                 raise DataError(f"{row.where(fld + '[0].role')}: a response starts with the assistant turn")
+            _one_reply(row, fld, r)
     else:  # implicit prompt: two transcripts sharing a prefix
         chosen = text_or_messages(row, "chosen")
         rejected = text_or_messages(row, "rejected")
         prompt_m, c, r = split_implicit_prompt(chosen, rejected, row)
+        _one_reply(row, "chosen", c), _one_reply(row, "rejected", r)
         responses = [c, r]
     if responses[0] == responses[1]:
         _duplicate(row, "rejected", "chosen and rejected are the same response", stats)
@@ -287,6 +299,7 @@ def _parse_ranking(row: Row, stats: dict) -> PrefGroup | None:
     for i, r in enumerate(resp):
         if not isinstance(r, str) and not (_is_messages(r) and r):  # "" is allowed: a policy may say nothing
             raise DataError(f"{row.where(f'responses[{i}]')}: expected a string or a non-empty message list")
+        _one_reply(row, f"responses[{i}]", r)
         responses.append(as_response_messages(r))
     if ("ranks" in d) == ("scores" in d):
         raise DataError(f"{row.where('ranks')}: give exactly one of 'ranks' (1 = best) or 'scores' (higher = better)")

@@ -167,10 +167,11 @@ def sequence_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_f
     parts: dict[str, torch.Tensor] = {}
     if reward_model is not None:
         if reward_model.same_tokenizer(tok):  # reuse the sampled tokens: exactly what the RM was trained on
-            g = ro.gen  # (copied to the host once)
-            seqs = [p[pm].tolist() + r[rm].tolist() for p, pm, r, rm in
+            g, eos = ro.gen, [tok.eos_token_id]  # (copied to the host once)
+            # a response cut at max_new_tokens gets the EOS the RM always read in training (as the text path)
+            seqs = [p[pm].tolist() + r[rm].tolist() + ([] if done else eos) for p, pm, r, rm, done in
                     zip(g.prompt_ids.cpu(), g.prompt_mask.cpu().bool(), g.response_ids.cpu(),
-                        g.response_mask.cpu().bool())]
+                        g.response_mask.cpu().bool(), g.has_eos.cpu().tolist())]
             rm_score = reward_model.score_ids(seqs).to(device)
         else:
             rm_score = reward_model.score([p.prompt for p in ro.prompts], ro.texts).to(device)
