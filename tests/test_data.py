@@ -181,8 +181,18 @@ def test_implicit_prompt_split_strings_hh_style(tmp_path):
     rejected = "\n\nHuman: What is 2+2?\n\nAssistant: Fish."
     p = write(tmp_path, "hh.jsonl", [{"chosen": chosen, "rejected": rejected}])
     (g,), _ = load(p, F.parse_preference)
-    assert g.prompt == "\n\nHuman: What is 2+2?\n\nAssistant:"
-    assert g.responses == [" It is 4.", " Fish."]
+    # as chat messages: the RM reads the template PPO will give it, not raw "Human:/Assistant:" text
+    assert g.prompt == [{"role": "user", "content": "What is 2+2?"}]
+    assert g.responses == ["It is 4.", "Fish."]
+    turns = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: sum?\n\nAssistant:"
+    p = write(tmp_path, "hh2.jsonl", [{"chosen": turns + " 4", "rejected": turns + " 5"},
+                                      {"chosen": "Q: x? Assistant: 4", "rejected": "Q: x? Assistant: 5"}])
+    (g2, g3), _ = load(p, F.parse_preference)
+    assert [m["role"] for m in g2.prompt] == ["user", "assistant", "user"] and g2.prompt[1]["content"] == "hello"
+    assert g3.prompt == "Q: x? Assistant:"  # not an HH transcript: raw text, as given
+    p = write(tmp_path, "hh3.jsonl", [{"chosen": turns + " 4\n\nHuman: ok", "rejected": turns + " 5"}])
+    with pytest.raises(F.DataError, match=r"hh3\.jsonl:1: field 'chosen': the reply after the shared prompt holds"):
+        load(p, F.parse_preference)
 
 
 def test_implicit_prompt_split_messages(tmp_path):

@@ -342,7 +342,8 @@ def split_implicit_prompt(chosen, rejected, row: Row):
     before an assistant turn. Strings (Anthropic HH style "\\n\\nHuman: ... \\n\\nAssistant: ..."):
     the prompt runs to the end of the last "Assistant:" marker inside the common prefix; without
     one the two transcripts do not share a prompt and the row is an error (cutting at the last
-    whitespace trained on prompts such as "What is "). The prompt stays raw text (no template).
+    whitespace trained on prompts such as "What is "). A well-formed HH transcript becomes chat
+    messages (:func:`hh_turns`), so every stage reads the same template; other text stays raw.
     """
     if isinstance(chosen, list) and isinstance(rejected, list):
         n = 0
@@ -370,8 +371,32 @@ def split_implicit_prompt(chosen, rejected, row: Row):
         cut = marker + len("Assistant:")
         if cut >= len(chosen) or cut >= len(rejected):
             raise DataError(f"{row.where('chosen')}: chosen or rejected has no reply after the shared prompt")
+        turns = hh_turns(chosen[:cut])
+        if turns is not None:  # as messages: the RM and DPO read the chat template that SFT and PPO use
+            for fld, reply in (("chosen", chosen[cut:]), ("rejected", rejected[cut:])):
+                if "\n\nHuman:" in reply:
+                    raise DataError(f"{row.where(fld)}: the reply after the shared prompt holds further turns "
+                                    f"('Human:'); a preference compares one assistant reply")
+            return turns, chosen[cut:].strip(), rejected[cut:].strip()
         return chosen[:cut], chosen[cut:], rejected[cut:]
     raise DataError(f"{row.where('chosen')}: chosen and rejected must both be strings or both messages")
+
+
+def hh_turns(prompt: str) -> Messages | None:
+    """An Anthropic HH transcript prompt ("\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant:")
+    as chat messages ending on the user's turn, or None when the text is not such a transcript
+    (then it stays raw text). Without this an RM trained on HH reads raw transcripts, while PPO and
+    SFT give it the chat template: text it never saw."""
+    import re
+
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)
+    if parts[0].strip() or len(parts) < 5 or parts[-2] != "Assistant" or parts[-1].strip():
+        return None
+    pairs = list(zip(parts[1:-2:2], parts[2:-2:2]))  # every turn before the final, empty "Assistant:"
+    roles = ["user" if who == "Human" else "assistant" for who, _ in pairs]
+    if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
+        return None
+    return [{"role": r, "content": text.strip()} for r, (_, text) in zip(roles, pairs)]
 
 
 def _clip(text: str, n: int = 40) -> str:
