@@ -405,7 +405,8 @@ class PPOConfig(OptimConfig, LoopConfig):
     alarm_proxy_rise: float = 0.0
     """The alarm fires when, over the window, the proxy reward's trend rises by more than this ..."""
     alarm_gold_drop: float = 0.05
-    """... while the gold's (eval_gold_reward, else eval_gold_accuracy) falls by more than this."""
+    """... while every gold in the window (eval_gold_reward, else eval_gold_accuracy) stays more than this below the
+    best gold before it."""
     kl_budget: float = 0.0
     """The alarm also fires when the held-out KL to the SFT policy (nats/sequence) passes this (0: off)."""
     stop_on_alarm: bool = False

@@ -34,9 +34,19 @@ PANELS = {
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a metrics file; a last line cut short (a run killed, or still writing it) is
+    left out, as `--resume` drops it."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return records
 
 
 def _plot(records: list[dict], title: str, keys: list[str], png: Path) -> bool:

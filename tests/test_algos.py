@@ -358,6 +358,17 @@ def test_hacking_alarm_kl_budget_and_missing_gold():
     assert hacking_alarm(_evals([1, 2, 3], [None] * 3), 3, 0.0, 0.02) is None  # no gold: only the budget can fire
 
 
+def test_the_alarm_is_logged_only_where_it_could_fire():
+    """No gold, or not yet a window of evaluations after the first: "no alarm" means nothing and is
+    not logged as 0 (a row of zeros reads as "no hacking found"); a KL budget can always fire."""
+    from rlhf.algos.overopt import alarm_checkable
+
+    assert not alarm_checkable(_evals([1, 2, 3, 4], [None] * 4), 3)
+    assert not alarm_checkable(_evals([1, 2, 3], [0.5, 0.6, 0.7]), 3)  # the window has nothing before it
+    assert alarm_checkable(_evals([1, 2, 3, 4], [0.5, 0.6, 0.7, 0.8]), 3)
+    assert alarm_checkable(_evals([1], [None]), 3, kl_budget=2.0) and not alarm_checkable([], 3, kl_budget=2.0)
+
+
 def test_token_logprobs_hand_computed_and_against_log_softmax():
     # logits (0, ln 3): softmax (1/4, 3/4); log p of token 1 = ln 3/4, entropy = -(1/4 ln 1/4 + 3/4 ln 3/4)
     x = torch.tensor([[0.0, math.log(3.0)]])

@@ -135,3 +135,13 @@ def test_compare_runs_methods_x_seeds_and_reuses_complete_runs(tmp_path, task_di
     recipe.write_text(yaml.safe_dump(doc))
     p = run_cli("compare", recipe, "--output_dir", tmp_path / "cmp2", check=False)
     assert p.returncode == 2 and "must generate the same number of samples" in p.stderr
+    doc["methods"]["grpo"]["steps"] = 2
+    doc["methods"]["grpo"]["temperature"] = 0.7  # evaluated otherwise: not comparable, refused
+    recipe.write_text(yaml.safe_dump(doc))
+    p = run_cli("compare", recipe, "--output_dir", tmp_path / "cmp3", check=False)
+    assert p.returncode == 2 and "every method must be evaluated alike" in p.stderr and "grpo: (" in p.stderr
+    del doc["methods"]["grpo"]["temperature"]
+    doc["dpo"]["eval_samples"] = 16
+    recipe.write_text(yaml.safe_dump(doc))
+    p = run_cli("compare", recipe, "--output_dir", tmp_path / "cmp4", check=False)
+    assert p.returncode == 2 and "every method must be evaluated alike" in p.stderr

@@ -138,3 +138,16 @@ def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
     with pytest.raises(RunError, match="pip install wandb"):
         MetricsLogger(tmp_path, wandb_project="p")
+
+
+def test_report_reads_a_run_killed_while_writing_a_metrics_line(tmp_path):
+    """`rlhf report` on a run killed (or still running) mid-line: the cut last line is left out,
+    as --resume drops it; a damaged line before the last is still an error."""
+    from rlhf.report import _read_jsonl
+
+    good = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2)]
+    (tmp_path / "m.jsonl").write_text("\n".join(good) + '\n{"step": 3, "lo')
+    assert [r["step"] for r in _read_jsonl(tmp_path / "m.jsonl")] == [1, 2]
+    (tmp_path / "bad.jsonl").write_text(good[0] + '\n{"step": 2, "lo\n' + good[1] + "\n")
+    with pytest.raises(json.JSONDecodeError):
+        _read_jsonl(tmp_path / "bad.jsonl")

@@ -34,7 +34,7 @@ def test_gold_beside_proxy_alarm_stop_and_best_gold(tmp_path, sft_checkpoint, ti
     out = tmp_path / "ppo"
     p = run_cli(*_ppo(sft_checkpoint, tiny_rm, task_dir), "--output_dir", out, "--steps", "4", "--eval_every", "1",
                 "--gold_reward_fns", "[{fn: gold}]", "--kl_budget", "1e-9", "--stop_on_alarm", "true",
-                "--lr", "1e-3")
+                "--lr", "1e-3", "--save_every", "1")
     s = json.loads(p.stdout)
     assert s["stopped_by_alarm"] == 1 and s["hacking_alarms"][0] == 1  # KL > budget at the first evaluation
     assert "iteration 1: reward hacking alarm: KL to the SFT policy" in p.stderr
@@ -42,6 +42,10 @@ def test_gold_beside_proxy_alarm_stop_and_best_gold(tmp_path, sft_checkpoint, ti
     m = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert any("gold_reward" in r for r in m) and any(r.get("hacking_alarm") == 1.0 for r in m)
     assert (out / "best_gold" / "model.safetensors").exists() and (out / "report" / "gao_proxy_vs_gold.png").exists()
+    assert json.loads((out / "best_gold" / "best_gold.json").read_text()) == {"value": s["best_gold"],
+                                                                              "iteration": s["best_gold_iteration"]}
+    state = json.loads((out / "checkpoints" / "step-00000001" / "state.json").read_text())
+    assert state["stopped_by_alarm"] == 1  # in the checkpoint: a crash while finishing resumes to a stop
     assert (out / "checkpoints" / "step-00000001").is_dir() or not list((out / "checkpoints").glob("*"))
 
 
@@ -104,3 +108,27 @@ def test_human_judge_round_trip(tmp_path, sft_checkpoint, tiny_rm, task_dir):
     m = [json.loads(l) for l in open(out / "metrics.jsonl") if "rm_refresh/loss" in l]
     assert [r["step"] for r in m] == [2]  # the person's rankings were learnt from, then the run finished
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_resumed_run_reports_the_policy_best_gold_holds(tmp_path):
+    """best_gold/ is written when an evaluation beats the best, checkpoints only every save_every:
+    a run that stops between the two resumes with the record written beside the folder's weights
+    (on a GPU the re-run may not reproduce that evaluation), so summary and folder agree."""
+    from rlhf.algos import core
+    from rlhf.engine import NonFiniteGuard
+    from rlhf.stages.ppo import BEST_GOLD_RECORD, PPOState
+
+    def state():
+        return PPOState(core.FixedKLController(0.1), core.RunningMoments(), NonFiniteGuard(5), torch.Generator())
+
+    saved = state()
+    saved.best_gold = {"value": 0.8, "iteration": 8}
+    ckpt = tmp_path / "checkpoints" / "step-00000010"
+    ckpt.mkdir(parents=True)
+    resumed = state()
+    resumed.load(saved.state_dict(), ckpt, 0)
+    assert resumed.best_gold == {"value": 0.8, "iteration": 8}  # no record: the checkpoint's
+    (tmp_path / "best_gold").mkdir()
+    (tmp_path / "best_gold" / BEST_GOLD_RECORD).write_text(json.dumps({"value": 0.9, "iteration": 12}))
+    resumed.load(saved.state_dict(), ckpt, 0)
+    assert resumed.best_gold == {"value": 0.9, "iteration": 12}

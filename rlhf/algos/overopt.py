@@ -36,6 +36,15 @@ class Evaluation:
     gold: float | None
 
 
+def alarm_checkable(history: list[Evaluation], window: int, kl_budget: float = 0.0) -> bool:
+    """Whether :func:`hacking_alarm` could fire after the newest evaluation: with a KL budget, or
+    with gold on every evaluation and `window` of them after at least one earlier. Where it could
+    not, "no alarm" means nothing and is not logged as 0."""
+    if kl_budget > 0:
+        return bool(history)
+    return len(history) > window and all(e.gold is not None for e in history)
+
+
 def hacking_alarm(history: list[Evaluation], window: int, proxy_rise: float, gold_drop: float,
                   kl_budget: float = 0.0) -> str | None:
     """Why the alarm fires after the newest evaluation, or None.

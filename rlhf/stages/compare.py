@@ -62,7 +62,22 @@ def method_configs(cfg: CompareConfig, sft_dir: Path, rm_dir: Path | None) -> di
     if len(set(budgets.values())) > 1:
         raise ConfigError(f"methods: the PPO-family methods must generate the same number of samples (steps x "
                           f"rollout_batch_size), got {budgets}", "methods")
+    evals = {name: _evaluation(stage, c) for (name, _), (stage, c) in runs.items()}
+    if len(set(evals.values())) > 1:  # the table compares measurements: one held-out set, one way of sampling it
+        raise ConfigError("methods: every method must be evaluated alike (held-out prompts file, eval_samples, "
+                          "max_new_tokens, temperature), got " + "; ".join(f"{n}: {e}" for n, e in evals.items()),
+                          "methods")
+    if any(e[0] is None for e in evals.values()):
+        raise ConfigError("recipe: a compare recipe needs 'ppo.data.eval' (held-out prompts every method is "
+                          "evaluated on; a split of the training prompts would differ by seed and from DPO's)",
+                          "ppo.data.eval")
     return runs
+
+
+def _evaluation(stage: str, c) -> tuple:
+    """(held-out prompts file, eval_samples, max_new_tokens, temperature) of one run's evaluation."""
+    prompts = c.data.eval if stage == "ppo" else c.eval_prompts
+    return (str(prompts) if prompts else None, c.eval_samples, c.max_new_tokens, c.temperature)
 
 
 def run_compare(cfg: CompareConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False,

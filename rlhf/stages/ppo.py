@@ -31,17 +31,17 @@ import torch
 
 from ..algos import core
 from ..algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
-from ..algos.overopt import Evaluation, hacking_alarm
+from ..algos.overopt import Evaluation, alarm_checkable, hacking_alarm
 from ..checkpoint import CheckpointParts, latest_checkpoint, load_tensors, resume_state, rng_snapshot, save_checkpoint
 from ..faults import fault_point_step, inject_fault
 from ..config import PPOConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
 from ..data.tasks import gold_reward, has_gold
 from ..ema import EMA
-from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, backpropagated_attention, backward, chunks,
-                      compute_dtype, epoch_permutation, finish_run, inputs_first, loss_scale, make_accelerator, open_run,
-                      peak_memory, prepare_output_dir, progress, set_seed, step_models, world_size, write_summary,
-                      zero_stage)
+from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, atomic_write_text, backpropagated_attention,
+                      backward, chunks, compute_dtype, epoch_permutation, finish_run, inputs_first, loss_scale,
+                      make_accelerator, open_run, peak_memory, prepare_output_dir, progress, set_seed, step_models,
+                      world_size, write_summary, zero_stage)
 from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
 from ..models import check_reward_model, count_parameters, eager_blocks, load_tokenizer, save_model_files, unwrap
 from ..ptx import PtxIterator
@@ -307,7 +307,7 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
     optimizer step per minibatch, skipped whole if anything is non-finite on any process."""
     B = exp.input_ids.shape[0]
     sums: dict[str, torch.Tensor | float] = {}  # kept on the device: read back once, at the end
-    steps = 0
+    steps, applied = 0, 0
     dtype = compute_dtype(acc, cfg.model.dtype)  # (on the CPU in half precision: SDPA's math path, see engine)
     for epoch in range(cfg.ppo_epochs):
         perm = epoch_permutation(B, cfg.seed + 7919 * acc.process_index, iteration * 1000 + epoch)
@@ -331,6 +331,7 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
                     backward(acc, loss, len(micro), sync)
             res = step_models(acc, m.step_parts(), cfg.max_grad_norm, bool(finite))
             if res[0]:
+                applied += 1
                 if st.ema is not None:
                     st.ema.update(m.policy)
                 names = ["policy_grad_norm", "value_grad_norm"] if m.engine is None else ["grad_norm_joint"]
@@ -339,7 +340,8 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
                         _add(sums, name, norm)
             st.guard.update(res[0], iteration, overflow=res.overflow, scale=loss_scale(acc))
             steps += 1
-    return {k: float(v) / steps for k, v in sums.items()}
+    # grad norms exist for the steps taken only (an fp16 overflow skips one): their mean is over those
+    return {k: float(v) / (applied if k.endswith(("grad_norm", "grad_norm_joint")) else steps) for k, v in sums.items()}
 
 
 def micro_batch_loss(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOConfig, n_tok: float, sums: dict,
@@ -443,6 +445,10 @@ def evaluate_policy(m: PPOModels, data: PPOInputs, cfg: PPOConfig, device) -> di
 # ----------------------------------------------------------------------------- the stage
 
 
+BEST_GOLD_RECORD = "best_gold.json"
+"""{'value', 'iteration'} beside the policy in best_gold/."""
+
+
 @dataclass
 class PPOState:
     """What changes from iteration to iteration besides the weights, and is checkpointed with them."""
@@ -492,6 +498,9 @@ class PPOState:
         self.summary.update(state["initial"])
         self.evals = [Evaluation(**e) for e in state.get("evals", [])]
         self.best_gold, self.alarms = state.get("best_gold", {}), state.get("alarms", [])
+        record = ckpt.parent.parent / "best_gold" / BEST_GOLD_RECORD  # (the run folder's best_gold/)
+        if record.exists():  # written after this checkpoint by the run that stopped: its policy is in the folder
+            self.best_gold = json.loads(record.read_text())
         if state.get("stopped_by_alarm"):  # a stop survives a resume: the run only finishes
             self.summary["stopped_by_alarm"] = state["stopped_by_alarm"]
         if self.refresher is not None and state.get("rm_refresh"):
@@ -556,9 +565,15 @@ class PPORun:
                                                   device=self.acc.device), "sum").item() > 0
         if better:
             st.best_gold = {"value": gold, "iteration": it}
-            self.save_policy(self.out / "best_gold")
+            folder = self.out / "best_gold"
+            if self.acc.is_main_process:
+                (folder / BEST_GOLD_RECORD).unlink(missing_ok=True)  # (no record while the weights change)
+            self.save_policy(folder)
+            if self.acc.is_main_process:  # which policy the folder holds: a resume reads it (PPOState.load)
+                atomic_write_text(folder / BEST_GOLD_RECORD, json.dumps(st.best_gold))
         reason = hacking_alarm(st.evals, cfg.alarm_window, cfg.alarm_proxy_rise, cfg.alarm_gold_drop, cfg.kl_budget)
-        self.logger.log(it, {"hacking_alarm": float(reason is not None)})
+        if reason or alarm_checkable(st.evals, cfg.alarm_window, cfg.kl_budget):
+            self.logger.log(it, {"hacking_alarm": float(reason is not None)})
         if reason:
             log.warning("iteration %d: reward hacking alarm: %s%s", it, reason,
                         "; stopping (stop_on_alarm)" if cfg.stop_on_alarm else "")
@@ -626,8 +641,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         postfix, stop = ppo_iteration(run, it)
         bar.set_postfix(**postfix)
         bar.update(1)
-        if stop:
-            st.summary["stopped_by_alarm"] = it
+        if stop:  # (ppo_iteration recorded it in the summary and the checkpoint)
             break
     bar.close()
     return finish_ppo(run, t_start, str(peak_dtype).replace("torch.", ""))
@@ -679,6 +693,8 @@ def ppo_iteration(run: PPORun, it: int) -> tuple[dict, bool]:
             run.logger.log(it, res)
             stop = run.after_evaluation(it, res)
         stop = acc.reduce(torch.tensor(float(stop), device=acc.device), "sum").item() > 0  # every process stops
+    if stop:  # recorded before the checkpoint below: a resume after a crash in finishing still stops here
+        st.summary["stopped_by_alarm"] = it
     paused = refresh_rm(run, it) if not stop else None
     if paused or (cfg.save_every and (it % cfg.save_every == 0 or it == cfg.steps or stop)):
         run.save(it)
