@@ -145,3 +145,18 @@ def test_compare_runs_methods_x_seeds_and_reuses_complete_runs(tmp_path, task_di
     recipe.write_text(yaml.safe_dump(doc))
     p = run_cli("compare", recipe, "--output_dir", tmp_path / "cmp4", check=False)
     assert p.returncode == 2 and "every method must be evaluated alike" in p.stderr
+
+
+def test_compare_gives_dpo_the_preferences_the_rm_learnt_from(tmp_path):
+    """With `rm.sample`, the RM (and through it every PPO-family method) learns from rankings of
+    the SFT policy's own samples: DPO trains on them too, besides its own pairs; every method is
+    evaluated alike."""
+    from rlhf.config import load_stage_config
+    from rlhf.stages.compare import method_configs
+
+    cfg = load_stage_config("compare", "recipes/tiny/compare.yaml")
+    runs = method_configs(cfg, tmp_path / "sft", tmp_path / "rm")
+    stage, dpo = runs[("dpo", 0)]
+    assert stage == "dpo"
+    assert dpo.data.train == ["recipes/tiny/data/prefs.jsonl", str(tmp_path / "rm" / "sampled_rankings.jsonl")]
+    assert runs[("ppo", 0)][1].data.train == "recipes/tiny/data/rl_prompts.jsonl"

@@ -50,6 +50,12 @@ def method_configs(cfg: CompareConfig, sft_dir: Path, rm_dir: Path | None) -> di
         base["model"]["name_or_path"] = base["model"]["name_or_path"] or str(sft_dir)
         if rm_dir is not None and base.get("reward_model") is None:
             base["reward_model"] = str(rm_dir)
+        if stage == "dpo" and rm_dir is not None and cfg.rm.sample is not None:
+            # the rankings of the SFT policy's own samples the RM learnt from (and through it every
+            # PPO-family method): DPO learns from the same preferences
+            train = base["data"]["train"]
+            base["data"]["train"] = [*(train if isinstance(train, list) else [train] if train else []),
+                                     str(rm_dir / "sampled_rankings.jsonl")]
         for seed in cfg.seeds:
             doc = apply_overrides(copy.deepcopy(base), {**spec, "seed": seed})
             try:
