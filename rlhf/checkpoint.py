@@ -246,20 +246,12 @@ def truncate_jsonl(path: Path, step: int) -> None:
     """Drop records logged after `step` (they are re-logged by the resumed run), and a last line
     cut short (a process killed, or a disk filled, while writing it); a damaged line before the
     last is an error naming it."""
+    from .textio import log_records
+
     path = Path(path)
     if not path.exists():
         return
-    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    keep = []
-    for j, (i, line) in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if j == len(lines) - 1:  # the record being written when the run stopped
-                break
-            raise RunError(f"{path}:{i}: not a JSON record ({e.msg}); remove the line to resume") from None
-        if record.get("step", 0) <= step:
-            keep.append(line)
+    keep = [line for line, record in log_records(path, RunError) if record.get("step", 0) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)

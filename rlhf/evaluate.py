@@ -148,7 +148,7 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
 
     from .data.formats import load_examples, parse_prompt
     from .models import read_model_config
-    from .rewards import RewardModel, dry_call, load_reward_fn
+    from .rewards import RewardModel, dry_call_on, load_reward_fn
 
     device = torch.device(device or "cpu")
     result: dict = {"generation": {**vars(cfg.sampling), "seed": cfg.seed, "max_samples": cfg.max_samples},
@@ -160,10 +160,8 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
     fns = [(spec, load_reward_fn(spec)) for spec in cfg.reward_fns]  # every input checked before any model loads
     prompts = load_examples(cfg.prompts, parse_prompt, max_samples=cfg.max_samples, what="prompts",
                             field_name="--prompts")[0] if cfg.prompts else []
-    probe = prompts[:4]
-    for fn in ([judge] if judge else []) + [f for _, f in fns] if probe else []:
-        # called once now, as PPO's reward functions are, not after every checkpoint has sampled
-        dry_call(fn, [p.raw_prompt for p in probe], {k: [p.meta.get(k) for p in probe] for k in probe[0].meta})
+    # called once now, as PPO's reward functions are, not after every checkpoint has sampled
+    dry_call_on(([judge] if judge else []) + [f for _, f in fns], prompts)
     judged: dict[str, list[float]] = {}
     labels = [c if checkpoints.index(c) == i else f"{c}#{i + 1}" for i, c in enumerate(checkpoints)]
     for label, ckpt, arch in zip(labels, checkpoints, archs):

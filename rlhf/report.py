@@ -36,17 +36,9 @@ PANELS = {
 def _read_jsonl(path: Path) -> list[dict]:
     """The records of a metrics file; a last line cut short (a run killed, or still writing it) is
     left out, as `--resume` drops it."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
-    return records
+    from .textio import log_records
+
+    return [record for _, record in log_records(path)] if path.exists() else []
 
 
 def _plot(records: list[dict], title: str, keys: list[str], png: Path) -> bool:

@@ -83,6 +83,15 @@ def dry_call(fn: Callable, prompts: list, fields: dict[str, list], timeout: floa
         raise RewardError(f"{e} [at the check before the run, on {n} prompts with dummy completions]") from None
 
 
+def dry_call_on(fns: list[Callable], prompts: list, timeout: float = 0.0) -> None:
+    """:func:`dry_call` each of `fns` on the first 4 of `prompts` (PromptExamples), with their
+    fields: every reward function and judge is called once before anything samples."""
+    probe = prompts[:4]
+    fields = {k: [p.meta.get(k) for p in probe] for k in probe[0].meta} if probe else {}
+    for fn in fns if probe else []:
+        dry_call(fn, [p.raw_prompt for p in probe], fields, timeout)
+
+
 def on_every_process(acc, fn: Callable):
     """`fn()` on this process, then one vote among the processes: a RewardError that `fn` raised
     on any of them is raised on every one (on the others as a pointer to it), so no process is left

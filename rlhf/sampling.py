@@ -10,7 +10,7 @@ from .data.formats import DataError, load_examples, parse_prompt
 from .data.tasks import write_jsonl
 from .evaluate import sample_texts
 from .models import disable_dropout, load_causal_lm, load_tokenizer, outside_zero3_init, read_model_config
-from .rewards import call_reward_fn, dry_call, load_reward_fn
+from .rewards import call_reward_fn, dry_call_on, load_reward_fn
 
 
 def check_sample_config(sc: SampleConfig) -> None:
@@ -21,9 +21,7 @@ def check_sample_config(sc: SampleConfig) -> None:
     prompts, _ = load_examples(sc.prompts, parse_prompt, max_samples=sc.max_prompts, what="prompts",
                                field_name="sample.prompts")
     if sc.judge != "none":  # called once now, as PPO's reward functions are: not after all the sampling
-        probe = prompts[:4]
-        dry_call(load_reward_fn(sc.judge or "judge"), [p.raw_prompt for p in probe],
-                 {k: [p.meta.get(k) for p in probe] for k in probe[0].meta})
+        dry_call_on([load_reward_fn(sc.judge or "judge")], prompts)
 
 
 def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, device=None) -> dict:

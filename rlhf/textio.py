@@ -37,6 +37,23 @@ def read_text(path: str | Path, error: type[Exception] = InputError) -> str:
     return decode_utf8(Path(path).read_bytes(), path, error)
 
 
+def log_records(path: str | Path, error: type[Exception] = InputError) -> list[tuple[str, dict]]:
+    """(line, record) of each record of a JSONL log a run appends to (metrics.jsonl,
+    samples.jsonl). A last line cut short (the process killed, or the disk filled, while writing
+    it) is left out; a damaged line before the last is an `error` naming its file and line."""
+    import json
+
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    out = []
+    for j, (i, line) in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if j < len(lines) - 1:
+                raise error(f"{path}:{i}: not a JSON record ({e.msg}); remove the line") from None
+    return out
+
+
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key repeated in one mapping."""
 

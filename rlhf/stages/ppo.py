@@ -46,7 +46,7 @@ from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
 from ..models import check_reward_model, count_parameters, eager_blocks, load_tokenizer, save_model_files, unwrap
 from ..ptx import PtxIterator
 from ..rm_refresh import Paused, RMRefresher
-from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call, load_reward_fn, on_every_process
+from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call_on, load_reward_fn, on_every_process
 from ..rollout import (Generation, generate, position_ids_from_mask, response_logprobs, row_extents,
                        trim_columns)
 from ..tokenization import decode_response, encode_prompt, encode_sft
@@ -89,12 +89,9 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
                         f"({cfg.rollout_batch_size // cfg.samples_per_prompt} prompts)")
     reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]
     gold_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.gold_reward_fns]
-    probe = prompts[:4]
     refresh = cfg.rm_refresh  # its judge too, when it ranks samples of these prompts
     judge = [load_reward_fn(refresh.judge)] if refresh and refresh.judge != "human" and not refresh.prompts else []
-    for fn in [fn for _, fn in reward_fns + gold_fns] + judge:
-        dry_call(fn, [p.raw_prompt for p in probe], {k: [p.meta.get(k) for p in probe] for k in probe[0].meta},
-                 cfg.reward_timeout)
+    dry_call_on([fn for _, fn in reward_fns + gold_fns] + judge, prompts, cfg.reward_timeout)
     tok = load_tokenizer(cfg.model)
     for fld in ("reward_model", "gold_reward_model"):  # before any model loads, not after the policy
         if getattr(cfg, fld):
