@@ -252,7 +252,6 @@ def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
         for fld, v in zip(("chosen", "rejected"), whole):
             check_turns(row, _turns(fld, v), ends_on=("assistant",))
         prompt_m, c, r = split_implicit_prompt(whole[0], whole[1], row)
-        _one_reply(row, "chosen", c), _one_reply(row, "rejected", r)
         return PrefGroup(prompt_m, [c, r], [(0, 1, margin)], row.where())
     if "prompt" in d and d["prompt"] is not None:
         prompt = text_or_messages(row, "prompt")
@@ -272,7 +271,6 @@ def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
         chosen = text_or_messages(row, "chosen")
         rejected = text_or_messages(row, "rejected")
         prompt_m, c, r = split_implicit_prompt(chosen, rejected, row)
-        _one_reply(row, "chosen", c), _one_reply(row, "rejected", r)
         responses = [c, r]
     if responses[0] == responses[1]:
         _duplicate(row, "rejected", "chosen and rejected are the same response", stats)
@@ -357,6 +355,8 @@ def split_implicit_prompt(chosen, rejected, row: Row):
         if n == 0 or chosen[n - 1]["role"] not in ("user", "tool"):
             raise DataError(f"{row.where(f'chosen[{max(n - 1, 0)}].role')}: the shared prompt of chosen and "
                             f"rejected does not end on a user turn")
+        for fld, reply in (("chosen", chosen[n:]), ("rejected", rejected[n:])):
+            _one_reply(row, fld, reply)
         return chosen[:n], chosen[n:], rejected[n:]
     if isinstance(chosen, str) and isinstance(rejected, str):
         n = 0

@@ -17,6 +17,13 @@ from ..config import PipelineConfig, dump_yaml
 from ..engine import RunError, write_summary
 
 
+def stages_to_run(cfg: PipelineConfig) -> list[str]:
+    """The stages whose sections have data (an RM may have only a `sample:` section), in order."""
+    has = {"sft": cfg.sft.data.train, "rm": cfg.rm.data.train or cfg.rm.sample is not None,
+           "ppo": cfg.ppo.data.train, "dpo": cfg.dpo.data.train}
+    return [stage for stage, yes in has.items() if yes]
+
+
 def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: bool = False,
                  resume: bool = False, run_stage=None) -> dict:
     """The whole pipeline is one run folder: a new pipeline is written into a staging folder and
@@ -25,8 +32,8 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
     from ..engine import finish_folder, make_accelerator, open_run, prepare_output_dir
 
     run = run_stage
-    if not (cfg.sft.data.train or cfg.rm.data.train or cfg.rm.sample is not None or cfg.ppo.data.train
-            or cfg.dpo.data.train):  # (an empty or mis-sectioned recipe would "finish" having run nothing)
+    todo = stages_to_run(cfg)
+    if not todo:  # (an empty or mis-sectioned recipe would "finish" having run nothing)
         raise RunError("recipe: no stage to run: give at least one of sft, rm, ppo, dpo a 'data.train' "
                        "(or rm a 'sample' section)")
     # the Accelerator (not a bare PartialState) first: it sets up gloo for multi-process CPU runs
@@ -46,24 +53,24 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
     t0 = time.time()
     summary: dict = {"stages": []}
     sft_dir, rm_dir = root / "sft", root / "rm"
-    if cfg.sft.data.train:
+    if "sft" in todo:
         summary["sft"] = run("sft", cfg.sft, str(sft_dir), overwrite, started(sft_dir))
         summary["stages"].append("sft")
-    if cfg.rm.data.train or cfg.rm.sample is not None:
+    if "rm" in todo:
         if cfg.rm.model.name_or_path is None:
             cfg.rm.model.name_or_path = str(sft_dir)
         if cfg.rm.sample is not None and cfg.rm.sample.checkpoint is None:
             cfg.rm.sample.checkpoint = str(sft_dir)
         summary["rm"] = run("rm", cfg.rm, str(rm_dir), overwrite, started(rm_dir))
         summary["stages"].append("rm")
-    if cfg.ppo.data.train:
+    if "ppo" in todo:
         if cfg.ppo.model.name_or_path is None:
             cfg.ppo.model.name_or_path = str(sft_dir)
         if cfg.ppo.reward_model is None and "rm" in summary:
             cfg.ppo.reward_model = str(rm_dir)
         summary["ppo"] = run("ppo", cfg.ppo, str(root / "ppo"), overwrite, started(root / "ppo"))
         summary["stages"].append("ppo")
-    if cfg.dpo.data.train:  # DPO from the same SFT policy, in place of (or beside) RM + PPO
+    if "dpo" in todo:  # DPO from the same SFT policy, in place of (or beside) RM + PPO
         if cfg.dpo.model.name_or_path is None:
             cfg.dpo.model.name_or_path = str(sft_dir)
         if cfg.dpo.reward_model is None and "rm" in summary:
