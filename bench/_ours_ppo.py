@@ -28,6 +28,8 @@ def main():
                     help="onednn_linear: true (rlhf.cpu_linear); without it the default, auto")
     ap.add_argument("--bf16", action="store_true",
                     help="mixed_precision: bf16 (autocast over fp32 weights); the peaks are then bf16 matmuls")
+    ap.add_argument("--matmul_precision", default="highest", choices=["highest", "high", "medium"],
+                    help="the recipe's matmul_precision (medium: fp32 products with bf16 inputs on CPUs with AMX)")
     a = ap.parse_args()
 
     from rlhf.config import load_stage_config
@@ -35,6 +37,7 @@ def main():
     from rlhf.flops import measure_matmul_peak
     from rlhf.stages import run
 
+    torch.set_float32_matmul_precision(a.matmul_precision)  # as the run will: the peak of the run's own products
     peak_dtype = torch.bfloat16 if a.bf16 else torch.float32  # the dtype the run's matmuls execute in
     peak_start = measure_matmul_peak(2048, 10, peak_dtype) / 1e12  # this process, this moment: the machine's speed drifts
     mfu_peak = a.peak_tflops or peak_start
@@ -46,7 +49,7 @@ def main():
         "max_new_tokens": a.response, "lr": a.lr, "kl_coef": a.kl_coef, "seed": a.seed, "sample_every": 0,
         "peak_tflops": mfu_peak, "old_logprobs": a.old_logprobs,
         "compile": a.compile, "onednn_linear": True if a.onednn else "auto",
-        "mixed_precision": "bf16" if a.bf16 else "auto"})
+        "mixed_precision": "bf16" if a.bf16 else "auto", "matmul_precision": a.matmul_precision})
     steps: dict[int, int] = {}  # optimizer steps actually taken, per optimizer (torch's global step hook)
     register_optimizer_step_post_hook(
         lambda opt, args, kwargs: steps.__setitem__(id(opt), steps.get(id(opt), 0) + 1))
@@ -57,7 +60,7 @@ def main():
     phases = ("time_generate", "time_score", "time_experience", "time_train", "tokens_per_s_generate",
               "tokens_per_s_train", "mfu_generate", "mfu_experience", "mfu_train")
     first = sum(v for k, v in m[0].items() if k.startswith("time_"))  # with compile: includes compiling
-    print(json.dumps({"impl": "rlhf", "bf16": a.bf16, "old_logprobs": a.old_logprobs, "compile": a.compile,
+    print(json.dumps({"impl": "rlhf", "bf16": a.bf16, "matmul_precision": a.matmul_precision, "old_logprobs": a.old_logprobs, "compile": a.compile,
                       "optimizer_steps_per_iteration": max(steps.values(), default=0) / a.iters,
                       "onednn_linear": True if a.onednn else "auto", "mkl_below_peak_here": mkl_below_peak_here(),
                       "first_iter_phase_seconds": first, "mfu_peak_tflops": mfu_peak,

@@ -34,6 +34,9 @@ def main():
     ap.add_argument("--bf16", action="store_true",
                     help="bf16=True (accelerate's autocast over fp32 weights), and each rollout call under the same "
                          "autocast (see --trl_bf16_own); the peaks are then bf16 matmuls")
+    ap.add_argument("--matmul_precision", default="highest", choices=["highest", "high", "medium"],
+                    help="torch.set_float32_matmul_precision for the whole run (medium: bf16 inputs, fp32 accumulation "
+                         "in the fp32 products on CPUs with AMX), as rlhf's matmul_precision key sets it")
     ap.add_argument("--trl_bf16_own", action="store_true",
                     help="with --bf16: TRL's own bf16=True alone (an autocast over its training forward only; "
                          "its rollout in fp32)")
@@ -47,6 +50,9 @@ def main():
     from rlhf.flops import measure_matmul_peak  # (the venv sees this Python's packages, rlhf included)
 
     assert trl.__version__ == "1.12.0", trl.__version__
+    torch.set_float32_matmul_precision(a.matmul_precision)  # before the peak: it is the peak of these products
+    if a.matmul_precision == "medium":  # TRL gets rlhf's attention choice too (rlhf.engine.set_matmul_precision):
+        torch.backends.cuda.enable_flash_sdp(False)  # CPU flash attention is 5-15x slower under bf16 fpmath
     peak_dtype = torch.bfloat16 if a.bf16 else torch.float32
     peak_start = measure_matmul_peak(2048, 10, peak_dtype) / 1e12  # the machine's speed around this run, as ours reports it
     torch.manual_seed(a.seed)

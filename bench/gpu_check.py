@@ -260,9 +260,14 @@ def part_peaks(s: SimpleNamespace) -> None:
 
     peak_bf16 = measure_matmul_peak(dtype=torch.bfloat16, device=s.device)
     peak_fp32 = measure_matmul_peak(dtype=torch.float32, device=s.device)
-    RESULTS["peak_tflops"] = {"bf16": peak_bf16 / 1e12, "fp32": peak_fp32 / 1e12}
+    torch.set_float32_matmul_precision("high")  # the recipe key matmul_precision: high (TF32)
+    try:
+        peak_tf32 = measure_matmul_peak(dtype=torch.float32, device=s.device)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    RESULTS["peak_tflops"] = {"bf16": peak_bf16 / 1e12, "fp32": peak_fp32 / 1e12, "fp32_tf32": peak_tf32 / 1e12}
     check("matmul peaks measured", peak_bf16 > 0 and peak_fp32 > 0, bf16_tflops=peak_bf16 / 1e12,
-          fp32_tflops=peak_fp32 / 1e12)
+          fp32_tflops=peak_fp32 / 1e12, fp32_matmul_precision_high_tflops=peak_tf32 / 1e12)
 
 
 def part_sft_rm(s: SimpleNamespace) -> None:

@@ -4,6 +4,7 @@
     python bench/ppo_vs_trl.py --size 6m       # ~6M-parameter models (for MFU)
     python bench/ppo_vs_trl.py --size smollm2  # SmolLM2-135M-Instruct in all four roles (vocabulary 49k)
     python bench/ppo_vs_trl.py --size smollm2 --bf16   # both sides in bf16 mixed precision (CPUs with AMX)
+    python bench/ppo_vs_trl.py --size smollm2 --matmul_precision medium  # fp32, products with bf16 inputs on both
 
 Both implementations train the same policy / reference / value (initialised from the RM) /
 reward model for the same number of PPO iterations with the same rollout batch, minibatch,
@@ -134,6 +135,10 @@ def main() -> None:
                          "each of its rollout calls under the same CPU autocast, so that its rollout runs in bf16 "
                          "as ours does), plus 'trl+ownbf16': TRL's bf16=True alone, which leaves its rollout in "
                          "fp32; MFU is then against a bf16 matmul peak")
+    ap.add_argument("--matmul_precision", choices=["high", "medium"],
+                    help="run every side with fp32 products at this torch.set_float32_matmul_precision (ours through "
+                         "its matmul_precision key, TRL set before its run): medium = bf16 inputs with fp32 "
+                         "accumulation on CPUs with AMX (the CPU's TF32), weights and everything else fp32")
     ap.add_argument("--sides", help="comma-separated side names to run (e.g. ours,ours+samplelp+compile,trl); "
                                     "default: every side the other flags ask for")
     ap.add_argument("--out", help="JSON results file (default bench/results/ppo_vs_trl_<size>.json)")
@@ -165,6 +170,8 @@ def main() -> None:
         sides = {k: v + ["--bf16"] for k, v in sides.items()}
         if "trl" in sides:  # TRL as its bf16=True runs it: autocast over its training forward only
             sides["trl+ownbf16"] = sides["trl"] + ["--trl_bf16_own"]
+    if a.matmul_precision:
+        sides = {k: v + ["--matmul_precision", a.matmul_precision] for k, v in sides.items()}
     if a.only:
         sides = {k: v for k, v in sides.items() if k.startswith(a.only)}
     if a.sides:

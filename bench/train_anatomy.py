@@ -41,9 +41,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="compile: true")
     ap.add_argument("--bf16", action="store_true",
                     help="mixed_precision: bf16 (autocast over fp32 weights; MFU against the bf16 matmul peak)")
+    ap.add_argument("--matmul_precision", default="highest", choices=["highest", "high", "medium"],
+                    help="the recipe's matmul_precision (medium: fp32 products with bf16 inputs on CPUs with AMX; "
+                         "MFU then against the fp32 peak measured at that precision)")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/train_anatomy_smollm2[...].json)")
     a = ap.parse_args()
-    suffix = ("_onednn" if a.onednn else "") + ("_compile" if a.compile else "") + ("_bf16" if a.bf16 else "")
+    suffix = ("_onednn" if a.onednn else "") + ("_compile" if a.compile else "") + ("_bf16" if a.bf16 else "") + \
+        (f"_{a.matmul_precision}" if a.matmul_precision != "highest" else "")
     out_json = Path(a.out or ROOT / "bench" / "results" / f"train_anatomy_smollm2{suffix}.json")
 
     from ppo_vs_trl import WORK, smollm2_models
@@ -57,6 +61,7 @@ def main() -> None:
     from rlhf.stages import run
 
     sft, rm = smollm2_models(WORK / "smollm2")
+    torch.set_float32_matmul_precision(a.matmul_precision)  # (the run sets it too): the peak of these products
     peak = measure_matmul_peak(2048, 10, dtype=torch.bfloat16 if a.bf16 else torch.float32)
     result: dict = {}
 
@@ -126,7 +131,7 @@ def main() -> None:
         total = sum(med.values())
         f_all = 3 * (f_fwd_pol + f_fwd_val)
         result.update({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-                       "cpu_threads": torch.get_num_threads(), "onednn_linear": a.onednn, "compile": a.compile,
+                       "cpu_threads": torch.get_num_threads(), "onednn_linear": a.onednn, "compile": a.compile, "matmul_precision": a.matmul_precision,
                        "bf16": a.bf16, "micro_batch": split.micro, "tokens": seq_tokens, "response_tokens": resp,
                        "peak_gflops": peak / 1e9, "max_grad_norm": cfg.max_grad_norm,
                        "grad_norms": norms, "seconds": med, "matmul_floor_seconds": ideal,
@@ -146,7 +151,7 @@ def main() -> None:
         "data.train": prompts, "data.eval_split": 0.0, "steps": 1, "rollout_batch_size": 16, "minibatch_size": 8,
         "micro_batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 32, "sample_every": 0,
         "compile": a.compile, "onednn_linear": True if a.onednn else "auto",
-        "mixed_precision": "bf16" if a.bf16 else "auto"})
+        "mixed_precision": "bf16" if a.bf16 else "auto", "matmul_precision": a.matmul_precision})
     try:
         run("ppo", cfg, tempfile.mkdtemp() + "/ppo")
     except SystemExit:

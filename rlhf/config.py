@@ -39,6 +39,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 LRScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                       "inverse_sqrt"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+MatmulPrecision = Literal["highest", "high", "medium"]
 
 
 def _problems(cfg, rules: dict[str, tuple]) -> list[tuple[str, str]]:
@@ -189,6 +190,12 @@ class LoopConfig:
 
     mixed_precision: MixedPrecision = "auto"
     """'auto' (bf16 on a GPU that has it, else fp32), 'no', 'bf16' or 'fp16'."""
+    matmul_precision: MatmulPrecision = "highest"
+    """What fp32 matrix products may compute in (torch.set_float32_matmul_precision, set at the stage's start):
+    'highest' (IEEE fp32, torch's default), 'high' (TF32 on NVIDIA GPUs since Ampere; no change on a CPU),
+    'medium' (also bf16 inputs with fp32 accumulation: on CPUs with AMX or AVX512-BF16 through oneDNN, ~3x
+    the fp32 products). Weights, optimizer and everything else stay fp32; the numbers move by the inputs'
+    rounding (TF32 10 bits, bf16 7 bits of mantissa). See docs/performance.md."""
     deepspeed: str | None = None
     """DeepSpeed ZeRO JSON (recipes/deepspeed/); batch, accumulation, clipping and precision fields are filled
     in (PPO: policy and value train as one engine, ZeRO-3 weights gathered once per rollout)."""
@@ -247,7 +254,9 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
     """Optimisation."""
     packing: bool = False
-    """Pack several examples into each max_length row (attention is not reset between them)."""
+    """Pack several examples into each max_length row (no example split). Each keeps its own positions and causal
+    block (position ids restart, transformers' packed-sequence masking; checked on the model at the start), so the
+    loss is the unpacked one up to rounding, without the padding."""
     gen_eval_samples: int = 256
     """Held-out prompts sampled (T=1.0 and greedy) for gold accuracy when a gold checker exists."""
     wandb_project: str | None = None
@@ -480,7 +489,13 @@ class PPOConfig(OptimConfig, LoopConfig):
     (kl_coef * KL(pi || pi_ref) added to the policy loss with kl_loss_estimator [GRPO]) or 'auto' (the
     estimator's: loss for grpo, reward for the others)."""
     kl_loss_estimator: str = "k3"
-    """KL estimator of the loss term when kl_penalty is 'loss' (GRPO uses k3: unbiased, >= 0)."""
+    """KL estimator of the loss term when kl_penalty is 'loss' (GRPO uses k3: unbiased, >= 0); its per-token
+    value is clamped to +-10 as verl clamps it."""
+    loss_agg: str = "token_mean"
+    """Registered aggregation of the per-token loss terms (policy, value, entropy, KL loss) over a minibatch:
+    'token_mean' (every valid token alike [N+], verl's default), 'seq_mean_token_mean' (each response's mean,
+    GRPO as published) or 'seq_mean_token_sum_norm' (token sums / (max_new_tokens x responses), Dr. GRPO).
+    Logged statistics stay token means."""
     grpo_scale_std: bool = True
     """GRPO: divide each group's centred rewards by their std (false: centring only, Dr. GRPO)."""
     gamma: float = 1.0

@@ -35,6 +35,23 @@ class ValueModel(nn.Module):
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
+def backbone_of(model: nn.Module, path: str) -> nn.Module:
+    """The transformer body under an LM or classification head: the attribute its class's
+    `base_model_prefix` names (model, transformer, gpt_neox, ...), else, for remote code whose prefix
+    is not its attribute's name, its one child that is itself a PreTrainedModel."""
+    from transformers import PreTrainedModel
+
+    body = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    if isinstance(body, nn.Module) and body is not model:
+        return body
+    found = [m for m in model.children() if isinstance(m, PreTrainedModel)]
+    if len(found) != 1:
+        raise ModelError(f"{path}: cannot find the transformer body of {type(model).__name__} (its base_model_prefix "
+                         f"'{getattr(model, 'base_model_prefix', '')}' is not an attribute, and it has "
+                         f"{len(found)} pretrained sub-models); use a standard transformers model")
+    return found[0]
+
+
 def response_values(value_model, ids: torch.Tensor, mask: torch.Tensor, response_len: int) -> torch.Tensor:
     """(B, R) V(s_t) for each response token t, read at the position before it [N]."""
     return value_model(ids, mask, position_ids_from_mask(mask))[:, -response_len - 1 : -1]
@@ -54,7 +71,7 @@ def from_reward_model(cfg, policy_tok, reward_model) -> tuple[nn.Module, nn.Modu
     rm = AutoModelForSequenceClassification.from_pretrained(reward_model.path)
     if getattr(rm.config, "is_encoder_decoder", False) or rm.config.model_type in ("bert", "roberta", "distilbert"):
         raise ModelError("recipe: a bidirectional encoder cannot give per-token values; use 'value_init: policy'")
-    return getattr(rm, rm.base_model_prefix), score_head(rm)
+    return backbone_of(rm, reward_model.path), score_head(rm)
 
 
 @VALUE_INITS.register("policy")
@@ -68,7 +85,7 @@ def from_policy(cfg, policy_tok, reward_model) -> tuple[nn.Module, nn.Module]:
                              gradient_checkpointing=False)
     with rng_fork():  # (the run's own RNG streams are not touched)
         lm = load_causal_lm(mc, policy_tok, seed=cfg.seed)
-    backbone = getattr(lm, lm.base_model_prefix)
+    backbone = backbone_of(lm, str(mc.name_or_path))
     d = backbone.config.hidden_size
     head = nn.Linear(d, 1, bias=False, dtype=torch.float32)
     with torch.no_grad():  # its own seeded stream: the same head however the backbone was loaded

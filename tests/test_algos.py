@@ -40,6 +40,19 @@ def test_kl_estimators_hand_values():
         core.kl_estimate(logp, ref, "k4")
 
 
+def test_kl_loss_is_the_estimate_clamped_as_verl_clamps_it():
+    logp = torch.tensor([[math.log(0.5), -30.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), 0.0, -30.0]])
+    kl = core.kl_loss_per_token(logp, ref, "k3")
+    l2 = math.log(2)
+    # an ordinary token: the k3 estimate itself; log r = +30 and -30: clamped to +-20, then to 10
+    assert kl[0].tolist() == pytest.approx([(0.5 - 1) + l2, 10.0, 10.0])
+    kl.sum().backward()
+    # d/dlogp of k3 = 1 - r on the ordinary token; none through the clamped ones
+    assert logp.grad[0].tolist() == pytest.approx([1 - 0.5, 0.0, 0.0])
+    assert core.kl_loss_per_token(logp, ref, "k1")[0, 0].item() == pytest.approx(l2)
+
+
 def test_kl_estimators_agree_in_expectation():
     torch.manual_seed(0)
     p = torch.tensor([0.6, 0.3, 0.1])
@@ -397,3 +410,24 @@ def test_token_logprobs_hand_computed_and_against_log_softmax():
         lp, ent = core.token_logprobs(logits, y, with_entropy=False)
         torch.testing.assert_close(lp, ref)
         assert ent is None
+
+
+def test_loss_aggregations_hand_values():
+    """Two responses of 1 and 3 tokens, per-token losses [[2, ., ., .], [1, 2, 3, .]]."""
+    x = torch.tensor([[2.0, 9.0, 9.0, 9.0], [1.0, 2.0, 3.0, 9.0]])
+    mask = torch.tensor([[1.0, 0, 0, 0], [1.0, 1, 1, 0]])
+    agg = lambda name: core.aggregate(x, core.LOSS_AGGREGATIONS[name].fn(mask, 4.0, 2, 4)).item()  # noqa: E731
+    assert agg("token_mean") == pytest.approx((2 + 1 + 2 + 3) / 4)          # every token alike
+    assert agg("seq_mean_token_mean") == pytest.approx((2 / 1 + 6 / 3) / 2)  # each response's mean [GRPO]
+    assert agg("seq_mean_token_sum_norm") == pytest.approx((2 + 6) / (4 * 2))  # one constant [Dr. GRPO]
+    # the losses take an aggregation in place of the token count; token_mean is the old normaliser, bit for bit
+    adv, lp = torch.tensor([[1.0, 0, 0, 0], [-1.0, 2, 0.5, 0]]), torch.zeros(2, 4)
+    plain, _ = core.policy_loss(lp, lp, adv, mask, 0.2, 20.0, 4.0)
+    tm, _ = core.policy_loss(lp, lp, adv, mask, 0.2, 20.0, core.LOSS_AGGREGATIONS["token_mean"].fn(mask, 4.0, 2, 4))
+    seq, _ = core.policy_loss(lp, lp, adv, mask, 0.2, 20.0,
+                              core.LOSS_AGGREGATIONS["seq_mean_token_mean"].fn(mask, 4.0, 2, 4))
+    assert torch.equal(plain, tm)
+    assert seq.item() == pytest.approx((-1.0 + (1 - 2 - 0.5) / 3) / 2)  # -A rho with rho = 1
+    v, _ = core.value_loss(torch.ones(2, 4), torch.ones(2, 4), torch.zeros(2, 4), mask, 0.2,
+                           core.LOSS_AGGREGATIONS["seq_mean_token_sum_norm"].fn(mask, 4.0, 2, 4))
+    assert v.item() == pytest.approx(0.5 * 4 / (4 * 2))

@@ -55,3 +55,24 @@ def test_rank_chunks_give_every_process_the_same_number_of_forwards_and_each_ite
     assert all(len(c) <= size and c for chunks in per_rank for c, _ in chunks)
     if (n, world, size) == (9, 2, 4):
         assert [ok for _, ok in per_rank[1]] == [True, False] and per_rank[1][1][0] == [0]
+
+
+def test_each_stage_sets_its_matmul_precision():
+    """matmul_precision reaches torch when a stage builds its Accelerator, and the next stage's
+    default puts torch's back (a pipeline's stages do not inherit each other's); on a CPU 'medium'
+    also turns ATen's flash attention off (slow under bf16 fpmath) and the next stage on again."""
+    from rlhf.config import ConfigError, load_stage_config
+    from rlhf.engine import make_accelerator
+
+    try:
+        make_accelerator("no", matmul_precision="medium")
+        assert torch.get_float32_matmul_precision() == "medium"
+        assert torch.backends.cuda.flash_sdp_enabled() == torch.cuda.is_available()
+        make_accelerator("no")
+        assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cuda.flash_sdp_enabled()
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.enable_flash_sdp(True)
+    assert load_stage_config("sft", None, {"train.matmul_precision": "high"}).train.matmul_precision == "high"
+    with pytest.raises(ConfigError, match="matmul_precision"):
+        load_stage_config("ppo", None, {"matmul_precision": "low"})

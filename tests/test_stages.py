@@ -150,6 +150,50 @@ def test_ratio_is_exactly_one_on_first_minibatch(sft_checkpoint, task_dir, old_l
 
 
 @pytest.mark.slow
+def test_update_statistics_are_token_means_over_the_minibatch(sft_checkpoint, task_dir):
+    """approx_kl, ratio_mean and policy_clipfrac of a minibatch split into micro-batches of unequal
+    token counts: the token means over the whole minibatch, as the loss is (not a mean of
+    micro-batch means)."""
+    from rlhf.algos import core
+    from rlhf.rollout import response_logprobs
+    from rlhf.stages.ppo import make_experience, micro_batch_loss
+
+    cfg = _ppo_cfg(sft_checkpoint, task_dir, cliprange=0.05)
+    ro, models = _rollout_of_16(cfg)
+    exp = make_experience(ro, torch.linspace(-1.0, 1.0, 16), models, 0.1, cfg, micro_batch_size=16)
+    exp.old_logprobs = exp.old_logprobs + 0.3 * torch.randn(exp.old_logprobs.shape,
+                                                            generator=torch.Generator().manual_seed(0))
+    exp.response_mask[0, 2:] = 0  # micro-batch [0]: 2 tokens; [1, 2]: all theirs
+    assert exp.response_mask[1:3].sum() > 4
+    mb = [0, 1, 2]
+    n_tok = exp.response_mask[mb].sum().item()
+    sums = {}
+    with torch.no_grad():
+        for rows in ([0], [1, 2]):
+            micro_batch_loss(exp, rows, models, cfg, n_tok, sums)
+        R = exp.response_mask.shape[1]
+        lp = response_logprobs(models.policy, exp.input_ids[mb], exp.attention_mask[mb], R, cfg.temperature)
+        _, whole = core.policy_loss(lp, exp.old_logprobs[mb, :R], exp.advantages[mb, :R], exp.response_mask[mb],
+                                    cfg.cliprange, cfg.log_ratio_clamp, n_tok)
+    for name, value in (("approx_kl", whole.approx_kl), ("ratio_mean", whole.ratio_mean),
+                        ("policy_clipfrac", whole.clipfrac)):
+        assert float(sums[name]) == pytest.approx(float(value), rel=1e-4, abs=1e-6), name
+    # the loss itself: split into micro-batches, each aggregation gives the whole minibatch's value
+    losses = {}
+    for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        cfg.loss_agg, sums = agg, {}
+        with torch.no_grad():
+            for rows in ([0], [1, 2]):
+                micro_batch_loss(exp, rows, models, cfg, n_tok, sums, len(mb))
+            a = core.LOSS_AGGREGATIONS[agg].fn(exp.response_mask[mb], n_tok, len(mb), cfg.max_new_tokens)
+            whole_loss, _ = core.policy_loss(lp, exp.old_logprobs[mb, :R], exp.advantages[mb, :R],
+                                             exp.response_mask[mb], cfg.cliprange, cfg.log_ratio_clamp, a)
+        losses[agg] = float(sums["pg_loss"])
+        assert losses[agg] == pytest.approx(float(whole_loss), rel=1e-4, abs=1e-6), agg
+    assert len({round(v, 6) for v in losses.values()}) == 3  # unequal lengths: the three differ
+
+
+@pytest.mark.slow
 def test_rewards_are_whitened_over_the_whole_batch_across_processes(sft_checkpoint, task_dir):
     """whiten_rewards under data parallelism: the mean and variance are the whole batch's, as for
     the advantages. Simulated here as two processes holding the same rollout (`reduce` doubles
@@ -241,6 +285,8 @@ def test_ppo_every_option_runs(tmp_path, sft_checkpoint, task_dir, rm_run):
     train = [r for r in m if "pg_loss" in r]
     assert all("ptx_loss" in r and "rm_score" in r and "reward_fn/gold" in r for r in train)
     assert s["kl_coef_final"] != 0.05  # the adaptive controller moved beta
+    # each record carries the beta its rollout's rewards used: the first the recipe's, the next the moved one
+    assert train[0]["kl_coef"] == 0.05 and train[1]["kl_coef"] != 0.05
     assert sum("eval_reward" in r for r in m) == 3  # start, iteration 1, end
     from transformers import AutoModelForCausalLM
 
@@ -412,6 +458,51 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, sft_checkpoint
 def test_packing():
     from rlhf.stages.sft import pack
 
-    feats = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9], [-100, 7, 8, 9])]
+    feats = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [4, 5]), ([6, 7, 8, 9], [-100, 7, 8, 9])]
     packed = pack(feats, max_length=5)
-    assert packed == [([1, 2, 3, 4, 5], [-100, 2, 3, -100, 5]), ([6, 7, 8, 9], [-100, 7, 8, 9])]
+    # positions restart per example; an example's first label is never a target (as unpacked, after the shift)
+    assert packed == [([1, 2, 3, 4, 5], [-100, 2, 3, -100, 5], [0, 1, 2, 0, 1]),
+                      ([6, 7, 8, 9], [-100, 7, 8, 9], [0, 1, 2, 3])]
+
+
+def test_packed_rows_give_the_unpacked_loss(tiny_lm):
+    """Packed examples neither see each other nor shift their positions: the loss summed over a
+    packed batch (two rows of different widths, so one is padded) is the unpacked one."""
+    from rlhf.algos.core import lm_loss_sum
+    from rlhf.stages.sft import check_packed_attention, pack, sft_inputs
+
+    g = torch.Generator().manual_seed(0)
+    feats = []
+    for n in (7, 5, 9, 4, 6):
+        ids = torch.randint(3, tiny_lm.config.vocab_size, (n,), generator=g).tolist()
+        feats.append((ids, [-100, -100] + ids[2:]))
+    rows = pack(feats, max_length=16)
+    assert [len(r[0]) for r in rows] == [12, 13, 6]
+    with torch.no_grad():
+        inputs, labels = sft_inputs(rows, 0, "cpu")
+        assert "attention_mask" not in inputs
+        packed, n_packed = lm_loss_sum(tiny_lm(**inputs).logits, labels)
+        alone = [lm_loss_sum(*(lambda x, y: (tiny_lm(**x).logits, y))(*sft_inputs([f], 0, "cpu"))) for f in feats]
+    assert n_packed == sum(n for _, n in alone)
+    torch.testing.assert_close(packed, sum(s for s, _ in alone), rtol=1e-5, atol=1e-5)
+    check_packed_attention(tiny_lm, feats)  # this model keeps them apart
+
+
+def test_packing_is_refused_for_a_model_that_lets_packed_examples_mix(tiny_lm):
+    from rlhf.errors import RunError
+    from rlhf.stages.sft import check_packed_attention
+
+    class IgnoresPacking(torch.nn.Module):  # attention over the whole row, as older attention code does
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=None):
+            return self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                              attention_mask=torch.ones_like(input_ids))
+
+    feats = [([5, 6, 7, 8], [-100, 6, 7, 8]), ([9, 10, 11], [-100, 10, 11])]
+    with pytest.raises(RunError, match="packing: true.*set packing: false"):
+        check_packed_attention(IgnoresPacking(tiny_lm), feats)
+
+

@@ -136,6 +136,20 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     return KL_ESTIMATORS[estimator].fn(ref_logprobs.float() - logprobs.float())
 
 
+def kl_loss_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3",
+                      bound: float = 10.0) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) for a KL *loss* term (GRPO's beta * D_KL [Shao et al. 2024, eq. 3-4]):
+    :func:`kl_estimate` with log r clamped to [-20, 20] and the estimate to [-bound, bound], as verl's
+    `kl_penalty` does for its low-variance (k3) estimate (core_algos.py). The clamp is only active
+    where a token is >10 nats apart: there k3's gradient r - 1 = e^(log r) - 1 would otherwise dwarf the
+    policy-gradient term (the estimate, not only the gradient, is bounded, so the logged kl_loss is too).
+
+    logprobs, ref_logprobs: (B, R). Returns (B, R); the gradient flows through logprobs where unclamped.
+    """
+    log_r = (ref_logprobs.float() - logprobs.float()).clamp(-20.0, 20.0)
+    return KL_ESTIMATORS[estimator].fn(log_r).clamp(-bound, bound)
+
+
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """(B,) index of the last valid response token (the EOS, or the last one if cut off)."""
     positions = torch.arange(mask.shape[1], device=mask.device)[None, :]
@@ -190,6 +204,42 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
 # ----------------------------------------------------------------------------- losses
 
 
+LOSS_AGGREGATIONS = Registry("loss_agg", "how a minibatch's per-token losses become one number [verl agg_loss]")
+
+
+@dataclass
+class Aggregate:
+    """A minibatch's per-token losses x (B, R) become sum(x * weights) / divisor."""
+    weights: torch.Tensor  # (B, R), 0 on masked positions
+    divisor: float
+
+
+@LOSS_AGGREGATIONS.register("token_mean")
+def agg_token_mean(mask: torch.Tensor, n_tokens: float, n_seqs: float, max_len: int) -> Aggregate:
+    """Mean over every valid token of the minibatch: long responses weigh more [N+; verl's default,
+    TRL's and DAPO's (Yu et al. 2025, eq. 8)]."""
+    return Aggregate(mask, n_tokens)
+
+
+@LOSS_AGGREGATIONS.register("seq_mean_token_mean")
+def agg_seq_mean_token_mean(mask: torch.Tensor, n_tokens: float, n_seqs: float, max_len: int) -> Aggregate:
+    """Each response's token mean, averaged over the responses: 1/G sum_i 1/|o_i| sum_t, GRPO's
+    objective as published [Shao et al. 2024, eq. 3]."""
+    return Aggregate(mask / mask.sum(-1, keepdim=True).clamp(min=1), n_seqs)
+
+
+@LOSS_AGGREGATIONS.register("seq_mean_token_sum_norm")
+def agg_seq_mean_token_sum_norm(mask: torch.Tensor, n_tokens: float, n_seqs: float, max_len: int) -> Aggregate:
+    """Token sums divided by one constant, max_new_tokens x responses: no length bias either way
+    [Dr. GRPO, Liu et al. 2025, eq. 3 / §3.2]."""
+    return Aggregate(mask, max_len * n_seqs)
+
+
+def aggregate(per_token: torch.Tensor, agg: Aggregate) -> torch.Tensor:
+    """sum(per_token * agg.weights) / agg.divisor: a scalar."""
+    return masked_sum(per_token, agg.weights) / agg.divisor
+
+
 @dataclass
 class PolicyLossStats:
     clipfrac: torch.Tensor
@@ -199,21 +249,22 @@ class PolicyLossStats:
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 cliprange: float = 0.2, log_ratio_clamp: float = 20.0,
-                normalizer: float | None = None) -> tuple[torch.Tensor, PolicyLossStats]:
+                normalizer: float | Aggregate | None = None) -> tuple[torch.Tensor, PolicyLossStats]:
     """Clipped surrogate loss [PPO eq. 7], as a loss to minimise.
 
     L = sum_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)) / N with
     rho_t = exp(clamp(logp - logp_old, +-log_ratio_clamp)); N = valid tokens (or `normalizer`,
-    e.g. the token count of the whole minibatch when it is split into micro-batches).
-    Stats: fraction of clipped tokens, approx-KL = mean((rho - 1) - log rho) [K, k3], mean ratio.
+    e.g. the token count of the whole minibatch when it is split into micro-batches; or an
+    :class:`Aggregate` of :data:`LOSS_AGGREGATIONS`, whose weights replace the mask in the sum).
+    Stats (token means whatever the aggregation): fraction of clipped tokens,
+    approx-KL = mean((rho - 1) - log rho) [K, k3], mean ratio.
     """
     log_ratio = (logprobs - old_logprobs).clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
     per_token = torch.maximum(unclipped, clipped)
-    n = mask.sum().clamp(min=1) if normalizer is None else normalizer
-    loss = masked_sum(per_token, mask) / n
+    loss = _aggregate(per_token, mask, normalizer)
     with torch.no_grad():
         stats = PolicyLossStats(
             clipfrac=masked_mean((clipped > unclipped).float(), mask),
@@ -224,20 +275,27 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float = 0.2, normalizer: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               cliprange_value: float = 0.2,
+               normalizer: float | Aggregate | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss 1/2 max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2) [N+, N].
 
-    values, old_values, returns, mask: (B, R). Returns (loss averaged over valid tokens or
-    divided by `normalizer`, fraction of tokens where the clipped term was larger).
+    values, old_values, returns, mask: (B, R). Returns (loss averaged over valid tokens, or
+    divided by `normalizer`, or aggregated by it as in :func:`policy_loss`; fraction of tokens
+    where the clipped term was larger).
     """
     clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (clipped - returns) ** 2
     per_token = 0.5 * torch.maximum(loss_unclipped, loss_clipped)
-    n = mask.sum().clamp(min=1) if normalizer is None else normalizer
     with torch.no_grad():
         clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
-    return masked_sum(per_token, mask) / n, clipfrac
+    return _aggregate(per_token, mask, normalizer), clipfrac
+
+
+def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, normalizer: float | Aggregate | None) -> torch.Tensor:
+    if isinstance(normalizer, Aggregate):
+        return aggregate(per_token, normalizer)
+    return masked_sum(per_token, mask) / (mask.sum().clamp(min=1) if normalizer is None else normalizer)
 
 
 def _logp_entropy(logits: torch.Tensor, targets: torch.Tensor):

@@ -33,7 +33,9 @@ from ..rundir import staging_path
 
 log = logging.getLogger(__name__)
 
-MEASURES = ("eval_gold_accuracy", "eval_reward", "eval_kl", "train_seconds", "peak_rss_mb")
+# eval_rm_score: the RM alone on the held-out samples, the one reward measure DPO and PPO share (eval_reward is
+# the PPO recipe's whole reward: its reward functions, weights and missing-EOS penalty too)
+MEASURES = ("eval_gold_accuracy", "eval_rm_score", "eval_reward", "eval_kl", "train_seconds", "peak_rss_mb")
 
 
 def method_configs(cfg: CompareConfig, sft_dir: Path, rm_dir: Path | None) -> dict[tuple[str, int], tuple[str, object]]:
@@ -188,11 +190,11 @@ def comparison_markdown(out: dict) -> str:
 
     lines = [f"Mean ± std over seeds {out['seeds']}. SFT policy's held-out gold accuracy: "
              f"{out['sft_eval_gold_accuracy'] if out['sft_eval_gold_accuracy'] is not None else '–'}.", "",
-             "| method | gold accuracy | reward (RM) | KL to SFT (nats/seq) | wall time (s) | peak RSS (MB) | "
+             "| method | gold accuracy | RM score | KL to SFT (nats/seq) | wall time (s) | peak RSS (MB) | "
              "samples generated |", "|---|---|---|---|---|---|---|"]
     for method, t in out["table"].items():
         budget = out["samples_per_run"].get(method)
-        lines.append(f"| {method} | {cell(t.get('eval_gold_accuracy'), 3)} | {cell(t.get('eval_reward'), 3)} | "
+        lines.append(f"| {method} | {cell(t.get('eval_gold_accuracy'), 3)} | {cell(t.get('eval_rm_score'), 3)} | "
                      f"{cell(t.get('eval_kl'), 3)} | {cell(t.get('train_seconds'), 1)} | "
                      f"{cell(t.get('peak_rss_mb'), 0)} | {budget if budget is not None else '0 (preference pairs)'} |")
     return "\n".join(lines) + "\n"

@@ -111,7 +111,8 @@ def evaluate(cfg: DPOConfig, policy, ref, reward_model, tok, prompts: list, devi
                      reward_model=cfg.reward_model, rollout_batch_size=64)
     m = PPOModels(policy, None, ref, reward_model, [], [])
     res = evaluate_policy(m, PPOInputs([], prompts, [], tok), ecfg, device)
-    return res if reward_model is not None else {k: v for k, v in res.items() if k != "eval_reward"}
+    return res if reward_model is not None else {k: v for k, v in res.items() if k not in ("eval_reward",
+                                                                                          "eval_rm_score")}
 
 
 def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
@@ -119,7 +120,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     if cfg.train.deepspeed:  # (our evaluation and saving read the whole model on the main process)
         raise RunError("recipe: 'train.deepspeed' is not supported by rlhf dpo yet; run it under DDP (torchrun / "
                        "accelerate launch)")
-    acc = make_accelerator(cfg.train.mixed_precision)
+    acc = make_accelerator(cfg.train.mixed_precision, matmul_precision=cfg.train.matmul_precision)
     rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume)
     if rf.done:
         return json.loads((rf.final / "summary.json").read_text())

@@ -318,7 +318,7 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
                 with acc.no_sync(m.policy) if not sync else _nothing(), \
                         acc.no_sync(m.value) if not sync and m.value is not None else _nothing(), \
                         backpropagated_attention(exp.input_ids.device, dtype):
-                    loss = micro_batch_loss(exp, mi, m, cfg, n_tok, sums, len(mi) / len(mb))
+                    loss = micro_batch_loss(exp, mi, m, cfg, n_tok, sums, len(mb))
                     if st.ptx is not None:
                         ptx_loss = st.ptx.loss(m.policy) / len(micro)
                         loss = loss + cfg.ptx_coef * ptx_loss
@@ -341,34 +341,39 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
     return {k: float(v) / (applied if k.endswith(("grad_norm", "grad_norm_joint")) else steps) for k, v in sums.items()}
 
 
-def micro_batch_loss(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOConfig, n_tok: float, sums: dict,
-                     weight: float) -> torch.Tensor:
+def micro_batch_loss(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOConfig, n_tok: float,
+                     sums: dict, n_seq: int | None = None) -> torch.Tensor:
     """Clipped surrogate [PPO eq. 7] + vf_coef x clipped value loss [N+] - entropy bonus, as this
-    micro-batch's share of the minibatch's token mean; its statistics are added to `sums`. The
-    micro-batch's rows come without the padding columns they all share (Experience.rows)."""
+    micro-batch's share of the minibatch's loss: each per-token term aggregated by cfg.loss_agg
+    (token_mean: over the minibatch's n_tok tokens; the per-sequence ones over its n_seq
+    responses). Its statistics are added to `sums`, each a token mean over the minibatch (a
+    micro-batch weighs by its response tokens, not its rows). The micro-batch's rows come without
+    the padding columns they all share (Experience.rows)."""
     idx, cols, R = exp.rows(rows)
     ids, mask, rmask = exp.input_ids[idx, cols], exp.attention_mask[idx, cols], exp.response_mask[idx, :R]
     # the entropy is logged; it carries a gradient only when it is in the loss
     logp, ent = response_logprobs(m.policy, ids, mask, R, cfg.temperature, return_entropy=True,
                                   entropy_grad=cfg.entropy_coef != 0)
+    agg = core.LOSS_AGGREGATIONS[cfg.loss_agg].fn(rmask, n_tok, n_seq or len(rows), cfg.max_new_tokens)
     pg_loss, pst = core.policy_loss(logp, exp.old_logprobs[idx, :R], exp.advantages[idx, :R], rmask, cfg.cliprange,
-                                    cfg.log_ratio_clamp, n_tok)
+                                    cfg.log_ratio_clamp, agg)
     loss = pg_loss
     _add(sums, "pg_loss", pg_loss)
     if m.value is not None:
         vpred = m.value(ids, mask, position_ids_from_mask(mask))[:, -R - 1 : -1]
         vf_loss, vclip = core.value_loss(vpred, exp.old_values[idx, :R], exp.returns[idx, :R], rmask,
-                                         cfg.cliprange_value, n_tok)
+                                         cfg.cliprange_value, agg)
         loss = loss + cfg.vf_coef * vf_loss
         _add(sums, "vf_loss", vf_loss)
-    entropy = core.masked_sum(ent, rmask) / n_tok
-    loss = loss - cfg.entropy_coef * entropy
+    entropy = core.masked_sum(ent, rmask) / n_tok  # logged: a token mean, whatever the aggregation
+    loss = loss - cfg.entropy_coef * (entropy if cfg.loss_agg == "token_mean" else core.aggregate(ent, agg))
     _add(sums, "entropy", entropy)
     if exp.kl_loss_coef > 0:  # GRPO: beta * KL(pi || pi_ref) as a loss term, on the current policy [Shao et al. 2024]
-        kl = core.kl_estimate(logp, exp.ref_logprobs[idx, :R], cfg.kl_loss_estimator)
-        kl_loss = core.masked_sum(kl, rmask) / n_tok
+        kl = core.kl_loss_per_token(logp, exp.ref_logprobs[idx, :R], cfg.kl_loss_estimator)
+        kl_loss = core.aggregate(kl, agg)
         loss = loss + exp.kl_loss_coef * kl_loss
         _add(sums, "kl_loss", kl_loss)
+    weight = rmask.sum().double() / n_tok  # this micro-batch's share of the minibatch's tokens
     for name, value in (("policy_clipfrac", pst.clipfrac), ("approx_kl", pst.approx_kl),
                         ("ratio_mean", pst.ratio_mean)):
         _add(sums, name, value.double() * weight)
@@ -392,18 +397,21 @@ def _add(d: dict, k: str, v) -> None:
 
 @torch.no_grad()
 def evaluate_policy(m: PPOModels, data: PPOInputs, cfg: PPOConfig, device) -> dict:
-    """Held-out prompts sampled at cfg.temperature: mean score, KL to the reference, gold accuracy."""
+    """Held-out prompts sampled at cfg.temperature: mean score (the recipe's whole reward, and the
+    reward model's own score apart as eval_rm_score), KL to the reference, gold accuracy."""
     policy = unwrap(m.policy)
     was = policy.training
     policy.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
-    scores, kls, k3s, golds, lengths, eos, gold_rewards = [], [], [], [], [], [], []
+    scores, kls, k3s, golds, lengths, eos, gold_rewards, rm_scores = [], [], [], [], [], [], [], []
     failure = None  # a reward function's error: raised after the loop, whose forwards may be collective
     for chunk in chunks(data.eval_prompts, cfg.rollout_batch_size):
         ro = make_rollout(policy, data.tok, chunk, cfg, gen, device, m.autocast)
         # (each RM's forward runs before the functions: on every process, whatever the functions do)
         try:
-            s, _ = compute_scores(ro, data.tok, m.reward_model, data.reward_fns, cfg, device)
+            s, parts = compute_scores(ro, data.tok, m.reward_model, data.reward_fns, cfg, device)
+            if "rm_score" in parts:
+                rm_scores.append(parts["rm_score"])
         except RewardError as e:
             failure, s = failure or e, torch.zeros(len(chunk), device=device)
         try:
@@ -436,6 +444,8 @@ def evaluate_policy(m: PPOModels, data: PPOInputs, cfg: PPOConfig, device) -> di
         out["eval_gold_accuracy"] = sum(golds) / len(golds)
     if gold_rewards:
         out["eval_gold_reward"] = torch.cat(gold_rewards).mean().item()
+    if rm_scores:  # the RM alone (no reward functions, weights or EOS penalty): one measure across methods
+        out["eval_rm_score"] = torch.cat(rm_scores).mean().item()
     return out
 
 
@@ -601,7 +611,8 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     t_start = time.time()
     split = batch_split(cfg, world_size())
     acc = make_accelerator(cfg.mixed_precision, cfg.deepspeed, micro_batch_size=split.micro,
-                           grad_accum=split.minibatch // split.micro, max_grad_norm=cfg.max_grad_norm)
+                           grad_accum=split.minibatch // split.micro, max_grad_norm=cfg.max_grad_norm,
+                           matmul_precision=cfg.matmul_precision)
     rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume)  # planned; nothing written yet
     if rf.done:
         log.info("%s: run already complete", rf.final)
@@ -666,6 +677,8 @@ def ppo_iteration(run: PPORun, it: int) -> tuple[dict, bool]:
             raise reward_failure(failure, it, not already_saved, lambda: run.save(it - 1, rng_at_start), run.out)
         scores = core.REWARD_SCALINGS[cfg.scale_reward].fn(raw_scores, st.moments, acc.gather(raw_scores))
         scores = core.clip_scores(scores, cfg.reward_clip)
+    # the beta this rollout's rewards use and the learning rate of its first optimizer step: logged with it
+    used = {"kl_coef": st.kl_ctl.value, "lr": m.schedulers[0].get_last_lr()[0]}
     with t_exp, eager_blocks():  # (compile: the blocks are compiled for the training passes only)
         exp = make_experience(ro, scores, m, st.kl_ctl.value, cfg, run.split.micro,
                               reduce=lambda t: acc.reduce(t.clone(), "sum"))
@@ -678,7 +691,7 @@ def ppo_iteration(run: PPORun, it: int) -> tuple[dict, bool]:
     postfix = {}
     if it % cfg.log_every == 0 or it == cfg.steps:
         times = {"generate": t_gen.total, "score": t_score.total, "experience": t_exp.total, "train": t_train.total}
-        metrics = log_iteration(run, it, (ro, exp, raw_scores, scores, parts), stats, mean_kl, times)
+        metrics = log_iteration(run, it, (ro, exp, raw_scores, scores, parts), stats, mean_kl, times, used)
         postfix = {"score": f"{metrics['score']:.3f}", "kl": f"{mean_kl:.3f}",
                    **({"gold": f"{metrics['gold_accuracy']:.2f}"} if "gold_accuracy" in metrics else {})}
     if acc.is_main_process and cfg.sample_every and (it % cfg.sample_every == 0 or it == 1):
@@ -725,10 +738,12 @@ def rollout_prompts(run: PPORun, it: int) -> list:
     return [run.data.prompts[i] for i in idx[rank * n : (rank + 1) * n]]
 
 
-def log_iteration(run: PPORun, it: int, batch: tuple, stats: dict, mean_kl: float, times: dict) -> dict:
+def log_iteration(run: PPORun, it: int, batch: tuple, stats: dict, mean_kl: float, times: dict, used: dict) -> dict:
     """One metrics.jsonl record: rewards, KL, advantages, losses (each process's share of the global
-    minibatch mean, so their mean is the global value), times, tokens/s and MFU per phase."""
-    acc, device, st = run.acc, run.acc.device, run.st
+    minibatch mean, so their mean is the global value), the kl_coef and lr the iteration used (`used`;
+    not the values the KL controller and scheduler moved on to after it), times, tokens/s and MFU per
+    phase."""
+    acc, device = run.acc, run.acc.device
     ro, exp, raw_scores, scores, parts = batch
     rm_ = exp.response_mask
     m = {"score": raw_scores.mean(), "score_used": scores.mean(), "kl": mean_kl,
@@ -749,8 +764,7 @@ def log_iteration(run: PPORun, it: int, batch: tuple, stats: dict, mean_kl: floa
          for k, v in m.items()}
     m.update({k: acc.reduce(torch.tensor(v, device=device, dtype=torch.float32), "mean").item()
               for k, v in sorted(stats.items())})
-    m.update({"kl_coef": st.kl_ctl.value, "lr": run.m.schedulers[0].get_last_lr()[0],
-              **{f"time_{k}": v for k, v in times.items()},
+    m.update({**used, **{f"time_{k}": v for k, v in times.items()},
               "tokens_generated": int(acc.reduce(rm_.sum().double(), "sum").item())})
     m.update(phase_throughput(ro, exp, times, run.m.flop_params, run.cfg.ppo_epochs, run.peak,
                               policy_pass=run.cfg.old_logprobs == "recompute"))

@@ -23,6 +23,7 @@ import torch
 from ..algos.core import lm_loss_sum
 from ..config import ModelConfig, SFTConfig, dump_yaml, to_dict
 from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
+from ..errors import RunError
 from ..engine import (MetricsLogger, chunks, rank_chunks, global_batches, inputs_first, prepare_output_dir,
                       peak_memory, progress, set_seed, shard, write_summary)
 from ..engine import (backpropagated_attention, backward, compute_dtype, finish_run, gathered_params, loss_scale,
@@ -62,21 +63,66 @@ def encode_examples(tok, examples, max_length: int, skip_bad_rows: bool = False)
     return feats
 
 
-def pack(feats: list[tuple[list[int], list[int]]], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Concatenate examples into rows of at most max_length tokens (no example is split)."""
-    out, ids, labels = [], [], []
+def pack(feats: list[tuple[list[int], list[int]]], max_length: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """Concatenate examples into rows of at most max_length tokens (no example is split), as
+    (ids, labels, position ids). Each example's positions restart at 0 and its first label is
+    ignored (unpacked, position 0 is never a target either). Fed with position ids and no 2D
+    attention mask, transformers' masking (`masking_utils.find_packed_sequence_indices`) gives each
+    example its own causal block, so no token attends across a boundary; `check_packed_attention`
+    confirms that the model at hand does."""
+    out, ids, labels, pos = [], [], [], []
     for i, lab in feats:
         if ids and len(ids) + len(i) > max_length:
-            out.append((ids, labels))
-            ids, labels = [], []
-        ids, labels = ids + i, labels + lab
+            out.append((ids, labels, pos))
+            ids, labels, pos = [], [], []
+        ids, labels, pos = ids + i, labels + [IGNORE_INDEX] + lab[1:], pos + list(range(len(i)))
     if ids:
-        out.append((ids, labels))
+        out.append((ids, labels, pos))
     return out
 
 
+@torch.no_grad()
+def check_packed_attention(model, feats: list[tuple[list[int], list[int]]]) -> None:
+    """Refuse `packing: true` for a model whose attention does not keep packed examples apart
+    (an attention implementation or remote code that ignores packed position ids). Two examples
+    packed into one row: the logits of the second must be those of the second alone, to rounding:
+    closer to them by 10x than the logits with the boundary ignored (an all-ones mask)."""
+    a, b = feats[0][0], feats[1][0]
+    dev = next(model.parameters()).device
+    row = torch.tensor([a + b], device=dev)
+    pos = torch.tensor([list(range(len(a))) + list(range(len(b)))], device=dev)
+    was_training = model.training
+    model.eval()
+    alone = model(input_ids=torch.tensor([b], device=dev), use_cache=False).logits[0].float()
+    packed = model(input_ids=row, position_ids=pos, use_cache=False).logits[0, len(a):].float()
+    crossed = model(input_ids=row, position_ids=pos, attention_mask=torch.ones_like(row),
+                    use_cache=False).logits[0, len(a):].float()
+    model.train(was_training)
+    err, leak = (packed - alone).abs().max().item(), (crossed - alone).abs().max().item()
+    if not err <= 0.1 * leak:
+        raise RunError(f"recipe: packing: true, but this model's attention lets packed examples see each other "
+                       f"(logits of a packed example off by {err:.3g}; {leak:.3g} with no boundary at all): its "
+                       f"attention implementation ignores packed position ids; set packing: false")
+
+
+def sft_inputs(feats, pad_id: int, device) -> tuple[dict, torch.Tensor]:
+    """(the model's keyword inputs, labels) of a micro-batch: ids and attention mask, or, for packed
+    rows (:func:`pack`), ids and position ids (no mask: the packed masking; the right padding is a
+    segment of its own, positions from 0, and no label). No KV cache: transformers applies the
+    packed masking only to forwards without one."""
+    if len(feats[0]) == 2:
+        ids, mask, labels = collate_sft(feats, pad_id, device)
+        return {"input_ids": ids, "attention_mask": mask, "use_cache": False}, labels
+    width = max(len(f[0]) for f in feats)
+    pad = [width - len(f[0]) for f in feats]
+    ids = torch.tensor([f[0] + [pad_id] * n for f, n in zip(feats, pad)], device=device)
+    pos = torch.tensor([f[2] + list(range(n)) for f, n in zip(feats, pad)], device=device)
+    labels = torch.tensor([f[1] + [IGNORE_INDEX] * n for f, n in zip(feats, pad)], device=device)
+    return {"input_ids": ids, "position_ids": pos, "use_cache": False}, labels
+
+
 def n_loss_tokens(feats) -> int:
-    return sum(sum(1 for x in lab[1:] if x != IGNORE_INDEX) for _, lab in feats)
+    return sum(sum(1 for x in f[1][1:] if x != IGNORE_INDEX) for f in feats)
 
 
 @torch.no_grad()
@@ -118,12 +164,18 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
             tok = load_tokenizer(cfg.model, train_texts=_texts(train_ex))
         train_feats = encode_examples(tok, train_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
         eval_feats = encode_examples(tok, eval_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
+        unpacked = train_feats
         if cfg.packing:
             train_feats = pack(train_feats, cfg.data.max_length)
         batches = global_batches(len(train_feats), tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
     if cfg.onednn_linear is True:
         check_onednn_linear(acc)
     model = load_causal_lm(cfg.model, tok, seed=cfg.seed)
+    if cfg.packing and len(unpacked) >= 2:
+        if any(hasattr(p, "ds_id") for p in model.parameters()):  # loaded into ZeRO-3 partitions
+            log.info("packing: the check that packed examples stay apart needs the whole model; skipped under ZeRO-3")
+        else:
+            check_packed_attention(model, unpacked)
     n = apply_onednn_linear(cfg.onednn_linear, acc, [model])
     if n:
         log.info("onednn_linear: %d linear layers run through oneDNN", n)
@@ -158,11 +210,11 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         micro = chunks(shard(batch, acc.process_index, acc.num_processes), micro_bs)
         assert len(micro) == accum
         for k, mb in enumerate(micro):
-            ids, mask, labels = collate_sft(mb, tok.pad_token_id, acc.device)
+            inputs, labels = sft_inputs(mb, tok.pad_token_id, acc.device)
             last = k == len(micro) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model), \
                     backpropagated_attention(acc.device, dtype):
-                loss_sum, _ = lm_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+                loss_sum, _ = lm_loss_sum(model(**inputs).logits, labels)
                 loss_sum = inject_fault(loss_sum, step)
                 backward(acc, loss_sum / max(n_tokens, 1) * acc.num_processes, accum, last)
             micro_losses.append(loss_sum.item())
