@@ -56,11 +56,32 @@ def set_matmul_precision(precision: str = "highest") -> None:
     if precision not in ("highest", "high", "medium"):
         raise RunError(f"recipe: matmul_precision must be highest, high or medium, got '{precision}'")
     torch.set_float32_matmul_precision(precision)
-    if not torch.cuda.is_available():
-        # ATen's CPU flash attention under bf16 fpmath is 5-15x slower than in fp32 (torch 2.13, Intel
-        # Xeon with AMX: one SmolLM2 layer, 8 x 68 tokens, forward + backward 25 ms against 4 ms), and
-        # SDPA's math path (bmm + softmax) 4.2 ms: with 'medium' the CPU takes the math path everywhere
-        torch.backends.cuda.enable_flash_sdp(precision != "medium")
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    # On a CPU with 'medium', transformers' SDPA attention goes through _cpu_medium_sdpa (below)
+    AttentionInterface.register("sdpa", _cpu_medium_sdpa if precision == "medium" and not torch.cuda.is_available()
+                                else sdpa_attention_forward)
+
+
+def _cpu_medium_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention on a CPU under matmul_precision 'medium'. There ATen's flash
+    attention is 5-15x slower than in fp32 (torch 2.13, Intel Xeon with AMX; one SmolLM2 layer, 8 x
+    68 tokens: forward 5.9 against 1.1 ms, forward + backward 25 against 4 ms, a 16-row decoding
+    step 3.4 against 0.2 ms), and SDPA's math path has its own copies in no-grad passes. So: a
+    forward that will be backpropagated takes the math path (4.2 ms forward + backward); any other
+    runs flash in fp32, as with 'highest' (the products around it keep their bf16 inputs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    finally:
+        torch.set_float32_matmul_precision("medium")
 
 
 def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None, *, micro_batch_size: int = 1,

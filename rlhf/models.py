@@ -226,11 +226,32 @@ def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
     else:
         raise ModelError(f"recipe: 'model.init' must be 'pretrained' or 'from_config', got '{cfg.init}'")
     _sync_special_ids(model, tok)
+    contiguous_head_input(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.lora.enabled:
         model = add_lora(model, cfg)
     return model
+
+
+def contiguous_head_input(model) -> None:
+    """Give the LM head a contiguous input. With `logits_to_keep` (the response positions only),
+    transformers applies the head to `hidden_states[:, -k:, :]`, a strided view; `F.linear` cannot
+    fold a strided 3D input into one matrix product and runs a batched product over the weight
+    broadcast to every row instead: SmolLM2's 49k x 576 head on 8 x 33 positions, fp32 on the CPU,
+    125 ms against 83 ms for the same product on a contiguous copy, and 1,024 ms against 45 ms
+    under matmul_precision 'medium', where the broadcast weight is copied per row. A forward
+    pre-hook copies the (small) input instead; the product is the same to float rounding."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_first_input)
+
+
+def _contiguous_first_input(module, args):
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
 
 
 def enable_gradient_checkpointing(model) -> None:
