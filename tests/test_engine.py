@@ -60,19 +60,54 @@ def test_rank_chunks_give_every_process_the_same_number_of_forwards_and_each_ite
 def test_each_stage_sets_its_matmul_precision():
     """matmul_precision reaches torch when a stage builds its Accelerator, and the next stage's
     default puts torch's back (a pipeline's stages do not inherit each other's); on a CPU 'medium'
-    also turns ATen's flash attention off (slow under bf16 fpmath) and the next stage on again."""
+    also routes transformers' SDPA attention through _cpu_medium_sdpa, and the next stage back."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     from rlhf.config import ConfigError, load_stage_config
-    from rlhf.engine import make_accelerator
+    from rlhf.engine import _cpu_medium_sdpa, make_accelerator
 
     try:
         make_accelerator("no", matmul_precision="medium")
         assert torch.get_float32_matmul_precision() == "medium"
-        assert torch.backends.cuda.flash_sdp_enabled() == torch.cuda.is_available()
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is (_cpu_medium_sdpa if not torch.cuda.is_available()
+                                                   else sdpa_attention_forward)
         make_accelerator("no")
-        assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cuda.flash_sdp_enabled()
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
     finally:
         torch.set_float32_matmul_precision("highest")
-        torch.backends.cuda.enable_flash_sdp(True)
+        ALL_ATTENTION_FUNCTIONS.register("sdpa", sdpa_attention_forward)
     assert load_stage_config("sft", None, {"train.matmul_precision": "high"}).train.matmul_precision == "high"
     with pytest.raises(ConfigError, match="matmul_precision"):
         load_stage_config("ppo", None, {"matmul_precision": "low"})
+
+
+def test_cpu_medium_attention_runs_no_grad_passes_in_fp32_and_grad_passes_on_the_math_path():
+    """Under 'medium' a no-grad attention is the fp32 one bit for bit (flash at 'highest', the
+    precision restored after); a backpropagated one is SDPA's math path (bmm + softmax)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rlhf.engine import _cpu_medium_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    fp32, _ = sdpa_attention_forward(module, q, k, v, None)
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with torch.no_grad():
+            out, _ = _cpu_medium_sdpa(module, q, k, v, None)
+        assert torch.get_float32_matmul_precision() == "medium"
+        assert torch.equal(out, fp32)
+        qg = q.clone().requires_grad_()
+        out, _ = _cpu_medium_sdpa(module, qg, k, v, None)
+        with sdpa_kernel([SDPBackend.MATH]):
+            math, _ = sdpa_attention_forward(module, qg, k, v, None)
+        assert torch.equal(out, math)
+        out.sum().backward()
+        assert qg.grad is not None
+    finally:
+        torch.set_float32_matmul_precision("highest")
