@@ -65,23 +65,17 @@ def set_matmul_precision(precision: str = "highest") -> None:
 
 
 def _cpu_medium_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention on a CPU under matmul_precision 'medium'. There ATen's flash
-    attention is 5-15x slower than in fp32 (torch 2.13, Intel Xeon with AMX; one SmolLM2 layer, 8 x
-    68 tokens: forward 5.9 against 1.1 ms, forward + backward 25 against 4 ms, a 16-row decoding
-    step 3.4 against 0.2 ms), and SDPA's math path has its own copies in no-grad passes. So: a
-    forward that will be backpropagated takes the math path (4.2 ms forward + backward); any other
-    runs flash in fp32, as with 'highest' (the products around it keep their bf16 inputs)."""
+    """transformers' SDPA attention on a CPU under matmul_precision 'medium': SDPA's math path (bmm +
+    softmax). There ATen's flash attention is 5-15x slower than in fp32 (torch 2.13, Intel Xeon with
+    AMX; one SmolLM2 layer, 8 x 68 tokens: forward 5.9 against 1.1 ms, forward + backward 25 against
+    4 ms, a 16-row decoding step 3.4 against 0.2 ms; the math path 2.6, 4.2 and 0.6 ms). Every pass
+    takes the same path, backpropagated or not, so that a policy's no-grad passes (old log-probs,
+    the reference's) compute what its training pass does: PPO's first ratio is 1 to float rounding."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        with sdpa_kernel([SDPBackend.MATH]):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with sdpa_kernel([SDPBackend.MATH]):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    finally:
-        torch.set_float32_matmul_precision("medium")
 
 
 def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None, *, micro_batch_size: int = 1,

@@ -160,3 +160,18 @@ def test_compare_gives_dpo_the_preferences_the_rm_learnt_from(tmp_path):
     assert stage == "dpo"
     assert dpo.data.train == ["recipes/tiny/data/prefs.jsonl", str(tmp_path / "rm" / "sampled_rankings.jsonl")]
     assert runs[("ppo", 0)][1].data.train == "recipes/tiny/data/rl_prompts.jsonl"
+
+
+def test_compare_table_shows_the_rm_score_for_every_method_and_ppos_reward_apart():
+    """The RM score (eval_rm_score) is the one reward measure DPO and the PPO family share; a PPO
+    method's whole recipe reward has its own column, and DPO, which has none, shows '–' there."""
+    from rlhf.stages.compare import comparison_markdown
+
+    s = lambda x: {"mean": x, "std": 0.0, "n": 1}  # noqa: E731
+    out = {"seeds": [0], "sft_eval_gold_accuracy": 0.5, "samples_per_run": {"ppo": 16, "dpo": None},
+           "table": {"ppo": {"eval_gold_accuracy": s(0.9), "eval_rm_score": s(1.25), "eval_reward": s(0.75)},
+                     "dpo": {"eval_gold_accuracy": s(0.8), "eval_rm_score": s(1.5), "eval_reward": s(1.5)}}}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in comparison_markdown(out).splitlines() if line.startswith("| ppo") or line.startswith("| dpo")}
+    assert rows["ppo"][:3] == ["0.900 ± 0.000", "1.250 ± 0.000", "0.750 ± 0.000"]
+    assert rows["dpo"][:3] == ["0.800 ± 0.000", "1.500 ± 0.000", "–"]

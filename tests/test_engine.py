@@ -83,9 +83,26 @@ def test_each_stage_sets_its_matmul_precision():
         load_stage_config("ppo", None, {"matmul_precision": "low"})
 
 
-def test_cpu_medium_attention_runs_no_grad_passes_in_fp32_and_grad_passes_on_the_math_path():
-    """Under 'medium' a no-grad attention is the fp32 one bit for bit (flash at 'highest', the
-    precision restored after); a backpropagated one is SDPA's math path (bmm + softmax)."""
+@pytest.mark.slow
+def test_a_stage_gives_the_callers_matmul_precision_back():
+    """A stage run in-process sets its recipe's precision (and attention) and, when it ends, even on
+    an error, gives the caller's back."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from rlhf.config import load_stage_config
+    from rlhf.errors import DataError
+    from rlhf.stages import run
+
+    with pytest.raises(DataError, match="no output directory"):  # (raised after make_accelerator set medium)
+        run("sft", load_stage_config("sft", None, {"train.matmul_precision": "medium"}), None)
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+
+
+def test_cpu_medium_attention_takes_the_math_path_in_every_pass():
+    """Under 'medium' every attention is SDPA's math path, backpropagated or not (so a policy's
+    no-grad passes compute what its training pass does), not ATen's flash, which is slow there."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -95,17 +112,17 @@ def test_cpu_medium_attention_runs_no_grad_passes_in_fp32_and_grad_passes_on_the
     q, k, v = (torch.randn(2, 4, 9, 16, generator=g) for _ in range(3))
     module = torch.nn.Module()
     module.is_causal, module.training = True, False
-    fp32, _ = sdpa_attention_forward(module, q, k, v, None)
     try:
         torch.set_float32_matmul_precision("medium")
+        flash, _ = sdpa_attention_forward(module, q, k, v, None)
+        with sdpa_kernel([SDPBackend.MATH]):
+            math, _ = sdpa_attention_forward(module, q, k, v, None)
+        assert not torch.equal(flash, math)  # the test can tell the two apart
         with torch.no_grad():
             out, _ = _cpu_medium_sdpa(module, q, k, v, None)
-        assert torch.get_float32_matmul_precision() == "medium"
-        assert torch.equal(out, fp32)
+        assert torch.equal(out, math)
         qg = q.clone().requires_grad_()
         out, _ = _cpu_medium_sdpa(module, qg, k, v, None)
-        with sdpa_kernel([SDPBackend.MATH]):
-            math, _ = sdpa_attention_forward(module, qg, k, v, None)
         assert torch.equal(out, math)
         out.sum().backward()
         assert qg.grad is not None

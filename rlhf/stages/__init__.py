@@ -11,10 +11,13 @@ def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False,
     """Run one stage (or the pipeline). If it stops with an error, the run folder it was writing
     is cleaned up: a staged run without a checkpoint is removed, one with a checkpoint is kept,
     marked FAILED and resumable (the error message says where)."""
-    from ..engine import OPEN_RUNS, fail_open_runs, retain_freed_cpu_memory, user_errors
+    import torch
+
+    from ..engine import OPEN_RUNS, fail_open_runs, retain_freed_cpu_memory, set_matmul_precision, user_errors
 
     retain_freed_cpu_memory()  # freed tensors' memory is reused, not page-faulted in again (engine.py)
     opened = len(OPEN_RUNS)  # (a pipeline's stages run inside it: each cleans up only what it opened)
+    precision = torch.get_float32_matmul_precision()  # the caller's, given back after the stage's own
     try:
         return _run(stage, cfg, output_dir, overwrite, resume)
     except BaseException as e:
@@ -24,6 +27,8 @@ def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False,
         if note and isinstance(e, user_errors()) and note not in str(e) and "resumable from" not in str(e):
             raise type(e)(f"{e}{note}") from None
         raise
+    finally:
+        set_matmul_precision(precision)
 
 
 def _run(stage: str, cfg, output_dir: str | None, overwrite: bool, resume: bool) -> dict:

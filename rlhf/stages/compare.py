@@ -190,11 +190,13 @@ def comparison_markdown(out: dict) -> str:
 
     lines = [f"Mean ± std over seeds {out['seeds']}. SFT policy's held-out gold accuracy: "
              f"{out['sft_eval_gold_accuracy'] if out['sft_eval_gold_accuracy'] is not None else '–'}.", "",
-             "| method | gold accuracy | RM score | KL to SFT (nats/seq) | wall time (s) | peak RSS (MB) | "
-             "samples generated |", "|---|---|---|---|---|---|---|"]
+             "| method | gold accuracy | RM score | reward | KL to SFT (nats/seq) | wall time (s) | peak RSS (MB) | "
+             "samples generated |", "|---|---|---|---|---|---|---|---|"]
     for method, t in out["table"].items():
         budget = out["samples_per_run"].get(method)
+        reward = cell(t.get("eval_reward"), 3) if budget is not None else "–"  # (DPO has no PPO reward)
         lines.append(f"| {method} | {cell(t.get('eval_gold_accuracy'), 3)} | {cell(t.get('eval_rm_score'), 3)} | "
+                     f"{reward} | "
                      f"{cell(t.get('eval_kl'), 3)} | {cell(t.get('train_seconds'), 1)} | "
                      f"{cell(t.get('peak_rss_mb'), 0)} | {budget if budget is not None else '0 (preference pairs)'} |")
     return "\n".join(lines) + "\n"

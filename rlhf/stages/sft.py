@@ -82,21 +82,23 @@ def pack(feats: list[tuple[list[int], list[int]]], max_length: int) -> list[tupl
 
 
 @torch.no_grad()
-def check_packed_attention(model, feats: list[tuple[list[int], list[int]]]) -> None:
+def check_packed_attention(model, feats: list[tuple[list[int], list[int]]], pad_id: int, device,
+                           flatten: bool = False) -> None:
     """Refuse `packing: true` for a model whose attention does not keep packed examples apart
-    (an attention implementation or remote code that ignores packed position ids). Two examples
-    packed into one row: the logits of the second must be those of the second alone, to rounding:
-    closer to them by 10x than the logits with the boundary ignored (an all-ones mask)."""
+    (an attention implementation or remote code that ignores packed position ids). Run on the
+    prepared model, on the training device, through the training path (:func:`sft_inputs`): a
+    micro-batch of two rows, the first packing two examples, the second padded; the logits of the
+    second example must be those of it alone, to rounding: closer to them by 10x than the logits
+    with the boundary ignored (an all-ones mask)."""
     a, b = feats[0][0], feats[1][0]
-    dev = next(model.parameters()).device
-    row = torch.tensor([a + b], device=dev)
-    pos = torch.tensor([list(range(len(a))) + list(range(len(b)))], device=dev)
+    rows = pack(feats[:2], len(a) + len(b)) + pack(feats[2:3] or feats[:1], len(a) + len(b))
+    inputs, _ = sft_inputs(rows, pad_id, device, flatten)
     was_training = model.training
     model.eval()
-    alone = model(input_ids=torch.tensor([b], device=dev), use_cache=False).logits[0].float()
-    packed = model(input_ids=row, position_ids=pos, use_cache=False).logits[0, len(a):].float()
-    crossed = model(input_ids=row, position_ids=pos, attention_mask=torch.ones_like(row),
-                    use_cache=False).logits[0, len(a):].float()
+    alone = model(**sft_inputs([feats[1]], pad_id, device)[0]).logits[0].float()
+    packed = model(**inputs).logits[0, len(a):len(a) + len(b)].float()
+    crossed = model(**{**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}).logits
+    crossed = crossed[0, len(a):len(a) + len(b)].float()
     model.train(was_training)
     err, leak = (packed - alone).abs().max().item(), (crossed - alone).abs().max().item()
     if not err <= 0.1 * leak:
@@ -105,14 +107,24 @@ def check_packed_attention(model, feats: list[tuple[list[int], list[int]]]) -> N
                        f"attention implementation ignores packed position ids; set packing: false")
 
 
-def sft_inputs(feats, pad_id: int, device) -> tuple[dict, torch.Tensor]:
+def flash_attention(model) -> bool:
+    """Whether the model runs a flash-attention kernel (flash_attention_2/3, a hub kernel): those
+    keep packed examples apart by their position ids only in a batch of one row."""
+    return "flash" in str(getattr(getattr(unwrap(model), "config", None), "_attn_implementation", "") or "")
+
+
+def sft_inputs(feats, pad_id: int, device, flatten: bool = False) -> tuple[dict, torch.Tensor]:
     """(the model's keyword inputs, labels) of a micro-batch: ids and attention mask, or, for packed
     rows (:func:`pack`), ids and position ids (no mask: the packed masking; the right padding is a
     segment of its own, positions from 0, and no label). No KV cache: transformers applies the
-    packed masking only to forwards without one."""
+    packed masking only to forwards without one. `flatten` (flash attention): the packed rows
+    become one row, since transformers reads flash attention's sequence boundaries from position
+    ids only in a batch of one row."""
     if len(feats[0]) == 2:
         ids, mask, labels = collate_sft(feats, pad_id, device)
         return {"input_ids": ids, "attention_mask": mask, "use_cache": False}, labels
+    if flatten:
+        feats = [tuple(sum((list(f[i]) for f in feats), []) for i in range(3))]
     width = max(len(f[0]) for f in feats)
     pad = [width - len(f[0]) for f in feats]
     ids = torch.tensor([f[0] + [pad_id] * n for f, n in zip(feats, pad)], device=device)
@@ -171,11 +183,6 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     if cfg.onednn_linear is True:
         check_onednn_linear(acc)
     model = load_causal_lm(cfg.model, tok, seed=cfg.seed)
-    if cfg.packing and len(unpacked) >= 2:
-        if any(hasattr(p, "ds_id") for p in model.parameters()):  # loaded into ZeRO-3 partitions
-            log.info("packing: the check that packed examples stay apart needs the whole model; skipped under ZeRO-3")
-        else:
-            check_packed_attention(model, unpacked)
     n = apply_onednn_linear(cfg.onednn_linear, acc, [model])
     if n:
         log.info("onednn_linear: %d linear layers run through oneDNN", n)
@@ -184,6 +191,9 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     t = prepare_training(acc, model, tc, len(batches), out, resume)
     model, optimizer, scheduler, guard, parts, start, state = (t.model, t.optimizer, t.scheduler, t.guard, t.parts,
                                                                t.start, t.state)
+    flatten = cfg.packing and flash_attention(model)
+    if cfg.packing and len(unpacked) >= 2:  # (every process: a ZeRO-3 forward is collective)
+        check_packed_attention(model, unpacked, tok.pad_token_id, acc.device, flatten)
     if acc.is_main_process and (not resume or not (out / "recipe.yaml").exists()):  # (killed before it was written)
         dump_yaml(cfg, out / "recipe.yaml")
         tok.save_pretrained(out)
@@ -210,7 +220,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         micro = chunks(shard(batch, acc.process_index, acc.num_processes), micro_bs)
         assert len(micro) == accum
         for k, mb in enumerate(micro):
-            inputs, labels = sft_inputs(mb, tok.pad_token_id, acc.device)
+            inputs, labels = sft_inputs(mb, tok.pad_token_id, acc.device, flatten)
             last = k == len(micro) - 1
             with contextlib.nullcontext() if last else acc.no_sync(model), \
                     backpropagated_attention(acc.device, dtype):
