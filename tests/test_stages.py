@@ -127,12 +127,26 @@ def _rollout_of_16(cfg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("old_logprobs", ["recompute", "sampling"])
-def test_ratio_is_exactly_one_on_first_minibatch(sft_checkpoint, task_dir, old_logprobs):
+@pytest.mark.parametrize("old_logprobs,precision", [("recompute", "highest"), ("sampling", "highest"),
+                                                    ("recompute", "medium")])
+def test_ratio_is_exactly_one_on_first_minibatch(sft_checkpoint, task_dir, old_logprobs, precision):
+    """The first minibatch's ratio is 1 (to float rounding): the old log-probs are the training
+    pass's own. With matmul_precision 'medium' too (bf16 products on CPUs with AMX), where the
+    no-grad passes must take the attention path the training pass takes (engine._cpu_medium_sdpa)."""
+    from rlhf.engine import set_matmul_precision
+
+    cfg = _ppo_cfg(sft_checkpoint, task_dir, temperature=0.8, old_logprobs=old_logprobs)
+    set_matmul_precision(precision)
+    try:
+        _ratio_is_one(cfg, old_logprobs)
+    finally:
+        set_matmul_precision("highest")
+
+
+def _ratio_is_one(cfg, old_logprobs):
     from rlhf.rollout import response_logprobs
     from rlhf.stages.ppo import make_experience
 
-    cfg = _ppo_cfg(sft_checkpoint, task_dir, temperature=0.8, old_logprobs=old_logprobs)
     ro, models = _rollout_of_16(cfg)
     policy = models.policy
     exp = make_experience(ro, torch.ones(16), models, 0.1, cfg, micro_batch_size=16)
