@@ -191,11 +191,12 @@ class LoopConfig:
     mixed_precision: MixedPrecision = "auto"
     """'auto' (bf16 on a GPU that has it, else fp32), 'no', 'bf16' or 'fp16'."""
     matmul_precision: MatmulPrecision = "highest"
-    """What fp32 matrix products may compute in (torch.set_float32_matmul_precision, set at the stage's start):
-    'highest' (IEEE fp32, torch's default), 'high' (TF32 on NVIDIA GPUs since Ampere; no change on a CPU),
-    'medium' (also bf16 inputs with fp32 accumulation: on CPUs with AMX or AVX512-BF16 through oneDNN, ~3x
-    the fp32 products). Weights, optimizer and everything else stay fp32; the numbers move by the inputs'
-    rounding (TF32 10 bits, bf16 7 bits of mantissa). See docs/performance.md."""
+    """What fp32 matrix products may compute in (torch.set_float32_matmul_precision for the stage; the caller's
+    setting is given back after it): 'highest' (IEEE fp32, torch's default), 'high' (TF32 on NVIDIA GPUs since
+    Ampere; no change on a CPU), 'medium' (also bf16 inputs with fp32 accumulation: on CPUs with AMX or
+    AVX512-BF16 through oneDNN, ~2-3x the fp32 products; there attention takes SDPA's math path, as CPU flash
+    attention is slow under it). Weights, optimizer and everything else stay fp32; the numbers move by the
+    inputs' rounding (TF32 10 bits, bf16 7 bits of mantissa). See docs/performance.md."""
     deepspeed: str | None = None
     """DeepSpeed ZeRO JSON (recipes/deepspeed/); batch, accumulation, clipping and precision fields are filled
     in (PPO: policy and value train as one engine, ZeRO-3 weights gathered once per rollout)."""
