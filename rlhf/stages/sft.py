@@ -33,6 +33,7 @@ from ..faults import fault_point_step, inject_fault
 from ..evaluate import gold_accuracy, gold_examples
 from ..cpu_linear import apply_onednn_linear, check_onednn_linear
 from ..models import count_parameters, load_causal_lm, load_tokenizer, save_model_files, unwrap
+from ..rollout import right_pad
 from ..tokenization import IGNORE_INDEX, collate_sft, encode_sft
 
 log = logging.getLogger(__name__)
@@ -125,11 +126,9 @@ def sft_inputs(feats, pad_id: int, device, flatten: bool = False) -> tuple[dict,
         return {"input_ids": ids, "attention_mask": mask, "use_cache": False}, labels
     if flatten:
         feats = [tuple(sum((list(f[i]) for f in feats), []) for i in range(3))]
-    width = max(len(f[0]) for f in feats)
-    pad = [width - len(f[0]) for f in feats]
-    ids = torch.tensor([f[0] + [pad_id] * n for f, n in zip(feats, pad)], device=device)
-    pos = torch.tensor([f[2] + list(range(n)) for f, n in zip(feats, pad)], device=device)
-    labels = torch.tensor([f[1] + [IGNORE_INDEX] * n for f, n in zip(feats, pad)], device=device)
+    ids = right_pad([f[0] for f in feats], pad_id, device)
+    labels = right_pad([f[1] for f in feats], IGNORE_INDEX, device)
+    pos = right_pad([f[2] + list(range(ids.shape[1] - len(f[2]))) for f in feats], 0, device)
     return {"input_ids": ids, "position_ids": pos, "use_cache": False}, labels
 
 
