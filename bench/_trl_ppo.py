@@ -37,6 +37,10 @@ def main():
     ap.add_argument("--matmul_precision", default="highest", choices=["highest", "high", "medium"],
                     help="torch.set_float32_matmul_precision for the whole run (medium: bf16 inputs, fp32 accumulation "
                          "in the fp32 products on CPUs with AMX), as rlhf's matmul_precision key sets it")
+    ap.add_argument("--trl_ga_spans_minibatches", action="store_true",
+                    help="the bench's configuration before 2026-12-06: per_device_train_batch_size = micro and "
+                         "gradient accumulation over batch / micro micro-batches, so that TRL steps its optimizer "
+                         "once per epoch, not once per minibatch (fewer optimizer steps than the recipe's)")
     ap.add_argument("--trl_bf16_own", action="store_true",
                     help="with --bf16: TRL's own bf16=True alone (an autocast over its training forward only; "
                          "its rollout in fp32)")
@@ -72,9 +76,16 @@ def main():
 
         for m in (policy, ref, reward, value):
             use_onednn_linear(m)
-    ga = a.minibatch // a.micro * (a.batch // a.minibatch)
+    # TRL's rollout batch is per_device_train_batch_size x gradient_accumulation_steps, its micro-batches are
+    # per_device_train_batch_size rows of a minibatch, and accelerate counts the accumulation across
+    # minibatches. One optimizer step per minibatch, as the recipe asks, is therefore per_device = batch with
+    # no accumulation (each micro-batch is then a whole minibatch, which needs micro == minibatch); any other
+    # split makes TRL step once every batch / micro micro-batches, spanning minibatches.
+    per_device, ga = a.micro, a.minibatch // a.micro * (a.batch // a.minibatch)
+    if a.micro == a.minibatch and not a.trl_ga_spans_minibatches:
+        per_device, ga = a.batch, 1
     args = PPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.micro, gradient_accumulation_steps=ga,
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=per_device, gradient_accumulation_steps=ga,
         num_mini_batches=a.batch // a.minibatch, num_ppo_epochs=a.epochs, total_episodes=a.batch * a.iters,
         local_rollout_forward_batch_size=a.batch, response_length=a.response, stop_token="eos",
         missing_eos_penalty=-1.0, temperature=1.0, kl_coef=a.kl_coef, learning_rate=a.lr,

@@ -139,6 +139,10 @@ def main() -> None:
                     help="run every side with fp32 products at this torch.set_float32_matmul_precision (ours through "
                          "its matmul_precision key, TRL set before its run): medium = bf16 inputs with fp32 "
                          "accumulation on CPUs with AMX (the CPU's TF32), weights and everything else fp32")
+    ap.add_argument("--trl_ga_spans_minibatches", action="store_true",
+                    help="run TRL as this bench did before 2026-12-06: its gradient accumulation spans minibatches, "
+                         "so it takes one optimizer step per epoch where the recipe's minibatches take one each "
+                         "(4 against 16 on the tiny size, 2 against 4 on SmolLM2); for comparison with older results")
     ap.add_argument("--sides", help="comma-separated side names to run (e.g. ours,ours+samplelp+compile,trl); "
                                     "default: every side the other flags ask for")
     ap.add_argument("--out", help="JSON results file (default bench/results/ppo_vs_trl_<size>.json)")
@@ -164,6 +168,8 @@ def main() -> None:
         variants.update({name + "+compile": cmd + ["--compile"] for name, cmd in variants.items()})
     if a.onednn:
         variants.update({name + "+onednn": cmd + ["--onednn"] for name, cmd in variants.items()})
+    if a.trl_ga_spans_minibatches:
+        sides["trl"] = sides["trl"] + ["--trl_ga_spans_minibatches"]
     trl = {"trl": sides["trl"], **({"trl+onednn": sides["trl"] + ["--onednn"]} if a.onednn else {})}
     sides = {**variants, **trl}
     if a.bf16:
@@ -248,8 +254,11 @@ def main() -> None:
               f"(MFU {ph['mfu_train']:.1%})")
     steps = {n: summary[n]["optimizer_steps_per_iteration"] for n in runs
              if n in summary and "optimizer_steps_per_iteration" in summary[n]}
-    if steps:  # the same rollouts, minibatches and epochs; TRL's gradient accumulation spans minibatches
+    if steps:  # equal work includes equal optimizer steps (see _trl_ppo.py for when TRL can take them)
         print("optimizer steps per iteration: " + ", ".join(f"{n} {v:g}" for n, v in steps.items()))
+        summary["equal_optimizer_steps"] = len(set(steps.values())) == 1
+        if not summary["equal_optimizer_steps"]:
+            print("WARNING: the sides took different numbers of optimizer steps: not equal work")
     for name in [n for n in summary if n.startswith("trl") and summary[n].get("phases")]:
         ph = summary[name]["phases"]  # (TRL scores inside its experience phase)
         print(f"{name} by phase (median s): " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in ph.items()))
