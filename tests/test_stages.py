@@ -208,6 +208,54 @@ def test_update_statistics_are_token_means_over_the_minibatch(sft_checkpoint, ta
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ptx", [False, True])
+def test_policy_and_value_losses_are_backpropagated_one_at_a_time(sft_checkpoint, task_dir, ptx):
+    """loss_terms: the policy's loss is backpropagated before the value model's forward runs, so
+    one model's activations are held at a time, and the gradients of both models are those of the
+    joint loss (micro_batch_loss + ptx_coef x the pretraining term) bit for bit."""
+    from rlhf.models import load_tokenizer
+    from rlhf.stages.ppo import loss_terms, make_experience, micro_batch_loss
+    from rlhf.value import load_value_model
+
+    cfg = _ppo_cfg(sft_checkpoint, task_dir, entropy_coef=0.01)
+    cfg.ptx_coef = 0.5 if ptx else 0.0
+    ro, models = _rollout_of_16(cfg)
+    models.value = load_value_model(cfg, load_tokenizer(cfg.model), None)
+    exp = make_experience(ro, torch.linspace(-1.0, 1.0, 16), models, 0.1, cfg, micro_batch_size=16)
+    exp.old_logprobs = exp.old_logprobs + 0.1  # a ratio off 1: the clipped surrogate has a gradient
+    rows, params = [0, 3, 5, 9], [*models.policy.parameters(), *models.value.parameters()]
+    n_tok = exp.response_mask[rows].sum().item()
+
+    class Ptx:  # a stand-in pretraining term: any differentiable function of the policy
+        def loss(self, policy):
+            return policy(input_ids=exp.input_ids[:2], use_cache=False).logits.float().log_softmax(-1)[..., 7].mean()
+
+    def grads(fn):
+        for p in params:
+            p.grad = None
+        fn(Ptx() if ptx else None)
+        return [p.grad.clone() if p.grad is not None else None for p in params]
+
+    def joint(it):
+        loss = micro_batch_loss(exp, rows, models, cfg, n_tok, {}, len(rows))
+        if it is not None:
+            loss = loss + cfg.ptx_coef * it.loss(models.policy) / 2
+        loss.backward()
+
+    policy_grad_at_value_forward = []
+    models.value.register_forward_pre_hook(lambda *_: policy_grad_at_value_forward.append(
+        all(p.grad is not None for p in models.policy.parameters() if p.requires_grad)))
+    expected = grads(joint)
+    assert policy_grad_at_value_forward == [False]  # (the joint loss: both graphs alive together)
+    got = grads(lambda it: [loss.backward() for loss in loss_terms(exp, rows, models, cfg, n_tok, {}, len(rows),
+                                                                     it, 2)])
+    assert policy_grad_at_value_forward == [False, True]
+    assert sum(g is not None for g in got) > len(params) // 2
+    for e, g in zip(expected, got):
+        assert (e is None and g is None) or torch.equal(e, g)
+
+
+@pytest.mark.slow
 def test_rewards_are_whitened_over_the_whole_batch_across_processes(sft_checkpoint, task_dir):
     """whiten_rewards under data parallelism: the mean and variance are the whole batch's, as for
     the advantages. Simulated here as two processes holding the same rollout (`reduce` doubles

@@ -318,14 +318,10 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
                 with acc.no_sync(m.policy) if not sync else _nothing(), \
                         acc.no_sync(m.value) if not sync and m.value is not None else _nothing(), \
                         backpropagated_attention(exp.input_ids.device, dtype):
-                    loss = micro_batch_loss(exp, mi, m, cfg, n_tok, sums, len(mb))
-                    if st.ptx is not None:
-                        ptx_loss = st.ptx.loss(m.policy) / len(micro)
-                        loss = loss + cfg.ptx_coef * ptx_loss
-                        _add(sums, "ptx_loss", ptx_loss)
-                    loss = inject_fault(loss, iteration)
-                    finite &= torch.isfinite(loss.detach())
-                    backward(acc, loss, len(micro), sync)
+                    for loss in loss_terms(exp, mi, m, cfg, n_tok, sums, len(mb), st.ptx, len(micro)):
+                        loss = inject_fault(loss, iteration)
+                        finite &= torch.isfinite(loss.detach())
+                        backward(acc, loss, len(micro), sync)
             res = step_models(acc, m.step_parts(), cfg.max_grad_norm, bool(finite))
             if res[0]:
                 applied += 1
@@ -341,6 +337,28 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
     return {k: float(v) / (applied if k.endswith(("grad_norm", "grad_norm_joint")) else steps) for k, v in sums.items()}
 
 
+def loss_terms(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOConfig, n_tok: float, sums: dict,
+               n_seq: int, ptx: PtxIterator | None = None, n_micro: int = 1):
+    """This micro-batch's loss (:func:`micro_batch_loss`, plus ptx_coef x the pretraining loss
+    [InstructGPT eq. 2]) as terms to backpropagate one after the other, each computed only once
+    the one before it has been backpropagated: the policy's, then the value model's. They share no
+    parameter, so the gradients are those of their sum, and one model's activations are held at a
+    time instead of both. Under DeepSpeed, whose engine trains both models and takes one backward
+    per micro-batch (it steps inside it), a single term: their sum."""
+    loss = policy_micro_loss(exp, rows, m, cfg, n_tok, sums, n_seq)
+    if ptx is not None:
+        ptx_loss = ptx.loss(m.policy) / n_micro
+        loss = loss + cfg.ptx_coef * ptx_loss
+        _add(sums, "ptx_loss", ptx_loss)
+    if m.value is None:
+        yield loss
+    elif m.engine is not None:
+        yield loss + value_micro_loss(exp, rows, m, cfg, n_tok, sums, n_seq)
+    else:
+        yield loss  # (backpropagated by the caller, which frees the policy's graph, before the value forward)
+        yield value_micro_loss(exp, rows, m, cfg, n_tok, sums, n_seq)
+
+
 def micro_batch_loss(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOConfig, n_tok: float,
                      sums: dict, n_seq: int | None = None) -> torch.Tensor:
     """Clipped surrogate [PPO eq. 7] + vf_coef x clipped value loss [N+] - entropy bonus, as this
@@ -348,7 +366,32 @@ def micro_batch_loss(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOCon
     (token_mean: over the minibatch's n_tok tokens; the per-sequence ones over its n_seq
     responses). Its statistics are added to `sums`, each a token mean over the minibatch (a
     micro-batch weighs by its response tokens, not its rows). The micro-batch's rows come without
-    the padding columns they all share (Experience.rows)."""
+    the padding columns they all share (Experience.rows). The sum of :func:`policy_micro_loss`
+    and :func:`value_micro_loss`; training backpropagates them one at a time (:func:`loss_terms`)."""
+    loss = policy_micro_loss(exp, rows, m, cfg, n_tok, sums, n_seq)
+    if m.value is not None:
+        loss = loss + value_micro_loss(exp, rows, m, cfg, n_tok, sums, n_seq)
+    return loss
+
+
+def value_micro_loss(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOConfig, n_tok: float,
+                     sums: dict, n_seq: int | None = None) -> torch.Tensor:
+    """vf_coef x the clipped value loss [N+] of this micro-batch (see :func:`micro_batch_loss`)."""
+    idx, cols, R = exp.rows(rows)
+    ids, mask, rmask = exp.input_ids[idx, cols], exp.attention_mask[idx, cols], exp.response_mask[idx, :R]
+    agg = core.LOSS_AGGREGATIONS[cfg.loss_agg].fn(rmask, n_tok, n_seq or len(rows), cfg.max_new_tokens)
+    vpred = m.value(ids, mask, position_ids_from_mask(mask))[:, -R - 1 : -1]
+    vf_loss, vclip = core.value_loss(vpred, exp.old_values[idx, :R], exp.returns[idx, :R], rmask,
+                                     cfg.cliprange_value, agg)
+    _add(sums, "vf_loss", vf_loss)
+    _add(sums, "value_clipfrac", vclip.double() * (rmask.sum().double() / n_tok))  # (a token mean, as below)
+    return cfg.vf_coef * vf_loss
+
+
+def policy_micro_loss(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOConfig, n_tok: float,
+                      sums: dict, n_seq: int | None = None) -> torch.Tensor:
+    """The policy's part of :func:`micro_batch_loss`: the clipped surrogate [PPO eq. 7] - the
+    entropy bonus (+ beta x the KL loss term with kl_penalty: loss [Shao et al. 2024])."""
     idx, cols, R = exp.rows(rows)
     ids, mask, rmask = exp.input_ids[idx, cols], exp.attention_mask[idx, cols], exp.response_mask[idx, :R]
     # the entropy is logged; it carries a gradient only when it is in the loss
@@ -359,12 +402,6 @@ def micro_batch_loss(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOCon
                                     cfg.log_ratio_clamp, agg)
     loss = pg_loss
     _add(sums, "pg_loss", pg_loss)
-    if m.value is not None:
-        vpred = m.value(ids, mask, position_ids_from_mask(mask))[:, -R - 1 : -1]
-        vf_loss, vclip = core.value_loss(vpred, exp.old_values[idx, :R], exp.returns[idx, :R], rmask,
-                                         cfg.cliprange_value, agg)
-        loss = loss + cfg.vf_coef * vf_loss
-        _add(sums, "vf_loss", vf_loss)
     entropy = core.masked_sum(ent, rmask) / n_tok  # logged: a token mean, whatever the aggregation
     loss = loss - cfg.entropy_coef * (entropy if cfg.loss_agg == "token_mean" else core.aggregate(ent, agg))
     _add(sums, "entropy", entropy)
@@ -377,8 +414,6 @@ def micro_batch_loss(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOCon
     for name, value in (("policy_clipfrac", pst.clipfrac), ("approx_kl", pst.approx_kl),
                         ("ratio_mean", pst.ratio_mean)):
         _add(sums, name, value.double() * weight)
-    if m.value is not None:
-        _add(sums, "value_clipfrac", vclip.double() * weight)
     return loss
 
 
