@@ -247,8 +247,8 @@ def test_policy_and_value_losses_are_backpropagated_one_at_a_time(sft_checkpoint
         all(p.grad is not None for p in models.policy.parameters() if p.requires_grad)))
     expected = grads(joint)
     assert policy_grad_at_value_forward == [False]  # (the joint loss: both graphs alive together)
-    got = grads(lambda it: [loss.backward() for loss in loss_terms(exp, rows, models, cfg, n_tok, {}, len(rows),
-                                                                     it, 2)])
+    got = grads(lambda it: [loss.backward() for loss in loss_terms(
+        exp, rows, models, cfg, n_tok, {}, len(rows), (lambda: it.loss(models.policy) / 2) if it else None)])
     assert policy_grad_at_value_forward == [False, True]
     assert sum(g is not None for g in got) > len(params) // 2
     for e, g in zip(expected, got):

@@ -318,7 +318,8 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
                 with acc.no_sync(m.policy) if not sync else _nothing(), \
                         acc.no_sync(m.value) if not sync and m.value is not None else _nothing(), \
                         backpropagated_attention(exp.input_ids.device, dtype):
-                    for loss in loss_terms(exp, mi, m, cfg, n_tok, sums, len(mb), st.ptx, len(micro)):
+                    ptx = (lambda: st.ptx.loss(m.policy) / len(micro)) if st.ptx is not None else None
+                    for loss in loss_terms(exp, mi, m, cfg, n_tok, sums, len(mb), ptx):
                         loss = inject_fault(loss, iteration)
                         finite &= torch.isfinite(loss.detach())
                         backward(acc, loss, len(micro), sync)
@@ -338,16 +339,16 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
 
 
 def loss_terms(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOConfig, n_tok: float, sums: dict,
-               n_seq: int, ptx: PtxIterator | None = None, n_micro: int = 1):
-    """This micro-batch's loss (:func:`micro_batch_loss`, plus ptx_coef x the pretraining loss
-    [InstructGPT eq. 2]) as terms to backpropagate one after the other, each computed only once
+               n_seq: int, ptx=None):
+    """This micro-batch's loss (:func:`micro_batch_loss`, plus ptx_coef x `ptx()`, its share of
+    the pretraining loss [InstructGPT eq. 2], when given) as terms to backpropagate one after the other, each computed only once
     the one before it has been backpropagated: the policy's, then the value model's. They share no
     parameter, so the gradients are those of their sum, and one model's activations are held at a
     time instead of both. Under DeepSpeed, whose engine trains both models and takes one backward
     per micro-batch (it steps inside it), a single term: their sum."""
     loss = policy_micro_loss(exp, rows, m, cfg, n_tok, sums, n_seq)
     if ptx is not None:
-        ptx_loss = ptx.loss(m.policy) / n_micro
+        ptx_loss = ptx()
         loss = loss + cfg.ptx_coef * ptx_loss
         _add(sums, "ptx_loss", ptx_loss)
     if m.value is None:
