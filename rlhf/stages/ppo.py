@@ -341,11 +341,12 @@ def ppo_update(exp: Experience, m: PPOModels, acc, cfg: PPOConfig, split: BatchS
 def loss_terms(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOConfig, n_tok: float, sums: dict,
                n_seq: int, ptx=None):
     """This micro-batch's loss (:func:`micro_batch_loss`, plus ptx_coef x `ptx()`, its share of
-    the pretraining loss [InstructGPT eq. 2], when given) as terms to backpropagate one after the other, each computed only once
-    the one before it has been backpropagated: the policy's, then the value model's. They share no
-    parameter, so the gradients are those of their sum, and one model's activations are held at a
-    time instead of both. Under DeepSpeed, whose engine trains both models and takes one backward
-    per micro-batch (it steps inside it), a single term: their sum."""
+    the pretraining loss [InstructGPT eq. 2], when given) as terms to backpropagate one after the
+    other, each computed only once the one before it has been backpropagated: the policy's, then
+    the value model's. They share no parameter, so the gradients are those of their sum, and one
+    model's activations are held at a time instead of both. Under DeepSpeed, whose engine trains
+    both models and takes one backward per micro-batch (it steps inside it), a single term: their
+    sum."""
     loss = policy_micro_loss(exp, rows, m, cfg, n_tok, sums, n_seq)
     if ptx is not None:
         ptx_loss = ptx()
@@ -385,7 +386,7 @@ def value_micro_loss(exp: Experience, rows: list[int], m: PPOModels, cfg: PPOCon
     vf_loss, vclip = core.value_loss(vpred, exp.old_values[idx, :R], exp.returns[idx, :R], rmask,
                                      cfg.cliprange_value, agg)
     _add(sums, "vf_loss", vf_loss)
-    _add(sums, "value_clipfrac", vclip.double() * (rmask.sum().double() / n_tok))  # (a token mean, as below)
+    _add(sums, "value_clipfrac", vclip.double() * (rmask.sum().double() / n_tok))  # (a token mean, as the policy's)
     return cfg.vf_coef * vf_loss
 
 
