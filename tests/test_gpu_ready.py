@@ -159,9 +159,15 @@ def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monk
     monkeypatch.setattr(eval_mod, "generate",
                         lambda *a, **k: sft_region.append(torch.is_autocast_enabled("cpu")) or generate(*a, **k))
     flash = []  # every stage's training forwards: SDPA's math path on the CPU in bf16; no-grad ones: flash
-    for mod, name in ((sft_mod, "lm_loss_sum"), (rm_mod, "group_loss"), (ppo_mod, "policy_micro_loss")):
+    for mod, name in ((sft_mod, "lm_loss_sum"), (rm_mod, "group_loss"), (ppo_mod, "policy_micro_loss"),
+                      (ppo_mod, "value_micro_loss")):
         monkeypatch.setattr(mod, name, lambda *a, _f=getattr(mod, name), _n=name, **k: flash.append(
             (_n, torch.is_grad_enabled(), torch.backends.cuda.flash_sdp_enabled())) or _f(*a, **k))
+    # ppo_update backpropagates the policy's loss before the value model's forward (ppo.loss_terms): by
+    # then every trained policy parameter has its gradient, even on a minibatch's first micro-batch
+    value_after_policy, value_loss = [], ppo_mod.value_micro_loss
+    monkeypatch.setattr(ppo_mod, "value_micro_loss", lambda exp, rows, m, *a, **k: value_after_policy.append(all(
+        p.grad is not None for p in m.policy.parameters() if p.requires_grad)) or value_loss(exp, rows, m, *a, **k))
 
     sft = load_stage_config("sft", None, {
         "model.init": "from_config", "model.arch": TINY_ARCH, "model.tokenizer_vocab_size": 300,
@@ -187,7 +193,9 @@ def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monk
     assert s["initial_eval_kl"] == 0.0 and s["initial_eval_kl_k3"] == 0.0
     assert s["mfu_peak_dtype"] == "bfloat16" and math.isfinite(s["eval_reward"])
     assert len(in_region) >= 4 and all(in_region)  # 2 rollouts, 2+ evaluations
-    assert {n for n, grad, _ in flash if grad} == {"lm_loss_sum", "group_loss", "policy_micro_loss"}
+    assert {n for n, grad, _ in flash if grad} == {"lm_loss_sum", "group_loss", "policy_micro_loss",
+                                                   "value_micro_loss"}
+    assert len(value_after_policy) >= 4 and all(value_after_policy)
     assert all(on != grad for _, grad, on in flash) and torch.backends.cuda.flash_sdp_enabled()  # (restored after)
 
 
