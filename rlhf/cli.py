@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -161,6 +162,51 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         _close_process_group()
+
+
+def run() -> NoReturn:
+    """The `rlhf` command (console script and `python -m rlhf`): `main`, then exit with its status.
+
+    Under a launcher (torchrun, `accelerate launch`, `deepspeed`) the process ends with
+    `os._exit` once Python's own exit handlers have run and the streams are flushed: every file
+    a stage writes is closed by then, and the interpreter's teardown and the C++ static
+    destructors that follow it are skipped. There, a backend thread still joinable could abort a
+    rank that had finished its work ("terminate called without an active exception", SIGABRT),
+    and the launcher then failed the whole run."""
+    launched = "LOCAL_RANK" in os.environ or os.environ.get("WORLD_SIZE", "1") != "1"
+    if not launched:
+        sys.exit(main())
+    try:
+        rc = main()
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # a crash still prints its traceback, and fails the launcher's run
+        import traceback
+
+        traceback.print_exc()
+        rc = 1
+    _hard_exit(rc)
+
+
+def _hard_exit(rc: int) -> NoReturn:
+    import atexit
+    import threading
+
+    try:  # what a normal exit does before the interpreter's teardown
+        for t in threading.enumerate():
+            if t is not threading.main_thread() and not t.daemon:
+                t.join()
+        atexit._run_exitfuncs()
+        logging.shutdown()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed or broken pipe: nothing more to write
+                pass
+        os._exit(rc)
 
 
 def _close_process_group() -> None:
@@ -432,4 +478,4 @@ def _chat(args) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

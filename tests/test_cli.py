@@ -1,6 +1,7 @@
 """Every CLI command as a user runs it (subprocess), and the one-line errors."""
 
 import json
+import os
 
 import pytest
 
@@ -166,3 +167,45 @@ def test_the_cli_tears_the_process_group_down_before_exit(tmp_path):
     assert dist.is_initialized()
     assert main(["sft", str(tmp_path / "missing.yaml")]) == 2  # a user error: the group goes all the same
     assert not dist.is_initialized()
+
+
+_EXIT_PROBE = """
+import atexit, ctypes, sys, threading, time
+from pathlib import Path
+
+libc = ctypes.CDLL(None)
+libc.__cxa_atexit(ctypes.cast(libc.abort, ctypes.c_void_p), None, None)  # a C++ static destructor that aborts
+atexit.register(lambda: Path(sys.argv[1], "atexit").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), Path(sys.argv[1], "thread").write_text("ran"))).start()
+import rlhf.cli as cli
+
+cli.main = lambda argv=None: (print("stage done", end=""), int(sys.argv[2]))[1]
+cli.run()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rc", [0, 2])
+def test_a_launched_rank_exits_with_its_status_before_static_destructors(tmp_path, rc):
+    """Under a launcher, `rlhf` ends with os._exit after Python's exit handlers, its non-daemon
+    threads and its streams: a C++ destructor that would abort the finished rank (seen at exit
+    under ZeRO-3 on CPU) never runs. Without a launcher the exit is Python's own, which the probe
+    shows aborts."""
+    import subprocess
+    import sys
+
+    def probe(**launcher):
+        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK")}
+        for d in ("a", "b"):
+            (tmp_path / d).mkdir(exist_ok=True)
+        out = tmp_path / ("a" if launcher else "b")
+        p = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(out), str(rc)], capture_output=True, text=True,
+                           cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT), **launcher}, timeout=120)
+        return p, out
+
+    p, out = probe(WORLD_SIZE="2", LOCAL_RANK="1")
+    assert p.returncode == rc, p.stderr[-2000:]
+    assert p.stdout == "stage done"  # flushed although it ended without a newline
+    assert (out / "atexit").read_text() == "ran" and (out / "thread").read_text() == "ran"
+    p, out = probe()  # the same process left to the interpreter's exit: the destructor aborts it
+    assert p.returncode == -6 and p.stdout == "stage done" and (out / "atexit").is_file()
