@@ -165,9 +165,22 @@ def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monk
             (_n, torch.is_grad_enabled(), torch.backends.cuda.flash_sdp_enabled())) or _f(*a, **k))
     # ppo_update backpropagates the policy's loss before the value model's forward (ppo.loss_terms): by
     # then every trained policy parameter has its gradient, even on a minibatch's first micro-batch
-    value_after_policy, value_loss = [], ppo_mod.value_micro_loss
+    # and that backward freed the policy's graph (no retain_graph): backpropagating through it again fails
+    value_after_policy, value_loss, policy_losses = [], ppo_mod.value_micro_loss, []
+    policy_loss = ppo_mod.policy_micro_loss
+    monkeypatch.setattr(ppo_mod, "policy_micro_loss", lambda *a, **k: policy_losses.append(policy_loss(*a, **k))
+                        or policy_losses[-1])
+
+    def graph_freed(loss, params):
+        try:
+            torch.autograd.grad(loss, params, allow_unused=True)
+        except RuntimeError as e:
+            return "backward through the graph a second time" in str(e)
+        return False
+
     monkeypatch.setattr(ppo_mod, "value_micro_loss", lambda exp, rows, m, *a, **k: value_after_policy.append(all(
-        p.grad is not None for p in m.policy.parameters() if p.requires_grad)) or value_loss(exp, rows, m, *a, **k))
+        p.grad is not None for p in m.policy.parameters() if p.requires_grad) and graph_freed(
+        policy_losses.pop(), [p for p in m.policy.parameters() if p.requires_grad])) or value_loss(exp, rows, m, *a, **k))
 
     sft = load_stage_config("sft", None, {
         "model.init": "from_config", "model.arch": TINY_ARCH, "model.tokenizer_vocab_size": 300,
