@@ -4,7 +4,7 @@ torch computes an fp32 ``nn.Linear`` on the CPU with MKL's sgemm. On the AMD CPU
 measured on (AVX-512), MKL runs its AVX2 kernels and reaches about half of what the cores can do:
 a 2048³ product at 176 GFLOP/s, where oneDNN, which torch also ships and which chooses its kernels
 by the CPU's instruction sets, reaches 382 GFLOP/s, and SmolLM2's training products 2× as fast
-(docs/performance.md, "The figure now: fp32 linear layers through oneDNN"). On Intel CPUs MKL is
+(docs/performance-history.md, "The figure now: fp32 linear layers through oneDNN"). On Intel CPUs MKL is
 already at the peak and the two are alike.
 
 :func:`use_onednn_linear` makes a model's fp32 ``nn.Linear`` layers run :class:`OneDNNLinear`:
@@ -120,7 +120,7 @@ def use_onednn_linear(model: nn.Module, min_weights: int = 0) -> int:
 AUTO_MIN_WEIGHTS = 2**16
 """``onednn_linear: auto`` switches layers of at least this many weights (256 x 256): every layer of
 the 6M bench model (1.50x TRL with them, 1.08x without), none of the tiny recipes' 149k-parameter
-model (2.44x with them, 2.80x without; docs/performance.md)."""
+model (2.44x with them, 2.80x without; docs/performance-history.md)."""
 
 
 def mkl_below_peak_here(cpuinfo: str | None = None) -> bool:

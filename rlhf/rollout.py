@@ -89,7 +89,8 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     For a decoding step's few rows (one per sequence) MKL's fp32 sgemm is faster this way round on
     the CPUs measured: it splits x Wᵀ over x's few rows, W xᵀ over W's many. SmolLM2-135M, 16 rows:
     1.4× on the 576 → 1536 and 1536 → 576 products, 1.3× on the 49k-vocabulary LM head, and never
-    slower from 4 to 256 rows; one row is 3–13% slower (docs/performance.md, "decoding")."""
+    slower from 4 to 256 rows; one row is 3–13% slower (docs/performance-history.md, "Decoding:
+    few-row products turned around")."""
     out = torch.mm(weight, x.reshape(-1, x.shape[-1]).t()).t()
     if bias is not None:
         out = out + bias
