@@ -100,6 +100,51 @@ def test_a_stage_gives_the_callers_matmul_precision_back():
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's 'medium' attention")
+def test_a_callers_own_sdpa_attention_is_kept_and_given_back():
+    """A caller who registered an "sdpa" attention function of their own keeps it: a stage under
+    'highest' leaves it registered, one under 'medium' runs it inside SDPA's math path, and the next
+    stage (and a stage's end, `restore_matmul_settings`) registers it again."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from rlhf.engine import _cpu_medium_sdpa, matmul_settings, restore_matmul_settings, set_matmul_precision
+
+    calls = []
+
+    def mine(module, q, k, v, mask, **kw):
+        calls.append(torch._C._get_math_sdp_enabled() and not torch._C._get_flash_sdp_enabled())
+        return sdpa_attention_forward(module, q, k, v, mask, **kw)
+
+    module = torch.nn.Module()
+    module.is_causal, module.training = True, False
+    q = torch.randn(1, 2, 5, 8)
+    ALL_ATTENTION_FUNCTIONS.register("sdpa", mine)
+    try:
+        caller = matmul_settings()
+        set_matmul_precision("highest")
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is mine
+        set_matmul_precision("medium")
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is _cpu_medium_sdpa
+        ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, q, q, None)
+        assert calls == [True]  # the caller's function, inside the math path
+        set_matmul_precision("medium")  # (a pipeline's next stage: still the caller's below ours)
+        ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, q, q, None)
+        assert calls == [True, True]
+        set_matmul_precision("highest")
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is mine
+        set_matmul_precision("medium")
+        restore_matmul_settings(caller)
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is mine and torch.get_float32_matmul_precision() == "highest"
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, q, q, None)
+        assert calls == [True, True, False]  # (the probe tells the paths apart)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        ALL_ATTENTION_FUNCTIONS.register("sdpa", sdpa_attention_forward)
+
+
 def test_cpu_medium_attention_takes_the_math_path_in_every_pass():
     """Under 'medium' every attention is SDPA's math path, backpropagated or not (so a policy's
     no-grad passes compute what its training pass does), not ATen's flash, which is slow there."""

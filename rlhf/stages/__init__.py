@@ -11,13 +11,12 @@ def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False,
     """Run one stage (or the pipeline). If it stops with an error, the run folder it was writing
     is cleaned up: a staged run without a checkpoint is removed, one with a checkpoint is kept,
     marked FAILED and resumable (the error message says where)."""
-    import torch
-
-    from ..engine import OPEN_RUNS, fail_open_runs, retain_freed_cpu_memory, set_matmul_precision, user_errors
+    from ..engine import OPEN_RUNS, fail_open_runs, matmul_settings, restore_matmul_settings, retain_freed_cpu_memory, \
+        user_errors
 
     retain_freed_cpu_memory()  # freed tensors' memory is reused, not page-faulted in again (engine.py)
     opened = len(OPEN_RUNS)  # (a pipeline's stages run inside it: each cleans up only what it opened)
-    precision = torch.get_float32_matmul_precision()  # the caller's, given back after the stage's own
+    caller = matmul_settings()  # the caller's matmul precision and attention, given back after the stage's own
     try:
         return _run(stage, cfg, output_dir, overwrite, resume)
     except BaseException as e:
@@ -28,7 +27,7 @@ def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False,
             raise type(e)(f"{e}{note}") from None
         raise
     finally:
-        set_matmul_precision(precision)
+        restore_matmul_settings(caller)
 
 
 def _run(stage: str, cfg, output_dir: str | None, overwrite: bool, resume: bool) -> dict:
