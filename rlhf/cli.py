@@ -167,37 +167,52 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> NoReturn:
     """The `rlhf` command (console script and `python -m rlhf`): `main`, then exit with its status.
 
-    Under a launcher (torchrun, `accelerate launch`, `deepspeed`) the process ends with
-    `os._exit` once Python's own exit handlers have run and the streams are flushed: every file
-    a stage writes is closed by then, and the interpreter's teardown and the C++ static
-    destructors that follow it are skipped. There, a backend thread still joinable could abort a
-    rank that had finished its work ("terminate called without an active exception", SIGABRT),
-    and the launcher then failed the whole run."""
-    launched = "LOCAL_RANK" in os.environ or os.environ.get("WORLD_SIZE", "1") != "1"
-    if not launched:
-        sys.exit(main())
+    A process that ran torch.distributed (under a launcher: torchrun, `accelerate launch`,
+    `deepspeed`, MPI; or DeepSpeed in one process, for which rlhf sets the launcher's variables
+    itself) ends with `os._exit`, once Python's exit steps (its threads joined, its exit handlers)
+    have run and the streams are flushed: every file a stage writes is closed by then, and the
+    interpreter's teardown and the C++ static destructors that follow it are skipped. There, a
+    backend thread still joinable could abort a rank that had finished its work ("terminate called
+    without an active exception", SIGABRT), and the launcher then failed the whole run."""
+    distributed = _distributed_process()
     try:
         rc = main()
     except SystemExit as e:  # argparse's usage errors
+        if not (distributed or _distributed_process()):
+            raise
         rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
-    except BaseException:  # a crash still prints its traceback, and fails the launcher's run
+    except BaseException:
+        if not (distributed or _distributed_process()):
+            raise
         import traceback
 
-        traceback.print_exc()
+        traceback.print_exc()  # a crash still prints its traceback, and fails the launcher's run
         rc = 1
+    if not (distributed or _distributed_process()):
+        sys.exit(rc)
     _hard_exit(rc)
 
 
+def _distributed_process() -> bool:
+    """Whether a launcher started this process, or rlhf set a launcher's variables for one-process
+    DeepSpeed (engine.make_accelerator)."""
+    launcher = ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+    return any(k in os.environ for k in launcher) or os.environ.get("WORLD_SIZE", "1") != "1"
+
+
 def _hard_exit(rc: int) -> NoReturn:
+    """Python's exit steps, in the interpreter's order, then os._exit: non-daemon threads joined
+    after their shutdown hooks (`threading._shutdown`, which also wakes idle thread-pool workers,
+    such as inductor's compile pool), the atexit handlers, logging's, and every stream flushed,
+    C's stdio included (DeepSpeed's C++ extensions print through it)."""
     import atexit
+    import ctypes
     import threading
 
-    try:  # what a normal exit does before the interpreter's teardown
-        for t in threading.enumerate():
-            if t is not threading.main_thread() and not t.daemon:
-                t.join()
+    try:
+        threading._shutdown()
         atexit._run_exitfuncs()
         logging.shutdown()
     finally:
@@ -206,7 +221,11 @@ def _hard_exit(rc: int) -> NoReturn:
                 stream.flush()
             except Exception:  # a closed or broken pipe: nothing more to write
                 pass
-        os._exit(rc)
+        try:
+            ctypes.CDLL(None).fflush(None)
+        except Exception:  # no C library to flush (not Linux or macOS)
+            pass
+        os._exit(rc if isinstance(rc, int) else 1)
 
 
 def _close_process_group() -> None:

@@ -52,23 +52,21 @@ def set_matmul_precision(precision: str = "highest") -> None:
     """The recipe's `matmul_precision` for every fp32 product of this process (set by each stage, so
     one stage's choice does not leak into the next in a pipeline): 'highest' IEEE fp32, 'high' TF32
     on NVIDIA GPUs, 'medium' bf16 inputs with fp32 accumulation where the hardware has it (oneDNN on
-    CPUs with AMX / AVX512-BF16). On a CPU under 'medium', transformers' "sdpa" attention runs as
-    :func:`_cpu_medium_sdpa`, around whatever function was registered under that name (transformers'
-    own, or one the caller registered); under any other precision that function is registered again."""
-    global _SDPA_BELOW
+    CPUs with AMX / AVX512-BF16). On a CPU under 'medium', transformers' "sdpa" attention runs on
+    SDPA's math path (:func:`_cpu_medium_sdpa`) around whatever function was registered under that
+    name (transformers' own, or one the caller registered); under any other precision that function
+    is registered again."""
     if precision not in ("highest", "high", "medium"):
         raise RunError(f"recipe: matmul_precision must be highest, high or medium, got '{precision}'")
     torch.set_float32_matmul_precision(precision)
     from transformers import AttentionInterface
 
     current = AttentionInterface()["sdpa"]
-    if current is _cpu_medium_sdpa:
-        current = _SDPA_BELOW
+    below = _transformers_sdpa() if current is _cpu_medium_sdpa else getattr(current, "_rlhf_below", current)
     if precision == "medium" and not torch.cuda.is_available():
-        _SDPA_BELOW = current
-        AttentionInterface.register("sdpa", _cpu_medium_sdpa)
+        AttentionInterface.register("sdpa", _cpu_medium_sdpa if below is _transformers_sdpa() else _math_path(below))
     else:
-        AttentionInterface.register("sdpa", current)
+        AttentionInterface.register("sdpa", below)
 
 
 def matmul_settings() -> tuple:
@@ -76,16 +74,14 @@ def matmul_settings() -> tuple:
     torch's fp32 matmul precision and transformers' registered "sdpa" attention function."""
     from transformers import AttentionInterface
 
-    return torch.get_float32_matmul_precision(), AttentionInterface()["sdpa"], _SDPA_BELOW
+    return torch.get_float32_matmul_precision(), AttentionInterface()["sdpa"]
 
 
 def restore_matmul_settings(saved: tuple) -> None:
-    global _SDPA_BELOW
     from transformers import AttentionInterface
 
     torch.set_float32_matmul_precision(saved[0])
     AttentionInterface.register("sdpa", saved[1])
-    _SDPA_BELOW = saved[2]
 
 
 def _cpu_medium_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -94,23 +90,30 @@ def _cpu_medium_sdpa(module, query, key, value, attention_mask, **kwargs):
     AMX; one SmolLM2 layer, 8 x 68 tokens: forward 5.9 against 1.1 ms, forward + backward 25 against
     4 ms, a 16-row decoding step 3.4 against 0.2 ms; the math path 2.6, 4.2 and 0.6 ms). Every pass
     takes the same path, backpropagated or not, so that a policy's no-grad passes (old log-probs,
-    the reference's) compute what its training pass does: PPO's first ratio is 1 to float rounding.
-    It calls the "sdpa" function it stands in for (`_SDPA_BELOW`, else transformers' own) inside the
-    math-path context."""
+    the reference's) compute what its training pass does: PPO's first ratio is 1 to float rounding."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.MATH]):
-        return (_SDPA_BELOW or _transformers_sdpa())(module, query, key, value, attention_mask, **kwargs)
+        return _transformers_sdpa()(module, query, key, value, attention_mask, **kwargs)
+
+
+def _math_path(below):
+    """:func:`_cpu_medium_sdpa` around a caller's own "sdpa" attention function `below` (kept as
+    `_rlhf_below`, so that the next stage registers `below` again rather than wrapping a wrapper)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_on_the_math_path(module, query, key, value, attention_mask, **kwargs):
+        with sdpa_kernel([SDPBackend.MATH]):
+            return below(module, query, key, value, attention_mask, **kwargs)
+
+    sdpa_on_the_math_path._rlhf_below = below
+    return sdpa_on_the_math_path
 
 
 def _transformers_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward
-
-
-_SDPA_BELOW = None
-"""The "sdpa" attention function :func:`_cpu_medium_sdpa` stands in for while it is registered."""
 
 
 def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None, *, micro_batch_size: int = 1,

@@ -170,42 +170,53 @@ def test_the_cli_tears_the_process_group_down_before_exit(tmp_path):
 
 
 _EXIT_PROBE = """
-import atexit, ctypes, sys, threading, time
+import atexit, concurrent.futures, ctypes, os, sys, threading, time
 from pathlib import Path
 
 libc = ctypes.CDLL(None)
 libc.__cxa_atexit(ctypes.cast(libc.abort, ctypes.c_void_p), None, None)  # a C++ static destructor that aborts
 atexit.register(lambda: Path(sys.argv[1], "atexit").write_text("ran"))
 threading.Thread(target=lambda: (time.sleep(0.3), Path(sys.argv[1], "thread").write_text("ran"))).start()
+pool = concurrent.futures.ThreadPoolExecutor(1)  # an idle worker (inductor keeps such a pool)
+pool.submit(int).result()
 import rlhf.cli as cli
 
-cli.main = lambda argv=None: (print("stage done", end=""), int(sys.argv[2]))[1]
+
+def main(argv=None):
+    if sys.argv[3] == "in-process":  # what rlhf does for one-process DeepSpeed (engine.make_accelerator)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    libc.printf(b"C stdio, ")  # buffered by C, not Python, when stdout is a pipe
+    print("stage done", end="")
+    return int(sys.argv[2])
+
+
+cli.main = main
 cli.run()
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rc", [0, 2])
-def test_a_launched_rank_exits_with_its_status_before_static_destructors(tmp_path, rc):
-    """Under a launcher, `rlhf` ends with os._exit after Python's exit handlers, its non-daemon
-    threads and its streams: a C++ destructor that would abort the finished rank (seen at exit
-    under ZeRO-3 on CPU) never runs. Without a launcher the exit is Python's own, which the probe
-    shows aborts."""
+@pytest.mark.parametrize("rc,how", [(0, "launcher"), (2, "launcher"), (0, "in-process")])
+def test_a_distributed_rank_exits_with_its_status_before_static_destructors(tmp_path, rc, how):
+    """A process that ran torch.distributed (under a launcher, or one-process DeepSpeed) ends with
+    os._exit after Python's exit steps (non-daemon threads, idle pool workers, atexit) and every
+    stream flushed, C's included: a C++ destructor that would abort the finished rank (seen at exit
+    under ZeRO-3 on CPU) never runs. Without either, the exit is Python's own, which the probe shows
+    aborts."""
     import subprocess
     import sys
 
-    def probe(**launcher):
-        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK")}
-        for d in ("a", "b"):
-            (tmp_path / d).mkdir(exist_ok=True)
-        out = tmp_path / ("a" if launcher else "b")
-        p = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(out), str(rc)], capture_output=True, text=True,
-                           cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT), **launcher}, timeout=120)
+    def probe(out, mode, **launcher):
+        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_RANK", "RANK", "PYTHONUNBUFFERED")}
+        out.mkdir()
+        p = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(out), str(rc), mode], capture_output=True,
+                           text=True, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT), **launcher}, timeout=60)
         return p, out
 
-    p, out = probe(WORLD_SIZE="2", LOCAL_RANK="1")
+    launcher = {"WORLD_SIZE": "2", "LOCAL_RANK": "1"} if how == "launcher" else {}
+    p, out = probe(tmp_path / "a", how, **launcher)
     assert p.returncode == rc, p.stderr[-2000:]
-    assert p.stdout == "stage done"  # flushed although it ended without a newline
+    assert sorted(p.stdout.partition("stage done")[::2]) == ["", "C stdio, "]  # both flushed, neither ends its line
     assert (out / "atexit").read_text() == "ran" and (out / "thread").read_text() == "ran"
-    p, out = probe()  # the same process left to the interpreter's exit: the destructor aborts it
-    assert p.returncode == -6 and p.stdout == "stage done" and (out / "atexit").is_file()
+    p, out = probe(tmp_path / "b", "plain")  # the same process left to the interpreter's exit: it aborts
+    assert p.returncode == -6 and p.stdout.endswith("stage done") and (out / "atexit").is_file()

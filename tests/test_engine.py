@@ -99,6 +99,19 @@ def test_a_stage_gives_the_callers_matmul_precision_back():
     assert torch.get_float32_matmul_precision() == "highest"
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
 
+    def mine(*a, **k):  # a caller under 'medium' with an attention function of their own
+        return sdpa_attention_forward(*a, **k)
+
+    try:
+        torch.set_float32_matmul_precision("medium")
+        ALL_ATTENTION_FUNCTIONS.register("sdpa", mine)
+        with pytest.raises(DataError, match="no output directory"):
+            run("sft", load_stage_config("sft", None, {}), None)
+        assert torch.get_float32_matmul_precision() == "medium" and ALL_ATTENTION_FUNCTIONS["sdpa"] is mine
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        ALL_ATTENTION_FUNCTIONS.register("sdpa", sdpa_attention_forward)
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's 'medium' attention")
 def test_a_callers_own_sdpa_attention_is_kept_and_given_back():
@@ -109,7 +122,7 @@ def test_a_callers_own_sdpa_attention_is_kept_and_given_back():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from rlhf.engine import _cpu_medium_sdpa, matmul_settings, restore_matmul_settings, set_matmul_precision
+    from rlhf.engine import matmul_settings, restore_matmul_settings, set_matmul_precision
 
     calls = []
 
@@ -126,20 +139,33 @@ def test_a_callers_own_sdpa_attention_is_kept_and_given_back():
         set_matmul_precision("highest")
         assert ALL_ATTENTION_FUNCTIONS["sdpa"] is mine
         set_matmul_precision("medium")
-        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is _cpu_medium_sdpa
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"]._rlhf_below is mine
         ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, q, q, None)
         assert calls == [True]  # the caller's function, inside the math path
         set_matmul_precision("medium")  # (a pipeline's next stage: still the caller's below ours)
         ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, q, q, None)
         assert calls == [True, True]
+        ours = ALL_ATTENTION_FUNCTIONS["sdpa"]  # someone wraps ours during a stage, and 'medium' is set again:
+        ALL_ATTENTION_FUNCTIONS.register("sdpa", lambda *a, **k: ours(*a, **k))
+        set_matmul_precision("medium")
+        ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, q, q, None)  # a finite chain (it recursed when ours read a global)
+        assert calls == [True, True, True]
+        set_matmul_precision("highest")
+        ALL_ATTENTION_FUNCTIONS.register("sdpa", mine)
         set_matmul_precision("highest")
         assert ALL_ATTENTION_FUNCTIONS["sdpa"] is mine
+        set_matmul_precision("medium")
+        set_matmul_precision("highest")
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is mine
+        set_matmul_precision("medium")
+        set_matmul_precision("medium")
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"]._rlhf_below is mine  # (not a wrapper's wrapper)
         set_matmul_precision("medium")
         restore_matmul_settings(caller)
         assert ALL_ATTENTION_FUNCTIONS["sdpa"] is mine and torch.get_float32_matmul_precision() == "highest"
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, q, q, None)
-        assert calls == [True, True, False]  # (the probe tells the paths apart)
+        assert calls == [True, True, True, False]  # (the probe tells the paths apart)
     finally:
         torch.set_float32_matmul_precision("highest")
         ALL_ATTENTION_FUNCTIONS.register("sdpa", sdpa_attention_forward)
