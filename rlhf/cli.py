@@ -177,22 +177,27 @@ def run() -> NoReturn:
     distributed = _distributed_process()
     try:
         rc = main()
-    except SystemExit as e:  # argparse's usage errors
+    except BaseException as e:
         if not (distributed or _distributed_process()):
             raise
-        rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    except BaseException:
-        if not (distributed or _distributed_process()):
-            raise
-        import traceback
-
-        traceback.print_exc()  # a crash still prints its traceback, and fails the launcher's run
-        rc = 1
+        rc = _exit_status(e)
     if not (distributed or _distributed_process()):
         sys.exit(rc)
     _hard_exit(rc)
+
+
+def _exit_status(e: BaseException) -> int:
+    """What the interpreter would have made of `e` at exit: SystemExit's code (argparse's usage
+    errors), else its traceback and 1."""
+    if isinstance(e, SystemExit):
+        if isinstance(e.code, int) or e.code is None:
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    import traceback
+
+    traceback.print_exception(e)
+    return 1
 
 
 def _distributed_process() -> bool:

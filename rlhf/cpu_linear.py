@@ -4,8 +4,8 @@ torch computes an fp32 ``nn.Linear`` on the CPU with MKL's sgemm. On the AMD CPU
 measured on (AVX-512), MKL runs its AVX2 kernels and reaches about half of what the cores can do:
 a 2048³ product at 176 GFLOP/s, where oneDNN, which torch also ships and which chooses its kernels
 by the CPU's instruction sets, reaches 382 GFLOP/s, and SmolLM2's training products 2× as fast
-(docs/performance-history.md, "The figure now: fp32 linear layers through oneDNN"). On Intel CPUs MKL is
-already at the peak and the two are alike.
+(docs/performance-history.md, "The figure now: fp32 linear layers through oneDNN"). On Intel CPUs
+MKL is already at the peak and the two are alike.
 
 :func:`use_onednn_linear` makes a model's fp32 ``nn.Linear`` layers run :class:`OneDNNLinear`:
 the same products, forward and backward, through ``torch.ops.mkldnn._linear_pointwise`` (the op

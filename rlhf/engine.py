@@ -634,8 +634,8 @@ def retain_freed_cpu_memory() -> bool:
     the kernel and returns them when freed, so every activation, every (B, R, V) logits tensor
     and every vocabulary-sized gradient of a training step is page-faulted in again, zeroed by the
     kernel, at every micro-batch; on the CPU that costs ~10% of a SmolLM2-135M PPO step
-    (docs/performance-history.md). Kept, the freed blocks are reused the next micro-batch. The cost: the
-    process keeps the memory it has freed (its resident size stays near its peak instead of
+    (docs/performance-history.md). Kept, the freed blocks are reused the next micro-batch. The cost:
+    the process keeps the memory it has freed (its resident size stays near its peak instead of
     falling after it; the peak itself is unchanged in our measurements). Not applied when an
     accelerator is present (there the large tensors live on the device, and the host copies freed
     after partitioning or saving should go back to the system), nor with ``RLHF_MALLOC=system``.

@@ -301,8 +301,8 @@ def compile_blocks(model: nn.Module) -> int:
 def eager_blocks():
     """Inside, blocks compiled by :func:`compile_blocks` run eagerly: sampling (a KV cache would
     recompile every block, see above), and PPO's no-grad experience and evaluation passes, where the
-    compiled CPU kernels were slower than eager ones (docs/performance-history.md) and where eager passes keep
-    the policy's and reference's log-probs bit-equal before any update. A no-op for eager models."""
+    compiled CPU kernels were slower than eager ones (docs/performance-history.md) and where eager passes
+    keep the policy's and reference's log-probs bit-equal before any update. A no-op for eager models."""
     return torch.compiler.set_stance("force_eager")
 
 
