@@ -96,6 +96,23 @@ def models(size: str) -> tuple[Path, Path]:
     return sft, rm
 
 
+def environment() -> dict:
+    """What the figures depend on besides the code: the CPU, the date and the library versions of both
+    sides (TRL's venv sees this Python's torch, transformers and accelerate)."""
+    import platform
+    from importlib.metadata import version
+
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(),
+           **{m: version(m) for m in ("torch", "transformers", "accelerate")}}
+    trl = WORK / "venv-trl" / "bin" / "python"
+    if trl.exists():
+        env["trl"] = subprocess.run([str(trl), "-c", "import importlib.metadata as m; print(m.version('trl'))"],
+                                    capture_output=True, text=True).stdout.strip()
+    return env
+
+
 def trl_python() -> str:
     venv = WORK / "venv-trl"
     py = venv / "bin" / "python"
@@ -198,7 +215,7 @@ def main() -> None:
                      if "peak_tflops_start" in res else "")
             print(f"rep {rep + 1} {name:13s}: {per:.3f} s/iteration (median), peak RSS {res['peak_rss_mb']:.0f} MB, "
                   f"run {time.time() - t:.0f} s{drift}", flush=True)
-    summary = {"size": a.size, "settings": vars(a), "peak_tflops": peak}
+    summary = {"size": a.size, "settings": vars(a), "peak_tflops": peak, "environment": environment()}
     for name, rs in runs.items():
         if not rs:
             continue
