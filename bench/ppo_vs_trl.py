@@ -102,9 +102,15 @@ def environment() -> dict:
     import platform
     from importlib.metadata import version
 
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(),
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+
+    def field(name: str) -> str:
+        return next((l.split(":", 1)[1].strip() for l in info if l.startswith(name)), "")
+
+    cpu = field("model name") or platform.processor()
+    flags = sorted(set(field("flags").split()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "cpu_flags": flags,
+           "cores": os.cpu_count(),
            **{m: version(m) for m in ("torch", "transformers", "accelerate")}}
     trl = WORK / "venv-trl" / "bin" / "python"
     if trl.exists():
