@@ -325,7 +325,8 @@ class SampleConfig:
     k: int = 4
     """Samples per prompt (InstructGPT used K = 4..9)."""
     judge: str | None = None
-    """Python judge 'file.py:function' or 'module:function' scoring each sample; None: gold checker."""
+    """Python judge 'file.py:function' or 'module:function' scoring each sample; None: the built-in
+    tasks' graded judge (`rlhf.data.tasks:judge`); 'none': unranked rows with ids, for human ranking."""
     max_prompts: int | None = None
     """Use only the first N prompts."""
     temperature: float = 1.0
@@ -623,8 +624,21 @@ class DPOConfig:
     """Also log metrics to Weights & Biases under this project (offline unless WANDB_MODE says otherwise)."""
 
     def problems(self) -> list[tuple[str, str]]:
-        return _problems(self, {"beta": (">", 0), "eval_samples": (0, None), "max_new_tokens": (1, None),
-                                "temperature": (">", 0)})
+        out = _problems(self, {"beta": (">", 0), "eval_samples": (0, None), "max_new_tokens": (1, None),
+                               "temperature": (">", 0)})
+        data, loop = DataConfig(), LoopConfig()
+        unread = {  # fields of the shared sections that TRL's DPOTrainer, as rlhf dpo drives it, never reads
+            "data.eval": (self.data.eval, data.eval, "DPO trains on all of data.train and holds no pairs out; "
+                          "eval_prompts gives its held-out evaluation"),
+            "data.eval_split": (self.data.eval_split, data.eval_split, "DPO trains on all of data.train"),
+            "data.max_prompt_length": (self.data.max_prompt_length, data.max_prompt_length,
+                                       "DPO's rows are bounded by data.max_length"),
+            "train.eval_every": (self.train.eval_every, loop.eval_every, "DPO evaluates once, after training"),
+            "train.max_nonfinite_steps": (self.train.max_nonfinite_steps, loop.max_nonfinite_steps,
+                                          "TRL's Trainer has no non-finite step guard")}
+        out += [(k, f"not read by rlhf dpo ({why}); remove it") for k, (v, default, why) in unread.items()
+                if v != default]
+        return out
 
 
 @dataclass
@@ -999,7 +1013,8 @@ def reference_markdown() -> str:
     """Markdown tables of every config field (docs/config-reference.md is generated from this)."""
     lines = ["# Recipe reference", "",
              "Generated from the config dataclasses in `rlhf/config.py` "
-             "(`python -m rlhf.config > docs/config-reference.md`). Every field below is read by the code.", ""]
+             "(`python tools/regen_docs.py`, which also rewrites the field table in docs/ppo.md). "
+             "Every field below is read by the code, or refused where a stage does not read it.", ""]
     for cls in (SFTConfig, RMConfig, SampleConfig, PPOConfig, RewardSpec, RMRefreshConfig, DPOConfig, PipelineConfig,
                 CompareConfig, ModelConfig, LoraConfig, DataConfig, TrainConfig, OptimConfig, LoopConfig):
         lines += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip(), "", field_table(cls), ""]

@@ -258,6 +258,23 @@ def test_unknown_task():
         tasks.get_task("nope")
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["nope"], r"error: unknown task 'nope' \(built-in tasks: sort, reverse, add, upper\)"),
+    ([","], r"error: no task named"),
+    (["sort", "--wrong_share", "1.5"], r"error: wrong_share: must be in \[0, 1\], got 1.5"),
+    (["sort", "--n_eval", "-1"], r"error: n_eval: must be >= 0, got -1"),
+    (["sort", "--n_rank", "4", "--k", "1"], r"error: k: a ranking compares at least 2 responses, got 1"),
+])
+def test_data_make_refuses_bad_arguments_in_one_line(tmp_path, capsys, args, needle):
+    """`rlhf data make` with a task or count it cannot use: exit 2, one line, nothing written."""
+    from rlhf.cli import main
+
+    rc = main(["data", "make", *args, "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(needle, err) and "Traceback" not in err, err
+    assert not (tmp_path / "d").exists()
+
+
 def test_join_ranks(tmp_path):
     samples = write(tmp_path, "s.jsonl", [{"id": 1, "prompt": "q", "responses": ["a", "b", "c"]},
                                           {"id": 2, "prompt": "q2", "responses": ["x", "y"]}])

@@ -207,6 +207,12 @@ def _model_folder(tmp_path, name, architecture=None):
     return d
 
 
+def _long_prompt_last(n):
+    """The tiny task's first n - 1 RL prompt rows, then one whose prompt is far over 128 tokens."""
+    rows = [json.loads(line) for line in (ROOT / "recipes/tiny/data/rl_prompts.jsonl").open()][: n - 1]
+    return rows + [dict(rows[0], prompt="sort " + " ".join(str(i % 10) for i in range(300)))]
+
+
 def _msgs(*roles):
     return [{"role": r, "content": f"{r} says {i}"} for i, r in enumerate(roles)]
 
@@ -253,6 +259,14 @@ CASES = [
     ("prompt-ends-on-assistant", lambda t: ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--data.train",
                                             _rows(t, "q.jsonl", {"prompt": _msgs("user", "assistant")})],
      r"q\.jsonl:1: field 'prompt\[1\]\.role': the conversation ends on an assistant turn"),
+    ("prompt-too-long", lambda t: ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", _tiny_policy(t),
+                                   "--rollout_batch_size", "8", "--minibatch_size", "8", "--data.train",
+                                   _rows(t, "q.jsonl", *_long_prompt_last(9))],
+     r"q\.jsonl:9: field 'prompt': \d+ tokens, more than data\.max_prompt_length \(128\); raise it or set "
+     r"data\.skip_bad_rows"),
+    ("dpo-field-it-never-reads", lambda t: ["dpo", _bad(t, "d.yaml", "data:\n  train: recipes/tiny/data/prefs.jsonl\n"
+                                                                   "  eval: recipes/tiny/data/prefs.jsonl\n")],
+     r"d\.yaml:3: data\.eval: not read by rlhf dpo \(DPO trains on all of data\.train"),
     ("hh-prompts-differ", lambda t: ["rm", "recipes/tiny/rm.yaml", "--data.train", _rows(t, "hh.jsonl", HH)],
      r"hh\.jsonl:1: field 'chosen': chosen and rejected do not share their prompt"),
     ("invalid-utf8", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",

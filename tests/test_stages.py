@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlhf.config import load_stage_config
+from rlhf.errors import DataError
 from rlhf.stages import run
 
 
@@ -292,12 +293,37 @@ def test_ppo_python_reward_rises(tmp_path, sft_checkpoint, task_dir):
     last = sum(r["score"] for r in m[-3:]) / 3
     assert last > first + 0.1, (first, last)
     assert s["eval_reward"] > s["initial_eval_reward"]
+    assert s["skipped_bad_rows"] == 0 and s["train_prompts"] == 300
     for k in ("kl", "kl_coef", "approx_kl", "policy_clipfrac", "value_clipfrac", "entropy", "ratio_mean",
               "response_length", "eos_rate", "time_generate", "time_score", "time_train", "non_score_reward"):
         assert k in m[-1], k
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")
+
+
+@pytest.mark.slow
+def test_prompts_over_max_prompt_length_stop_ppo_or_are_skipped_and_counted(tmp_path, sft_checkpoint, task_dir):
+    """A prompt over data.max_prompt_length is an error naming its file, line and field; with
+    data.skip_bad_rows it is left out (train or eval) and counted, as SFT and RM do."""
+    from rlhf.stages.ppo import read_inputs
+
+    rows = [json.loads(l) for l in open(task_dir / "rl_prompts.jsonl")][:20]
+    long = dict(rows[0], prompt="sort " + " ".join(str(i % 10) for i in range(300)))
+    rows[:0] = [long, dict(rows[0]), long]  # lines 1 and 3
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval.jsonl").write_text(open(task_dir / "eval_prompts.jsonl").read() + json.dumps(long) + "\n")
+    over = {"data.train": str(tmp_path / "train.jsonl"), "data.eval": str(tmp_path / "eval.jsonl"),
+            "eval_samples": 1000}
+    with pytest.raises(DataError, match=r"train\.jsonl:1: field 'prompt': \d+ tokens, more than "
+                                        r"data\.max_prompt_length \(128\); raise it or set data\.skip_bad_rows"):
+        read_inputs(_ppo_cfg(sft_checkpoint, task_dir, **over))
+    data = read_inputs(_ppo_cfg(sft_checkpoint, task_dir, **over, **{"data.skip_bad_rows": True}))
+    assert (len(data.prompts), len(data.eval_prompts), data.skipped_bad_rows) == (21, 60, 3)
+    assert [p.where for p in data.prompts][:2] == [f"{tmp_path / 'train.jsonl'}:2", f"{tmp_path / 'train.jsonl'}:4"]
+    with pytest.raises(DataError, match=r"train\.jsonl: 15 training prompts, fewer than one rollout batch \(16"):
+        read_inputs(_ppo_cfg(sft_checkpoint, task_dir, **over, **{"data.skip_bad_rows": True,
+                                                                 "data.max_samples": 17}))
 
 
 @pytest.mark.parametrize("body,needle", [

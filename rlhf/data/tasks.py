@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from ..errors import ConfigError
+
 # ----------------------------------------------------------------------------- the tasks
 
 
@@ -117,7 +119,7 @@ TASKS: dict[str, Task] = {
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task '{name}' (built-in tasks: {', '.join(TASKS)})")
+        raise ConfigError(f"unknown task '{name}' (built-in tasks: {', '.join(TASKS)})")
     return TASKS[name]
 
 
@@ -208,9 +210,18 @@ def make_task_data(tasks: list[str] | str, out: str | Path, spec: TaskDataSpec |
                                                            spec.near_miss_share, spec.seed)
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     names = [n for part in names for n in part.split(",") if n]
+    if not names:
+        raise ConfigError(f"no task named (built-in tasks: {', '.join(TASKS)})")
     specs = [get_task(n) for n in names]
-    if not 0.0 <= wrong_share <= 1.0:
-        raise ValueError("wrong_share must be in [0, 1]")
+    for key, share in (("wrong_share", wrong_share), ("systematic_share", systematic_share),
+                       ("near_miss_share", near_miss_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1], got {share}")
+    for key, n in (("n_sft", n_sft), ("n_pref", n_pref), ("n_rank", n_rank), ("n_rl", n_rl), ("n_eval", n_eval)):
+        if n < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {n}")
+    if n_rank and k < 2:
+        raise ConfigError(f"k: a ranking compares at least 2 responses, got {k}")
     rng = random.Random(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

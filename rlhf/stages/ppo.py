@@ -72,21 +72,24 @@ class PPOInputs:
     """Encoded PPO-ptx demonstrations (empty without ptx_coef)."""
     gold_fns: list = field(default_factory=list)
     """[(RewardSpec, function)] of the held-out gold reward (measured, never trained on)."""
+    skipped_bad_rows: int = 0
+    """Prompt rows skipped under data.skip_bad_rows (malformed, or over data.max_prompt_length)."""
 
 
 def read_inputs(cfg: PPOConfig) -> PPOInputs:
     """Prompts, reward functions (imported, then dry-called), tokenizer, prompt lengths, ptx rows."""
-    prompts, _ = load_examples(cfg.data.train, parse_prompt, split=cfg.data.split, skip_bad_rows=cfg.data.skip_bad_rows,
-                               max_samples=cfg.data.max_samples, what="prompts")
+    prompts, stats = load_examples(cfg.data.train, parse_prompt, split=cfg.data.split,
+                                   skip_bad_rows=cfg.data.skip_bad_rows, max_samples=cfg.data.max_samples,
+                                   what="prompts")
+    skipped = stats["skipped_bad_rows"]
     if cfg.data.eval:
-        eval_prompts, _ = load_examples(cfg.data.eval, parse_prompt, skip_bad_rows=cfg.data.skip_bad_rows,
-                                        what="prompts", field_name="data.eval")
+        eval_prompts, stats = load_examples(cfg.data.eval, parse_prompt, skip_bad_rows=cfg.data.skip_bad_rows,
+                                            what="prompts", field_name="data.eval")
+        skipped += stats["skipped_bad_rows"]
     else:
         prompts, eval_prompts = split_train_eval(prompts, cfg.data.eval_split, cfg.seed)
     eval_prompts = eval_prompts[: cfg.eval_samples]
-    if len(prompts) < cfg.rollout_batch_size // cfg.samples_per_prompt:
-        raise DataError(f"{cfg.data.train}: {len(prompts)} training prompts, fewer than one rollout batch "
-                        f"({cfg.rollout_batch_size // cfg.samples_per_prompt} prompts)")
+    _check_rollout_batch(cfg, prompts)
     reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]
     gold_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.gold_reward_fns]
     refresh = cfg.rm_refresh  # its judge too, when it ranks samples of these prompts
@@ -96,16 +99,39 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
     for fld in ("reward_model", "gold_reward_model"):  # before any model loads, not after the policy
         if getattr(cfg, fld):
             check_reward_model(getattr(cfg, fld), fld)
-    for p in prompts + eval_prompts:
-        n = len(encode_prompt(tok, p.prompt))
-        if n > cfg.data.max_prompt_length:
-            raise DataError(f"{p.where}: field 'prompt': {n} tokens, more than data.max_prompt_length "
-                            f"({cfg.data.max_prompt_length})")
+    n_before = len(prompts) + len(eval_prompts)
+    prompts = fitting_prompts(tok, prompts, cfg.data.max_prompt_length, cfg.data.skip_bad_rows)
+    eval_prompts = fitting_prompts(tok, eval_prompts, cfg.data.max_prompt_length, cfg.data.skip_bad_rows)
+    if n_before > len(prompts) + len(eval_prompts):
+        skipped += n_before - len(prompts) - len(eval_prompts)
+        log.warning("skipped %d prompts longer than data.max_prompt_length (%d tokens)",
+                    n_before - len(prompts) - len(eval_prompts), cfg.data.max_prompt_length)
+        _check_rollout_batch(cfg, prompts)
     feats = []
     if cfg.ptx_coef > 0:
         demos, _ = load_examples(cfg.ptx_data, parse_sft, skip_bad_rows=True, what="ptx rows", field_name="ptx_data")
         feats = [encode_sft(tok, d.prompt, d.completion) for d in demos]
-    return PPOInputs(prompts, eval_prompts, reward_fns, tok, feats, gold_fns)
+    return PPOInputs(prompts, eval_prompts, reward_fns, tok, feats, gold_fns, skipped)
+
+
+def _check_rollout_batch(cfg: PPOConfig, prompts: list) -> None:
+    if len(prompts) < cfg.rollout_batch_size // cfg.samples_per_prompt:
+        raise DataError(f"{cfg.data.train}: {len(prompts)} training prompts, fewer than one rollout batch "
+                        f"({cfg.rollout_batch_size // cfg.samples_per_prompt} prompts)")
+
+
+def fitting_prompts(tok, prompts: list, max_prompt_length: int, skip_bad_rows: bool) -> list:
+    """The prompts whose chat-formatted tokens fit in `max_prompt_length`; a longer one is an error
+    naming its row, or with `skip_bad_rows` left out (the caller counts them)."""
+    out = []
+    for p in prompts:
+        n = len(encode_prompt(tok, p.prompt))
+        if n <= max_prompt_length:
+            out.append(p)
+        elif not skip_bad_rows:
+            raise DataError(f"{p.where}: field 'prompt': {n} tokens, more than data.max_prompt_length "
+                            f"({max_prompt_length}); raise it or set data.skip_bad_rows")
+    return out
 
 
 def batch_split(cfg: PPOConfig, world: int) -> BatchSplit:
@@ -826,6 +852,7 @@ def finish_ppo(run: PPORun, t_start: float, peak_dtype: str) -> dict:
     n_updates = last * cfg.ppo_epochs * (run.split.rollouts // run.split.minibatch)
     summary.update({"steps": last, "optimizer_steps": n_updates, "skipped_nonfinite_steps": st.guard.skipped,
                     **st.guard.summary(), "train_prompts": len(run.data.prompts), "mfu_peak_dtype": peak_dtype,
+                    "skipped_bad_rows": run.data.skipped_bad_rows,
                     "eval_prompts": len(run.data.eval_prompts), "kl_coef_final": st.kl_ctl.value,
                     "train_seconds": round(time.time() - t_start, 1), "num_processes": acc.num_processes})
     summary.update(peak_memory(acc))  # collective
