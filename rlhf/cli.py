@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--near_miss_share", type=float, default=0.3,
                       help="share of rejected of the right form but wrong content (e.g. sorted, wrong digits)")
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--overwrite", action="store_true", help="replace the task files already in --out")
 
     samp = sub.add_parser("sample", help="K samples of a policy per prompt, ranked by a judge -> K-way rankings JSONL")
     samp.add_argument("checkpoint")
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     samp.add_argument("--batch_size", type=int, default=64)
     samp.add_argument("--mix_with", help="preference file appended to the output")
     samp.add_argument("--seed", type=int, default=0)
+    samp.add_argument("--overwrite", action="store_true", help="replace the file(s) already at --out")
 
     score = sub.add_parser("score", help="score prompt/response rows with a reward model checkpoint")
     score.add_argument("checkpoint")
@@ -85,11 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", help="write the rows with a 'score' field (JSONL) instead of printing")
     score.add_argument("--raw", action="store_true", help="without the normalisation bias")
     score.add_argument("--batch_size", type=int, default=64)
+    score.add_argument("--overwrite", action="store_true", help="replace the file(s) already at --out")
 
     join = dsub.add_parser("join-ranks", help="join human ranks (by id) onto sampled responses -> K-way rankings")
     join.add_argument("samples", help="rows with 'id', 'prompt', 'responses' (rlhf sample --judge none)")
     join.add_argument("ranks", help="rows with 'id' and 'ranks' (1 = best) or 'scores'")
     join.add_argument("--out", required=True)
+    join.add_argument("--overwrite", action="store_true", help="replace the file(s) already at --out")
 
     ev = sub.add_parser("eval", help="evaluate checkpoints: perplexity, RM accuracy, reward, gold accuracy, win rate, BLEU")
     ev.add_argument("checkpoints", nargs="+", help="policy (causal LM) and/or reward-model checkpoints")
@@ -102,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference_field", help="prompt-row field holding the reference text for BLEU/chrF")
     ev.add_argument("--max_samples", type=int, default=256)
     ev.add_argument("--out", help="write the results JSON here")
+    ev.add_argument("--overwrite", action="store_true", help="replace the file(s) already at --out")
     _sampling_args(ev)
 
     rep = sub.add_parser("report", help="(re)build the HTML + PNG report of a run folder (or a pipeline folder)")
@@ -111,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("checkpoint")
     gen.add_argument("--prompts", help="JSONL file with 'prompt' rows, or a text file (one prompt a line); default stdin")
     gen.add_argument("--out", help="write JSONL here instead of printing")
+    gen.add_argument("--overwrite", action="store_true", help="replace the file(s) already at --out")
     _sampling_args(gen)
 
     chat = sub.add_parser("chat", help="multi-turn chat with a checkpoint through its chat template")
@@ -323,6 +329,7 @@ def _dispatch(args, rest: list[str]) -> int:
     if args.command == "data" and args.data_command == "join-ranks":
         from .data.formats import join_ranks
 
+        _check_out(args.out, args.overwrite)
         n = join_ranks(args.samples, args.ranks, args.out)
         print(f"{args.out}: {n} ranked rows")
         return 0
@@ -332,7 +339,7 @@ def _dispatch(args, rest: list[str]) -> int:
         counts = make_task_data(args.task, args.out, n_sft=args.n_sft, n_pref=args.n_pref, n_rank=args.n_rank, k=args.k,
                                 n_rl=args.n_rl, n_eval=args.n_eval, wrong_share=args.wrong_share,
                                 systematic_share=args.systematic_share, near_miss_share=args.near_miss_share,
-                                seed=args.seed)
+                                seed=args.seed, overwrite=args.overwrite)
         for name, n in counts.items():
             print(f"{args.out}/{name}: {n} rows")
         return 0
@@ -345,6 +352,7 @@ def _dispatch(args, rest: list[str]) -> int:
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, mix_with=args.mix_with)
         from .engine import runtime_device
 
+        _check_out(args.out, args.overwrite)
         check_sample_config(sc)  # the judge called once before the sampling, not after it
         print(json.dumps(sample_rankings(sc, args.out, seed=args.seed, device=runtime_device()), indent=2))
         return 0
@@ -361,6 +369,7 @@ def _dispatch(args, rest: list[str]) -> int:
                          reward_model=args.reward_model, reward_fns=args.reward_fn, judge=args.judge,
                          reference_field=args.reference_field, max_samples=args.max_samples,
                          batch_size=args.batch_size, seed=args.seed, sampling=sampling)
+        _check_out(args.out, args.overwrite)
         result = run_eval(args.checkpoints, cfg, device=runtime_device())
         if args.out:
             from .engine import atomic_write_text
@@ -421,6 +430,7 @@ def _read_prompts(path: str | None) -> list:
 def _generate(args) -> int:
     from .evaluate import sample_texts
 
+    _check_out(args.out, args.overwrite)
     model, tok = _load_policy(args.checkpoint)
     prompts = _read_prompts(args.prompts)
     texts, eos = sample_texts(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -429,6 +439,25 @@ def _generate(args) -> int:
     rows = [{"prompt": p[-1]["content"] if isinstance(p, list) else p, "completion": t, "eos": e}
             for p, t, e in zip(prompts, texts, eos)]
     return _emit_rows(rows, args.out, "completions")
+
+
+def _check_out(path: str | None, overwrite: bool) -> None:
+    """Before anything loads: --out must name a file that can be written, and none already there
+    unless --overwrite (a rerun must not replace, say, a samples file people have ranked in place)."""
+    if not path:
+        return
+    from .errors import RunError
+
+    p = Path(path)
+    if p.is_dir():
+        raise RunError(f"--out {path}: is a folder; name a file")
+    if p.exists() and not overwrite:
+        raise RunError(f"--out {path}: already exists; pass --overwrite to replace it")
+    folder = p.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise RunError(f"--out {path}: {folder} is a file, not a folder")
 
 
 def _emit_rows(rows: list[dict], out: str | None, what: str) -> int:
@@ -450,6 +479,7 @@ def _score(args) -> int:
 
     from .engine import runtime_device
 
+    _check_out(args.out, args.overwrite)
     rm = RewardModel(args.checkpoint, device=runtime_device())
     rows = read_rows(args.file)
     prompts, responses, keys = [], [], []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -747,14 +748,19 @@ def _coerce(value: Any, tp: Any, key: str, hints_ns: dict) -> Any:
                 pass
         raise ConfigError(f"{key}: expected an integer, got {value!r}", key)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}", key)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}", key)
+        if not math.isfinite(number):  # (every range check is a comparison, and NaN passes them all)
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}", key)
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -777,10 +783,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             hint = f" (did you mean '{prefix}{near}'?)" if near else ""
             raise ConfigError(f"unknown key '{prefix}{key}'{hint}", prefix + str(key))
         kwargs[key] = _coerce(value, hints[key], prefix + key, globals())
-    try:
-        obj = cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.init
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required, and missing", prefix + missing[0])
+    obj = cls(**kwargs)
     check = getattr(obj, "problems", None)
     for name, message in check() if check else []:  # ranges and rules between fields, at load time
         raise ConfigError(f"{prefix}{name}: {message}", prefix + name)

@@ -267,6 +267,12 @@ CASES = [
     ("dpo-field-it-never-reads", lambda t: ["dpo", _bad(t, "d.yaml", "data:\n  train: recipes/tiny/data/prefs.jsonl\n"
                                                                    "  eval: recipes/tiny/data/prefs.jsonl\n")],
      r"d\.yaml:3: data\.eval: not read by rlhf dpo \(DPO trains on all of data\.train"),
+    ("non-finite-number", lambda t: ["sft", "recipes/tiny/sft.yaml", "--train.warmup_ratio", ".nan"],
+     r"command line --train\.warmup_ratio: expected a finite number, got nan"),
+    ("non-finite-in-list-item", lambda t: ["ppo", _bad(t, "r.yaml", "steps: 5\nreward_fns:\n  - {fn: gold, weight: .inf}\n")],
+     r"r\.yaml:2: reward_fns\[0\]\.weight: expected a finite number, got inf"),
+    ("required-key-missing-in-list-item", lambda t: ["ppo", _bad(t, "r.yaml", "steps: 5\nreward_fns:\n  - {weight: 1}\n")],
+     r"r\.yaml:2: reward_fns\[0\]\.fn: required, and missing"),
     ("hh-prompts-differ", lambda t: ["rm", "recipes/tiny/rm.yaml", "--data.train", _rows(t, "hh.jsonl", HH)],
      r"hh\.jsonl:1: field 'chosen': chosen and rejected do not share their prompt"),
     ("invalid-utf8", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",
@@ -415,6 +421,38 @@ def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys
         rc, stderr = _rlhf_here(capsys, *args)
         err = [l for l in stderr.strip().splitlines() if "error:" in l]
         assert rc == 2 and len(err) == 1 and re.search(pattern, err[0]), (args, stderr[-2000:])
+
+
+def test_out_files_are_checked_before_anything_loads_and_never_replaced_unasked(tmp_path, capsys):
+    """--out of sample / score / generate / eval / join-ranks, and data make's folder: a folder, a
+    path under a file, or a file already there (without --overwrite) is one line and exit 2,
+    before any model loads (the checkpoint named here does not exist), and the file is untouched."""
+    kept = tmp_path / "ranked.jsonl"
+    kept.write_text('{"id": 0, "prompt": "q", "responses": ["a", "b"], "ranks": [1, 2]}\n')
+    (tmp_path / "afile").write_text("x")
+    commands = {"sample": ["sample", tmp_path / "nope", tmp_path / "p.jsonl"],
+                "score": ["score", tmp_path / "nope", tmp_path / "rows.jsonl"],
+                "generate": ["generate", tmp_path / "nope"],
+                "eval": ["eval", tmp_path / "nope"],
+                "join-ranks": ["data", "join-ranks", kept, kept]}
+    for name, args in commands.items():
+        for out, pattern in ((tmp_path, r"--out .*: is a folder; name a file"),
+                             (tmp_path / "afile" / "o.jsonl", r"--out .*o\.jsonl: .*afile is a file, not a folder"),
+                             (kept, r"--out .*ranked\.jsonl: already exists; pass --overwrite to replace it")):
+            rc, stderr = _rlhf_here(capsys, *args, "--out", out)
+            assert rc == 2 and re.search(pattern, stderr) and "Traceback" not in stderr, (name, out, stderr[-1500:])
+    assert kept.read_text().endswith('"ranks": [1, 2]}\n')
+    rc, stderr = _rlhf_here(capsys, "data", "make", "sort", "--out", tmp_path / "afile")
+    assert rc == 2 and "is a file, not a folder" in stderr, stderr
+    small = ["--n_sft", "5", "--n_pref", "5", "--n_rl", "5", "--n_eval", "5"]
+    assert _rlhf_here(capsys, "data", "make", "sort", "--out", tmp_path / "d", *small)[0] == 0
+    (tmp_path / "d" / "sft.jsonl").write_text("mine\n")
+    rc, stderr = _rlhf_here(capsys, "data", "make", "sort", "--out", tmp_path / "d", *small)
+    assert rc == 2 and re.search(r"already holds sft\.jsonl, .*; pass --overwrite to replace them", stderr), stderr
+    assert (tmp_path / "d" / "sft.jsonl").read_text() == "mine\n"
+    assert _rlhf_here(capsys, "data", "make", "sort", "--out", tmp_path / "d", *small, "--overwrite")[0] == 0
+    assert len((tmp_path / "d" / "sft.jsonl").read_text().splitlines()) == 5
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def _tiny_policy(tmp_path):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunError
 
 # ----------------------------------------------------------------------------- the tasks
 
@@ -200,10 +200,12 @@ class TaskDataSpec:
     seed: int = 0
 
 
-def make_task_data(tasks: list[str] | str, out: str | Path, spec: TaskDataSpec | None = None,
-                   **fields) -> dict[str, int]:
+def make_task_data(tasks: list[str] | str, out: str | Path, spec: TaskDataSpec | None = None, *,
+                   overwrite: bool = True, **fields) -> dict[str, int]:
     """Write the task files into `out` (see the module docstring); returns row counts per file.
-    `spec` (or its fields given as keywords) sets the counts and shares."""
+    `spec` (or its fields given as keywords) sets the counts and shares. With `overwrite` False
+    (the CLI without --overwrite), files of these names already in `out` are an error, before
+    anything is written."""
     spec = replace(spec or TaskDataSpec(), **fields)
     n_sft, n_pref, n_rank, k, n_rl, n_eval = spec.n_sft, spec.n_pref, spec.n_rank, spec.k, spec.n_rl, spec.n_eval
     wrong_share, systematic_share, near_miss_share, seed = (spec.wrong_share, spec.systematic_share,
@@ -222,8 +224,16 @@ def make_task_data(tasks: list[str] | str, out: str | Path, spec: TaskDataSpec |
             raise ConfigError(f"{key}: must be >= 0, got {n}")
     if n_rank and k < 2:
         raise ConfigError(f"k: a ranking compares at least 2 responses, got {k}")
-    rng = random.Random(seed)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out}: is a file, not a folder")
+    planned = [name for name, n in (("sft.jsonl", n_sft), ("prefs.jsonl", n_pref), ("prefs_eval.jsonl", n_pref),
+                                    ("rankings.jsonl", n_rank), ("rl_prompts.jsonl", n_rl),
+                                    ("eval_prompts.jsonl", n_eval), ("task.json", 1)) if n]
+    there = [name for name in planned if (out / name).exists()]
+    if there and not overwrite:
+        raise RunError(f"--out {out}: already holds {', '.join(there)}; pass --overwrite to replace them")
+    rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
 
     # held-out inputs first, so no other file can contain them
@@ -296,9 +306,14 @@ def _row(t: Task, x: str) -> dict:
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """JSONL, atomically: a temporary file beside `path` (its folder made if missing), renamed over it."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
+    try:
+        with open(tmp, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
