@@ -400,11 +400,11 @@ def _folder_problem(args) -> str | None:
 
 def _load_policy(path: str):
     from .config import ModelConfig
-    from .models import disable_dropout, load_causal_lm, load_tokenizer, read_model_config
+    from .models import check_policy_model, disable_dropout, load_causal_lm, load_tokenizer
 
     from .engine import runtime_device
 
-    read_model_config(path)  # a model folder (one line if not), before anything loads
+    check_policy_model(path, None)  # a model folder, not a reward model (one line if not), before anything loads
     mc = ModelConfig(name_or_path=path)
     tok = load_tokenizer(mc)
     model = load_causal_lm(mc, tok)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import tasks
+from .errors import RunError
 from .rollout import Sampling, generate
 from .tokenization import decode_response, encode_prompt
 
@@ -155,6 +156,13 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
                     "checkpoints": {}}
     archs = [((read_model_config(c) or vars(AutoConfig.from_pretrained(c))).get("architectures") or [""])[0]
              for c in checkpoints]  # each a model folder, checked before any model loads
+    for ckpt, arch in zip(checkpoints, archs):  # something to measure for each, or a one-line error
+        if arch.endswith("ForSequenceClassification") and not cfg.pairs:
+            raise RunError(f"{ckpt}: a reward model, and nothing to measure it on: give --pairs (its accuracy on "
+                           f"preference rows); --prompts and --perplexity evaluate policies")
+        if not arch.endswith("ForSequenceClassification") and not (cfg.prompts or cfg.perplexity_data):
+            raise RunError(f"{ckpt}: a policy, and nothing to measure it on: give --prompts (samples: reward, gold "
+                           f"accuracy, BLEU, win rate) and/or --perplexity; --pairs evaluates reward models")
     rm = RewardModel(cfg.reward_model, device=device) if cfg.reward_model else None
     judge = load_reward_fn(cfg.judge) if cfg.judge else None
     fns = [(spec, load_reward_fn(spec)) for spec in cfg.reward_fns]  # every input checked before any model loads

@@ -172,6 +172,19 @@ def check_reward_model(source: str, fld: str | None = None) -> None:
                                              f"*ForSequenceClassification with one label, as `rlhf rm` writes)"))
 
 
+def check_policy_model(source: str | None, fld: str | None = "model.name_or_path") -> None:
+    """A policy to load is a model folder (or a hub id) and not a reward model: a
+    *ForSequenceClassification loaded as a causal LM gets a fresh random LM head wherever its
+    embeddings are not tied, and transformers only logs it."""
+    if not source:
+        return
+    conf = read_model_config(source, fld)
+    arch = ((conf or {}).get("architectures") or [""])[0]
+    if arch.endswith("ForSequenceClassification"):
+        raise ModelError(_named(fld, source, f"is a reward model (architecture {arch}), not a policy (a "
+                                             f"*ForCausalLM, as `rlhf sft` writes)"))
+
+
 # ----------------------------------------------------------------------------- models
 
 

@@ -84,6 +84,11 @@ def plan(path: str | Path | None, overwrite: bool = False, resume: bool = False)
     final = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)  # a link: stage its target
     if final.exists() and not final.is_dir():
         return RunFolder(final, final, f"{final}: exists and is not a folder")
+    above = final.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        return RunFolder(final, final, f"{final}: {above} is a file, not a folder")
     if final.is_dir() and os.path.ismount(final):
         return RunFolder(final, final, f"{final}: is a mount point; give a folder inside it (a run is staged "
                                        f"beside its folder and swapped in when it finishes)")

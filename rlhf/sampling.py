@@ -9,7 +9,7 @@ from .config import ModelConfig, SampleConfig
 from .data.formats import DataError, load_examples, parse_prompt
 from .data.tasks import write_jsonl
 from .evaluate import sample_texts
-from .models import disable_dropout, load_causal_lm, load_tokenizer, outside_zero3_init, read_model_config
+from .models import check_policy_model, disable_dropout, load_causal_lm, load_tokenizer, outside_zero3_init
 from .rewards import call_reward_fn, dry_call_on, load_reward_fn
 
 
@@ -17,7 +17,7 @@ def check_sample_config(sc: SampleConfig) -> None:
     """Fail before anything is written: the sampling policy and prompt file must exist."""
     if not sc.checkpoint or not sc.prompts:
         raise DataError("recipe: 'sample.checkpoint' and 'sample.prompts' are required for sampling")
-    read_model_config(sc.checkpoint, "sample.checkpoint")  # a model folder, or a hub id
+    check_policy_model(sc.checkpoint, "sample.checkpoint")  # a model folder or a hub id, not a reward model
     prompts, _ = load_examples(sc.prompts, parse_prompt, max_samples=sc.max_prompts, what="prompts",
                                field_name="sample.prompts")
     if sc.judge != "none":  # called once now, as PPO's reward functions are: not after all the sampling

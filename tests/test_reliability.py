@@ -295,6 +295,10 @@ CASES = [
                                             "--reward_model", _model_folder(t, "sft", "LlamaForCausalLM")],
      r"command line --reward_model: 'reward_model' is not a reward model \(architecture LlamaForCausalLM; a reward "
      r"model is a \*ForSequenceClassification with one label"),
+    ("policy-is-a-reward-model", lambda t: ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path",
+                                            _model_folder(t, "rm", "LlamaForSequenceClassification")],
+     r"command line --model\.name_or_path: 'model\.name_or_path' is a reward model \(architecture "
+     r"LlamaForSequenceClassification\), not a policy"),
     ("reward-model-not-a-model", lambda t: ["ppo", "recipes/tiny/ppo.yaml", "--model.name_or_path", _tiny_policy(t),
                                             "--reward_model", _model_folder(t, "e")],
      r"command line --reward_model: 'reward_model' is not a model folder \(no config\.json in it\)"),
@@ -401,6 +405,7 @@ def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys
     file, a judge that returns the wrong count: exit 2 and one line naming the path or function,
     never a traceback or a hub lookup, and before any sampling."""
     policy, empty = _model_folder(tmp_path, "sft", "LlamaForCausalLM"), _model_folder(tmp_path, "empty")
+    rm = _model_folder(tmp_path, "rm", "LlamaForSequenceClassification")
     rows = _rows(tmp_path, "rows.jsonl", {"prompt": "a", "response": "b"})
     prompts = _bad_bytes(tmp_path, "p.txt", b"caf\xe9\n")
     judge = _bad(tmp_path, "judge.py", "def j(prompts, completions, **kw):\n    return [0.0]\n")
@@ -414,7 +419,14 @@ def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys
              (["generate", tmp_path, "--prompts", tmp_path], rf"{tmp_path}: not a file"),
              # a judge is called once before any sampling, as PPO's reward functions are
              (["sample", policy, three, "--judge", f"{judge}:j", "--out", tmp_path / "s.jsonl"], wrong_count),
-             (["eval", policy, "--prompts", three, "--judge", f"{judge}:j"], wrong_count)]
+             (["eval", policy, "--prompts", three, "--judge", f"{judge}:j"], wrong_count),
+             # a reward model where a policy is needed, and a checkpoint with nothing to measure it on
+             (["generate", rm, "--prompts", rows], rf"{rm}: a reward model \(architecture "
+                                                   r"LlamaForSequenceClassification\), not a policy"),
+             (["sample", rm, three, "--out", tmp_path / "s2.jsonl"],
+              r"'sample\.checkpoint' is a reward model \(architecture LlamaForSequenceClassification\)"),
+             (["eval", policy], rf"{policy}: a policy, and nothing to measure it on: give --prompts"),
+             (["eval", rm, "--prompts", three], rf"{rm}: a reward model, and nothing to measure it on: give --pairs")]
     for args, pattern in cases:
         if args[0] == "generate" and args[1] == tmp_path:  # (a real model, so the prompts are what is wrong)
             args[1] = _tiny_policy(tmp_path)
@@ -453,6 +465,9 @@ def test_out_files_are_checked_before_anything_loads_and_never_replaced_unasked(
     assert _rlhf_here(capsys, "data", "make", "sort", "--out", tmp_path / "d", *small, "--overwrite")[0] == 0
     assert len((tmp_path / "d" / "sft.jsonl").read_text().splitlines()) == 5
     assert not list(tmp_path.rglob("*.tmp"))
+    from rlhf.rundir import plan
+
+    assert re.search(r"afile/run: .*afile is a file, not a folder", plan(tmp_path / "afile" / "run").problem)
 
 
 def _tiny_policy(tmp_path):

@@ -29,7 +29,8 @@ from ..engine import (MetricsLogger, RunError, atomic_write_text, finish_run, gr
                       open_run, peak_memory, prepare_output_dir, resolve_mixed_precision, set_seed, world_size,
                       write_summary)
 from ..faults import fault_point_step
-from ..models import count_parameters, disable_dropout, load_causal_lm, load_tokenizer, save_model_files
+from ..models import (check_policy_model, count_parameters, disable_dropout, load_causal_lm, load_tokenizer,
+                      save_model_files)
 from ..rewards import RewardModel
 from ..tokenization import encode_prompt, encode_response
 from .ppo import PPOInputs, evaluate_policy
@@ -126,6 +127,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         return json.loads((rf.final / "summary.json").read_text())
     set_seed(cfg.seed)
     with inputs_first(rf):  # data, lengths and prompts checked as the RM stage does, before any model
+        check_policy_model(cfg.model.name_or_path if cfg.model.init == "pretrained" else None)
         tok = load_tokenizer(cfg.model)
         rows, stats = preference_rows(tok, cfg)
         prompts = load_examples(cfg.eval_prompts, parse_prompt, what="prompts", field_name="eval_prompts",

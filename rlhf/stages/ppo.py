@@ -43,7 +43,8 @@ from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, atomic_wri
                       make_accelerator, open_run, peak_memory, prepare_output_dir, progress, set_seed, step_models,
                       world_size, write_summary, zero_stage)
 from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
-from ..models import check_reward_model, count_parameters, eager_blocks, load_tokenizer, save_model_files, unwrap
+from ..models import (check_policy_model, check_reward_model, count_parameters, eager_blocks, load_tokenizer,
+                      save_model_files, unwrap)
 from ..ptx import PtxIterator
 from ..rm_refresh import Paused, RMRefresher
 from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call_on, load_reward_fn, on_every_process
@@ -95,6 +96,7 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
     refresh = cfg.rm_refresh  # its judge too, when it ranks samples of these prompts
     judge = [load_reward_fn(refresh.judge)] if refresh and refresh.judge != "human" and not refresh.prompts else []
     dry_call_on([fn for _, fn in reward_fns + gold_fns] + judge, prompts, cfg.reward_timeout)
+    check_policy_model(cfg.model.name_or_path if cfg.model.init == "pretrained" else None)
     tok = load_tokenizer(cfg.model)
     for fld in ("reward_model", "gold_reward_model"):  # before any model loads, not after the policy
         if getattr(cfg, fld):
