@@ -145,6 +145,33 @@ def _sampling_args(p) -> None:
     p.add_argument("--batch_size", type=int, default=32)
 
 
+# the value flags of the commands that take no recipe: (low, high) inclusive, None unbounded, ('>', x) strict
+FLAG_RANGES = {"k": (2, None), "temperature": (">", 0), "top_p": (">", 0), "top_k": (0, None),
+               "max_new_tokens": (1, None), "batch_size": (1, None), "max_prompts": (1, None),
+               "max_samples": (1, None)}
+
+
+def _check_flags(args) -> None:
+    """sample / score / generate / chat / eval: each value flag in its range (and finite), before
+    anything loads; the stages check their recipe fields the same way when the recipe loads."""
+    import math
+
+    from .config import _problems
+    from .errors import ConfigError
+
+    if args.command not in ("sample", "score", "generate", "chat", "eval"):
+        return
+    for name in FLAG_RANGES:
+        v = getattr(args, name, None)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"--{name}: expected a finite number, got {v}")
+    problems = _problems(args, {k: r for k, r in FLAG_RANGES.items() if hasattr(args, k)})
+    if getattr(args, "top_p", None) is not None and args.top_p > 1:
+        problems.append(("top_p", f"must be in (0, 1], got {args.top_p}"))
+    for name, message in problems:
+        raise ConfigError(f"--{name}: {message}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _drop_local_rank(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -156,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from .rm_refresh import Paused
 
     try:
+        _check_flags(args)
         return _dispatch(args, rest)
     except Paused as e:  # a planned stop (a person ranks samples), resumable with --resume
         print(f"rlhf {args.command}: paused: {e}", file=sys.stderr)

@@ -13,6 +13,8 @@ import html
 import json
 from pathlib import Path
 
+from .errors import RunError
+
 PANELS = {
     "sft": [("training loss", ["loss"]), ("learning rate", ["lr"]), ("held-out loss", ["eval_loss"]),
             ("gradient norm", ["grad_norm"])],
@@ -122,6 +124,12 @@ def final_path_of(run: Path) -> Path:
 def build_report(run_dir: str | Path) -> str:
     """Write RUN_DIR/report/index.html (+ PNGs); returns the page's path."""
     run = Path(run_dir)
+    if not run.is_dir():
+        raise RunError(f"{run}: no such run folder")
+    if not any((d / f).exists() for d in [run] + [run / s for s in ("sft", "rm", "ppo", "dpo")]
+               for f in ("summary.json", "metrics.jsonl")):
+        raise RunError(f"{run}: holds no run (no summary.json or metrics.jsonl, nor sft/, rm/, ppo/, dpo/ with one); "
+                       f"give a run folder or a pipeline folder")
     summary_path = run / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if "stages" in summary or any((run / s / "metrics.jsonl").exists() for s in ("sft", "rm", "ppo", "dpo")):

@@ -435,6 +435,24 @@ def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys
         assert rc == 2 and len(err) == 1 and re.search(pattern, err[0]), (args, stderr[-2000:])
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["sample", "x", "p.jsonl", "--out", "s.jsonl", "--k", "1"], "--k: must be >= 2, got 1"),
+    (["score", "x", "f.jsonl", "--batch_size", "0"], "--batch_size: must be >= 1, got 0"),
+    (["generate", "x", "--max_new_tokens", "-1"], "--max_new_tokens: must be >= 1, got -1"),
+    (["generate", "x", "--top_p", "5"], "--top_p: must be in (0, 1], got 5.0"),
+    (["chat", "x", "--temperature", "nan"], "--temperature: expected a finite number, got nan"),
+    (["eval", "x", "--max_samples", "0"], "--max_samples: must be >= 1, got 0"),
+    (["report", "no_such_run_folder"], "no_such_run_folder: no such run folder"),
+    (["report", "recipes"], "recipes: holds no run (no summary.json or metrics.jsonl"),
+])
+def test_value_flags_are_checked_before_anything_loads(capsys, args, needle):
+    """The commands without a recipe check their value flags as a recipe's fields are checked:
+    one line and exit 2 before the checkpoint (here a missing one) is even looked at; `report`
+    of a folder that holds no run writes nothing into it."""
+    rc, stderr = _rlhf_here(capsys, *args)
+    assert rc == 2 and f"error: {needle}" in stderr and "Traceback" not in stderr, stderr
+
+
 def test_out_files_are_checked_before_anything_loads_and_never_replaced_unasked(tmp_path, capsys):
     """--out of sample / score / generate / eval / join-ranks, and data make's folder: a folder, a
     path under a file, or a file already there (without --overwrite) is one line and exit 2,
