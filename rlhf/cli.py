@@ -344,7 +344,7 @@ def _dispatch(args, rest: list[str]) -> int:
                 summary = stages.run(args.command, cfg, args.output_dir, overwrite=args.overwrite, resume=args.resume)
         except _user_errors() as e:  # name the recipe line of the key at fault, and a run folder problem too
             section = stages.CURRENT[0] if args.command in ("pipeline", "compare") and stages.CURRENT else ""
-            message = locate_message(str(e), args.recipe, overrides, section)
+            message = locate_message(str(e), args.recipe, overrides, section, getattr(e, "key", None))
             folder = _folder_problem(args)
             if folder and folder not in message and "resumable from" not in message:
                 message = f"{message}; and {folder}"

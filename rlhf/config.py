@@ -919,13 +919,16 @@ def where_set(key: str, recipe: str | Path | None, overrides: dict | None, secti
     return None
 
 
-def locate_message(message: str, recipe: str | Path | None, overrides: dict | None, section: str = "") -> str:
+def locate_message(message: str, recipe: str | Path | None, overrides: dict | None, section: str = "",
+                   key: str | None = None) -> str:
     """A run-time error about a recipe key ("recipe: 'model.name_or_path' points at ...") with
-    'recipe' replaced by where the key was set (file:line, or the command-line override)."""
+    'recipe' replaced by where the key was set (file:line, or the command-line override); or,
+    given the dotted `key` a ConfigError names, that place put in front (once)."""
     import re
 
     if not message.startswith("recipe: "):
-        return message
+        where = where_set(key, recipe, overrides, section) if key else None
+        return f"{where}: {message}" if where and not message.startswith(where) else message
     m = re.search(r"'([A-Za-z_]\w*(?:\.\w+)*)'", message)
     where = where_set(m.group(1), recipe, overrides, section) if m else None
     return f"{where}: {message[len('recipe: '):]}" if where else message

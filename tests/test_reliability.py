@@ -273,6 +273,12 @@ CASES = [
      r"r\.yaml:2: reward_fns\[0\]\.weight: expected a finite number, got inf"),
     ("required-key-missing-in-list-item", lambda t: ["ppo", _bad(t, "r.yaml", "steps: 5\nreward_fns:\n  - {weight: 1}\n")],
      r"r\.yaml:2: reward_fns\[0\]\.fn: required, and missing"),
+    ("compare-method-typo", lambda t: ["compare", _bad(t, "c.yaml", Path("recipes/tiny/compare.yaml").read_text().replace(
+        "grpo: {advantage_estimator", "grpo: {advantage_estimater"))],
+     r"c\.yaml:\d+: methods\.grpo: unknown key 'advantage_estimater' \(did you mean 'advantage_estimator'\?\)"),
+    ("compare-method-not-a-mapping", lambda t: ["compare", _bad(t, "c.yaml", Path("recipes/tiny/compare.yaml")
+                                                                .read_text().replace("  dpo: {stage: dpo}", "  dpo: [1, 2]"))],
+     r"c\.yaml:\d+: methods\.dpo: expected a mapping of the fields it changes, got \[1, 2\]"),
     ("hh-prompts-differ", lambda t: ["rm", "recipes/tiny/rm.yaml", "--data.train", _rows(t, "hh.jsonl", HH)],
      r"hh\.jsonl:1: field 'chosen': chosen and rejected do not share their prompt"),
     ("invalid-utf8", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",

@@ -44,6 +44,9 @@ def method_configs(cfg: CompareConfig, sft_dir: Path, rm_dir: Path | None) -> di
         raise ConfigError("recipe: a compare recipe needs 'methods' and 'seeds'", "methods")
     runs, budgets = {}, {}
     for name, spec in cfg.methods.items():
+        if not isinstance(spec, dict | None):
+            raise ConfigError(f"methods.{name}: expected a mapping of the fields it changes, got {spec!r}",
+                              f"methods.{name}")
         spec = dict(spec or {})
         stage = spec.pop("stage", "ppo")
         if stage not in ("ppo", "dpo"):
