@@ -195,9 +195,8 @@ def load_checkpoint(acc, ckpt: Path, parts: CheckpointParts) -> dict:
         sched.load_state_dict(torch.load(ckpt / f"{name}.sched.pt", weights_only=True))
     if state.get("grad_scaler") and getattr(acc, "scaler", None) is not None:
         acc.scaler.load_state_dict(state["grad_scaler"])
-    rng = ckpt / f"rng-rank{acc.process_index}.pt"
-    if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=True), generators or {})
+    # every checkpoint has one per process: without it the resume would not be exact (FileNotFoundError: damaged)
+    _set_rng_state(torch.load(ckpt / f"rng-rank{acc.process_index}.pt", weights_only=True), generators or {})
     rank_file = ckpt / f"state-rank{acc.process_index}.json"
     if rank_file.exists():
         state["rank"] = json.loads(rank_file.read_text())

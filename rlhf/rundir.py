@@ -202,7 +202,7 @@ def recover(final: str | Path | None) -> None:
 def fail(rf: RunFolder, error: BaseException) -> str:
     """A run stopped with an error: remove a staged run with no checkpoint, else mark it FAILED
     (resumable). Returns what became of it, for the error message. Main process only."""
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import latest_checkpoint, list_checkpoints
 
     if not rf.staged or not rf.work.exists():
         return ""
@@ -217,6 +217,9 @@ def fail(rf: RunFolder, error: BaseException) -> str:
         shutil.rmtree(rf.work, ignore_errors=True)
         return ""
     (rf.work / FAILED).write_text(f"{type(error).__name__}: {error}\n")
+    if ckpt is not None and str(error).startswith(f"{ckpt}: damaged"):  # resumable from the one before, once deleted
+        earlier = list_checkpoints(rf.work)[:-1]
+        ckpt = earlier[-1] if earlier else None
     what = ckpt.name if ckpt is not None else "its checkpoints and finished stages"
     return f" (the run stays resumable from {what} in {rf.work}: fix the cause and pass --resume)"
 

@@ -156,9 +156,16 @@ def test_resume_past_a_damaged_checkpoint_and_a_metrics_line_cut_short(tmp_path)
     p = _rlhf(*args, "--resume", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "step-00000006: damaged, cannot be restored (" in p.stderr and "continues from step-00000004" in p.stderr
+    assert "stays resumable from step-00000004" in p.stderr, p.stderr[-2000:]
     import shutil
 
     shutil.rmtree(staged / "checkpoints" / "step-00000006")
+    rng = staged / "checkpoints" / "step-00000004" / "rng-rank0.pt"  # without it the resume would not be exact
+    rng.rename(tmp_path / "rng")
+    p = _rlhf(*args, "--resume", check=False)
+    assert p.returncode == 2 and "step-00000004: damaged, cannot be restored (FileNotFoundError" in p.stderr, \
+        p.stderr[-2000:]
+    (tmp_path / "rng").rename(rng)
     _rlhf(*args, "--resume")
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
     assert steps == list(range(1, 9))
