@@ -205,6 +205,31 @@ def rng_fork():
     return torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else [])
 
 
+def arch_config(model_type: str, arch: dict):
+    """transformers' config of `model_type` with the recipe's `model.arch` fields. An unknown model
+    type, or a field the config class neither has nor takes (a misspelling: transformers would
+    store it and build the model without it), is one line naming `model.arch`."""
+    import difflib
+
+    from transformers import AutoConfig
+
+    try:
+        defaults = AutoConfig.for_model(model_type)
+    except ValueError:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=1)
+        raise ModelError(f"recipe: 'model.arch.model_type' {model_type!r} is not a model type transformers knows"
+                         + (f" (did you mean {close[0]!r}?)" if close else "")) from None
+    hf_cfg = AutoConfig.for_model(model_type, **arch)
+    for key in arch:
+        if not hasattr(defaults, key) and hasattr(hf_cfg, key):  # neither a field nor consumed (rope_theta is)
+            close = difflib.get_close_matches(key, list(defaults.to_dict()), n=1)
+            raise ModelError(f"recipe: 'model.arch.{key}' is not a field of transformers' {type(defaults).__name__}"
+                             + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return hf_cfg
+
+
 def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
     """The policy: from_pretrained (local/hub/GGUF) or from_config (random init, seeded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -216,7 +241,7 @@ def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
         if not model_type:
             raise ModelError("recipe: 'model.arch.model_type' is required with init: from_config")
         arch.setdefault("vocab_size", len(tok))
-        hf_cfg = AutoConfig.for_model(model_type, **arch)
+        hf_cfg = arch_config(model_type, arch)
         hf_cfg.pad_token_id, hf_cfg.eos_token_id = tok.pad_token_id, tok.eos_token_id
         hf_cfg.bos_token_id = tok.bos_token_id
         if seed is not None:
@@ -358,7 +383,13 @@ def add_lora(model, cfg: ModelConfig):
     lc = cfg.lora
     spec = PeftLora(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
                     task_type="CAUSAL_LM")
-    return get_peft_model(model, spec)
+    try:
+        return get_peft_model(model, spec)
+    except ValueError as e:  # peft's NoMatchingPeftModuleError: no module of the model has these names
+        if lc.target_modules is None:
+            raise
+        raise ModelError(f"recipe: 'model.lora.target_modules' names no module of this model "
+                         f"({str(e).splitlines()[0][:200]})") from None
 
 
 def disable_dropout(model: nn.Module) -> None:

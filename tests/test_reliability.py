@@ -412,6 +412,23 @@ def test_malformed_input_one_line_exit_2_earlier_run_untouched(tmp_path, case, o
     assert not staging_path(out).exists()  # and nothing half-made was left beside it
 
 
+@pytest.mark.slow
+def test_model_fields_that_fit_no_model_are_one_line(tmp_path, capsys):
+    """What only the model can refuse (it is built after the run folder is planned): a misspelled
+    or unknown `model.arch` field, LoRA target modules the model does not have."""
+    cases = [(["--model.arch.hiden_size", "32"], r"command line --model\.arch\.hiden_size: 'model\.arch\.hiden_size' "
+                                                 r"is not a field of transformers' LlamaConfig \(did you mean 'hidden_size'\?\)"),
+             (["--model.arch.model_type", "lama"], r"'model\.arch\.model_type' 'lama' is not a model type transformers "
+                                                   r"knows \(did you mean 'llama'\?\)"),
+             (["--model.lora.enabled", "true", "--model.lora.target_modules", "[nope_proj]"],
+              r"command line --model\.lora\.target_modules: 'model\.lora\.target_modules' names no module of this model")]
+    for i, (args, pattern) in enumerate(cases):
+        rc, stderr = _rlhf_here(capsys, "sft", "recipes/tiny/sft.yaml", "--output_dir", tmp_path / str(i), *args)
+        err = [l for l in stderr.strip().splitlines() if "error:" in l]
+        assert rc == 2 and len(err) == 1 and re.search(pattern, err[0]) and "Traceback" not in stderr, stderr[-2000:]
+        assert not (tmp_path / str(i)).exists()
+
+
 def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys):
     """`rlhf score` on a policy (it would load a fresh random head and score noise), `generate` and
     `eval` on a folder that is not a model or does not exist, prompts that are not UTF-8 or not a
