@@ -121,13 +121,15 @@ def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: 
             out = fn(prompts, completions, **fields)
     except RewardError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # (a sys.exit in a reward function would end the run without a word)
         raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {e} on a batch of "
                           f"{len(completions)} samples{row(0).replace('row', 'first row')} "
                           f"(first prompt: {_short(prompts[0])})") from None
     if isinstance(out, torch.Tensor):
         out = out.detach().flatten().tolist()
     try:
+        if isinstance(out, str | bytes | dict):  # iterable, but not one value per sample
+            raise TypeError
         out = list(out)
     except TypeError:
         raise RewardError(f"reward function '{name}' returned {type(out).__name__}, expected a list of floats") from None
@@ -136,6 +138,8 @@ def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: 
     values = []
     for i, v in enumerate(out):
         try:
+            if isinstance(v, str | bytes):  # float('1.0') would pass: a bug in the function, not a reward
+                raise TypeError
             v = float(v)
         except (TypeError, ValueError):
             raise RewardError(f"reward function '{name}' returned {v!r} for sample {i}{row(i)}, expected a float") \

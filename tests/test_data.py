@@ -88,6 +88,34 @@ def test_json_and_parquet_and_folder(tmp_path):
     assert len(ex) == 4
 
 
+def test_a_json_array_keeps_its_values_and_names_the_line_of_a_bad_row(tmp_path):
+    """A .json file is read as JSON, not through datasets, which retyped a column of mixed types
+    ("01557" became 1557) and named a bad row by its index. A key twice in one object (JSON or
+    JSON Lines) is an error naming the line, not the last value silently kept."""
+    rows = [{"prompt": f"p{i}", "completion": "01557" if i == 1 else f"c{i}"} for i in range(12)]
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=2))
+    ex, _ = load(tmp_path / "a.json", F.parse_sft)
+    assert ex[1].completion[0]["content"] == "01557" and ex[1].where == f"{tmp_path / 'a.json'}:6"
+    rows[10]["completion"] = 7
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=2))
+    with pytest.raises(F.DataError, match=r"a\.json:42: field 'completion': .* got int"):
+        load(tmp_path / "a.json", F.parse_sft)
+    for text, needle in (('[{"a": 1} {"b": 2}]', r"b\.json:1: malformed JSON \(expected ',' or '\]'\)"),
+                         ('[{"a": 1},\n', r"b\.json:2: malformed JSON"), ("[1]", r"b\.json:1: a row must be a JSON object"),
+                         ('[{"a": 1}]\nx', r"b\.json:1: malformed JSON \(text after the closing '\]'\)")):
+        (tmp_path / "b.json").write_text(text)
+        with pytest.raises(F.DataError, match=needle):
+            F.read_rows(str(tmp_path / "b.json"))
+    (tmp_path / "d.json").write_text('[\n{"prompt": "a", "completion": "b"},\n{"prompt": "a", "prompt": "b"}]')
+    with pytest.raises(F.DataError, match=r"d\.json:3: duplicate key 'prompt' in one object"):
+        F.read_rows(str(tmp_path / "d.json"))
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": {"x": 1, "x": 2}}\n')
+    with pytest.raises(F.DataError, match=r"d\.jsonl:1: duplicate key 'x' in one object"):
+        F.read_rows(str(tmp_path / "d.jsonl"))
+    (tmp_path / "c.json").write_text("\n".join(json.dumps(r) for r in rows[:3]))  # JSON Lines, as datasets reads it
+    assert len(F.read_rows(str(tmp_path / "c.json"))) == 3
+
+
 def test_preference_pairs_and_margin(tmp_path):
     p = write(tmp_path, "p.jsonl", [{"prompt": "q", "chosen": "good", "rejected": "bad", "margin": 0.5}])
     (g,), _ = load(p, F.parse_preference)

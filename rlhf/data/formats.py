@@ -59,6 +59,8 @@ def read_rows(spec: str, split: str = "train") -> list[Row]:
     if path.is_file():
         if path.suffix == ".jsonl":
             return _read_jsonl(path)
+        if path.suffix == ".json":  # read here, not by datasets: it would retype a mixed column ("01557" -> 1557)
+            return _read_json(path)
         if path.suffix not in _EXTS:
             raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
         import datasets
@@ -76,6 +78,20 @@ def read_rows(spec: str, split: str = "train") -> list[Row]:
     return [Row(dict(r), spec, i + 1) for i, r in enumerate(ds)]
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: a key twice in one object is an error (json keeps the last silently)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 def _read_jsonl(path: Path) -> list[Row]:
     """Rows of a JSONL file: strict UTF-8 (a leading BOM is accepted; a bad byte is file:line:column)."""
     from ..textio import read_text
@@ -85,12 +101,52 @@ def _read_jsonl(path: Path) -> list[Row]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
+        except _DuplicateKey as e:
+            raise DataError(f"{path}:{i}: duplicate key '{e}' in one object") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{i}: a row must be a JSON object")
         rows.append(Row(obj, str(path), i))
+    return rows
+
+
+def _read_json(path: Path) -> list[Row]:
+    """Rows of a .json file: a JSON array of objects, each named by the line it starts on (or JSON
+    Lines, which datasets also reads from a .json file)."""
+    from ..textio import read_text
+
+    text = read_text(path, DataError)
+    decoder, ws = json.JSONDecoder(object_pairs_hook=_unique_keys), " \t\r\n"
+
+    def skip(i: int) -> int:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        return i
+
+    i = skip(0)
+    if not text.startswith("[", i):
+        return _read_jsonl(path)
+    rows, i = [], skip(i + 1)
+    while not text.startswith("]", i):
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        except _DuplicateKey as e:
+            raise DataError(f"{path}:{text.count(chr(10), 0, i) + 1}: duplicate key '{e}' in one object") from None
+        line = text.count("\n", 0, i) + 1
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{line}: a row must be a JSON object")
+        rows.append(Row(obj, str(path), line))
+        i = skip(end)
+        if text.startswith(",", i):
+            i = skip(i + 1)
+        elif not text.startswith("]", i):
+            raise DataError(f"{path}:{text.count(chr(10), 0, i) + 1}: malformed JSON (expected ',' or ']')")
+    if skip(i + 1) != len(text):
+        raise DataError(f"{path}:{text.count(chr(10), 0, i) + 1}: malformed JSON (text after the closing ']')")
     return rows
 
 
