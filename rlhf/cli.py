@@ -145,7 +145,7 @@ def _sampling_args(p) -> None:
     p.add_argument("--batch_size", type=int, default=32)
 
 
-# the value flags of the commands that take no recipe: (low, high) inclusive, None unbounded, ('>', x) strict
+# the value flags of the commands that take no recipe: (low, None) for >= low, ('>', x) for > x
 FLAG_RANGES = {"k": (2, None), "temperature": (">", 0), "top_p": (">", 0), "top_k": (0, None),
                "max_new_tokens": (1, None), "batch_size": (1, None), "max_prompts": (1, None),
                "max_samples": (1, None)}
@@ -156,20 +156,22 @@ def _check_flags(args) -> None:
     anything loads; the stages check their recipe fields the same way when the recipe loads."""
     import math
 
-    from .config import _problems
     from .errors import ConfigError
 
     if args.command not in ("sample", "score", "generate", "chat", "eval"):
         return
-    for name in FLAG_RANGES:
+    for name, (low, high) in FLAG_RANGES.items():
         v = getattr(args, name, None)
+        if v is None:
+            continue
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"--{name}: expected a finite number, got {v}")
-    problems = _problems(args, {k: r for k, r in FLAG_RANGES.items() if hasattr(args, k)})
+        if low == ">" and not v > high:
+            raise ConfigError(f"--{name}: must be > {high}, got {v!r}")
+        if low != ">" and v < low:
+            raise ConfigError(f"--{name}: must be >= {low}, got {v!r}")
     if getattr(args, "top_p", None) is not None and args.top_p > 1:
-        problems.append(("top_p", f"must be in (0, 1], got {args.top_p}"))
-    for name, message in problems:
-        raise ConfigError(f"--{name}: {message}")
+        raise ConfigError(f"--top_p: must be in (0, 1], got {args.top_p}")
 
 
 def main(argv: list[str] | None = None) -> int:

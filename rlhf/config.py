@@ -114,6 +114,9 @@ class ModelConfig:
         self.name_or_path = resolve_package_path(self.name_or_path)
         self.tokenizer = resolve_package_path(self.tokenizer)
 
+    def problems(self) -> list[tuple[str, str]]:
+        return _problems(self, {"tokenizer_vocab_size": (1, None)})
+
 
 def resolve_package_path(path: str | None) -> str | None:
     """'pkg://package/sub/path' -> the folder of an installed package (found without importing it):
@@ -847,6 +850,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override '--{key}' has no value")
             raw = args[i + 1]
             i += 2
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"command line --{key}: not a dotted key (an empty part between dots)")
         try:
             out[key] = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -875,6 +880,8 @@ def read_yaml(path: str | Path) -> dict:
     from .textio import load_yaml, read_text
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder; a recipe is a YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
     doc = load_yaml(read_text(path, ConfigError), path, ConfigError)
@@ -929,8 +936,10 @@ def locate_message(message: str, recipe: str | Path | None, overrides: dict | No
     if not message.startswith("recipe: "):
         where = where_set(key, recipe, overrides, section) if key else None
         return f"{where}: {message}" if where and not message.startswith(where) else message
-    m = re.search(r"'([A-Za-z_]\w*(?:\.\w+)*)'", message)
-    where = where_set(m.group(1), recipe, overrides, section) if m else None
+    # of the keys it names, the one set on the command line (the change just made), else the first
+    places = [where_set(k, recipe, overrides, section) for k in re.findall(r"'([A-Za-z_]\w*(?:\.\w+)*)'", message)]
+    places = [p for p in places if p]
+    where = next((p for p in places if p.startswith("command line")), places[0] if places else None)
     return f"{where}: {message[len('recipe: '):]}" if where else message
 
 

@@ -286,6 +286,11 @@ CASES = [
     ("compare-method-not-a-mapping", lambda t: ["compare", _bad(t, "c.yaml", Path("recipes/tiny/compare.yaml")
                                                                 .read_text().replace("  dpo: {stage: dpo}", "  dpo: [1, 2]"))],
      r"c\.yaml:\d+: methods\.dpo: expected a mapping of the fields it changes, got \[1, 2\]"),
+    ("override-with-an-empty-part", lambda t: ["sft", "recipes/tiny/sft.yaml", "--train..lr", "1"],
+     r"command line --train\.\.lr: not a dotted key \(an empty part between dots\)"),
+    ("error-named-where-its-key-was-just-set", lambda t: ["sft", "recipes/tiny/sft.yaml", "--train.micro_batch_size", "48"],
+     r"command line --train\.micro_batch_size: 'train\.batch_size' per process \(64\) must be a multiple of "
+     r"'train\.micro_batch_size' \(48\)"),
     ("hh-prompts-differ", lambda t: ["rm", "recipes/tiny/rm.yaml", "--data.train", _rows(t, "hh.jsonl", HH)],
      r"hh\.jsonl:1: field 'chosen': chosen and rejected do not share their prompt"),
     ("invalid-utf8", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",

@@ -127,7 +127,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         return json.loads((rf.final / "summary.json").read_text())
     set_seed(cfg.seed)
     with inputs_first(rf):  # data, lengths and prompts checked as the RM stage does, before any model
-        check_policy_model(cfg.model.name_or_path if cfg.model.init == "pretrained" else None)
+        check_policy_model(None if cfg.model.init != "pretrained" or cfg.model.gguf_file else cfg.model.name_or_path)
         tok = load_tokenizer(cfg.model)
         rows, stats = preference_rows(tok, cfg)
         prompts = load_examples(cfg.eval_prompts, parse_prompt, what="prompts", field_name="eval_prompts",

@@ -96,7 +96,7 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
     refresh = cfg.rm_refresh  # its judge too, when it ranks samples of these prompts
     judge = [load_reward_fn(refresh.judge)] if refresh and refresh.judge != "human" and not refresh.prompts else []
     dry_call_on([fn for _, fn in reward_fns + gold_fns] + judge, prompts, cfg.reward_timeout)
-    check_policy_model(cfg.model.name_or_path if cfg.model.init == "pretrained" else None)
+    check_policy_model(None if cfg.model.init != "pretrained" or cfg.model.gguf_file else cfg.model.name_or_path)
     tok = load_tokenizer(cfg.model)
     for fld in ("reward_model", "gold_reward_model"):  # before any model loads, not after the policy
         if getattr(cfg, fld):

@@ -32,7 +32,7 @@ from ..checkpoint import save_checkpoint
 from ..faults import fault_point_step, inject_fault
 from ..evaluate import gold_accuracy, gold_examples
 from ..cpu_linear import apply_onednn_linear, check_onednn_linear
-from ..models import count_parameters, load_causal_lm, load_tokenizer, save_model_files, unwrap
+from ..models import check_policy_model, count_parameters, load_causal_lm, load_tokenizer, save_model_files, unwrap
 from ..rollout import right_pad
 from ..tokenization import IGNORE_INDEX, collate_sft, encode_sft
 
@@ -172,6 +172,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         if resume and cfg.model.init == "from_config" and not cfg.model.tokenizer and trained_tok.exists():
             tok = load_tokenizer(ModelConfig(name_or_path=str(rf.work)))  # the tokenizer this run trained
         else:
+            check_policy_model(None if cfg.model.init != "pretrained" or cfg.model.gguf_file else cfg.model.name_or_path)
             tok = load_tokenizer(cfg.model, train_texts=_texts(train_ex))
         train_feats = encode_examples(tok, train_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
         eval_feats = encode_examples(tok, eval_ex, cfg.data.max_length, cfg.data.skip_bad_rows)
