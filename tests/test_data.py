@@ -41,6 +41,10 @@ def test_sft_formats(tmp_path):
     ({"messages": [{"role": "user", "content": "only"}]}, "field 'messages': no assistant message"),
     ({"messages": [{"role": "assistant", "content": "a"}]}, "field 'messages': conversation starts with the assistant"),
     ({"messages": "nope"}, "field 'messages': expected a non-empty list"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 7}]},
+     "field 'messages[1].content': expected a string, got int"),
+    ({"prompt": [{"role": "user"}], "completion": "y"}, "field 'prompt[0].content': missing"),
+    ({"prompt": ["q"], "completion": "y"}, "field 'prompt[0]': expected a {role, content} message, got str"),
     ({"text": "x"}, "expected fields 'prompt' and 'completion', or 'messages'"),
 ])
 def test_sft_validation_errors_name_file_line_field(tmp_path, row, needle):

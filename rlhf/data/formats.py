@@ -160,6 +160,21 @@ def to_dataset(rows: list[Row]):
 # ----------------------------------------------------------------------------- validation
 
 
+def _bad_message(row: Row, fld: str, v: Any) -> str | None:
+    """For a list that is not a list of {role, content} messages: the first element at fault, as
+    'file:line: field 'fld[i].content': ...' (None when `v` is no list at all)."""
+    if not isinstance(v, list):
+        return None
+    for i, m in enumerate(v):
+        if not isinstance(m, dict):
+            return f"{row.where(f'{fld}[{i}]')}: expected a {{role, content}} message, got {type(m).__name__}"
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                got = "missing" if key not in m else f"expected a string, got {type(m[key]).__name__}"
+                return f"{row.where(f'{fld}[{i}].{key}')}: {got}"
+    return None
+
+
 def _is_messages(v: Any) -> bool:
     return isinstance(v, list) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in v)
@@ -179,8 +194,8 @@ def text_or_messages(row: Row, fld: str, *, required: bool = True, allow_empty: 
         if not v:
             raise DataError(f"{row.where(fld)}: empty message list")
         return v
-    raise DataError(f"{row.where(fld)}: expected a string or a list of {{role, content}} messages, "
-                    f"got {type(v).__name__}")
+    raise DataError(_bad_message(row, fld, v) or f"{row.where(fld)}: expected a string or a list of {{role, content}} "
+                                                 f"messages, got {type(v).__name__}")
 
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -244,7 +259,8 @@ def parse_sft(row: Row) -> SFTExample:
     if "messages" in d:
         msgs = d["messages"]
         if not _is_messages(msgs) or not msgs:
-            raise DataError(f"{row.where('messages')}: expected a non-empty list of {{role, content}} messages")
+            raise DataError(_bad_message(row, "messages", msgs) or
+                            f"{row.where('messages')}: expected a non-empty list of {{role, content}} messages")
         first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
         if first is None:
             raise DataError(f"{row.where('messages')}: no assistant message to learn from")
