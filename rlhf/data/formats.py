@@ -114,11 +114,17 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 def _read_json(path: Path) -> list[Row]:
     """Rows of a .json file: a JSON array of objects, each named by the line it starts on (or JSON
-    Lines, which datasets also reads from a .json file)."""
+    Lines, which datasets also reads from a .json file). Linear in the file's size."""
     from ..textio import read_text
 
     text = read_text(path, DataError)
     decoder, ws = json.JSONDecoder(object_pairs_hook=_unique_keys), " \t\r\n"
+    seen = [0, 1]  # (position, its line): newlines are counted once, forward, never from the start again
+
+    def line_at(i: int) -> int:
+        seen[1] += text.count("\n", seen[0], i)
+        seen[0] = i
+        return seen[1]
 
     def skip(i: int) -> int:
         while i < len(text) and text[i] in ws:
@@ -130,13 +136,13 @@ def _read_json(path: Path) -> list[Row]:
         return _read_jsonl(path)
     rows, i = [], skip(i + 1)
     while not text.startswith("]", i):
+        line = line_at(i)
         try:
             obj, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         except _DuplicateKey as e:
-            raise DataError(f"{path}:{text.count(chr(10), 0, i) + 1}: duplicate key '{e}' in one object") from None
-        line = text.count("\n", 0, i) + 1
+            raise DataError(f"{path}:{line}: duplicate key '{e}' in one object") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{line}: a row must be a JSON object")
         rows.append(Row(obj, str(path), line))
@@ -144,9 +150,9 @@ def _read_json(path: Path) -> list[Row]:
         if text.startswith(",", i):
             i = skip(i + 1)
         elif not text.startswith("]", i):
-            raise DataError(f"{path}:{text.count(chr(10), 0, i) + 1}: malformed JSON (expected ',' or ']')")
+            raise DataError(f"{path}:{line_at(i)}: malformed JSON (expected ',' or ']')")
     if skip(i + 1) != len(text):
-        raise DataError(f"{path}:{text.count(chr(10), 0, i) + 1}: malformed JSON (text after the closing ']')")
+        raise DataError(f"{path}:{line_at(i)}: malformed JSON (text after the closing ']')")
     return rows
 
 
