@@ -415,11 +415,11 @@ def part_commands(s: SimpleNamespace) -> None:
     rows = work / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": "sort: 3 1 2", "response": "1 2 3"}) + "\n")
     for command in (["generate", str(sft_out), "--prompts", str(data / "eval_prompts.jsonl"), "--max_new_tokens",
-                     "8", "--out", str(work / "gen.jsonl")],
-                    ["score", str(rm_out), str(rows), "--out", str(work / "scored.jsonl")],
+                     "8", "--out", str(work / "gen.jsonl"), "--overwrite"],
+                    ["score", str(rm_out), str(rows), "--out", str(work / "scored.jsonl"), "--overwrite"],
                     ["eval", str(sft_out), str(rm_out), "--prompts", str(data / "eval_prompts.jsonl"),
                      "--reward_model", str(rm_out), "--pairs", str(data / "prefs.jsonl"), "--max_samples", "16",
-                     "--max_new_tokens", "8", "--out", str(work / "eval.json")]):
+                     "--max_new_tokens", "8", "--out", str(work / "eval.json"), "--overwrite"]):
         if s.cuda:
             torch.cuda.reset_peak_memory_stats()
         rc = rlhf_main(command)

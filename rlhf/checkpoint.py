@@ -25,6 +25,7 @@ Nothing here unpickles arbitrary objects.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -36,6 +37,8 @@ import torch
 
 from .errors import RunError
 from .faults import fault_point
+
+log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
 PREFIX = "step-"
@@ -195,8 +198,14 @@ def load_checkpoint(acc, ckpt: Path, parts: CheckpointParts) -> dict:
         sched.load_state_dict(torch.load(ckpt / f"{name}.sched.pt", weights_only=True))
     if state.get("grad_scaler") and getattr(acc, "scaler", None) is not None:
         acc.scaler.load_state_dict(state["grad_scaler"])
-    # every checkpoint has one per process: without it the resume would not be exact (FileNotFoundError: damaged)
-    _set_rng_state(torch.load(ckpt / f"rng-rank{acc.process_index}.pt", weights_only=True), generators or {})
+    rng = ckpt / f"rng-rank{acc.process_index}.pt"
+    if rng.exists() or state.get("num_processes", acc.num_processes) == acc.num_processes:
+        # every process that wrote the checkpoint wrote one: missing, the checkpoint is damaged (FileNotFoundError)
+        _set_rng_state(torch.load(rng, weights_only=True), generators or {})
+    else:  # more processes than wrote it (plain checkpoints only): this one starts its random streams anew
+        log.warning("%s: written by %d processes, resumed on %d: process %d has no random state to restore; "
+                    "the run goes on, but not as an uninterrupted one would (resume on %d for that)", ckpt,
+                    state["num_processes"], acc.num_processes, acc.process_index, state["num_processes"])
     rank_file = ckpt / f"state-rank{acc.process_index}.json"
     if rank_file.exists():
         state["rank"] = json.loads(rank_file.read_text())

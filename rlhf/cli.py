@@ -146,7 +146,7 @@ def _sampling_args(p) -> None:
 
 
 # the value flags of the commands that take no recipe: (low, None) for >= low, ('>', x) for > x
-FLAG_RANGES = {"k": (2, None), "temperature": (">", 0), "top_p": (">", 0), "top_k": (0, None),
+FLAG_RANGES = {"k": (2, None), "top_p": (">", 0), "top_k": (0, None),
                "max_new_tokens": (1, None), "batch_size": (1, None), "max_prompts": (1, None),
                "max_samples": (1, None)}
 
@@ -160,12 +160,14 @@ def _check_flags(args) -> None:
 
     if args.command not in ("sample", "score", "generate", "chat", "eval"):
         return
+    for name in ("temperature", "top_p"):  # (temperature > 0 is checked with --greedy in mind, in _dispatch)
+        v = getattr(args, name, None)
+        if v is not None and not math.isfinite(v):
+            raise ConfigError(f"--{name}: expected a finite number, got {v}")
     for name, (low, high) in FLAG_RANGES.items():
         v = getattr(args, name, None)
         if v is None:
             continue
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"--{name}: expected a finite number, got {v}")
         if low == ">" and not v > high:
             raise ConfigError(f"--{name}: must be > {high}, got {v!r}")
         if low != ">" and v < low:

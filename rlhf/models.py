@@ -221,13 +221,35 @@ def arch_config(model_type: str, arch: dict):
         close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=1)
         raise ModelError(f"recipe: 'model.arch.model_type' {model_type!r} is not a model type transformers knows"
                          + (f" (did you mean {close[0]!r}?)" if close else "")) from None
-    hf_cfg = AutoConfig.for_model(model_type, **arch)
+    arch = dict(arch)
+    for key, v in arch.items():  # YAML 1.1 reads 1e-5 as a string; transformers' strict configs refuse it
+        if isinstance(v, str) and isinstance(getattr(defaults, key, None), float):
+            try:
+                arch[key] = float(v)
+            except ValueError:
+                pass
+    hf_cfg = _for_model(model_type, arch, type(defaults).__name__)
     for key in arch:
-        if not hasattr(defaults, key) and hasattr(hf_cfg, key):  # neither a field nor consumed (rope_theta is)
+        if hasattr(defaults, key) or not hasattr(hf_cfg, key):  # a field, or taken into one (rope_theta)
+            continue
+        without = _for_model(model_type, {k: v for k, v in arch.items() if k != key}, type(defaults).__name__)
+        if {k: v for k, v in hf_cfg.to_dict().items() if k != key} == without.to_dict():  # stored, and nothing else
             close = difflib.get_close_matches(key, list(defaults.to_dict()), n=1)
             raise ModelError(f"recipe: 'model.arch.{key}' is not a field of transformers' {type(defaults).__name__}"
                              + (f" (did you mean '{close[0]}'?)" if close else ""))
     return hf_cfg
+
+
+def _for_model(model_type: str, arch: dict, name: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type, **arch)
+    except Exception as e:  # a value of the wrong type or out of range (strict configs validate: huggingface_hub's
+        if not isinstance(e, TypeError | ValueError) and "Validation" not in type(e).__name__:  # StrictDataclass...)
+            raise
+        raise ModelError(f"recipe: 'model.arch' does not make a valid {name} ({' '.join(str(e).split())[:300]})") \
+            from None
 
 
 def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
@@ -383,13 +405,17 @@ def add_lora(model, cfg: ModelConfig):
     lc = cfg.lora
     spec = PeftLora(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
                     task_type="CAUSAL_LM")
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in lc.target_modules or [] if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:  # (peft itself stops only when none matches)
+        raise ModelError(f"recipe: 'model.lora.target_modules' names no module of this model: {', '.join(missing)}")
     try:
         return get_peft_model(model, spec)
-    except ValueError as e:  # peft's NoMatchingPeftModuleError: no module of the model has these names
+    except ValueError as e:  # peft's: a module it cannot adapt (a norm, an activation)
         if lc.target_modules is None:
             raise
-        raise ModelError(f"recipe: 'model.lora.target_modules' names no module of this model "
-                         f"({str(e).splitlines()[0][:200]})") from None
+        raise ModelError(f"recipe: 'model.lora.target_modules' names modules peft cannot adapt "
+                         f"({' '.join(str(e).split())[:200]})") from None
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -122,7 +122,7 @@ def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: 
     except RewardError:
         raise
     except (Exception, SystemExit) as e:  # (a sys.exit in a reward function would end the run without a word)
-        raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {e} on a batch of "
+        raise RewardError(f"reward function '{name}' raised {type(e).__name__}: {str(e) or repr(e)} on a batch of "
                           f"{len(completions)} samples{row(0).replace('row', 'first row')} "
                           f"(first prompt: {_short(prompts[0])})") from None
     if isinstance(out, torch.Tensor):

@@ -220,6 +220,8 @@ def fail(rf: RunFolder, error: BaseException) -> str:
     if ckpt is not None and str(error).startswith(f"{ckpt}: damaged"):  # resumable from the one before, once deleted
         earlier = list_checkpoints(rf.work)[:-1]
         ckpt = earlier[-1] if earlier else None
+        if ckpt is None and not stages_done and not stage_ckpts:
+            return ""  # (the error says --resume starts over; the damaged checkpoint is kept for the user to see)
     what = ckpt.name if ckpt is not None else "its checkpoints and finished stages"
     return f" (the run stays resumable from {what} in {rf.work}: fix the cause and pass --resume)"
 

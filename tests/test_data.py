@@ -117,7 +117,12 @@ def test_a_json_array_keeps_its_values_and_names_the_line_of_a_bad_row(tmp_path)
     with pytest.raises(F.DataError, match=r"d\.jsonl:1: duplicate key 'x' in one object"):
         F.read_rows(str(tmp_path / "d.jsonl"))
     (tmp_path / "c.json").write_text("\n".join(json.dumps(r) for r in rows[:3]))  # JSON Lines, as datasets reads it
-    assert len(F.read_rows(str(tmp_path / "c.json"))) == 3
+    assert [r.where() for r in F.read_rows(str(tmp_path / "c.json"))] == [f"{tmp_path / 'c.json'}:{i}" for i in (1, 2, 3)]
+    (tmp_path / "c.json").write_text("\n".join(json.dumps(r, indent=2) for r in rows[:3]))  # objects one after another
+    assert [r.line for r in F.read_rows(str(tmp_path / "c.json"))] == [1, 5, 9]
+    (tmp_path / "a.json").write_text(json.dumps(rows))  # on one line: each row's number too
+    with pytest.raises(F.DataError, match=r"a\.json:1 \(row 11\): field 'completion': .* got int"):
+        load(tmp_path / "a.json", F.parse_sft)
 
 
 def test_preference_pairs_and_margin(tmp_path):

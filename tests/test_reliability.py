@@ -138,6 +138,27 @@ def test_only_a_damaged_checkpoint_is_called_damaged(tmp_path):
     assert _unrestorable(torch.OutOfMemoryError("CUDA out of memory"), ckpt, tmp_path) is None
 
 
+def test_a_missing_rng_file_is_damage_unless_more_processes_resume(tmp_path, caplog):
+    """Each process's RNG file makes the resume exact: missing on the process count that wrote the
+    checkpoint, the checkpoint is damaged; a plain checkpoint resumed on more processes has none for
+    the new ones, which go on with fresh random streams, and a warning says the resume is not exact."""
+    from types import SimpleNamespace
+
+    from rlhf.checkpoint import CheckpointParts, load_checkpoint, save_checkpoint
+
+    def acc(rank, world):
+        return SimpleNamespace(process_index=rank, num_processes=world, is_main_process=rank == 0,
+                               wait_for_everyone=lambda: None)
+
+    model = torch.nn.Linear(2, 2)
+    ckpt = save_checkpoint(acc(0, 1), tmp_path, 2, CheckpointParts({"model": model}), state={})
+    assert load_checkpoint(acc(1, 2), ckpt, CheckpointParts({"model": model}))["step"] == 2
+    assert "written by 1 processes, resumed on 2" in caplog.text and "not as an uninterrupted one" in caplog.text
+    (ckpt / "rng-rank0.pt").unlink()
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(acc(0, 1), ckpt, CheckpointParts({"model": model}))
+
+
 @pytest.mark.slow
 def test_resume_past_a_damaged_checkpoint_and_a_metrics_line_cut_short(tmp_path):
     """A metrics line cut short by the kill is dropped on resume; a checkpoint damaged on disk is a
@@ -429,8 +450,13 @@ def test_model_fields_that_fit_no_model_are_one_line(tmp_path, capsys):
                                                  r"is not a field of transformers' LlamaConfig \(did you mean 'hidden_size'\?\)"),
              (["--model.arch.model_type", "lama"], r"'model\.arch\.model_type' 'lama' is not a model type transformers "
                                                    r"knows \(did you mean 'llama'\?\)"),
-             (["--model.lora.enabled", "true", "--model.lora.target_modules", "[nope_proj]"],
-              r"command line --model\.lora\.target_modules: 'model\.lora\.target_modules' names no module of this model")]
+             (["--model.lora.enabled", "true", "--model.lora.target_modules", "[q_proj, nope_proj]"],
+              r"command line --model\.lora\.target_modules: 'model\.lora\.target_modules' names no module of this model: "
+              r"nope_proj"),
+             (["--model.lora.enabled", "true", "--model.lora.target_modules", "[input_layernorm]"],
+              r"'model\.lora\.target_modules' names modules peft cannot adapt"),
+             (["--model.arch.hidden_size", "abc"], r"'model\.arch' does not make a valid LlamaConfig \(Validation error "
+                                                   r"for field 'hidden_size'")]
     for i, (args, pattern) in enumerate(cases):
         rc, stderr = _rlhf_here(capsys, "sft", "recipes/tiny/sft.yaml", "--output_dir", tmp_path / str(i), *args)
         err = [l for l in stderr.strip().splitlines() if "error:" in l]
@@ -479,6 +505,7 @@ def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys
     (["score", "x", "f.jsonl", "--batch_size", "0"], "--batch_size: must be >= 1, got 0"),
     (["generate", "x", "--max_new_tokens", "-1"], "--max_new_tokens: must be >= 1, got -1"),
     (["generate", "x", "--top_p", "5"], "--top_p: must be in (0, 1], got 5.0"),
+    (["generate", "x", "--greedy", "--temperature", "0", "--top_k", "-1"], "--top_k: must be >= 0, got -1"),
     (["chat", "x", "--temperature", "nan"], "--temperature: expected a finite number, got nan"),
     (["eval", "x", "--max_samples", "0"], "--max_samples: must be >= 1, got 0"),
     (["report", "no_such_run_folder"], "no_such_run_folder: no such run folder"),
@@ -511,8 +538,9 @@ def test_out_files_are_checked_before_anything_loads_and_never_replaced_unasked(
             rc, stderr = _rlhf_here(capsys, *args, "--out", out)
             assert rc == 2 and re.search(pattern, stderr) and "Traceback" not in stderr, (name, out, stderr[-1500:])
     assert kept.read_text().endswith('"ranks": [1, 2]}\n')
-    rc, stderr = _rlhf_here(capsys, "data", "make", "sort", "--out", tmp_path / "afile")
-    assert rc == 2 and "is a file, not a folder" in stderr, stderr
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        rc, stderr = _rlhf_here(capsys, "data", "make", "sort", "--out", out)
+        assert rc == 2 and "is a file, not a folder" in stderr and "Traceback" not in stderr, stderr
     small = ["--n_sft", "5", "--n_pref", "5", "--n_rl", "5", "--n_eval", "5"]
     assert _rlhf_here(capsys, "data", "make", "sort", "--out", tmp_path / "d", *small)[0] == 0
     (tmp_path / "d" / "sft.jsonl").write_text("mine\n")

@@ -305,23 +305,25 @@ def test_ppo_python_reward_rises(tmp_path, sft_checkpoint, task_dir):
 @pytest.mark.slow
 def test_prompts_over_max_prompt_length_stop_ppo_or_are_skipped_and_counted(tmp_path, sft_checkpoint, task_dir):
     """A prompt over data.max_prompt_length is an error naming its file, line and field; with
-    data.skip_bad_rows it is left out (train or eval) and counted, as SFT and RM do."""
+    data.skip_bad_rows it is left out (train or eval) and counted, as SFT and RM do, before the
+    held-out set is cut to eval_samples (so it holds as many as asked for)."""
     from rlhf.stages.ppo import read_inputs
 
     rows = [json.loads(l) for l in open(task_dir / "rl_prompts.jsonl")][:20]
     long = dict(rows[0], prompt="sort " + " ".join(str(i % 10) for i in range(300)))
     rows[:0] = [long, dict(rows[0]), long]  # lines 1 and 3
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "eval.jsonl").write_text(open(task_dir / "eval_prompts.jsonl").read() + json.dumps(long) + "\n")
+    (tmp_path / "eval.jsonl").write_text(json.dumps(long) + "\n" + open(task_dir / "eval_prompts.jsonl").read())
     over = {"data.train": str(tmp_path / "train.jsonl"), "data.eval": str(tmp_path / "eval.jsonl"),
-            "eval_samples": 1000}
+            "eval_samples": 60}
     with pytest.raises(DataError, match=r"train\.jsonl:1: field 'prompt': \d+ tokens, more than "
                                         r"data\.max_prompt_length \(128\); raise it or set data\.skip_bad_rows"):
         read_inputs(_ppo_cfg(sft_checkpoint, task_dir, **over))
     data = read_inputs(_ppo_cfg(sft_checkpoint, task_dir, **over, **{"data.skip_bad_rows": True}))
     assert (len(data.prompts), len(data.eval_prompts), data.skipped_bad_rows) == (21, 60, 3)
     assert [p.where for p in data.prompts][:2] == [f"{tmp_path / 'train.jsonl'}:2", f"{tmp_path / 'train.jsonl'}:4"]
-    with pytest.raises(DataError, match=r"train\.jsonl: 15 training prompts, fewer than one rollout batch \(16"):
+    with pytest.raises(DataError, match=r"train\.jsonl: 15 training prompts once the prompts over "
+                                        r"data\.max_prompt_length were skipped, fewer than one rollout batch \(16"):
         read_inputs(_ppo_cfg(sft_checkpoint, task_dir, **over, **{"data.skip_bad_rows": True,
                                                                  "data.max_samples": 17}))
 

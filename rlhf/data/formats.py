@@ -37,9 +37,12 @@ class Row:
     data: dict
     source: str
     line: int
+    row: int | None = None
+    """The row's number too, where several rows start on one line (a .json array on one line)."""
 
     def where(self, fld: str | None = None) -> str:
-        return f"{self.source}:{self.line}" + (f": field '{fld}'" if fld else "")
+        return f"{self.source}:{self.line}" + (f" (row {self.row})" if self.row else "") + \
+            (f": field '{fld}'" if fld else "")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -113,8 +116,9 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 
 def _read_json(path: Path) -> list[Row]:
-    """Rows of a .json file: a JSON array of objects, each named by the line it starts on (or JSON
-    Lines, which datasets also reads from a .json file). Linear in the file's size."""
+    """Rows of a .json file: a JSON array of objects, or objects one after another (JSON Lines,
+    pretty-printed or not, as datasets reads them), each named by the line it starts on (and its
+    number, where several start on one line). Linear in the file's size."""
     from ..textio import read_text
 
     text = read_text(path, DataError)
@@ -131,11 +135,7 @@ def _read_json(path: Path) -> list[Row]:
             i += 1
         return i
 
-    i = skip(0)
-    if not text.startswith("[", i):
-        return _read_jsonl(path)
-    rows, i = [], skip(i + 1)
-    while not text.startswith("]", i):
+    def value(i: int) -> tuple[Row, int]:
         line = line_at(i)
         try:
             obj, end = decoder.raw_decode(text, i)
@@ -145,14 +145,31 @@ def _read_json(path: Path) -> list[Row]:
             raise DataError(f"{path}:{line}: duplicate key '{e}' in one object") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{line}: a row must be a JSON object")
-        rows.append(Row(obj, str(path), line))
-        i = skip(end)
-        if text.startswith(",", i):
-            i = skip(i + 1)
-        elif not text.startswith("]", i):
-            raise DataError(f"{path}:{line_at(i)}: malformed JSON (expected ',' or ']')")
-    if skip(i + 1) != len(text):
-        raise DataError(f"{path}:{line_at(i)}: malformed JSON (text after the closing ']')")
+        return Row(obj, str(path), line), end
+
+    rows, i = [], skip(0)
+    if text.startswith("[", i):
+        i = skip(i + 1)
+        while not text.startswith("]", i):
+            row, i = value(i)
+            rows.append(row)
+            i = skip(i)
+            if text.startswith(",", i):
+                i = skip(i + 1)
+            elif not text.startswith("]", i):
+                raise DataError(f"{path}:{line_at(i)}: malformed JSON (expected ',' or ']')")
+        if skip(i + 1) != len(text):
+            raise DataError(f"{path}:{line_at(i)}: malformed JSON (text after the closing ']')")
+    else:
+        while i < len(text):
+            row, i = value(i)
+            rows.append(row)
+            i = skip(i)
+    per_line = {}
+    for r in rows:
+        per_line[r.line] = per_line.get(r.line, 0) + 1
+    for n, r in enumerate(rows, 1):
+        r.row = n if per_line[r.line] > 1 else None
     return rows
 
 

@@ -89,7 +89,6 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
         skipped += stats["skipped_bad_rows"]
     else:
         prompts, eval_prompts = split_train_eval(prompts, cfg.data.eval_split, cfg.seed)
-    eval_prompts = eval_prompts[: cfg.eval_samples]
     _check_rollout_batch(cfg, prompts)
     reward_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.reward_fns]
     gold_fns = [(spec, load_reward_fn(spec.fn)) for spec in cfg.gold_reward_fns]
@@ -101,14 +100,18 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
     for fld in ("reward_model", "gold_reward_model"):  # before any model loads, not after the policy
         if getattr(cfg, fld):
             check_reward_model(getattr(cfg, fld), fld)
+    if not cfg.data.skip_bad_rows:  # only the prompts evaluated must fit; with skip_bad_rows, as many as asked for do
+        eval_prompts = eval_prompts[: cfg.eval_samples]
     n_before = len(prompts) + len(eval_prompts)
     prompts = fitting_prompts(tok, prompts, cfg.data.max_prompt_length, cfg.data.skip_bad_rows)
     eval_prompts = fitting_prompts(tok, eval_prompts, cfg.data.max_prompt_length, cfg.data.skip_bad_rows)
-    if n_before > len(prompts) + len(eval_prompts):
-        skipped += n_before - len(prompts) - len(eval_prompts)
-        log.warning("skipped %d prompts longer than data.max_prompt_length (%d tokens)",
-                    n_before - len(prompts) - len(eval_prompts), cfg.data.max_prompt_length)
-        _check_rollout_batch(cfg, prompts)
+    too_long = n_before - len(prompts) - len(eval_prompts)
+    eval_prompts = eval_prompts[: cfg.eval_samples]
+    if too_long:
+        skipped += too_long
+        log.warning("skipped %d prompts longer than data.max_prompt_length (%d tokens)", too_long,
+                    cfg.data.max_prompt_length)
+        _check_rollout_batch(cfg, prompts, " once the prompts over data.max_prompt_length were skipped")
     feats = []
     if cfg.ptx_coef > 0:
         demos, _ = load_examples(cfg.ptx_data, parse_sft, skip_bad_rows=True, what="ptx rows", field_name="ptx_data")
@@ -116,9 +119,9 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
     return PPOInputs(prompts, eval_prompts, reward_fns, tok, feats, gold_fns, skipped)
 
 
-def _check_rollout_batch(cfg: PPOConfig, prompts: list) -> None:
+def _check_rollout_batch(cfg: PPOConfig, prompts: list, after: str = "") -> None:
     if len(prompts) < cfg.rollout_batch_size // cfg.samples_per_prompt:
-        raise DataError(f"{cfg.data.train}: {len(prompts)} training prompts, fewer than one rollout batch "
+        raise DataError(f"{cfg.data.train}: {len(prompts)} training prompts{after}, fewer than one rollout batch "
                         f"({cfg.rollout_batch_size // cfg.samples_per_prompt} prompts)")
 
 
