@@ -99,20 +99,29 @@ def _read_jsonl(path: Path) -> list[Row]:
     """Rows of a JSONL file: strict UTF-8 (a leading BOM is accepted; a bad byte is file:line:column)."""
     from ..textio import read_text
 
-    rows = []
+    rows, decoder = [], json.JSONDecoder(object_pairs_hook=_unique_keys)
     for i, line in enumerate(read_text(path, DataError).split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line, object_pairs_hook=_unique_keys)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: malformed JSON ({e.msg})") from None
-        except _DuplicateKey as e:
-            raise DataError(f"{path}:{i}: duplicate key '{e}' in one object") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{i}: a row must be a JSON object")
+        start = len(line) - len(line.lstrip())
+        obj, end = _decode_row(path, line, start, i, decoder)
+        if line[end:].strip():
+            raise DataError(f"{path}:{i}: malformed JSON (Extra data)")
         rows.append(Row(obj, str(path), i))
     return rows
+
+
+def _decode_row(path: Path, text: str, i: int, line: int, decoder: json.JSONDecoder) -> tuple[dict, int]:
+    """The JSON object at `text[i:]` (which starts on `line`) and where it ends; one-line errors."""
+    try:
+        obj, end = decoder.raw_decode(text, i)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{line + text.count(chr(10), i, e.pos)}: malformed JSON ({e.msg})") from None
+    except _DuplicateKey as e:
+        raise DataError(f"{path}:{line}: duplicate key '{e}' in one object") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}:{line}: a row must be a JSON object")
+    return obj, end
 
 
 def _read_json(path: Path) -> list[Row]:
@@ -137,14 +146,7 @@ def _read_json(path: Path) -> list[Row]:
 
     def value(i: int) -> tuple[Row, int]:
         line = line_at(i)
-        try:
-            obj, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        except _DuplicateKey as e:
-            raise DataError(f"{path}:{line}: duplicate key '{e}' in one object") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{line}: a row must be a JSON object")
+        obj, end = _decode_row(path, text, i, line, decoder)
         return Row(obj, str(path), line), end
 
     rows, i = [], skip(0)
