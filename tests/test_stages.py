@@ -306,14 +306,16 @@ def test_ppo_python_reward_rises(tmp_path, sft_checkpoint, task_dir):
 def test_prompts_over_max_prompt_length_stop_ppo_or_are_skipped_and_counted(tmp_path, sft_checkpoint, task_dir):
     """A prompt over data.max_prompt_length is an error naming its file, line and field; with
     data.skip_bad_rows it is left out (train or eval) and counted, as SFT and RM do, before the
-    held-out set is cut to eval_samples (so it holds as many as asked for)."""
+    held-out set is cut to eval_samples (so it holds as many as asked for; the rows past them are
+    neither read nor counted)."""
     from rlhf.stages.ppo import read_inputs
 
     rows = [json.loads(l) for l in open(task_dir / "rl_prompts.jsonl")][:20]
     long = dict(rows[0], prompt="sort " + " ".join(str(i % 10) for i in range(300)))
     rows[:0] = [long, dict(rows[0]), long]  # lines 1 and 3
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "eval.jsonl").write_text(json.dumps(long) + "\n" + open(task_dir / "eval_prompts.jsonl").read())
+    (tmp_path / "eval.jsonl").write_text(json.dumps(long) + "\n" + open(task_dir / "eval_prompts.jsonl").read()
+                                         + json.dumps(long) + "\n")  # (the last one, past eval_samples, unread)
     over = {"data.train": str(tmp_path / "train.jsonl"), "data.eval": str(tmp_path / "eval.jsonl"),
             "eval_samples": 60}
     with pytest.raises(DataError, match=r"train\.jsonl:1: field 'prompt': \d+ tokens, more than "

@@ -100,13 +100,11 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
     for fld in ("reward_model", "gold_reward_model"):  # before any model loads, not after the policy
         if getattr(cfg, fld):
             check_reward_model(getattr(cfg, fld), fld)
-    if not cfg.data.skip_bad_rows:  # only the prompts evaluated must fit; with skip_bad_rows, as many as asked for do
-        eval_prompts = eval_prompts[: cfg.eval_samples]
-    n_before = len(prompts) + len(eval_prompts)
-    prompts = fitting_prompts(tok, prompts, cfg.data.max_prompt_length, cfg.data.skip_bad_rows)
-    eval_prompts = fitting_prompts(tok, eval_prompts, cfg.data.max_prompt_length, cfg.data.skip_bad_rows)
-    too_long = n_before - len(prompts) - len(eval_prompts)
-    eval_prompts = eval_prompts[: cfg.eval_samples]
+    prompts, too_long = fitting_prompts(tok, prompts, cfg.data.max_prompt_length, cfg.data.skip_bad_rows)
+    # the first eval_samples held-out prompts that fit: those left out on the way are counted, no more are read
+    eval_prompts, n = fitting_prompts(tok, eval_prompts, cfg.data.max_prompt_length, cfg.data.skip_bad_rows,
+                                      cfg.eval_samples)
+    too_long += n
     if too_long:
         skipped += too_long
         log.warning("skipped %d prompts longer than data.max_prompt_length (%d tokens)", too_long,
@@ -125,18 +123,24 @@ def _check_rollout_batch(cfg: PPOConfig, prompts: list, after: str = "") -> None
                         f"({cfg.rollout_batch_size // cfg.samples_per_prompt} prompts)")
 
 
-def fitting_prompts(tok, prompts: list, max_prompt_length: int, skip_bad_rows: bool) -> list:
-    """The prompts whose chat-formatted tokens fit in `max_prompt_length`; a longer one is an error
-    naming its row, or with `skip_bad_rows` left out (the caller counts them)."""
-    out = []
+def fitting_prompts(tok, prompts: list, max_prompt_length: int, skip_bad_rows: bool,
+                    limit: int | None = None) -> tuple[list, int]:
+    """The prompts whose chat-formatted tokens fit in `max_prompt_length` (the first `limit` of
+    them), and how many were left out on the way: a longer one is an error naming its row, or with
+    `skip_bad_rows` left out."""
+    out, left_out = [], 0
     for p in prompts:
+        if limit is not None and len(out) == limit:
+            break
         n = len(encode_prompt(tok, p.prompt))
         if n <= max_prompt_length:
             out.append(p)
-        elif not skip_bad_rows:
+        elif skip_bad_rows:
+            left_out += 1
+        else:
             raise DataError(f"{p.where}: field 'prompt': {n} tokens, more than data.max_prompt_length "
                             f"({max_prompt_length}); raise it or set data.skip_bad_rows")
-    return out
+    return out, left_out
 
 
 def batch_split(cfg: PPOConfig, world: int) -> BatchSplit:
