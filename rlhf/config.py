@@ -994,6 +994,19 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, width=float("inf")))
 
 
+def recipe_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs between two resolved recipes
+    (a run's recipe.yaml and the recipe it is resumed with)."""
+    out = []
+    for key in list(saved) + [k for k in now if k not in saved]:
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += recipe_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 # ----------------------------------------------------------------------------- reference docs
 
 

@@ -725,6 +725,24 @@ def open_run(acc, output_dir, overwrite: bool = False, resume: bool = False):
     return decided[0]
 
 
+def save_recipe(acc, cfg, out: Path, resume: bool) -> None:
+    """The run's recipe.yaml: written by a new run (and by a resumed one killed before writing it);
+    a resumed run keeps it, and warns of each key its recipe changes (the run goes on with the new
+    values, but not as the uninterrupted run would have: a longer max_steps moves the LR schedule)."""
+    from .config import dump_yaml, read_yaml, recipe_changes, to_dict
+
+    path = Path(out) / "recipe.yaml"
+    if not acc.is_main_process:
+        return
+    if not resume or not path.exists():
+        dump_yaml(cfg, path)
+        return
+    changed = recipe_changes(read_yaml(path), to_dict(cfg))
+    if changed:
+        log.warning("resumed with a recipe that differs from %s: %s; the run goes on with the new values, not as "
+                    "the uninterrupted run would have", path, "; ".join(changed))
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors a user can fix: one line, exit status 2 (:mod:`rlhf.errors`)."""
     return USER_ERRORS

@@ -138,6 +138,27 @@ def test_only_a_damaged_checkpoint_is_called_damaged(tmp_path):
     assert _unrestorable(torch.OutOfMemoryError("CUDA out of memory"), ckpt, tmp_path) is None
 
 
+def test_a_resume_with_another_recipe_names_each_changed_key(tmp_path, caplog):
+    """--resume keeps the run's recipe.yaml and warns of each key the recipe it was given changes
+    (a longer max_steps, another lr: the run goes on, but not as the uninterrupted one would)."""
+    from types import SimpleNamespace
+
+    from rlhf.config import load_stage_config
+    from rlhf.engine import save_recipe
+
+    acc = SimpleNamespace(is_main_process=True)
+    cfg = load_stage_config("sft", "recipes/tiny/sft.yaml", {})
+    save_recipe(acc, cfg, tmp_path, resume=False)
+    written = (tmp_path / "recipe.yaml").read_text()
+    save_recipe(acc, cfg, tmp_path, resume=True)
+    assert "differs" not in caplog.text
+    changed = load_stage_config("sft", "recipes/tiny/sft.yaml", {"train.max_steps": 12, "train.lr": 0.5})
+    save_recipe(acc, changed, tmp_path, resume=True)
+    assert f"train.max_steps: {cfg.train.max_steps} -> 12" in caplog.text
+    assert f"train.lr: {cfg.train.lr!r} -> 0.5" in caplog.text and "model." not in caplog.text
+    assert (tmp_path / "recipe.yaml").read_text() == written
+
+
 def test_a_missing_rng_file_is_damage_unless_more_processes_resume(tmp_path, caplog):
     """Each process's RNG file makes the resume exact: missing on the process count that wrote the
     checkpoint, the checkpoint is damaged; a plain checkpoint resumed on more processes has none for

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 from ..checkpoint import truncate_jsonl
-from ..config import DPOConfig, PPOConfig, dump_yaml, to_dict
+from ..config import DPOConfig, PPOConfig, to_dict
 from ..data.formats import load_examples, parse_preference, parse_prompt
 from ..engine import (MetricsLogger, RunError, atomic_write_text, finish_run, grad_accum_steps, inputs_first, make_accelerator,
-                      open_run, peak_memory, prepare_output_dir, resolve_mixed_precision, set_seed, world_size,
-                      write_summary)
+                      open_run, peak_memory, prepare_output_dir, resolve_mixed_precision, save_recipe, set_seed,
+                      world_size, write_summary)
 from ..faults import fault_point_step
 from ..models import (check_policy_model, count_parameters, disable_dropout, load_causal_lm, load_tokenizer,
                       save_model_files)
@@ -137,8 +137,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     reward_model = RewardModel(cfg.reward_model, device=acc.device) if cfg.reward_model else None
     out = prepare_output_dir(acc, rf, overwrite, resume)
-    if acc.is_main_process and (not resume or not (out / "recipe.yaml").exists()):  # (killed before it was written)
-        dump_yaml(cfg, out / "recipe.yaml")
+    save_recipe(acc, cfg, out, resume)
     ckpt = last_complete_checkpoint(out) if resume else None
     if acc.is_main_process:  # records logged after the checkpoint are logged again (the step-0 evaluation kept)
         truncate_jsonl(out / "metrics.jsonl", int(ckpt.name.split("-")[1]) if ckpt else 0)

@@ -34,13 +34,14 @@ from ..algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
 from ..algos.overopt import Evaluation, alarm_checkable, hacking_alarm
 from ..checkpoint import CheckpointParts, latest_checkpoint, load_tensors, resume_state, rng_snapshot, save_checkpoint
 from ..faults import fault_point_step, inject_fault
-from ..config import PPOConfig, dump_yaml, to_dict
+from ..config import PPOConfig, to_dict
 from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, split_train_eval
 from ..data.tasks import gold_reward, has_gold
 from ..ema import EMA
 from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, atomic_write_text, backpropagated_attention,
                       backward, chunks, compute_dtype, epoch_permutation, finish_run, inputs_first, loss_scale,
-                      make_accelerator, open_run, peak_memory, prepare_output_dir, progress, set_seed, step_models,
+                      make_accelerator, open_run, peak_memory, prepare_output_dir, progress, save_recipe, set_seed,
+                      step_models,
                       world_size, write_summary, zero_stage)
 from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
 from ..models import (check_policy_model, check_reward_model, count_parameters, eager_blocks, load_tokenizer,
@@ -702,8 +703,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     start, state = resume_state(acc, out, resume, checkpoint_parts(m, st))
     if state:
         st.load(state, latest_checkpoint(out), acc.process_index)
-    if acc.is_main_process and (not resume or not (out / "recipe.yaml").exists()):  # (killed before it was written)
-        dump_yaml(cfg, out / "recipe.yaml")
+    save_recipe(acc, cfg, out, resume)
     logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
     run = PPORun(cfg, acc, m, data, st, split, out, logger, peak)
     log.info("PPO: %d prompts, %d held out, %d iterations x %d rollouts, %s advantages, policy %.2fM params%s",

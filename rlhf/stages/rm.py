@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from ..algos.core import pairwise_rm_loss, reward_bias
-from ..config import ModelConfig, RMConfig, dump_yaml, to_dict
+from ..config import ModelConfig, RMConfig, to_dict
 from ..cpu_linear import apply_onednn_linear, check_onednn_linear
 from ..data.formats import DataError, PrefGroup, load_examples, parse_preference, parse_sft, split_train_eval
 from ..engine import (MetricsLogger, chunks, rank_chunks, global_batches, inputs_first, prepare_output_dir,
-                      peak_memory, progress, set_seed, shard, write_summary)
+                      peak_memory, progress, save_recipe, set_seed, shard, write_summary)
 from ..checkpoint import save_checkpoint
 from ..faults import fault_point_step, inject_fault
 from ..engine import (atomic_write_text, backpropagated_attention, backward, compute_dtype, finish_run,
@@ -199,8 +199,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     t = prepare_training(acc, model, tc, len(batches), out, resume)
     model, optimizer, scheduler, guard, parts, start, state = (t.model, t.optimizer, t.scheduler, t.guard, t.parts,
                                                                t.start, t.state)
-    if acc.is_main_process and (not resume or not (out / "recipe.yaml").exists()):  # (killed before it was written)
-        dump_yaml(cfg, out / "recipe.yaml")
+    save_recipe(acc, cfg, out, resume)
     logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
     n_pairs = sum(len(p) for _, p in enc)
     log.info("RM: %d groups (%d pairs) train, %d groups eval, %d steps, %.2fM parameters%s", len(enc), n_pairs,

@@ -21,11 +21,11 @@ import time
 import torch
 
 from ..algos.core import lm_loss_sum
-from ..config import ModelConfig, SFTConfig, dump_yaml, to_dict
+from ..config import ModelConfig, SFTConfig, to_dict
 from ..data.formats import DataError, load_examples, parse_sft, split_train_eval
 from ..errors import RunError
 from ..engine import (MetricsLogger, chunks, rank_chunks, global_batches, inputs_first, prepare_output_dir,
-                      peak_memory, progress, set_seed, shard, write_summary)
+                      peak_memory, progress, save_recipe, set_seed, shard, write_summary)
 from ..engine import (backpropagated_attention, backward, compute_dtype, finish_run, gathered_params, loss_scale,
                       optimizer_step, prepare_training, run_autocast, start_run, zero_stage)
 from ..checkpoint import save_checkpoint
@@ -195,8 +195,8 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     if cfg.packing and len(unpacked) >= 2:  # (every process: a ZeRO-3 forward is collective)
         check_packed_attention(model, unpacked, tok.pad_token_id, acc.device, flatten)
     if acc.is_main_process and (not resume or not (out / "recipe.yaml").exists()):  # (killed before it was written)
-        dump_yaml(cfg, out / "recipe.yaml")
         tok.save_pretrained(out)
+    save_recipe(acc, cfg, out, resume)
     logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
     log.info("SFT: %d train / %d eval examples, %d steps, %.2fM parameters%s", len(train_feats), len(eval_feats),
              len(batches), count_parameters(unwrap(model)) / 1e6, f", resuming after step {start}" if start else "")
