@@ -33,7 +33,7 @@ import torch
 from .config import RMRefreshConfig
 from .data.formats import Row, load_examples, parse_preference, parse_prompt, read_rows
 from .engine import clip_grad_norm, epoch_permutation, make_optimizer, run_autocast
-from .errors import RunError
+from .errors import DataError, RunError
 from .evaluate import sample_texts
 from .faults import fault_point
 from .algos.core import reward_bias
@@ -44,6 +44,27 @@ log = logging.getLogger(__name__)
 
 class Paused(RunError):
     """The run stopped on purpose (a person ranks the refresh samples); `--resume` continues."""
+
+
+def check_ranked_samples(ranked: list[Row], samples: list[Row], path: Path) -> None:
+    """The person's rankings after a pause are this pause's samples: every row's id is one of the
+    samples file's, with the same prompt and responses, and at least one row is there (an empty
+    or foreign file would skip the ranking round, or train the RM on other samples)."""
+    if not ranked:
+        raise DataError(f"{path}: no ranked rows; rank the responses of {samples[0].source if samples else 'the samples'}"
+                        f" and join the ranks into this file (rlhf data join-ranks)")
+    by_id = {str(s.data.get("id")): s.data for s in samples}
+    for r in ranked:
+        s = by_id.get(str(r.data.get("id")))
+        if s is None:
+            raise DataError(f"{r.where('id')}: {r.data.get('id')!r} is not a row of this pause's samples "
+                            f"({samples[0].source if samples else '?'})")
+        for fld in ("prompt", "responses"):
+            if r.data.get(fld) != s.get(fld):
+                raise DataError(f"{r.where(fld)}: not the {fld} of sample {s.get('id')!r}")
+    if len(ranked) < len(samples):
+        log.warning("%s: %d of the %d sampled rows are ranked; the RM learns from those", path, len(ranked),
+                    len(samples))
 
 
 class RMRefresher:
@@ -84,9 +105,10 @@ class RMRefresher:
         ranked = Path(self.pending["rankings"])
         if not ranked.exists():
             raise Paused(self.pending["message"])
-        rows = [r.data for r in read_rows(str(ranked))]
+        rows = read_rows(str(ranked))
+        check_ranked_samples(rows, read_rows(self.pending["samples"]), ranked)
         self.pending = None
-        return self._learn(rows, acc)
+        return self._learn([r.data for r in rows], acc, rows)
 
     def _sample(self, policy, tok, acc, it: int) -> list[dict]:
         k, n = self.cfg.k, self.cfg.num_prompts
@@ -125,10 +147,10 @@ class RMRefresher:
                    f"{rankings}` and rerun with --resume")
         return {"samples": str(samples), "rankings": str(rankings), "message": message}
 
-    def _learn(self, rows: list[dict], acc) -> dict:
+    def _learn(self, rows: list[dict], acc, read: list[Row] | None = None) -> dict:
         new = []
         for i, row in enumerate(rows):
-            g = parse_preference(Row(row, "rm_refresh", i + 1), {})
+            g = parse_preference(read[i] if read else Row(row, "rm_refresh", i + 1), {})
             if g is not None:
                 new.append(self.encode(g))
         metrics = {"rm_refresh/accuracy_before": self._accuracy(new, acc), "rm_refresh/new_groups": float(len(new))}

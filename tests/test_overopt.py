@@ -132,3 +132,27 @@ def test_a_resumed_run_reports_the_policy_best_gold_holds(tmp_path):
     (tmp_path / "best_gold" / BEST_GOLD_RECORD).write_text(json.dumps({"value": 0.9, "iteration": 12}))
     resumed.load(saved.state_dict(), ckpt, 0)
     assert resumed.best_gold == {"value": 0.9, "iteration": 12}
+
+
+def test_rankings_after_a_pause_must_be_that_pauses_samples(tmp_path, caplog):
+    """A human-judge pause resumes only on rankings of its own samples: an empty file, an id the
+    samples file does not have, or other responses under a known id are one line naming the row
+    (they would skip the ranking round, or train the RM on other samples); a partial file warns."""
+    from rlhf.data.formats import Row
+    from rlhf.errors import DataError
+    from rlhf.rm_refresh import check_ranked_samples
+
+    samples = [Row({"id": f"it1-0-{j}", "prompt": f"q{j}", "responses": ["a", "b", "c"]}, "s.jsonl", j + 1)
+               for j in range(3)]
+    ranked = [Row(dict(s.data, ranks=[1, 2, 3]), "r.jsonl", i + 1) for i, s in enumerate(samples)]
+    check_ranked_samples(ranked, samples, tmp_path / "r.jsonl")
+    with pytest.raises(DataError, match="r.jsonl: no ranked rows"):
+        check_ranked_samples([], samples, tmp_path / "r.jsonl")
+    foreign = Row({"id": 77, "prompt": "q0", "responses": ["a", "b", "c"], "ranks": [1, 2, 3]}, "r.jsonl", 2)
+    with pytest.raises(DataError, match=r"r\.jsonl:2: field 'id': 77 is not a row of this pause's samples \(s\.jsonl\)"):
+        check_ranked_samples([ranked[0], foreign], samples, tmp_path / "r.jsonl")
+    other = Row(dict(samples[1].data, responses=["x", "b", "c"], ranks=[1, 2, 3]), "r.jsonl", 1)
+    with pytest.raises(DataError, match=r"r\.jsonl:1: field 'responses': not the responses of sample 'it1-0-1'"):
+        check_ranked_samples([other], samples, tmp_path / "r.jsonl")
+    check_ranked_samples(ranked[:2], samples, tmp_path / "r.jsonl")
+    assert "2 of the 3 sampled rows are ranked" in caplog.text
