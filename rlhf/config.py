@@ -672,6 +672,12 @@ class CompareConfig(PipelineConfig):
     methods: dict = field(default_factory=dict)
     """name -> overrides of the base `ppo:` section (or, with `stage: dpo`, of `dpo:`), dotted keys allowed."""
 
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if len(set(self.seeds)) != len(self.seeds):  # runs are keyed by (method, seed): a repeat would run once
+            out.append(("seeds", f"a seed given twice runs once, yet the table would average over it: {self.seeds}"))
+        return out
+
 
 STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,
                            "pipeline": PipelineConfig, "compare": CompareConfig}

@@ -269,6 +269,7 @@ def deepspeed_config(path: str, mixed_precision: str, micro_batch_size: int, gra
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise RunError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    check_deepspeed_json(cfg, path)
     cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
     cfg["gradient_accumulation_steps"] = grad_accum
     cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
@@ -280,6 +281,22 @@ def deepspeed_config(path: str, mixed_precision: str, micro_batch_size: int, gra
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": mixed_precision == "fp16"}
     cfg.setdefault("steps_per_print", 10**9)
     return cfg
+
+
+def check_deepspeed_json(cfg, path: str) -> None:
+    """The shape rlhf fills in and DeepSpeed reads: a mapping, with a `zero_optimization` mapping
+    whose `stage` is 0-3, and `bf16` / `fp16` mappings if given (one line, not a traceback from
+    inside deepspeed.initialize)."""
+    if not isinstance(cfg, dict):
+        raise RunError(f"{path}: a DeepSpeed config is a JSON object, got {type(cfg).__name__}")
+    for key in ("zero_optimization", "bf16", "fp16"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise RunError(f"{path}: '{key}' must be an object, got {cfg[key]!r}")
+    zero = cfg.get("zero_optimization")
+    if zero is None:
+        raise RunError(f"{path}: no 'zero_optimization' section (recipes/deepspeed/ has ZeRO-2 and ZeRO-3 examples)")
+    if zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise RunError(f"{path}: 'zero_optimization.stage' must be 0, 1, 2 or 3, got {zero.get('stage')!r}")
 
 
 def _ds_has_bf16_overflow_check() -> bool:
