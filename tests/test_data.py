@@ -347,6 +347,13 @@ def test_join_ranks_refuses_ids_that_cannot_join_one_to_one(tmp_path):
     as_str = write(tmp_path, "t.jsonl", [{"id": "1", "ranks": [2, 1]}])
     with pytest.raises(F.DataError, match=r"id '1' is not in .*s\.jsonl \(but 1 is: the id's type differs\)"):
         F.join_ranks(str(samples), str(as_str), str(tmp_path / "o.jsonl"))
+    both = write(tmp_path, "b.jsonl", [{"id": 0, "ranks": [2, 1], "scores": [0.1, 0.9]}])
+    with pytest.raises(F.DataError, match=r"b\.jsonl:1: field 'scores': give exactly one of 'ranks' and 'scores'"):
+        F.join_ranks(str(samples), str(both), str(tmp_path / "o.jsonl"))
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(F.DataError, match=r"e\.jsonl: no rank rows"):
+        F.join_ranks(str(samples), str(tmp_path / "e.jsonl"), str(tmp_path / "o.jsonl"))
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_ultrafeedback_style_full_conversations_with_prompt_field(tmp_path):

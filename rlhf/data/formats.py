@@ -611,9 +611,16 @@ def join_ranks(samples_path: str, ranks_path: str, out_path: str) -> int:
         key = "ranks" if "ranks" in r.data else "scores" if "scores" in r.data else None
         if key is None:
             raise DataError(f"{r.where('ranks')}: missing (give 'ranks' or 'scores')")
+        if "ranks" in r.data and "scores" in r.data:  # one would be dropped without a word
+            raise DataError(f"{r.where('scores')}: give exactly one of 'ranks' and 'scores'")
         row = {k: v for k, v in samples[rid].items() if k not in ("ranks", "scores")}
         row[key] = r.data[key]
         _parse_ranking(Row(row, r.source, r.line), {})  # validate the joined row now
         out.append(row)
+    if not out:  # an empty file would write an empty ranking set (and a paused run would skip its round)
+        raise DataError(f"{ranks_path}: no rank rows")
+    if len(out) < len(samples):
+        log.warning("%s: %d of the %d sample rows are ranked; the others are left out of %s", ranks_path, len(out),
+                    len(samples), out_path)
     write_jsonl(out_path, out)
     return len(out)
