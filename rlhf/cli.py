@@ -485,11 +485,11 @@ def _check_out(path: str | None, overwrite: bool) -> None:
         raise RunError(f"--out {path}: is a folder; name a file")
     if p.exists() and not overwrite:
         raise RunError(f"--out {path}: already exists; pass --overwrite to replace it")
-    folder = p.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise RunError(f"--out {path}: {folder} is a file, not a folder")
+    from .rundir import file_in_the_way
+
+    blocked = file_in_the_way(p.parent)
+    if blocked is not None:
+        raise RunError(f"--out {path}: {blocked} is a file, not a folder")
 
 
 def _emit_rows(rows: list[dict], out: str | None, what: str) -> int:

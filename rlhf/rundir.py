@@ -77,6 +77,15 @@ def _inside_staging(folder: Path) -> bool:
     return any((p / MARK).exists() for p in (folder, *folder.parents))
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The file at `path` or above it (its nearest existing ancestor) that keeps a folder from
+    being made there; None when the way is clear."""
+    above = Path(path)
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    return None if above.is_dir() else above
+
+
 def plan(path: str | Path | None, overwrite: bool = False, resume: bool = False) -> RunFolder:
     """Decide where a run writes, touching nothing (call :func:`recover` first)."""
     if not path:
@@ -84,11 +93,9 @@ def plan(path: str | Path | None, overwrite: bool = False, resume: bool = False)
     final = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)  # a link: stage its target
     if final.exists() and not final.is_dir():
         return RunFolder(final, final, f"{final}: exists and is not a folder")
-    above = final.parent
-    while not above.exists() and above != above.parent:
-        above = above.parent
-    if not above.is_dir():
-        return RunFolder(final, final, f"{final}: {above} is a file, not a folder")
+    blocked = file_in_the_way(final.parent)
+    if blocked is not None:
+        return RunFolder(final, final, f"{final}: {blocked} is a file, not a folder")
     if final.is_dir() and os.path.ismount(final):
         return RunFolder(final, final, f"{final}: is a mount point; give a folder inside it (a run is staged "
                                        f"beside its folder and swapped in when it finishes)")

@@ -225,11 +225,11 @@ def make_task_data(tasks: list[str] | str, out: str | Path, spec: TaskDataSpec |
     if n_rank and k < 2:
         raise ConfigError(f"k: a ranking compares at least 2 responses, got {k}")
     out = Path(out)
-    above = out
-    while not above.exists() and above != above.parent:
-        above = above.parent
-    if not above.is_dir():
-        raise RunError(f"--out {out}: {'is' if above == out else f'{above} is'} a file, not a folder")
+    from ..rundir import file_in_the_way
+
+    blocked = file_in_the_way(out)
+    if blocked is not None:
+        raise RunError(f"--out {out}: {'is' if blocked == out else f'{blocked} is'} a file, not a folder")
     planned = [name for name, n in (("sft.jsonl", n_sft), ("prefs.jsonl", n_pref), ("prefs_eval.jsonl", n_pref),
                                     ("rankings.jsonl", n_rank), ("rl_prompts.jsonl", n_rl),
                                     ("eval_prompts.jsonl", n_eval), ("task.json", 1)) if n]
