@@ -148,7 +148,7 @@ def _sampling_args(p) -> None:
 # the value flags of the commands that take no recipe: (low, None) for >= low, ('>', x) for > x
 FLAG_RANGES = {"k": (2, None), "top_p": (">", 0), "top_k": (0, None),
                "max_new_tokens": (1, None), "batch_size": (1, None), "max_prompts": (1, None),
-               "max_samples": (1, None)}
+               "max_samples": (1, None), "seed": (0, 2**32 - 1)}  # (config.SEED_MAX)
 
 
 def _check_flags(args) -> None:
@@ -172,6 +172,8 @@ def _check_flags(args) -> None:
             raise ConfigError(f"--{name}: must be > {high}, got {v!r}")
         if low != ">" and v < low:
             raise ConfigError(f"--{name}: must be >= {low}, got {v!r}")
+        if low != ">" and high is not None and v > high:
+            raise ConfigError(f"--{name}: must be <= {high}, got {v!r}")
     if getattr(args, "top_p", None) is not None and args.top_p > 1:
         raise ConfigError(f"--top_p: must be in (0, 1], got {args.top_p}")
 
@@ -451,11 +453,12 @@ def _read_prompts(path: str | None) -> list:
     if path and path.endswith((".jsonl", ".json", ".parquet")):
         return [parse_prompt(r).prompt for r in read_rows(path)]
     from .data.formats import DataError
-    from .textio import read_text
+    from .textio import decode_utf8, read_text
 
     if path and not Path(path).is_file():
         raise DataError(f"{path}: not a file (--prompts: .jsonl, .json or .parquet rows, or one prompt per line)")
-    lines = read_text(path, DataError).splitlines() if path else sys.stdin.read().splitlines()
+    text = read_text(path, DataError) if path else decode_utf8(sys.stdin.buffer.read(), "<stdin>", DataError)
+    lines = text.splitlines()
     return [[{"role": "user", "content": ln}] for ln in lines if ln.strip()]
 
 
@@ -506,49 +509,57 @@ def _emit_rows(rows: list[dict], out: str | None, what: str) -> int:
 
 
 def _score(args) -> int:
-    from .data.formats import DataError, text_or_messages, read_rows
-    from .rewards import RewardModel
-
+    from .data.formats import DataError, parse_scored, read_rows
     from .engine import runtime_device
+    from .errors import TemplateError
+    from .rewards import RewardModel
 
     _check_out(args.out, args.overwrite)
     rm = RewardModel(args.checkpoint, device=runtime_device())
     rows = read_rows(args.file)
-    prompts, responses, keys = [], [], []
+    seqs, targets = [], []  # one token sequence per response, and the (row, key) its score goes to
     for r in rows:
-        fields = [f for f in ("response", "completion", "chosen", "rejected") if f in r.data]
-        if "prompt" not in r.data or not fields:
-            raise DataError(f"{r.where()}: expected 'prompt' and 'response' (or 'completion', 'chosen', 'rejected')")
-        p = text_or_messages(r, "prompt")
-        for f in fields:
-            prompts.append(p if isinstance(p, list) else [{"role": "user", "content": p}])
-            responses.append(text_or_messages(r, f))
-            keys.append(f)
-    scores = rm.score(prompts, responses, normalized=not args.raw, batch_size=args.batch_size).tolist()
-    out, k = [], 0
-    for r in rows:
-        row = dict(r.data)
-        for f in ("response", "completion", "chosen", "rejected"):
-            if f in r.data:
-                row["score" if f in ("response", "completion") else f"score_{f}"] = scores[k]
-                k += 1
-        out.append(row)
-    return _emit_rows(out, args.out, "scored rows")
+        for fld, prompt, reply in parse_scored(r):
+            try:
+                seqs.append(rm.encode(prompt, reply))
+            except TemplateError as e:
+                raise DataError(f"{r.where(fld)}: {e}") from None
+            targets.append((r.data, "score" if fld in ("response", "completion") else f"score_{fld}"))
+    replaced = sum(key in row for row, key in targets)
+    if replaced:
+        logging.getLogger(__name__).warning("%s: %d rows already have the score field written here; their "
+                                            "scores are replaced by this reward model's", args.file, replaced)
+    scores = rm.score_ids(seqs, normalized=not args.raw, batch_size=args.batch_size).tolist()
+    for (row, key), s in zip(targets, scores):
+        row[key] = s
+    return _emit_rows([r.data for r in rows], args.out, "scored rows")
 
 
 def _chat(args) -> int:
+    from .data.formats import DataError
     from .evaluate import sample_texts
 
+    if args.system and not _is_utf8(args.system):
+        raise DataError("--system: not UTF-8 text")
     model, tok = _load_policy(args.checkpoint)
     history = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
+    n = 0
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline()
+        if not raw:
             break
-        line = line.rstrip("\n")
+        n += 1
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            msg = f"<stdin>:{n}:{e.start + 1}: not UTF-8 (byte 0x{raw[e.start]:02x})"
+            if not interactive:
+                raise DataError(msg) from None
+            print(f"error: {msg}; line ignored", file=sys.stderr, flush=True)
+            continue
         if line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":
@@ -561,6 +572,16 @@ def _chat(args) -> int:
         history.append({"role": "assistant", "content": reply})
         print(f"assistant> {reply}" if interactive else reply, flush=True)
     return 0
+
+
+def _is_utf8(text: str) -> bool:
+    """False for an argument the OS passed as bytes that are not UTF-8 (Python keeps them as
+    lone surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":  # pragma: no cover

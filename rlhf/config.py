@@ -673,7 +673,8 @@ class CompareConfig(PipelineConfig):
     """name -> overrides of the base `ppo:` section (or, with `stage: dpo`, of `dpo:`), dotted keys allowed."""
 
     def problems(self) -> list[tuple[str, str]]:
-        out = []
+        out = [(key, f"a compare recipe needs at least one (got {getattr(self, key)!r})")
+               for key in ("methods", "seeds") if not getattr(self, key)]
         if len(set(self.seeds)) != len(self.seeds):  # runs are keyed by (method, seed): a repeat would run once
             out.append(("seeds", f"a seed given twice runs once, yet the table would average over it: {self.seeds}"))
         return out
@@ -798,9 +799,25 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix}{missing[0]}: required, and missing", prefix + missing[0])
     obj = cls(**kwargs)
     check = getattr(obj, "problems", None)
-    for name, message in check() if check else []:  # ranges and rules between fields, at load time
+    for name, message in (check() if check else []) + _seed_problems(obj):  # ranges and rules, at load time
         raise ConfigError(f"{prefix}{name}: {message}", prefix + name)
     return obj
+
+
+SEED_MAX = 2**32 - 1
+"""The largest seed (numpy's limit; a seed also offsets per-process and per-epoch generators)."""
+
+
+def _seed_problems(cfg) -> list[tuple[str, str]]:
+    """A `seed` or `seeds` field outside [0, SEED_MAX] (torch refuses seeds past 2^64 with a traceback, and
+    `rlhf compare` would meet it after its SFT and RM stages had run)."""
+    out = []
+    for name in ("seed", "seeds"):
+        v = getattr(cfg, name, None)
+        for s in v if isinstance(v, list) else [] if v is None else [v]:
+            if isinstance(s, int) and not 0 <= s <= SEED_MAX:
+                out.append((name, f"a seed must be in [0, {SEED_MAX}], got {s}"))
+    return out
 
 
 def dotted_fields(cls: type, prefix: str = "") -> list[str]:

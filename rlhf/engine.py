@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import USER_ERRORS, RunError
+from .errors import USER_ERRORS, ConfigError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -666,7 +666,11 @@ def retain_freed_cpu_memory() -> bool:
     has_device = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
     on_cpu = not has_device or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     ok = False
-    if on_cpu and sys.platform.startswith("linux") and os.environ.get("RLHF_MALLOC", "retain") != "system":
+    choice = os.environ.get("RLHF_MALLOC", "retain").strip().lower() or "retain"
+    if choice not in ("retain", "system"):
+        raise ConfigError(f"environment variable RLHF_MALLOC={os.environ['RLHF_MALLOC']!r}: expected 'retain' "
+                          f"(the default) or 'system'")
+    if on_cpu and sys.platform.startswith("linux") and choice == "retain":
         try:
             libc = ctypes.CDLL("libc.so.6")
             m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
@@ -938,8 +942,19 @@ class Timer:
         self.total += time.perf_counter() - self.t
 
 
+def env_flag(name: str) -> bool:
+    """An on/off environment variable (RLHF_NO_PROGRESS): 1, true, yes, on, or 0, false, no, off, empty or
+    unset, in any case; any other value is a ConfigError naming it (not silently 'off')."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"environment variable {name}={os.environ[name]!r}: expected 1/true/yes/on or 0/false/no/off")
+
+
 def progress(iterable=None, total=None, desc: str = "", disable: bool = False, **kwargs):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, disable=disable or os.environ.get("RLHF_NO_PROGRESS") == "1",
+    return tqdm(iterable, total=total, desc=desc, disable=disable or env_flag("RLHF_NO_PROGRESS"),
                 dynamic_ncols=True, leave=False, **kwargs)

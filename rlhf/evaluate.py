@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import tasks
-from .errors import RunError
+from .errors import DataError, RunError
 from .rollout import Sampling, generate
 from .tokenization import decode_response, encode_prompt
 
@@ -168,6 +168,7 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
     fns = [(spec, load_reward_fn(spec)) for spec in cfg.reward_fns]  # every input checked before any model loads
     prompts = load_examples(cfg.prompts, parse_prompt, max_samples=cfg.max_samples, what="prompts",
                             field_name="--prompts")[0] if cfg.prompts else []
+    check_references(prompts, cfg.reference_field)
     # called once now, as PPO's reward functions are, not after every checkpoint has sampled
     dry_call_on(([judge] if judge else []) + [f for _, f in fns], prompts)
     judged: dict[str, list[float]] = {}
@@ -185,6 +186,22 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
                                                   "judge": cfg.judge or f"reward model {cfg.reward_model}"}
                               for o in others}
     return result
+
+
+def check_references(prompts: list, reference_field: str | None) -> None:
+    """Before any model samples: every prompt row has `reference_field` (--reference_field, the
+    reference text for BLEU/chrF) as a string; the first that does not is named by file:line."""
+    if not reference_field:
+        return
+    if not prompts:
+        raise DataError(f"--reference_field {reference_field}: BLEU/chrF compare sampled responses with the "
+                        f"prompt rows' references; give --prompts")
+    for p in prompts:
+        v = p.meta.get(reference_field)
+        if not isinstance(v, str):
+            got = "missing" if v is None else f"expected a string, got {type(v).__name__}"
+            raise DataError(f"{p.where}: field '{reference_field}': {got} (--reference_field, the reference for "
+                            f"BLEU/chrF)")
 
 
 def eval_reward_model(ckpt: str, cfg: EvalConfig, device) -> dict:
@@ -210,7 +227,7 @@ def eval_policy(ckpt: str, cfg: EvalConfig, prompts: list, judges: tuple, device
     """Perplexity, and on sampled responses EOS rate, length, RM score, reward functions, gold
     accuracy and BLEU/chrF. Returns (metrics, the judge's per-prompt scores for the win rate)."""
     from .config import ModelConfig
-    from .data.formats import DataError, load_examples, parse_sft
+    from .data.formats import load_examples, parse_sft
     from .models import disable_dropout, load_causal_lm, load_tokenizer
     from .rewards import call_reward_fn
 
@@ -241,10 +258,7 @@ def eval_policy(ckpt: str, cfg: EvalConfig, prompts: list, judges: tuple, device
         g = tasks.gold_reward(None, texts, task=fields["task"], input=fields["input"])
         res["gold_accuracy"] = sum(g) / len(g)
     if cfg.reference_field:
-        refs = fields.get(cfg.reference_field)
-        if refs is None or any(not isinstance(x, str) for x in refs):
-            raise DataError(f"{cfg.prompts}: every row needs a string field '{cfg.reference_field}' for BLEU/chrF")
-        res.update(bleu_chrf(texts, refs))
+        res.update(bleu_chrf(texts, [p.meta[cfg.reference_field] for p in prompts]))
     if judge is not None:
         return res, call_reward_fn(judge, raw, texts, fields)
     return res, rm.score([p.prompt for p in prompts], texts).tolist() if rm is not None else None

@@ -341,6 +341,10 @@ CASES = [
      r"ds\.json: 'zero_optimization\.stage' must be 0, 1, 2 or 3, got 7"),
     ("compare-seed-twice", lambda t: ["compare", "recipes/tiny/compare.yaml", "--seeds", "[1, 1]"],
      r"command line --seeds: a seed given twice runs once, yet the table would average over it: \[1, 1\]"),
+    ("seed-out-of-range", lambda t: ["compare", "recipes/tiny/compare.yaml", "--seeds", f"[0, {2**64}]"],
+     r"command line --seeds: a seed must be in \[0, 4294967295\], got 18446744073709551616"),
+    ("compare-no-seeds", lambda t: ["compare", "recipes/tiny/compare.yaml", "--seeds", "[]"],
+     r"command line --seeds: a compare recipe needs at least one \(got \[\]\)"),
     ("hh-prompts-differ", lambda t: ["rm", "recipes/tiny/rm.yaml", "--data.train", _rows(t, "hh.jsonl", HH)],
      r"hh\.jsonl:1: field 'chosen': chosen and rejected do not share their prompt"),
     ("invalid-utf8", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",
@@ -538,6 +542,8 @@ def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys
     (["chat", "x", "--temperature", "nan"], "--temperature: expected a finite number, got nan"),
     (["eval", "x", "--max_samples", "0"], "--max_samples: must be >= 1, got 0"),
     (["report", "no_such_run_folder"], "no_such_run_folder: no such run folder"),
+    (["generate", "x", "--seed", str(2**64)], "--seed: must be <= 4294967295, got 18446744073709551616"),
+    (["chat", "x", "--system", "caf\udce9"], "--system: not UTF-8 text"),  # (bytes the OS passed as they were)
     (["report", "recipes"], "recipes: holds no run (no summary.json or metrics.jsonl"),
 ])
 def test_value_flags_are_checked_before_anything_loads(capsys, args, needle):
@@ -582,6 +588,110 @@ def test_out_files_are_checked_before_anything_loads_and_never_replaced_unasked(
     from rlhf.rundir import plan
 
     assert re.search(r"afile/run: .*afile is a file, not a folder", plan(tmp_path / "afile" / "run").problem)
+
+
+def _tiny_rm(tmp_path):
+    """A reward model of the tiny shape, from a config (untrained: these tests check the rows, not the scores)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from conftest import TINY_ARCH
+    from rlhf.models import train_tokenizer
+
+    out = tmp_path / "rm"
+    tok = train_tokenizer(["sort the digits 0123456789"] * 4, 300)
+    cfg = dict(TINY_ARCH)
+    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(tok), num_labels=1,
+                                  pad_token_id=tok.pad_token_id, **cfg)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_score_checks_each_row_as_a_preference_row_and_loses_no_score(tmp_path, capsys):
+    """`rlhf score`: a row with both 'response' and 'completion' (both would land in 'score'), a
+    response of user turns, or of two replies, is one line naming its row; a row's own 'score'
+    is replaced with a warning that says so; chosen and rejected each get their own field."""
+    rm = _tiny_rm(tmp_path)
+    bad = [({"prompt": "q", "response": "a", "completion": "b"},
+            r"r\.jsonl:2: field 'completion': a row with both 'response' and 'completion'"),
+           ({"prompt": "q", "response": [{"role": "user", "content": "more?"}]},
+            r"r\.jsonl:2: field 'response\[0\]\.role': two user turns in a row"),
+           ({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"},
+                                       {"role": "assistant", "content": "c"}], "rejected": "d"},
+            r"r\.jsonl:2: field 'chosen': a response of 3 messages"),
+           ({"prompt": "q", "response": 3}, r"r\.jsonl:2: field 'response': expected a string")]
+    for row, pattern in bad:
+        rows = _rows(tmp_path, "r.jsonl", {"prompt": "q", "response": "fine"}, row)
+        rc, stderr = _rlhf_here(capsys, "score", rm, rows, "--out", tmp_path / "o.jsonl", "--overwrite")
+        err = [l for l in stderr.strip().splitlines() if "error:" in l]
+        assert rc == 2 and len(err) == 1 and re.search(pattern, err[0]), (row, stderr[-1500:])
+    assert not (tmp_path / "o.jsonl").exists()
+    rows = _rows(tmp_path, "r.jsonl", {"prompt": "q", "completion": "a", "score": 99.0},
+                 {"prompt": "q", "chosen": "a", "rejected": ""}, {"prompt": "q", "response": "a"})
+    rc, stderr = _rlhf_here(capsys, "score", rm, rows, "--out", tmp_path / "o.jsonl", "--overwrite")
+    assert rc == 0 and "1 rows already have the score field written here" in stderr, stderr[-1500:]
+    out = [json.loads(l) for l in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert out[0]["score"] != 99.0 and out[0]["score"] == pytest.approx(out[2]["score"])  # same prompt and reply
+    assert set(out[1]) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
+
+
+@pytest.mark.slow
+def test_chat_and_stdin_prompts_that_are_not_utf8_are_one_line(tmp_path):
+    """Piped input that is not UTF-8 is one line naming its stdin line (chat) or position (generate's
+    prompts), not a tokenizer traceback; Windows line ends are not part of a chat turn."""
+    policy = _tiny_policy(tmp_path)
+    cmd = [sys.executable, "-m", "rlhf"]
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run(cmd + ["chat", str(policy), "--max_new_tokens", "2"], input=b"hello\ncaf\xe9\n",
+                       capture_output=True, env=env, timeout=300)
+    assert p.returncode == 2 and b"error: <stdin>:2:4: not UTF-8 (byte 0xe9)" in p.stderr, p.stderr[-1500:]
+    p = subprocess.run(cmd + ["generate", str(policy), "--max_new_tokens", "2"], input=b"ok\ncaf\xe9\n",
+                       capture_output=True, env=env, timeout=300)
+    assert p.returncode == 2 and b"error: <stdin>:2:4: not UTF-8 (byte 0xe9)" in p.stderr, p.stderr[-1500:]
+    from rlhf import cli
+
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("rlhf.evaluate.sample_texts", lambda model, tok, prompts, **kw: (seen.append(prompts) or ["x"], [1]))
+        mp.setattr(cli, "_load_policy", lambda path: (None, None))
+        mp.setattr(sys, "stdin", type("In", (), {"buffer": __import__("io").BytesIO(b"hi\r\n"),
+                                                 "isatty": lambda self: False})())
+        assert cli.main(["chat", str(policy)]) == 0
+    assert seen[0][0][0] == {"role": "user", "content": "hi"}  # (the history, the reply appended since)
+
+
+def test_eval_reference_field_is_checked_row_by_row_before_sampling(tmp_path, capsys):
+    """--reference_field: the first prompt row without it (or with a non-string) is named by its
+    line, before any checkpoint samples; without --prompts it has nothing to compare."""
+    policy = _tiny_policy(tmp_path)
+    rows = _rows(tmp_path, "p.jsonl", {"prompt": "a", "ref": "x"}, {"prompt": "b"}, {"prompt": "c", "ref": 3})
+    rc, stderr = _rlhf_here(capsys, "eval", policy, "--prompts", rows, "--reference_field", "ref")
+    assert rc == 2 and "error: " + f"{rows}:2: field 'ref': missing (--reference_field" in stderr, stderr[-1500:]
+    rows = _rows(tmp_path, "p.jsonl", {"prompt": "a", "ref": "x"}, {"prompt": "c", "ref": 3})
+    rc, stderr = _rlhf_here(capsys, "eval", policy, "--prompts", rows, "--reference_field", "ref")
+    assert rc == 2 and f"{rows}:2: field 'ref': expected a string, got int" in stderr, stderr[-1500:]
+    rc, stderr = _rlhf_here(capsys, "eval", policy, "--perplexity", "recipes/tiny/data/sft.jsonl",
+                            "--reference_field", "ref")
+    assert rc == 2 and "--reference_field ref: BLEU/chrF compare sampled responses" in stderr, stderr[-1500:]
+
+
+def test_environment_switches_take_the_usual_spellings_and_refuse_others(monkeypatch):
+    from rlhf.engine import env_flag, retain_freed_cpu_memory
+    from rlhf.errors import ConfigError
+
+    for value, want in (("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("false", False),
+                        ("", False), ("Off", False)):
+        monkeypatch.setenv("RLHF_NO_PROGRESS", value)
+        assert env_flag("RLHF_NO_PROGRESS") is want, value
+    monkeypatch.setenv("RLHF_NO_PROGRESS", "ture")
+    with pytest.raises(ConfigError, match="RLHF_NO_PROGRESS='ture': expected 1/true/yes/on or 0/false/no/off"):
+        env_flag("RLHF_NO_PROGRESS")
+    monkeypatch.delenv("RLHF_NO_PROGRESS")
+    assert env_flag("RLHF_NO_PROGRESS") is False
+    monkeypatch.setenv("RLHF_MALLOC", "sytem")
+    monkeypatch.setattr("rlhf.engine._MALLOC_SET", [])
+    with pytest.raises(ConfigError, match="RLHF_MALLOC='sytem': expected 'retain' \\(the default\\) or 'system'"):
+        retain_freed_cpu_memory()
 
 
 def _tiny_policy(tmp_path):

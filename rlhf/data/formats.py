@@ -333,6 +333,34 @@ def _one_reply(row: Row, fld: str, response) -> None:
                         f"assistant reply: put the earlier turns in the prompt")
 
 
+SCORED_FIELDS = ("response", "completion", "chosen", "rejected")
+"""The response fields `rlhf score` reads from a row, each scored into 'score' (response,
+completion), 'score_chosen' or 'score_rejected'."""
+
+
+def parse_scored(row: Row) -> list[tuple[str, Messages, Messages]]:
+    """A row for `rlhf score` -> [(field, prompt messages, reply messages)], one per response field
+    it has, checked as a preference row's responses are (roles and turn order, one assistant reply).
+    'response' and 'completion' together are refused: both would be written to 'score'."""
+    d = row.data
+    fields = [f for f in SCORED_FIELDS if f in d]
+    if "prompt" not in d or not fields:
+        raise DataError(f"{row.where()}: expected 'prompt' and 'response' (or 'completion', 'chosen', 'rejected')")
+    if "response" in d and "completion" in d:
+        raise DataError(f"{row.where('completion')}: a row with both 'response' and 'completion'; both would be "
+                        f"scored into 'score': keep one")
+    prompt = as_prompt_messages(text_or_messages(row, "prompt"))
+    out = []
+    for fld in fields:
+        reply = as_response_messages(text_or_messages(row, fld, allow_empty=True))
+        check_turns(row, _turns("prompt", prompt) + _turns(fld, reply), ends_on=("assistant",))
+        if reply[0]["role"] != "assistant":
+            raise DataError(f"{row.where(fld + '[0].role')}: a response starts with the assistant turn")
+        _one_reply(row, fld, reply)
+        out.append((fld, prompt, reply))
+    return out
+
+
 def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
     """One preference row -> a PrefGroup (None if it carries no usable pair: all ties/duplicates)."""
     stats = stats if stats is not None else {}

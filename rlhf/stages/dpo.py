@@ -25,9 +25,9 @@ from pathlib import Path
 from ..checkpoint import truncate_jsonl
 from ..config import DPOConfig, PPOConfig, to_dict
 from ..data.formats import load_examples, parse_preference, parse_prompt
-from ..engine import (MetricsLogger, RunError, atomic_write_text, finish_run, grad_accum_steps, inputs_first, make_accelerator,
-                      open_run, peak_memory, prepare_output_dir, resolve_mixed_precision, save_recipe, set_seed,
-                      world_size, write_summary)
+from ..engine import (MetricsLogger, RunError, atomic_write_text, env_flag, finish_run, grad_accum_steps,
+                      inputs_first, make_accelerator, open_run, peak_memory, prepare_output_dir,
+                      resolve_mixed_precision, save_recipe, set_seed, world_size, write_summary)
 from ..faults import fault_point_step
 from ..models import (check_policy_model, count_parameters, disable_dropout, load_causal_lm, load_tokenizer,
                       save_model_files)
@@ -60,8 +60,6 @@ PROCESS_TOTALS = ("num_tokens", "total_flos", "train_loss", "train_runtime", "tr
 
 def dpo_trainer(cfg: DPOConfig, policy, ref, tok, rows: list[dict], out: Path, logger: MetricsLogger):
     """TRL's DPOTrainer on pre-tokenized rows, its TrainingArguments filled from the recipe."""
-    import os
-
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -91,7 +89,7 @@ def dpo_trainer(cfg: DPOConfig, policy, ref, tok, rows: list[dict], out: Path, l
         else 0.0, logging_steps=tc.log_every, save_strategy="steps" if tc.save_every else "no",
         save_steps=tc.save_every or 500, save_total_limit=tc.save_total_limit, seed=cfg.seed, data_seed=cfg.seed,
         bf16=mp == "bf16", fp16=mp == "fp16", use_cpu=not torch.cuda.is_available(), report_to="none",
-        disable_tqdm=os.environ.get("RLHF_NO_PROGRESS") == "1", deepspeed=tc.deepspeed, beta=cfg.beta,
+        disable_tqdm=env_flag("RLHF_NO_PROGRESS"), deepspeed=tc.deepspeed, beta=cfg.beta,
         loss_type=[cfg.loss_type], max_length=None, gradient_checkpointing=cfg.model.gradient_checkpointing,
         remove_unused_columns=False)
     return Tokenized(model=policy, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows),
