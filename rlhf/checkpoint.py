@@ -52,7 +52,8 @@ def list_checkpoints(out: Path) -> list[Path]:
     root = checkpoint_root(out)
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+            and (p / "state.json").is_file()]  # (not a copy a file manager made: 'step-00000002 copy')
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -182,6 +183,8 @@ def load_checkpoint(acc, ckpt: Path, parts: CheckpointParts) -> dict:
     models, optimizers, schedulers, generators = parts.models, parts.optimizers, parts.schedulers, parts.generators
 
     state = json.loads((ckpt / "state.json").read_text())
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool):
+        raise DamagedCheckpoint("state.json holds no checkpoint state (an object with an integer 'step')")
     _check_compatible(acc, ckpt, state, models)
     for name, model in models.items():
         if _is_engine(model):
@@ -265,6 +268,10 @@ def truncate_jsonl(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that reads, but not as what save_checkpoint wrote."""
+
+
 def _unrestorable(e: Exception, ckpt: Path, out: Path) -> RunError | None:
     """The one-line error for a checkpoint that cannot be restored, or None for other errors:
     - damaged on disk (each is written atomically, so a disk fault or a hand edit): delete it, and
@@ -272,7 +279,7 @@ def _unrestorable(e: Exception, ckpt: Path, out: Path) -> RunError | None:
     - not this run's models (the recipe changed since: LoRA, the architecture): restore the recipe;
       every older checkpoint would fail the same way, so deleting them would lose the run."""
     why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    damaged = isinstance(e, (json.JSONDecodeError, EOFError, FileNotFoundError)) or \
+    damaged = isinstance(e, (json.JSONDecodeError, EOFError, FileNotFoundError, DamagedCheckpoint)) or \
         type(e).__name__ in ("SafetensorError", "UnpicklingError") or "PytorchStreamReader" in why
     if damaged:
         earlier = list_checkpoints(out)[:-1]

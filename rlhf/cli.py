@@ -457,7 +457,7 @@ def _read_prompts(path: str | None) -> list:
 
     if path and not Path(path).is_file():
         raise DataError(f"{path}: not a file (--prompts: .jsonl, .json or .parquet rows, or one prompt per line)")
-    text = read_text(path, DataError) if path else decode_utf8(sys.stdin.buffer.read(), "<stdin>", DataError)
+    text = read_text(path, DataError) if path else decode_utf8(_stdin_bytes(), "<stdin>", DataError)
     lines = text.splitlines()
     return [[{"role": "user", "content": ln}] for ln in lines if ln.strip()]
 
@@ -548,7 +548,7 @@ def _chat(args) -> int:
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        raw = sys.stdin.buffer.readline()
+        raw = _stdin_bytes(line=True)
         if not raw:
             break
         n += 1
@@ -572,6 +572,14 @@ def _chat(args) -> int:
         history.append({"role": "assistant", "content": reply})
         print(f"assistant> {reply}" if interactive else reply, flush=True)
     return 0
+
+
+def _stdin_bytes(line: bool = False) -> bytes:
+    """A line of standard input (or all of it) as bytes, decoded by the caller (strictly, naming the
+    line); a text stream put in place of sys.stdin (an embedding program, a test) is read as text."""
+    stream = getattr(sys.stdin, "buffer", None) or sys.stdin
+    data = stream.readline() if line else stream.read()
+    return data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
 
 
 def _is_utf8(text: str) -> bool:

@@ -115,7 +115,12 @@ class ModelConfig:
         self.tokenizer = resolve_package_path(self.tokenizer)
 
     def problems(self) -> list[tuple[str, str]]:
-        return _problems(self, {"tokenizer_vocab_size": (1, None)})
+        out = _problems(self, {"tokenizer_vocab_size": (1, None)})
+        if self.init == "from_config":  # random weights from `arch`: a checkpoint named here would be silently unused
+            out += [(name, "not read with model.init: from_config (random weights from model.arch); set model.init: "
+                           "pretrained to start from it (the tokenizer of from_config is model.tokenizer)")
+                    for name in ("name_or_path", "gguf_file", "revision") if getattr(self, name)]
+        return out
 
 
 def resolve_package_path(path: str | None) -> str | None:
@@ -299,7 +304,8 @@ class RMConfig:
     normalize: bool = True
     """After training, store a bias so the reference set scores mean 0 (InstructGPT)."""
     normalize_data: str | None = None
-    """Reference set for normalisation (prompt/completion rows); None: the chosen responses."""
+    """Reference set for normalisation (prompt/completion rows; read with the other inputs, a bad row stops the run
+    unless data.skip_bad_rows); None: the chosen responses."""
     normalize_max_samples: int | None = 2000
     """Score at most this many reference rows (the first ones) for the bias; None: all."""
     sample: SampleConfig | None = None
@@ -662,6 +668,13 @@ class PipelineConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """DPO from the SFT output, in place of (or beside) RM + PPO; runs when its data.train is set."""
 
+    def problems(self) -> list[tuple[str, str]]:
+        # each stage writes to OUTPUT_DIR/<stage>: a stage's own output_dir would be recorded and never read
+        return [(f"{name}.output_dir", f"the stages of a {'compare' if hasattr(self, 'seeds') else 'pipeline'} "
+                                       f"write to its folder's {name}/; remove it (the command's --output_dir "
+                                       f"names the whole run)")
+                for name in ("sft", "rm", "ppo", "dpo") if getattr(self, name).output_dir]
+
 
 @dataclass
 class CompareConfig(PipelineConfig):
@@ -673,7 +686,8 @@ class CompareConfig(PipelineConfig):
     """name -> overrides of the base `ppo:` section (or, with `stage: dpo`, of `dpo:`), dotted keys allowed."""
 
     def problems(self) -> list[tuple[str, str]]:
-        out = [(key, f"a compare recipe needs at least one (got {getattr(self, key)!r})")
+        out = PipelineConfig.problems(self)
+        out += [(key, f"a compare recipe needs at least one (got {getattr(self, key)!r})")
                for key in ("methods", "seeds") if not getattr(self, key)]
         if len(set(self.seeds)) != len(self.seeds):  # runs are keyed by (method, seed): a repeat would run once
             out.append(("seeds", f"a seed given twice runs once, yet the table would average over it: {self.seeds}"))

@@ -729,7 +729,7 @@ def rank_chunks(items: list, acc, size: int) -> list[tuple[list, bool]]:
 # ----------------------------------------------------------------------------- output
 
 
-def open_run(acc, output_dir, overwrite: bool = False, resume: bool = False):
+def open_run(acc, output_dir, overwrite: bool = False, resume: bool = False, command: str | None = None):
     """Plan this run's folder (see :mod:`rlhf.rundir`): after finishing any promotion a crash
     interrupted, decide where the run writes. Touches nothing else; a problem with the folder is
     kept in `.problem` and reported by :func:`inputs_first` after the inputs were read."""
@@ -740,7 +740,7 @@ def open_run(acc, output_dir, overwrite: bool = False, resume: bool = False):
     decided = [None]
     if acc.is_main_process:  # one process decides (a lagging rank or a stale NFS view must not disagree)
         rundir.recover(output_dir)
-        decided = [rundir.plan(output_dir, overwrite, resume)]
+        decided = [rundir.plan(output_dir, overwrite, resume, command)]
     if acc.num_processes > 1:
         broadcast_object_list(decided, from_process=0)
     return decided[0]
@@ -873,18 +873,44 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def start_run(tc, output_dir, overwrite: bool, resume: bool):
+def start_run(tc, output_dir, overwrite: bool, resume: bool, command: str | None = None, cfg=None):
     """Common start of the SFT and RM loops: accelerator (DDP / DeepSpeed with the recipe's batch
     split), the run folder planned (not yet touched), and the summary of a run --resume finds
     already complete. Returns (acc, grad_accum, micro_batch_size, run_folder, finished_summary | None)."""
     accum, micro_bs = grad_accum_steps(tc.batch_size, tc.micro_batch_size, world_size())
     acc = make_accelerator(tc.mixed_precision, tc.deepspeed, micro_batch_size=micro_bs, grad_accum=accum,
                            max_grad_norm=tc.max_grad_norm, matmul_precision=tc.matmul_precision)
-    rf = open_run(acc, output_dir, overwrite, resume)  # nothing is written before the inputs check out
-    done = json.loads((rf.final / "summary.json").read_text()) if rf.done else None
-    if done is not None:
-        log.info("%s: run already complete", rf.final)
-    return acc, accum, micro_bs, rf, done
+    rf = open_run(acc, output_dir, overwrite, resume, command)  # nothing is written before the inputs check out
+    return acc, accum, micro_bs, rf, finished_summary(rf, cfg) if rf.done else None
+
+
+def finished_summary(rf, cfg=None) -> dict:
+    """`--resume` of a run that has finished: its summary.json (a damaged one is a one-line
+    error), after a warning naming each key of the recipe given now that differs from the run's
+    (the run is not extended: a larger max_steps needs a new run)."""
+    from .config import read_yaml, recipe_changes, to_dict
+
+    path = rf.final / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: damaged, cannot be read ({type(e).__name__}: {e}); the run finished, but this "
+                       f"file was cut short or edited: restore it, or pass --overwrite to run again") from None
+    if not isinstance(summary, dict):
+        raise RunError(f"{path}: damaged (a JSON {type(summary).__name__}, not a run summary); restore it, or pass "
+                       f"--overwrite to run again")
+    log.info("%s: run already complete", rf.final)
+    recipe = rf.final / "recipe.yaml"
+    if cfg is not None and recipe.is_file():
+        try:
+            changed = recipe_changes(read_yaml(recipe), to_dict(cfg))
+        except Exception:  # (an unreadable old recipe: nothing to compare with)
+            changed = []
+        if changed:
+            log.warning("--resume of a finished run: it is not run again, and the recipe given now differs from "
+                        "its %s: %s; pass --overwrite (or another --output_dir) to run with these values",
+                        recipe, "; ".join(changed))
+    return summary
 
 
 def finish_run(acc, logger: "MetricsLogger", out: Path) -> None:

@@ -104,10 +104,27 @@ def prepare_tokenizer(tok, chat_template: str | None = None):
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
     if chat_template:
         tok.chat_template = chat_template
+        check_chat_template(tok)
     elif not getattr(tok, "chat_template", None):
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
     tok.padding_side = "left"
     return tok
+
+
+def check_chat_template(tok) -> None:
+    """A recipe's `model.chat_template` renders a user + assistant exchange (and the prompt alone,
+    ready for the reply) with both messages' text in it: a Jinja error, or a file path or constant
+    given for the template (every prompt would render the same), is one line before any model loads."""
+    probe = [{"role": "user", "content": "Q7x"}, {"role": "assistant", "content": "A9y"}]
+    try:
+        text = tok.apply_chat_template(probe, tokenize=False)
+        tok.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja2's TemplateSyntaxError / UndefinedError, or the template's raise_exception
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ModelError(f"model.chat_template: does not render a conversation ({type(e).__name__}: {why})") from None
+    if "Q7x" not in text or "A9y" not in text:
+        raise ModelError("model.chat_template: what it renders leaves out the messages' content (a file path or a "
+                         "constant is not a template: give the Jinja text itself)")
 
 
 def _check_local(source: str, fld: str | None) -> None:

@@ -40,7 +40,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     left out, as `--resume` drops it."""
     from .textio import log_records
 
-    return [record for _, record in log_records(path)] if path.exists() else []
+    return [record for _, record in log_records(path, RunError)] if path.exists() else []
 
 
 def _plot(records: list[dict], title: str, keys: list[str], png: Path) -> bool:
@@ -131,7 +131,13 @@ def build_report(run_dir: str | Path) -> str:
         raise RunError(f"{run}: holds no run (no summary.json or metrics.jsonl, nor sft/, rm/, ppo/, dpo/ with one); "
                        f"give a run folder or a pipeline folder")
     summary_path = run / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    except ValueError as e:
+        raise RunError(f"{summary_path}: damaged, cannot be read ({e}); restore it or remove it (the report is "
+                       f"then built from metrics.jsonl alone)") from None
+    if not isinstance(summary, dict):
+        raise RunError(f"{summary_path}: damaged (a JSON {type(summary).__name__}, not a run summary)")
     if "stages" in summary or any((run / s / "metrics.jsonl").exists() for s in ("sft", "rm", "ppo", "dpo")):
         return _pipeline_report(run, summary)
     out = run / "report"

@@ -57,6 +57,9 @@ def load_reward_fn(spec: str) -> Callable:
             module = importlib.import_module(target)
     except RewardError:
         raise
+    except SystemExit as e:  # a script that runs its main() on import, without `if __name__ == "__main__":`
+        raise RewardError(f"reward function '{spec}': importing {target} called sys.exit({e.code!r}); guard the "
+                          f"script's own entry point with `if __name__ == \"__main__\":`") from None
     except Exception as e:
         raise RewardError(f"reward function '{spec}': cannot import {target} ({type(e).__name__}: {e})") from None
     fn = getattr(module, name, None)
@@ -65,7 +68,15 @@ def load_reward_fn(spec: str) -> Callable:
                       and getattr(v, "__module__", None) == module.__name__)
         listing = f"; it has: {', '.join(have)}" if have else "; it defines no functions"
         raise RewardError(f"reward function '{spec}': {target} has no function '{name}'{listing}")
-    fn.__rlhf_name__ = spec
+    try:
+        fn.__rlhf_name__ = spec
+    except (AttributeError, TypeError):  # a builtin (os:system) or a C function: named through a wrapper
+        target_fn = fn
+
+        def fn(*args, **kwargs):
+            return target_fn(*args, **kwargs)
+
+        fn.__rlhf_name__ = spec
     return fn
 
 
@@ -141,6 +152,9 @@ def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: 
             if isinstance(v, str | bytes):  # float('1.0') would pass: a bug in the function, not a reward
                 raise TypeError
             v = float(v)
+        except OverflowError:
+            raise RewardError(f"reward function '{name}' returned an integer of {v.bit_length()} bits for sample {i}"
+                              f"{row(i)}, too large for a float") from None
         except (TypeError, ValueError):
             raise RewardError(f"reward function '{name}' returned {v!r} for sample {i}{row(i)}, expected a float") \
                 from None

@@ -35,6 +35,8 @@ from .faults import fault_point
 MARK = ".rlhf-staging"
 FAILED = "FAILED"
 RUN_MARKERS = ("recipe.yaml", "summary.json", "metrics.jsonl")
+KIND = ".rlhf-run"
+"""In every run folder, from its start: {"command": "sft" | "rm" | "ppo" | "dpo" | "pipeline"}."""
 
 
 @dataclass
@@ -47,6 +49,8 @@ class RunFolder:
     """Why the run may not start here; reported once the inputs have been validated."""
     done: bool = False
     """`--resume` of a run that already finished: nothing to do."""
+    command: str | None = None
+    """The command this run is (sft, rm, ppo, dpo, pipeline), written to its folder's KIND file."""
 
     @property
     def staged(self) -> bool:
@@ -68,7 +72,39 @@ def _trash_path(final: Path) -> Path:
 
 
 def holds_run(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in RUN_MARKERS)
+    """Whether `path` is an rlhf run folder: its KIND file, or (runs from before it existed) a
+    summary.json, metrics.jsonl or checkpoints/ folder. A user's folder that merely holds a
+    recipe.yaml is not one (an --overwrite would delete it)."""
+    return path.is_dir() and any((path / f).exists() for f in (KIND, "summary.json", "metrics.jsonl", "checkpoints"))
+
+
+def run_command(path: Path) -> str | None:
+    """The command whose run `path` holds (its KIND file; for older runs, the stage in its
+    summary.json, or 'pipeline' for a folder of stage folders); None when unknown."""
+    try:
+        return json.loads((path / KIND).read_text())["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+        if isinstance(summary, dict) and summary.get("stage"):
+            return str(summary["stage"])
+        if isinstance(summary, dict) and "stages" in summary:
+            return "pipeline"
+    except (OSError, ValueError):
+        pass
+    if any((path / stage / "recipe.yaml").exists() for stage in ("sft", "rm", "ppo", "dpo")):
+        return "pipeline"
+    return None
+
+
+def _other_command(folder: Path, final: Path, command: str | None) -> str | None:
+    """Why `--resume` of `command` may not continue the run in `folder`: it is another command's."""
+    other = run_command(folder) if command else None
+    if other is None or other == command:
+        return None
+    return (f"{final}: holds an rlhf {other} run, not an rlhf {command} run; resume it with "
+            f"'rlhf {other} ... --resume', or give {command} another --output_dir")
 
 
 def _inside_staging(folder: Path) -> bool:
@@ -86,8 +122,18 @@ def file_in_the_way(path: str | Path) -> Path | None:
     return None if above.is_dir() else above
 
 
-def plan(path: str | Path | None, overwrite: bool = False, resume: bool = False) -> RunFolder:
-    """Decide where a run writes, touching nothing (call :func:`recover` first)."""
+def plan(path: str | Path | None, overwrite: bool = False, resume: bool = False,
+         command: str | None = None) -> RunFolder:
+    """Decide where a run of `command` writes, touching nothing (call :func:`recover` first)."""
+    rf = _plan(path, overwrite, resume)
+    rf.command = command
+    if resume and rf.problem is None:
+        rf.problem = _other_command(rf.work if rf.work.exists() else rf.final, rf.final, command)
+        rf.done = rf.done and rf.problem is None
+    return rf
+
+
+def _plan(path: str | Path | None, overwrite: bool, resume: bool) -> RunFolder:
     if not path:
         return RunFolder(Path("."), Path("."), "no output directory: pass --output_dir or set output_dir in the recipe")
     final = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)  # a link: stage its target
@@ -105,7 +151,7 @@ def plan(path: str | Path | None, overwrite: bool = False, resume: bool = False)
     interrupted = (staging / MARK).exists()
     if _inside_staging(final.parent):  # a stage of a staged pipeline: the pipeline is promoted whole
         in_place = RunFolder(final, final)
-        if resume and not holds_run(final):
+        if resume and not (holds_run(final) or (final / "recipe.yaml").exists()):
             in_place.problem = f"{final}: no run to resume"
         elif not resume and holds_run(final) and not overwrite:
             in_place.problem = f"{final}: already holds a run; pass --overwrite to replace it (or --resume)"
@@ -139,13 +185,15 @@ def open_folder(rf: RunFolder, overwrite: bool, resume: bool) -> Path:
         if not (rf.work / MARK).exists():
             (rf.work / MARK).write_text(json.dumps({"final": str(rf.final), "started": time.time(),
                                                     "pid": os.getpid()}) + "\n")
-        return rf.work
-    if overwrite:  # in place (inside a staged pipeline): clear the old run's files
-        for f in (*RUN_MARKERS, "samples.jsonl"):
-            (rf.work / f).unlink(missing_ok=True)
-        for d in ("checkpoints", "tb", "report"):
-            shutil.rmtree(rf.work / d, ignore_errors=True)
-    rf.work.mkdir(parents=True, exist_ok=True)
+    else:
+        if overwrite:  # in place (inside a staged pipeline): clear the old run's files
+            for f in (*RUN_MARKERS, KIND, "samples.jsonl"):
+                (rf.work / f).unlink(missing_ok=True)
+            for d in ("checkpoints", "tb", "report"):
+                shutil.rmtree(rf.work / d, ignore_errors=True)
+        rf.work.mkdir(parents=True, exist_ok=True)
+    if rf.command and not (rf.work / KIND).exists():
+        (rf.work / KIND).write_text(json.dumps({"command": rf.command}) + "\n")
     return rf.work
 
 

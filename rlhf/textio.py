@@ -47,10 +47,17 @@ def log_records(path: str | Path, error: type[Exception] = InputError) -> list[t
     out = []
     for j, (i, line) in enumerate(lines):
         try:
-            out.append((line, json.loads(line)))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             if j < len(lines) - 1:
                 raise error(f"{path}:{i}: not a JSON record ({e.msg}); remove the line") from None
+            continue
+        step = record.get("step", 0) if isinstance(record, dict) else None
+        if not isinstance(step, int | float) or isinstance(step, bool):  # JSON, but not a record a run wrote
+            what = f"'step' is {step!r}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+            raise error(f"{path}:{i}: not a record of this log ({what}, not an object with a numeric step); "
+                        f"remove the line")
+        out.append((line, record))
     return out
 
 

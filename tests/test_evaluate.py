@@ -149,7 +149,7 @@ def test_report_reads_a_run_killed_while_writing_a_metrics_line(tmp_path):
     (tmp_path / "m.jsonl").write_text("\n".join(good) + '\n{"step": 3, "lo')
     assert [r["step"] for r in _read_jsonl(tmp_path / "m.jsonl")] == [1, 2]
     (tmp_path / "bad.jsonl").write_text(good[0] + '\n{"step": 2, "lo\n' + good[1] + "\n")
-    from rlhf.textio import InputError
+    from rlhf.errors import RunError  # (one line from the CLI, exit 2)
 
-    with pytest.raises(InputError, match=r"bad\.jsonl:2: not a JSON record"):
+    with pytest.raises(RunError, match=r"bad\.jsonl:2: not a JSON record"):
         _read_jsonl(tmp_path / "bad.jsonl")

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,124 @@ def test_only_a_damaged_checkpoint_is_called_damaged(tmp_path):
                           tmp_path)
     assert "does not match this run's models" in str(other) and "delete" not in str(other)
     assert _unrestorable(torch.OutOfMemoryError("CUDA out of memory"), ckpt, tmp_path) is None
+
+
+def test_damaged_run_files_are_named_not_tracebacks(tmp_path):
+    """A run folder's own files, damaged or edited: a state.json of another shape is a damaged
+    checkpoint; a file manager's copy of a checkpoint folder is not a checkpoint; a metrics line
+    that is JSON but not a record is named by its line (resume and report read it)."""
+    from types import SimpleNamespace
+
+    from rlhf.checkpoint import CheckpointParts, _unrestorable, list_checkpoints, load_checkpoint, save_checkpoint
+    from rlhf.errors import RunError
+    from rlhf.textio import log_records
+
+    acc = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True, wait_for_everyone=lambda: None)
+    model = torch.nn.Linear(2, 2)
+    ckpt = save_checkpoint(acc, tmp_path, 2, CheckpointParts({"model": model}), state={})
+    shutil.copytree(ckpt, ckpt.with_name(ckpt.name + " copy"))
+    assert list_checkpoints(tmp_path) == [ckpt]
+    for text in ("[1, 2]", '{"step": "2"}'):
+        (ckpt / "state.json").write_text(text)
+        with pytest.raises(Exception) as e:
+            load_checkpoint(acc, ckpt, CheckpointParts({"model": model}))
+        assert "damaged, cannot be restored (DamagedCheckpoint: state.json holds no checkpoint state" in \
+            str(_unrestorable(e.value, ckpt, tmp_path))
+    for line, what in (("[1, 2]", "a JSON list"), ('{"step": "x"}', "'step' is 'x'")):
+        (tmp_path / "metrics.jsonl").write_text(f'{{"step": 1}}\n{line}\n{{"step": 3}}\n')
+        with pytest.raises(RunError, match=rf"metrics\.jsonl:2: not a record of this log \({re.escape(what)}"):
+            log_records(tmp_path / "metrics.jsonl", RunError)
+
+
+def test_imports_and_returns_a_reward_module_cannot_use_are_one_line(tmp_path, monkeypatch):
+    """A reward module that calls sys.exit when imported (a script's main() without a __main__
+    guard: before, rlhf exited with its status, 0 included, having run nothing), a builtin given
+    as the function, and an integer too large for a float: each a RewardError naming it."""
+    from rlhf.errors import RewardError
+    from rlhf.rewards import call_reward_fn, load_reward_fn
+
+    script = tmp_path / "script.py"
+    script.write_text("import sys\ndef r(prompts, completions, **kw):\n    return [0.0] * len(completions)\n"
+                      "sys.exit(0)\n")
+    with pytest.raises(RewardError, match=r"importing .*script\.py called sys\.exit\(0\); guard"):
+        load_reward_fn(f"{script}:r")
+    fn = load_reward_fn("builtins:print")
+    with pytest.raises(RewardError, match=r"reward function 'builtins:print' raised TypeError"):
+        call_reward_fn(fn, ["p"], ["c"], {"task": ["x"]})
+    with pytest.raises(RewardError, match=r"returned an integer of 1329 bits for sample 0, too large for a float"):
+        call_reward_fn(lambda prompts, completions, **kw: [10**400], ["p"], ["c"], {})
+
+
+def test_a_hub_dataset_that_cannot_load_is_one_line(tmp_path, monkeypatch):
+    """A data spec that is no local file and no reachable hub dataset: one line, not datasets'
+    traceback; a mistyped local path under a folder that is here is not looked up on the hub."""
+    import datasets
+
+    from rlhf.data.formats import read_rows
+    from rlhf.errors import DataError
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'someuser/nope' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"someuser/nope: no such local file, and the hub dataset cannot be loaded "
+                                        r"\(ConnectionError: Couldn't reach"):
+        read_rows("someuser/nope")
+    with pytest.raises(DataError, match=r"^recipes/tiny/data/nope: data file not found$"):
+        read_rows("recipes/tiny/data/nope")
+
+
+@pytest.mark.slow
+def test_a_run_folder_is_resumed_only_by_its_own_command(tmp_path, finished_run, capsys):
+    """--resume of a run by another command (rm, pipeline on an SFT run) is one line naming the
+    command that wrote it, before anything loads; a finished run resumed with another recipe says
+    it is not run again and names each changed key; a damaged summary.json is one line; a folder
+    that merely holds a recipe.yaml (the user's own) is no run, and --overwrite leaves it alone."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = _tree(run)
+    dpo = _bad(tmp_path, "dpo.yaml", f"model: {{name_or_path: {finished_run}}}\n"
+                                     f"data: {{train: recipes/tiny/data/prefs.jsonl}}\n")
+    for cmd, recipe in (("rm", "recipes/tiny/rm.yaml"), ("pipeline", "recipes/tiny/pipeline.yaml"), ("dpo", dpo)):
+        rc, stderr = _rlhf_here(capsys, cmd, recipe, "--output_dir", run, "--resume")
+        assert rc == 2 and f"{run}: holds an rlhf sft run, not an rlhf {cmd} run; resume it with 'rlhf sft" \
+            in stderr, stderr[-1500:]
+    assert _tree(run) == before
+    rc, stderr = _rlhf_here(capsys, "sft", "recipes/tiny/sft.yaml", "--output_dir", run, "--resume",
+                            "--train.max_steps", "9", "--gen_eval_samples", "2", "--train.log_every", "1")
+    assert rc == 0 and "--resume of a finished run: it is not run again" in stderr and \
+        "train.max_steps: 2 -> 9" in stderr, stderr[-1500:]
+    (run / "summary.json").write_text('{"stage": "sf')
+    rc, stderr = _rlhf_here(capsys, "sft", "recipes/tiny/sft.yaml", "--output_dir", run, "--resume")
+    assert rc == 2 and re.search(r"summary\.json: damaged, cannot be read \(JSONDecodeError", stderr), stderr[-1500:]
+    rc, stderr = _rlhf_here(capsys, "report", run)
+    assert rc == 2 and "summary.json: damaged, cannot be read" in stderr, stderr[-1500:]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "recipe.yaml").write_text(Path("recipes/tiny/sft.yaml").read_text())
+    (mine / "notes.txt").write_text("mine")
+    for flag in ("--overwrite", "--resume"):
+        rc, stderr = _rlhf_here(capsys, "sft", mine / "recipe.yaml", "--output_dir", mine, flag)
+        assert rc == 2 and ("holds no run" in stderr or "no run to resume" in stderr), stderr[-1500:]
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "recipe.yaml"]
+
+
+@pytest.mark.slow
+def test_a_pipeline_checks_its_later_stages_inputs_before_the_first_trains(tmp_path, capsys):
+    """A typo in the ppo: or rm: section of a pipeline is one line before SFT trains (it was found
+    when that stage started, after SFT and the RM had trained): nothing is left behind."""
+    out, policy = tmp_path / "p", _model_folder(tmp_path, "sft", "LlamaForCausalLM")
+    cases = [(["--ppo.data.train", tmp_path / "nope.jsonl"], r"nope\.jsonl: data file not found"),
+             (["--ppo.reward_fns", f"[{{fn: '{tmp_path / 'r.py'}:f'}}]"], r"r\.py:f': file .*r\.py not found"),
+             (["--ppo.reward_model", policy], r"'ppo\.reward_model' is not a reward model"),
+             (["--rm.normalize_data", _rows(tmp_path, "n.jsonl", {"prompt": "a"})],
+              r"n\.jsonl:1: field 'completion': missing"),
+             (["--ppo.data.eval", _rows(tmp_path, "e.jsonl", {"prompt": None})], r"e\.jsonl:1: field 'prompt': is null")]
+    for args, pattern in cases:
+        rc, stderr = _rlhf_here(capsys, "pipeline", "recipes/tiny/pipeline.yaml", "--output_dir", out, *args)
+        err = [l for l in stderr.strip().splitlines() if "error:" in l]
+        assert rc == 2 and len(err) == 1 and re.search(pattern, err[0]), (args, stderr[-1500:])
+        assert not out.exists() and not staging_path(out).exists()
 
 
 def test_a_resume_with_another_recipe_names_each_changed_key(tmp_path, caplog):
@@ -345,6 +464,22 @@ CASES = [
      r"command line --seeds: a seed must be in \[0, 4294967295\], got 18446744073709551616"),
     ("compare-no-seeds", lambda t: ["compare", "recipes/tiny/compare.yaml", "--seeds", "[]"],
      r"command line --seeds: a compare recipe needs at least one \(got \[\]\)"),
+    ("rm-normalize-data-before-training", lambda t: ["rm", "recipes/tiny/rm.yaml", "--model.name_or_path", t / "out",
+                                                     "--normalize_data", _rows(t, "n.jsonl", {"prompt": "a"})],
+     r"n\.jsonl:1: field 'completion': missing"),
+    ("compare-method-name-is-a-path", lambda t: ["compare", "recipes/tiny/compare.yaml", "--methods",
+                                                 '{"../../x": {}}'],
+     r"command line --methods: methods: method name '\.\./\.\./x' must be a plain folder name"),
+    ("compare-method-sets-its-seed", lambda t: ["compare", "recipes/tiny/compare.yaml", "--methods", "{ppo: {seed: 3}}"],
+     r"methods\.ppo\.seed: set by rlhf compare for every run"),
+    ("pipeline-stage-output-dir", lambda t: ["pipeline", "recipes/tiny/pipeline.yaml", "--sft.output_dir", t / "x"],
+     r"command line --sft\.output_dir: the stages of a pipeline write to its folder's sft/"),
+    ("from-config-names-a-checkpoint", lambda t: ["sft", "recipes/tiny/sft.yaml", "--model.name_or_path", t],
+     r"command line --model\.name_or_path: not read with model\.init: from_config"),
+    ("chat-template-does-not-parse", lambda t: ["sft", "recipes/tiny/sft.yaml", "--model.chat_template", "{{ x"],
+     r"model\.chat_template: does not render a conversation \(TemplateSyntaxError"),
+    ("chat-template-a-constant", lambda t: ["sft", "recipes/tiny/sft.yaml", "--model.chat_template", "t.jinja"],
+     r"model\.chat_template: what it renders leaves out the messages' content"),
     ("hh-prompts-differ", lambda t: ["rm", "recipes/tiny/rm.yaml", "--data.train", _rows(t, "hh.jsonl", HH)],
      r"hh\.jsonl:1: field 'chosen': chosen and rejected do not share their prompt"),
     ("invalid-utf8", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",

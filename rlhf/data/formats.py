@@ -73,11 +73,17 @@ def read_rows(spec: str, split: str = "train") -> list[Row]:
         except Exception as e:  # datasets wraps the parser's message
             raise DataError(f"{path}: cannot be read as {path.suffix[1:]} ({str(e).splitlines()[0]})") from None
         return [Row(dict(r), str(path), i + 1) for i, r in enumerate(ds)]
-    if spec.endswith(tuple(_EXTS)) or spec.startswith((".", "/")) or "/" not in spec:
+    if spec.endswith(tuple(_EXTS)) or spec.startswith((".", "/")) or "/" not in spec or Path(spec).parts[0] in \
+            {p.name for p in Path(".").iterdir() if p.is_dir()}:  # (runs/x: a local path mistyped, not a hub id)
         raise DataError(f"{spec}: data file not found")
     import datasets  # a hub name such as 'Anthropic/hh-rlhf'
 
-    ds = datasets.load_dataset(spec, split=split)
+    try:
+        ds = datasets.load_dataset(spec, split=split)
+    except Exception as e:  # no network, no such dataset or split, a gated one: datasets' own error types vary
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise DataError(f"{spec}: no such local file, and the hub dataset cannot be loaded ({type(e).__name__}: "
+                        f"{first})") from None
     return [Row(dict(r), spec, i + 1) for i, r in enumerate(ds)]
 
 

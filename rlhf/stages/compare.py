@@ -24,12 +24,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import statistics
 from pathlib import Path
 
 from ..config import CompareConfig, ConfigError, DPOConfig, PPOConfig, apply_overrides, from_dict, to_dict
 from ..engine import RunError, atomic_write_text, write_summary
 from ..rundir import staging_path
+from .pipeline import check_later_stages
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +40,26 @@ log = logging.getLogger(__name__)
 MEASURES = ("eval_gold_accuracy", "eval_rm_score", "eval_reward", "eval_kl", "train_seconds", "peak_rss_mb")
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
 def method_configs(cfg: CompareConfig, sft_dir: Path, rm_dir: Path | None) -> dict[tuple[str, int], tuple[str, object]]:
     """{(method, seed): (stage, config)}, each built and checked now (a typo costs seconds)."""
     if not cfg.methods or not cfg.seeds:
         raise ConfigError("recipe: a compare recipe needs 'methods' and 'seeds'", "methods")
     runs, budgets = {}, {}
     for name, spec in cfg.methods.items():
+        if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):  # each method's runs are folders NAME/seedS
+            raise ConfigError(f"methods: method name {name!r} must be a plain folder name (letters, digits and "
+                              f"_ . + -, starting with a letter or digit; no '/')", "methods")
         if not isinstance(spec, dict | None):
             raise ConfigError(f"methods.{name}: expected a mapping of the fields it changes, got {spec!r}",
                               f"methods.{name}")
         spec = dict(spec or {})
+        for key in ("output_dir", "seed"):  # set by compare itself: D/NAME/seedS, and each of `seeds`
+            if key in spec:
+                raise ConfigError(f"methods.{name}.{key}: set by rlhf compare for every run (its folder is "
+                                  f"D/{name}/seedS, its seed each of 'seeds'); remove it", f"methods.{name}.{key}")
         stage = spec.pop("stage", "ppo")
         if stage not in ("ppo", "dpo"):
             raise ConfigError(f"methods.{name}.stage: must be ppo or dpo, got {stage!r}", f"methods.{name}.stage")
@@ -106,6 +118,8 @@ def run_compare(cfg: CompareConfig, output_dir: str | None = None, overwrite: bo
     sft_dir, rm_dir = root / "sft", root / "rm"
     has_rm = bool(cfg.rm.data.train or cfg.rm.sample is not None)
     runs = method_configs(cfg, sft_dir, rm_dir if has_rm else None)  # checked before anything runs
+    stages = {stage for stage, _ in runs.values()}
+    check_later_stages(cfg, ["sft", *(["rm"] if has_rm else []), *sorted(stages)])  # their data, rewards, models
     if overwrite:
         raise RunError("rlhf compare reuses the runs complete in its folder: remove the folder to start over")
 

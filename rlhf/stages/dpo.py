@@ -25,8 +25,8 @@ from pathlib import Path
 from ..checkpoint import truncate_jsonl
 from ..config import DPOConfig, PPOConfig, to_dict
 from ..data.formats import load_examples, parse_preference, parse_prompt
-from ..engine import (MetricsLogger, RunError, atomic_write_text, env_flag, finish_run, grad_accum_steps,
-                      inputs_first, make_accelerator, open_run, peak_memory, prepare_output_dir,
+from ..engine import (MetricsLogger, RunError, atomic_write_text, env_flag, finish_run, finished_summary,
+                      grad_accum_steps, inputs_first, make_accelerator, open_run, peak_memory, prepare_output_dir,
                       resolve_mixed_precision, save_recipe, set_seed, world_size, write_summary)
 from ..faults import fault_point_step
 from ..models import (check_policy_model, count_parameters, disable_dropout, load_causal_lm, load_tokenizer,
@@ -120,9 +120,9 @@ def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         raise RunError("recipe: 'train.deepspeed' is not supported by rlhf dpo yet; run it under DDP (torchrun / "
                        "accelerate launch)")
     acc = make_accelerator(cfg.train.mixed_precision, matmul_precision=cfg.train.matmul_precision)
-    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume)
+    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume, "dpo")
     if rf.done:
-        return json.loads((rf.final / "summary.json").read_text())
+        return finished_summary(rf, cfg)
     set_seed(cfg.seed)
     with inputs_first(rf):  # data, lengths and prompts checked as the RM stage does, before any model
         check_policy_model(None if cfg.model.init != "pretrained" or cfg.model.gguf_file else cfg.model.name_or_path)

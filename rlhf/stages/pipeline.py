@@ -9,7 +9,6 @@ Python reward functions only has no rm section).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -24,23 +23,69 @@ def stages_to_run(cfg: PipelineConfig) -> list[str]:
     return [stage for stage, yes in has.items() if yes]
 
 
+def check_later_stages(cfg: PipelineConfig, todo: list[str]) -> None:
+    """Before the first stage trains: the inputs of the stages after it that no earlier stage
+    makes (their data files and rows, reward functions imported, checkpoints the recipe names),
+    so that a typo in the ppo: section is not found hours later, when PPO starts. What needs an
+    earlier stage's output (token lengths, the reward functions' dry call on the prompts) is still
+    checked when that stage starts. Each error names the stage's field."""
+    from ..data.formats import load_examples, parse_preference, parse_prompt, parse_sft
+    from ..models import check_policy_model, check_reward_model
+    from ..rewards import load_reward_fn
+
+    def data(stage: str, fld: str, spec, parser) -> None:
+        if spec:
+            c = getattr(cfg, stage)
+            load_examples(spec, parser, skip_bad_rows=c.data.skip_bad_rows, field_name=f"{stage}.{fld}",
+                          what=f"rows for {stage}.{fld}", split=c.data.split if fld == "data.train" else "train")
+
+    checks = []
+    if "rm" in todo[1:]:
+        checks += [("rm", "data.train", cfg.rm.data.train, parse_preference),
+                   ("rm", "data.eval", cfg.rm.data.eval, parse_preference),
+                   ("rm", "normalize_data", cfg.rm.normalize and cfg.rm.normalize_data, parse_sft)]
+    if "ppo" in todo[1:]:
+        checks += [("ppo", "data.train", cfg.ppo.data.train, parse_prompt),
+                   ("ppo", "data.eval", cfg.ppo.data.eval, parse_prompt),
+                   ("ppo", "ptx_data", cfg.ppo.ptx_coef > 0 and cfg.ppo.ptx_data, parse_sft)]
+    if "dpo" in todo[1:]:
+        checks += [("dpo", "data.train", cfg.dpo.data.train, parse_preference),
+                   ("dpo", "eval_prompts", cfg.dpo.eval_prompts, parse_prompt)]
+    for stage, fld, spec, parser in checks:
+        data(stage, fld, spec, parser)
+    for stage in [s for s in ("ppo", "dpo") if s in todo[1:]]:
+        c = getattr(cfg, stage)
+        if c.model.init == "pretrained" and c.model.name_or_path and not c.model.gguf_file:
+            check_policy_model(c.model.name_or_path, f"{stage}.model.name_or_path")
+        for fld in ("reward_model", "gold_reward_model"):
+            if getattr(c, fld, None):
+                check_reward_model(getattr(c, fld), f"{stage}.{fld}")
+    if "ppo" in todo[1:]:
+        for spec in [*cfg.ppo.reward_fns, *cfg.ppo.gold_reward_fns]:
+            load_reward_fn(spec.fn)
+        refresh = cfg.ppo.rm_refresh
+        if refresh is not None and refresh.judge not in (None, "human"):
+            load_reward_fn(refresh.judge)
+
+
 def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: bool = False,
                  resume: bool = False, run_stage=None) -> dict:
     """The whole pipeline is one run folder: a new pipeline is written into a staging folder and
     replaces the old one only when its last stage has finished (:mod:`rlhf.rundir`); its stages
     write in place inside it. `run_stage` runs one stage (:func:`rlhf.stages.run`, which calls this)."""
-    from ..engine import finish_folder, make_accelerator, open_run, prepare_output_dir
+    from ..engine import finish_folder, finished_summary, make_accelerator, open_run, prepare_output_dir
 
     run = run_stage
     todo = stages_to_run(cfg)
     if not todo:  # (an empty or mis-sectioned recipe would "finish" having run nothing)
         raise RunError("recipe: no stage to run: give at least one of sft, rm, ppo, dpo a 'data.train' "
                        "(or rm a 'sample' section)")
+    check_later_stages(cfg, todo)
     # the Accelerator (not a bare PartialState) first: it sets up gloo for multi-process CPU runs
     acc = make_accelerator(cfg.sft.train.mixed_precision)
-    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume)
+    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume, "pipeline")
     if rf.done:
-        return json.loads((rf.final / "summary.json").read_text())
+        return finished_summary(rf, cfg)
     if rf.problem:
         raise RunError(rf.problem)
     root = prepare_output_dir(acc, rf, overwrite, resume)

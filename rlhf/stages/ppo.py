@@ -39,10 +39,9 @@ from ..data.formats import DataError, load_examples, parse_prompt, parse_sft, sp
 from ..data.tasks import gold_reward, has_gold
 from ..ema import EMA
 from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, atomic_write_text, backpropagated_attention,
-                      backward, chunks, compute_dtype, epoch_permutation, finish_run, inputs_first, loss_scale,
-                      make_accelerator, open_run, peak_memory, prepare_output_dir, progress, save_recipe, set_seed,
-                      step_models,
-                      world_size, write_summary, zero_stage)
+                      backward, chunks, compute_dtype, epoch_permutation, finish_run, finished_summary, inputs_first,
+                      loss_scale, make_accelerator, open_run, peak_memory, prepare_output_dir, progress, save_recipe,
+                      set_seed, step_models, world_size, write_summary, zero_stage)
 from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
 from ..models import (check_policy_model, check_reward_model, count_parameters, eager_blocks, load_tokenizer,
                       save_model_files, unwrap)
@@ -112,8 +111,12 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
                     cfg.data.max_prompt_length)
         _check_rollout_batch(cfg, prompts, " once the prompts over data.max_prompt_length were skipped")
     feats = []
+    if cfg.ptx_data and cfg.ptx_coef == 0:
+        log.warning("ptx_data is set but ptx_coef is 0: the pretraining term is off and %s is not read", cfg.ptx_data)
     if cfg.ptx_coef > 0:
-        demos, _ = load_examples(cfg.ptx_data, parse_sft, skip_bad_rows=True, what="ptx rows", field_name="ptx_data")
+        demos, st = load_examples(cfg.ptx_data, parse_sft, skip_bad_rows=cfg.data.skip_bad_rows, what="ptx rows",
+                                  field_name="ptx_data")
+        skipped += st["skipped_bad_rows"]
         feats = [encode_sft(tok, d.prompt, d.completion) for d in demos]
     return PPOInputs(prompts, eval_prompts, reward_fns, tok, feats, gold_fns, skipped)
 
@@ -686,10 +689,9 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     acc = make_accelerator(cfg.mixed_precision, cfg.deepspeed, micro_batch_size=split.micro,
                            grad_accum=split.minibatch // split.micro, max_grad_norm=cfg.max_grad_norm,
                            matmul_precision=cfg.matmul_precision)
-    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume)  # planned; nothing written yet
+    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume, "ppo")  # planned; nothing written yet
     if rf.done:
-        log.info("%s: run already complete", rf.final)
-        return json.loads((rf.final / "summary.json").read_text())
+        return finished_summary(rf, cfg)
     set_seed(cfg.seed + acc.process_index)  # a different sampling seed per rank [N]
     with inputs_first(rf):  # prompts, reward functions (imported and called once), tokenizer, lengths first
         data = read_inputs(cfg)

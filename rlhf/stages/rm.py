@@ -144,7 +144,7 @@ def evaluate_pairs(model, groups, pad_id: int, micro_batch_size: int, acc) -> di
 def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
     tc = cfg.train
-    acc, accum, micro_bs, rf, done = start_run(tc, output_dir or cfg.output_dir, overwrite, resume)
+    acc, accum, micro_bs, rf, done = start_run(tc, output_dir or cfg.output_dir, overwrite, resume, "rm", cfg)
     if done is not None:
         return done
     set_seed(cfg.seed)
@@ -159,6 +159,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         if cfg.data.eval:
             eval_groups, _ = load_examples(cfg.data.eval, parse_preference, skip_bad_rows=cfg.data.skip_bad_rows,
                                            what="preference rows", field_name="data.eval")
+        demos = reference_demos(cfg, stats)  # read now: a bad normalize_data file must not cost the training
         tok = load_tokenizer(cfg.model)
         encoded = encode_groups(tok, groups, cfg.data.max_length, cfg.data.skip_bad_rows, stats)
         eval_encoded = encode_groups(tok, eval_groups, cfg.data.max_length, cfg.data.skip_bad_rows, {})
@@ -261,7 +262,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     summary.update(evaluate_pairs(model, eval_enc, tok.pad_token_id, micro_bs, acc))
     bias = 0.0
     if cfg.normalize:
-        ref = reference_sequences(cfg, tok, groups)
+        ref = reference_sequences(cfg, tok, groups, demos)
         with gathered_params(acc, unwrap(model)):  # every rank scores the reference set (cheap, simple)
             raw = score_sequences(unwrap(model).eval(), ref, tok.pad_token_id, micro_bs, acc.device)
         bias = reward_bias(raw)
@@ -283,11 +284,23 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     return summary
 
 
-def reference_sequences(cfg: RMConfig, tok, groups: list[PrefGroup]) -> list[list[int]]:
-    """Sequences whose mean score becomes 0: `normalize_data` (demonstrations) or the chosen responses."""
-    if cfg.normalize_data:
-        demos, _ = load_examples(cfg.normalize_data, parse_sft, skip_bad_rows=True, what="SFT rows",
-                                 field_name="normalize_data", max_samples=cfg.normalize_max_samples)
+def reference_demos(cfg: RMConfig, stats: dict) -> list | None:
+    """`normalize_data`'s demonstrations (None without it, or without `normalize`), read with the
+    other inputs. A bad row stops the run, naming it, unless data.skip_bad_rows: then it is skipped
+    and counted in `stats` (summary.json's skipped_bad_rows)."""
+    if not (cfg.normalize and cfg.normalize_data):
+        return None
+    demos, st = load_examples(cfg.normalize_data, parse_sft, skip_bad_rows=cfg.data.skip_bad_rows,
+                              what="normalize_data rows (prompt/completion demonstrations)",
+                              field_name="normalize_data", max_samples=cfg.normalize_max_samples)
+    stats["skipped_bad_rows"] = stats.get("skipped_bad_rows", 0) + st["skipped_bad_rows"]
+    return demos
+
+
+def reference_sequences(cfg: RMConfig, tok, groups: list[PrefGroup], demos: list | None = None) -> list[list[int]]:
+    """Sequences whose mean score becomes 0: `normalize_data`'s demonstrations (`demos`, from
+    :func:`reference_demos`) or the chosen responses."""
+    if demos is not None:
         return [encode_scored(tok, d.prompt, d.completion) for d in demos]
     seqs = [encode_scored(tok, g.prompt, g.responses[i]) for g in groups for i in sorted({w for w, _, _ in g.pairs})]
     return seqs[: cfg.normalize_max_samples] if cfg.normalize_max_samples else seqs

@@ -155,7 +155,7 @@ def evaluate_loss(model, feats, pad_id: int, micro_batch_size: int, acc) -> floa
 def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
     tc = cfg.train
-    acc, accum, micro_bs, rf, done = start_run(tc, output_dir or cfg.output_dir, overwrite, resume)
+    acc, accum, micro_bs, rf, done = start_run(tc, output_dir or cfg.output_dir, overwrite, resume, "sft", cfg)
     if done is not None:
         return done
     set_seed(cfg.seed)
