@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     from .rm_refresh import Paused
 
     try:
+        from .engine import check_environment
+
+        check_environment()  # RLHF_* variables, on every process, before anything loads
         _check_flags(args)
         return _dispatch(args, rest)
     except Paused as e:  # a planned stop (a person ranks samples), resumable with --resume
@@ -448,26 +451,32 @@ def _load_policy(path: str):
 
 
 def _read_prompts(path: str | None) -> list:
-    from .data.formats import parse_prompt, read_rows
-
-    if path and path.endswith((".jsonl", ".json", ".parquet")):
-        return [parse_prompt(r).prompt for r in read_rows(path)]
-    from .data.formats import DataError
+    from .data.formats import DataError, parse_prompt, read_rows
     from .textio import decode_utf8, read_text
 
+    if path and path.endswith((".jsonl", ".json", ".parquet")):
+        prompts = [parse_prompt(r).prompt for r in read_rows(path)]
+        if not prompts:
+            raise DataError(f"{path}: no prompts in it")
+        return prompts
     if path and not Path(path).is_file():
         raise DataError(f"{path}: not a file (--prompts: .jsonl, .json or .parquet rows, or one prompt per line)")
     text = read_text(path, DataError) if path else decode_utf8(_stdin_bytes(), "<stdin>", DataError)
-    lines = text.splitlines()
-    return [[{"role": "user", "content": ln}] for ln in lines if ln.strip()]
+    prompts = [[{"role": "user", "content": ln}] for ln in text.splitlines() if ln.strip()]
+    if not prompts:
+        raise DataError(f"{path or '<stdin>'}: no prompts in it (one prompt per line)")
+    return prompts
 
 
 def _generate(args) -> int:
     from .evaluate import sample_texts
 
+    from .models import check_policy_model
+
     _check_out(args.out, args.overwrite)
+    check_policy_model(args.checkpoint, None)  # a wrong path is named before stdin is waited on
+    prompts = _read_prompts(args.prompts)  # (before the model: a bad file costs no loading)
     model, tok = _load_policy(args.checkpoint)
-    prompts = _read_prompts(args.prompts)
     texts, eos = sample_texts(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               greedy=args.greedy, top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size,
                               seed=args.seed)
@@ -525,9 +534,9 @@ def _score(args) -> int:
             except TemplateError as e:
                 raise DataError(f"{r.where(fld)}: {e}") from None
             targets.append((r.data, "score" if fld in ("response", "completion") else f"score_{fld}"))
-    replaced = sum(key in row for row, key in targets)
+    replaced = len({id(row) for row, key in targets if key in row})
     if replaced:
-        logging.getLogger(__name__).warning("%s: %d rows already have the score field written here; their "
+        logging.getLogger(__name__).warning("%s: %d rows already have the score fields written here; their "
                                             "scores are replaced by this reward model's", args.file, replaced)
     scores = rm.score_ids(seqs, normalized=not args.raw, batch_size=args.batch_size).tolist()
     for (row, key), s in zip(targets, scores):

@@ -119,7 +119,8 @@ class ModelConfig:
         if self.init == "from_config":  # random weights from `arch`: a checkpoint named here would be silently unused
             out += [(name, "not read with model.init: from_config (random weights from model.arch); set model.init: "
                            "pretrained to start from it (the tokenizer of from_config is model.tokenizer)")
-                    for name in ("name_or_path", "gguf_file", "revision") if getattr(self, name)]
+                    for name in ("name_or_path", "gguf_file", "revision") if getattr(self, name)
+                    and not (name == "revision" and self.tokenizer)]  # (the revision of model.tokenizer)
         return out
 
 
@@ -321,7 +322,12 @@ class RMConfig:
     false: never. See docs/performance.md."""
 
     def problems(self) -> list[tuple[str, str]]:
-        return _problems(self, {"normalize_max_samples": (1, None)})
+        out = _problems(self, {"normalize_max_samples": (1, None)})
+        if self.sample is not None and self.sample.judge == "none":  # (found only after all the sampling, before)
+            out.append(("sample.judge", "'none' writes unranked rows for people to rank (rlhf sample --judge none); "
+                                        "the RM trains on ranked rows: give a judge, or rank the rows and pass "
+                                        "them as data.train"))
+        return out
 
 
 @dataclass
@@ -972,6 +978,8 @@ def locate_message(message: str, recipe: str | Path | None, overrides: dict | No
 
     if not message.startswith("recipe: "):
         where = where_set(key, recipe, overrides, section) if key else None
+        if where and where.startswith("command line") and message.startswith(f"{key}: "):
+            message = message[len(key) + 2:]  # (the override named names the key already: --seeds: seeds: ...)
         return f"{where}: {message}" if where and not message.startswith(where) else message
     # of the keys it names, the one set on the command line (the change just made), else the first
     places = [where_set(k, recipe, overrides, section) for k in re.findall(r"'([A-Za-z_]\w*(?:\.\w+)*)'", message)]

@@ -666,11 +666,7 @@ def retain_freed_cpu_memory() -> bool:
     has_device = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
     on_cpu = not has_device or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     ok = False
-    choice = os.environ.get("RLHF_MALLOC", "retain").strip().lower() or "retain"
-    if choice not in ("retain", "system"):
-        raise ConfigError(f"environment variable RLHF_MALLOC={os.environ['RLHF_MALLOC']!r}: expected 'retain' "
-                          f"(the default) or 'system'")
-    if on_cpu and sys.platform.startswith("linux") and choice == "retain":
+    if on_cpu and sys.platform.startswith("linux") and malloc_choice() == "retain":
         try:
             libc = ctypes.CDLL("libc.so.6")
             m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
@@ -966,6 +962,23 @@ class Timer:
 
     def __exit__(self, *a):
         self.total += time.perf_counter() - self.t
+
+
+def malloc_choice() -> str:
+    """RLHF_MALLOC: 'retain' (the default: keep freed CPU memory, :func:`retain_freed_cpu_memory`)
+    or 'system' (glibc's defaults); any other value is a ConfigError naming it."""
+    choice = os.environ.get("RLHF_MALLOC", "retain").strip().lower() or "retain"
+    if choice not in ("retain", "system"):
+        raise ConfigError(f"environment variable RLHF_MALLOC={os.environ['RLHF_MALLOC']!r}: expected 'retain' "
+                          f"(the default) or 'system'")
+    return choice
+
+
+def check_environment() -> None:
+    """The RLHF_* switches a run reads later (progress bars, malloc): a misspelt value is one line at
+    the start, on every process, not an error on one rank once the models have loaded."""
+    env_flag("RLHF_NO_PROGRESS")
+    malloc_choice()
 
 
 def env_flag(name: str) -> bool:

@@ -147,7 +147,7 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
     others). Every model runs on `device` (default: the CPU). Returns a JSON-able dict."""
     from transformers import AutoConfig
 
-    from .data.formats import load_examples, parse_prompt
+    from .data.formats import load_examples, parse_prompt, parse_sft
     from .models import read_model_config
     from .rewards import RewardModel, dry_call_on, load_reward_fn
 
@@ -169,6 +169,8 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
     prompts = load_examples(cfg.prompts, parse_prompt, max_samples=cfg.max_samples, what="prompts",
                             field_name="--prompts")[0] if cfg.prompts else []
     check_references(prompts, cfg.reference_field)
+    demos = load_examples(cfg.perplexity_data, parse_sft, max_samples=cfg.max_samples, what="SFT rows",
+                          field_name="--perplexity")[0] if cfg.perplexity_data else []
     # called once now, as PPO's reward functions are, not after every checkpoint has sampled
     dry_call_on(([judge] if judge else []) + [f for _, f in fns], prompts)
     judged: dict[str, list[float]] = {}
@@ -177,7 +179,7 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
         if arch.endswith("ForSequenceClassification"):
             result["checkpoints"][label] = eval_reward_model(ckpt, cfg, device) if cfg.pairs else {}
             continue
-        result["checkpoints"][label], scores = eval_policy(ckpt, cfg, prompts, (rm, judge, fns), device)
+        result["checkpoints"][label], scores = eval_policy(ckpt, cfg, (prompts, demos), (rm, judge, fns), device)
         if scores is not None:
             judged[label] = scores
     if len(judged) >= 2:
@@ -223,23 +225,22 @@ def eval_reward_model(ckpt: str, cfg: EvalConfig, device) -> dict:
             "rm_margin": (c - rj).mean().item(), "rm_pairs": int(c.numel())}
 
 
-def eval_policy(ckpt: str, cfg: EvalConfig, prompts: list, judges: tuple, device) -> tuple[dict, list | None]:
-    """Perplexity, and on sampled responses EOS rate, length, RM score, reward functions, gold
-    accuracy and BLEU/chrF. Returns (metrics, the judge's per-prompt scores for the win rate)."""
+def eval_policy(ckpt: str, cfg: EvalConfig, data: tuple, judges: tuple, device) -> tuple[dict, list | None]:
+    """Perplexity on `data`'s demonstrations, and on sampled responses to its prompts EOS rate,
+    length, RM score, reward functions, gold accuracy and BLEU/chrF. `data` is (prompts, demos),
+    both read before any model loads. Returns (metrics, the judge's per-prompt scores for the win rate)."""
     from .config import ModelConfig
-    from .data.formats import load_examples, parse_sft
     from .models import disable_dropout, load_causal_lm, load_tokenizer
     from .rewards import call_reward_fn
 
+    prompts, demos = data
     rm, judge, fns = judges
     mc = ModelConfig(name_or_path=ckpt)
     tok = load_tokenizer(mc)
     model = load_causal_lm(mc, tok).eval().to(device)
     disable_dropout(model)
     res: dict = {}
-    if cfg.perplexity_data:
-        demos, _ = load_examples(cfg.perplexity_data, parse_sft, max_samples=cfg.max_samples, what="SFT rows",
-                                 field_name="--perplexity")
+    if demos:
         res.update(lm_perplexity(model, tok, demos, cfg.batch_size))
     if not prompts:
         return res, None

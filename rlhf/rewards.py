@@ -153,8 +153,9 @@ def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: 
                 raise TypeError
             v = float(v)
         except OverflowError:
-            raise RewardError(f"reward function '{name}' returned an integer of {v.bit_length()} bits for sample {i}"
-                              f"{row(i)}, too large for a float") from None
+            size = f"an integer of {v.bit_length()} bits" if isinstance(v, int) else f"a {type(v).__name__}"
+            raise RewardError(f"reward function '{name}' returned {size} for sample {i}{row(i)}, too large for a "
+                              f"float") from None
         except (TypeError, ValueError):
             raise RewardError(f"reward function '{name}' returned {v!r} for sample {i}{row(i)}, expected a float") \
                 from None

@@ -73,9 +73,16 @@ def _trash_path(final: Path) -> Path:
 
 def holds_run(path: Path) -> bool:
     """Whether `path` is an rlhf run folder: its KIND file, or (runs from before it existed) a
-    summary.json, metrics.jsonl or checkpoints/ folder. A user's folder that merely holds a
-    recipe.yaml is not one (an --overwrite would delete it)."""
-    return path.is_dir() and any((path / f).exists() for f in (KIND, "summary.json", "metrics.jsonl", "checkpoints"))
+    summary.json, a metrics.jsonl, a checkpoint (checkpoints/step-N/state.json, or DPO's
+    checkpoints/checkpoint-N/trainer_state.json), or a pipeline's stage folders. A user's folder
+    that merely holds a recipe.yaml, or a checkpoints/ folder of its own, is not one (an
+    --overwrite would delete it)."""
+    if not path.is_dir():
+        return False
+    marks = [path / f for f in (KIND, "summary.json", "metrics.jsonl")]
+    marks += [path / stage / "recipe.yaml" for stage in ("sft", "rm", "ppo", "dpo")]
+    return any(p.exists() for p in marks) or any(path.glob("checkpoints/step-*/state.json")) or \
+        any(path.glob("checkpoints/checkpoint-*/trainer_state.json"))
 
 
 def run_command(path: Path) -> str | None:

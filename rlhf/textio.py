@@ -72,6 +72,9 @@ def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = F
             continue
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
+        if not isinstance(key, str | int | float | bool) or key is None:  # ([a, b]: 1, null: 1: no recipe key)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a name, got {key!r} (a {type(key).__name__})", key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key '{key}' (first at line {seen[key]}, again at line {line})",

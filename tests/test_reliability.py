@@ -257,6 +257,48 @@ def test_a_pipeline_checks_its_later_stages_inputs_before_the_first_trains(tmp_p
         assert not out.exists() and not staging_path(out).exists()
 
 
+def test_what_counts_as_a_run_folder(tmp_path):
+    """A run is its .rlhf-run file, or (older runs) a summary, a metrics log, a real checkpoint or
+    a pipeline's stage folders: a user's folder with a checkpoints/ folder of its own is not one
+    (--overwrite would delete it); a pipeline stage opened but killed before writing anything else
+    resumes in place; an older pipeline root (stage folders only) is still a run."""
+    from rlhf.rundir import KIND, MARK, holds_run, plan, run_command
+
+    mine = tmp_path / "mine"
+    (mine / "checkpoints" / "epoch1").mkdir(parents=True)
+    assert not holds_run(mine) and "holds no run" in plan(mine, overwrite=True, command="sft").problem
+    old_pipeline = tmp_path / "old"
+    (old_pipeline / "sft").mkdir(parents=True)
+    (old_pipeline / "sft" / "recipe.yaml").write_text("seed: 0\n")
+    assert holds_run(old_pipeline) and run_command(old_pipeline) == "pipeline"
+    assert plan(old_pipeline, resume=True, command="pipeline").problem is None
+    staged = tmp_path / ".p.staging"
+    (staged / "rm").mkdir(parents=True)
+    (staged / MARK).write_text("{}")
+    (staged / "rm" / KIND).write_text('{"command": "rm"}\n')
+    rf = plan(staged / "rm", resume=True, command="rm")
+    assert rf.problem is None and rf.work == staged / "rm"
+    assert "not an rlhf ppo run" in plan(staged / "rm", resume=True, command="ppo").problem
+
+
+def test_the_early_check_of_later_stages_reads_what_each_stage_reads(tmp_path):
+    """check_later_stages reads a stage's data only as far as the stage does (data.max_samples),
+    and a stage section built from its config (model.init: from_config) is not given the SFT
+    folder as a checkpoint it would refuse."""
+    from rlhf.config import load_stage_config
+    from rlhf.errors import DataError
+    from rlhf.stages.pipeline import check_later_stages
+
+    rows = _rows(tmp_path, "q.jsonl", {"prompt": "a"}, {"prompt": None})
+    cfg = load_stage_config("pipeline", "recipes/tiny/pipeline.yaml", {"ppo.data.train": str(rows),
+                                                                         "ppo.data.max_samples": 1})
+    check_later_stages(cfg, ["sft", "rm", "ppo"])
+    cfg.ppo.data.max_samples = None
+    with pytest.raises(DataError, match=r"q\.jsonl:2: field 'prompt': is null"):
+        check_later_stages(cfg, ["sft", "rm", "ppo"])
+    check_later_stages(cfg, ["ppo"])  # (the first stage in the list checks its own inputs when it starts)
+
+
 def test_a_resume_with_another_recipe_names_each_changed_key(tmp_path, caplog):
     """--resume keeps the run's recipe.yaml and warns of each key the recipe it was given changes
     (a longer max_steps, another lr: the run goes on, but not as the uninterrupted one would)."""
@@ -467,9 +509,19 @@ CASES = [
     ("rm-normalize-data-before-training", lambda t: ["rm", "recipes/tiny/rm.yaml", "--model.name_or_path", t / "out",
                                                      "--normalize_data", _rows(t, "n.jsonl", {"prompt": "a"})],
      r"n\.jsonl:1: field 'completion': missing"),
+    ("rm-sample-judge-none", lambda t: ["rm", _bad(t, "r.yaml", "seed: 0\nsample: {judge: none}\n")],
+     r"r\.yaml:2: sample\.judge: 'none' writes unranked rows for people to rank"),
+    ("yaml-key-not-a-name", lambda t: ["sft", _bad(t, "r.yaml", "seed: 0\n[a, b]: 1\n")],
+     r"r\.yaml:2: invalid YAML \(a key must be a name, got \['a', 'b'\]"),
+    ("json-integer-too-long", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train", _bad(
+        t, "d.jsonl", '{"prompt": "a", "completion": "b", "x": ' + "9" * 5000 + "}\n")],
+     r"d\.jsonl:1: malformed JSON \(Exceeds the limit \(4300 digits\)"),
+    ("dpo-unknown-loss-type", lambda t: ["dpo", _bad(t, "d.yaml", "data: {train: recipes/tiny/data/prefs.jsonl}\n"
+                                                             "loss_type: sigmod\n")],
+     r"d\.yaml:2: loss_type: TRL [\d.]+'s DPOTrainer has no loss 'sigmod' \(it has: sigmoid"),
     ("compare-method-name-is-a-path", lambda t: ["compare", "recipes/tiny/compare.yaml", "--methods",
                                                  '{"../../x": {}}'],
-     r"command line --methods: methods: method name '\.\./\.\./x' must be a plain folder name"),
+     r"command line --methods: method name '\.\./\.\./x' must be a plain folder name"),
     ("compare-method-sets-its-seed", lambda t: ["compare", "recipes/tiny/compare.yaml", "--methods", "{ppo: {seed: 3}}"],
      r"methods\.ppo\.seed: set by rlhf compare for every run"),
     ("pipeline-stage-output-dir", lambda t: ["pipeline", "recipes/tiny/pipeline.yaml", "--sft.output_dir", t / "x"],
@@ -659,7 +711,10 @@ def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys
              (["sample", rm, three, "--out", tmp_path / "s2.jsonl"],
               r"'sample\.checkpoint' is a reward model \(architecture LlamaForSequenceClassification\)"),
              (["eval", policy], rf"{policy}: a policy, and nothing to measure it on: give --prompts"),
-             (["eval", rm, "--prompts", three], rf"{rm}: a reward model, and nothing to measure it on: give --pairs")]
+             (["eval", rm, "--prompts", three], rf"{rm}: a reward model, and nothing to measure it on: give --pairs"),
+             # the inputs before any model loads (this policy folder has no weights: loading it would fail)
+             (["eval", policy, "--perplexity", tmp_path / "nope.jsonl"], r"nope\.jsonl: data file not found"),
+             (["generate", policy, "--prompts", _bad(tmp_path, "e.txt", "\n \n")], r"e\.txt: no prompts in it")]
     for args, pattern in cases:
         if args[0] == "generate" and args[1] == tmp_path:  # (a real model, so the prompts are what is wrong)
             args[1] = _tiny_policy(tmp_path)
@@ -761,13 +816,18 @@ def test_score_checks_each_row_as_a_preference_row_and_loses_no_score(tmp_path, 
         err = [l for l in stderr.strip().splitlines() if "error:" in l]
         assert rc == 2 and len(err) == 1 and re.search(pattern, err[0]), (row, stderr[-1500:])
     assert not (tmp_path / "o.jsonl").exists()
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     rows = _rows(tmp_path, "r.jsonl", {"prompt": "q", "completion": "a", "score": 99.0},
-                 {"prompt": "q", "chosen": "a", "rejected": ""}, {"prompt": "q", "response": "a"})
+                 {"prompt": "q", "chosen": "a", "rejected": ""}, {"prompt": "q", "response": "a"},
+                 {"prompt": "q", "chosen": conversation, "rejected": conversation[:1] + [{"role": "assistant",
+                                                                                           "content": "b"}]})
     rc, stderr = _rlhf_here(capsys, "score", rm, rows, "--out", tmp_path / "o.jsonl", "--overwrite")
-    assert rc == 0 and "1 rows already have the score field written here" in stderr, stderr[-1500:]
+    assert rc == 0 and "1 rows already have the score fields written here" in stderr, stderr[-1500:]
     out = [json.loads(l) for l in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert out[0]["score"] != 99.0 and out[0]["score"] == pytest.approx(out[2]["score"])  # same prompt and reply
     assert set(out[1]) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
+    # whole conversations (UltraFeedback-binarized) are split at their shared prefix, as in RM training
+    assert out[3]["score_chosen"] == pytest.approx(out[1]["score_chosen"])
 
 
 @pytest.mark.slow
@@ -810,7 +870,7 @@ def test_eval_reference_field_is_checked_row_by_row_before_sampling(tmp_path, ca
     assert rc == 2 and "--reference_field ref: BLEU/chrF compare sampled responses" in stderr, stderr[-1500:]
 
 
-def test_environment_switches_take_the_usual_spellings_and_refuse_others(monkeypatch):
+def test_environment_switches_take_the_usual_spellings_and_refuse_others(monkeypatch, capsys):
     from rlhf.engine import env_flag, retain_freed_cpu_memory
     from rlhf.errors import ConfigError
 
@@ -827,6 +887,8 @@ def test_environment_switches_take_the_usual_spellings_and_refuse_others(monkeyp
     monkeypatch.setattr("rlhf.engine._MALLOC_SET", [])
     with pytest.raises(ConfigError, match="RLHF_MALLOC='sytem': expected 'retain' \\(the default\\) or 'system'"):
         retain_freed_cpu_memory()
+    rc, stderr = _rlhf_here(capsys, "generate", "no_such_checkpoint")  # at the start, before anything else
+    assert rc == 2 and "error: environment variable RLHF_MALLOC='sytem'" in stderr, stderr
 
 
 def _tiny_policy(tmp_path):

@@ -73,8 +73,8 @@ def read_rows(spec: str, split: str = "train") -> list[Row]:
         except Exception as e:  # datasets wraps the parser's message
             raise DataError(f"{path}: cannot be read as {path.suffix[1:]} ({str(e).splitlines()[0]})") from None
         return [Row(dict(r), str(path), i + 1) for i, r in enumerate(ds)]
-    if spec.endswith(tuple(_EXTS)) or spec.startswith((".", "/")) or "/" not in spec or Path(spec).parts[0] in \
-            {p.name for p in Path(".").iterdir() if p.is_dir()}:  # (runs/x: a local path mistyped, not a hub id)
+    mistyped = Path(spec.split("/")[0]).is_dir() and not _dataset_in_hub_cache(spec)  # (runs/x: not a hub id)
+    if spec.endswith(tuple(_EXTS)) or spec.startswith((".", "/")) or "/" not in spec or mistyped:
         raise DataError(f"{spec}: data file not found")
     import datasets  # a hub name such as 'Anthropic/hh-rlhf'
 
@@ -85,6 +85,15 @@ def read_rows(spec: str, split: str = "train") -> list[Row]:
         raise DataError(f"{spec}: no such local file, and the hub dataset cannot be loaded ({type(e).__name__}: "
                         f"{first})") from None
     return [Row(dict(r), spec, i + 1) for i, r in enumerate(ds)]
+
+
+def _dataset_in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "README.md", repo_type="dataset"), str)
+    except Exception:  # (not an id the hub accepts: not cached)
+        return False
 
 
 class _DuplicateKey(ValueError):
@@ -125,6 +134,8 @@ def _decode_row(path: Path, text: str, i: int, line: int, decoder: json.JSONDeco
         raise DataError(f"{path}:{line + text.count(chr(10), i, e.pos)}: malformed JSON ({e.msg})") from None
     except _DuplicateKey as e:
         raise DataError(f"{path}:{line}: duplicate key '{e}' in one object") from None
+    except ValueError as e:  # (an integer of over 4300 digits: Python's int conversion limit)
+        raise DataError(f"{path}:{line}: malformed JSON ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}:{line}: a row must be a JSON object")
     return obj, end
@@ -346,17 +357,28 @@ completion), 'score_chosen' or 'score_rejected'."""
 
 def parse_scored(row: Row) -> list[tuple[str, Messages, Messages]]:
     """A row for `rlhf score` -> [(field, prompt messages, reply messages)], one per response field
-    it has, checked as a preference row's responses are (roles and turn order, one assistant reply).
-    'response' and 'completion' together are refused: both would be written to 'score'."""
+    it has, checked as a preference row's responses are (roles and turn order, one assistant reply;
+    chosen and rejected given as whole conversations are split at their shared prefix, as in RM
+    training). 'response' and 'completion' together are refused: both would be written to 'score'."""
     d = row.data
     fields = [f for f in SCORED_FIELDS if f in d]
+    out = []
+    whole = [d.get(f) for f in ("chosen", "rejected")]
+    if all(_is_messages(v) and v and v[0]["role"] != "assistant" for v in whole):
+        # whole conversations (UltraFeedback-binarized style), split at their shared prefix as RM training does
+        for fld, v in zip(("chosen", "rejected"), whole):
+            check_turns(row, _turns(fld, v), ends_on=("assistant",))
+        prompt_m, c, r = split_implicit_prompt(whole[0], whole[1], row)
+        out += [("chosen", prompt_m, c), ("rejected", prompt_m, r)]
+        fields = [f for f in fields if f not in ("chosen", "rejected")]
+    if not fields and out:
+        return out
     if "prompt" not in d or not fields:
         raise DataError(f"{row.where()}: expected 'prompt' and 'response' (or 'completion', 'chosen', 'rejected')")
     if "response" in d and "completion" in d:
         raise DataError(f"{row.where('completion')}: a row with both 'response' and 'completion'; both would be "
                         f"scored into 'score': keep one")
     prompt = as_prompt_messages(text_or_messages(row, "prompt"))
-    out = []
     for fld in fields:
         reply = as_response_messages(text_or_messages(row, fld, allow_empty=True))
         check_turns(row, _turns("prompt", prompt) + _turns(fld, reply), ends_on=("assistant",))

@@ -64,7 +64,8 @@ def method_configs(cfg: CompareConfig, sft_dir: Path, rm_dir: Path | None) -> di
         if stage not in ("ppo", "dpo"):
             raise ConfigError(f"methods.{name}.stage: must be ppo or dpo, got {stage!r}", f"methods.{name}.stage")
         base = to_dict(cfg.ppo if stage == "ppo" else cfg.dpo)
-        base["model"]["name_or_path"] = base["model"]["name_or_path"] or str(sft_dir)
+        if base["model"].get("init", "pretrained") == "pretrained":
+            base["model"]["name_or_path"] = base["model"]["name_or_path"] or str(sft_dir)
         if rm_dir is not None and base.get("reward_model") is None:
             base["reward_model"] = str(rm_dir)
         if stage == "dpo" and rm_dir is not None and cfg.rm.sample is not None:
@@ -118,8 +119,11 @@ def run_compare(cfg: CompareConfig, output_dir: str | None = None, overwrite: bo
     sft_dir, rm_dir = root / "sft", root / "rm"
     has_rm = bool(cfg.rm.data.train or cfg.rm.sample is not None)
     runs = method_configs(cfg, sft_dir, rm_dir if has_rm else None)  # checked before anything runs
-    stages = {stage for stage, _ in runs.values()}
-    check_later_stages(cfg, ["sft", *(["rm"] if has_rm else []), *sorted(stages)])  # their data, rewards, models
+    # the inputs of every stage still to run (its data, reward functions, models), before the first trains
+    to_run = {stage for (method, seed), (stage, _) in runs.items()
+              if not (root / "runs" / method / f"seed{seed}" / "summary.json").exists()}
+    check_later_stages(cfg, ["sft", *(["rm"] if has_rm and not (rm_dir / "summary.json").exists() else []),
+                             *sorted(to_run)])
     if overwrite:
         raise RunError("rlhf compare reuses the runs complete in its folder: remove the folder to start over")
 
@@ -132,7 +136,8 @@ def run_compare(cfg: CompareConfig, output_dir: str | None = None, overwrite: bo
 
     once("sft", cfg.sft, sft_dir)
     if has_rm:
-        cfg.rm.model.name_or_path = cfg.rm.model.name_or_path or str(sft_dir)
+        if cfg.rm.model.init == "pretrained":
+            cfg.rm.model.name_or_path = cfg.rm.model.name_or_path or str(sft_dir)
         if cfg.rm.sample is not None and cfg.rm.sample.checkpoint is None:
             cfg.rm.sample.checkpoint = str(sft_dir)
         once("rm", cfg.rm, rm_dir)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..checkpoint import truncate_jsonl
-from ..config import DPOConfig, PPOConfig, to_dict
+from ..config import ConfigError, DPOConfig, PPOConfig, to_dict
 from ..data.formats import load_examples, parse_preference, parse_prompt
 from ..engine import (MetricsLogger, RunError, atomic_write_text, env_flag, finish_run, finished_summary,
                       grad_accum_steps, inputs_first, make_accelerator, open_run, peak_memory, prepare_output_dir,
@@ -56,6 +56,21 @@ def preference_rows(tok, cfg: DPOConfig) -> tuple[list[dict], dict]:
 PROCESS_TOTALS = ("num_tokens", "total_flos", "train_loss", "train_runtime", "train_samples_per_second",
                   "train_steps_per_second")
 """The Trainer's running totals since its process started: after a resume they describe only the resumed part."""
+
+
+def check_loss_type(loss_type: str) -> None:
+    """`loss_type` is one TRL's DPOTrainer has (it checks only at its first loss, after the models
+    have loaded): the list TRL's DPOConfig documents for this TRL version."""
+    import re
+
+    import trl
+    from trl import DPOConfig as TRLConfig
+
+    field = TRLConfig.__dataclass_fields__.get("loss_type")
+    known = re.findall(r"`'([a-z0-9_]+)'`", field.metadata.get("help", "")) if field is not None else []
+    if known and loss_type not in known:
+        raise ConfigError(f"loss_type: TRL {trl.__version__}'s DPOTrainer has no loss {loss_type!r} (it has: "
+                          f"{', '.join(known)})", "loss_type")
 
 
 def dpo_trainer(cfg: DPOConfig, policy, ref, tok, rows: list[dict], out: Path, logger: MetricsLogger):
@@ -125,6 +140,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         return finished_summary(rf, cfg)
     set_seed(cfg.seed)
     with inputs_first(rf):  # data, lengths and prompts checked as the RM stage does, before any model
+        check_loss_type(cfg.loss_type)
         check_policy_model(None if cfg.model.init != "pretrained" or cfg.model.gguf_file else cfg.model.name_or_path)
         tok = load_tokenizer(cfg.model)
         rows, stats = preference_rows(tok, cfg)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import PipelineConfig, dump_yaml
 from ..engine import RunError, write_summary
+from ..rundir import KIND
 
 
 def stages_to_run(cfg: PipelineConfig) -> list[str]:
@@ -33,26 +34,28 @@ def check_later_stages(cfg: PipelineConfig, todo: list[str]) -> None:
     from ..models import check_policy_model, check_reward_model
     from ..rewards import load_reward_fn
 
-    def data(stage: str, fld: str, spec, parser) -> None:
-        if spec:
+    def data(stage: str, fld: str, spec, parser, limit: int | None) -> None:
+        if spec:  # (read as far as the stage reads it: a bad row past its limit is no problem)
             c = getattr(cfg, stage)
             load_examples(spec, parser, skip_bad_rows=c.data.skip_bad_rows, field_name=f"{stage}.{fld}",
-                          what=f"rows for {stage}.{fld}", split=c.data.split if fld == "data.train" else "train")
+                          what=f"rows for {stage}.{fld}", split=c.data.split if fld == "data.train" else "train",
+                          max_samples=limit)
 
     checks = []
     if "rm" in todo[1:]:
-        checks += [("rm", "data.train", cfg.rm.data.train, parse_preference),
-                   ("rm", "data.eval", cfg.rm.data.eval, parse_preference),
-                   ("rm", "normalize_data", cfg.rm.normalize and cfg.rm.normalize_data, parse_sft)]
+        checks += [("rm", "data.train", cfg.rm.data.train, parse_preference, cfg.rm.data.max_samples),
+                   ("rm", "data.eval", cfg.rm.data.eval, parse_preference, None),
+                   ("rm", "normalize_data", cfg.rm.normalize and cfg.rm.normalize_data, parse_sft,
+                    cfg.rm.normalize_max_samples)]
     if "ppo" in todo[1:]:
-        checks += [("ppo", "data.train", cfg.ppo.data.train, parse_prompt),
-                   ("ppo", "data.eval", cfg.ppo.data.eval, parse_prompt),
-                   ("ppo", "ptx_data", cfg.ppo.ptx_coef > 0 and cfg.ppo.ptx_data, parse_sft)]
+        checks += [("ppo", "data.train", cfg.ppo.data.train, parse_prompt, cfg.ppo.data.max_samples),
+                   ("ppo", "data.eval", cfg.ppo.data.eval, parse_prompt, None),
+                   ("ppo", "ptx_data", cfg.ppo.ptx_coef > 0 and cfg.ppo.ptx_data, parse_sft, None)]
     if "dpo" in todo[1:]:
-        checks += [("dpo", "data.train", cfg.dpo.data.train, parse_preference),
-                   ("dpo", "eval_prompts", cfg.dpo.eval_prompts, parse_prompt)]
-    for stage, fld, spec, parser in checks:
-        data(stage, fld, spec, parser)
+        checks += [("dpo", "data.train", cfg.dpo.data.train, parse_preference, cfg.dpo.data.max_samples),
+                   ("dpo", "eval_prompts", cfg.dpo.eval_prompts, parse_prompt, cfg.dpo.eval_samples)]
+    for check in checks:
+        data(*check)
     for stage in [s for s in ("ppo", "dpo") if s in todo[1:]]:
         c = getattr(cfg, stage)
         if c.model.init == "pretrained" and c.model.name_or_path and not c.model.gguf_file:
@@ -80,12 +83,12 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
     if not todo:  # (an empty or mis-sectioned recipe would "finish" having run nothing)
         raise RunError("recipe: no stage to run: give at least one of sft, rm, ppo, dpo a 'data.train' "
                        "(or rm a 'sample' section)")
-    check_later_stages(cfg, todo)
     # the Accelerator (not a bare PartialState) first: it sets up gloo for multi-process CPU runs
     acc = make_accelerator(cfg.sft.train.mixed_precision)
     rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume, "pipeline")
     if rf.done:
         return finished_summary(rf, cfg)
+    check_later_stages(cfg, [s for s in todo if not (resume and (rf.work / s / "summary.json").exists())])
     if rf.problem:
         raise RunError(rf.problem)
     root = prepare_output_dir(acc, rf, overwrite, resume)
@@ -93,7 +96,7 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
         dump_yaml(cfg, root / "recipe.yaml")
 
     def started(stage_dir: Path) -> bool:  # --resume continues the stage it stopped in; later ones start anew
-        return resume and (stage_dir / "recipe.yaml").exists()
+        return resume and any((stage_dir / f).exists() for f in ("recipe.yaml", KIND))
 
     t0 = time.time()
     summary: dict = {"stages": []}
@@ -102,21 +105,21 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
         summary["sft"] = run("sft", cfg.sft, str(sft_dir), overwrite, started(sft_dir))
         summary["stages"].append("sft")
     if "rm" in todo:
-        if cfg.rm.model.name_or_path is None:
+        if cfg.rm.model.name_or_path is None and cfg.rm.model.init == "pretrained":
             cfg.rm.model.name_or_path = str(sft_dir)
         if cfg.rm.sample is not None and cfg.rm.sample.checkpoint is None:
             cfg.rm.sample.checkpoint = str(sft_dir)
         summary["rm"] = run("rm", cfg.rm, str(rm_dir), overwrite, started(rm_dir))
         summary["stages"].append("rm")
     if "ppo" in todo:
-        if cfg.ppo.model.name_or_path is None:
+        if cfg.ppo.model.name_or_path is None and cfg.ppo.model.init == "pretrained":
             cfg.ppo.model.name_or_path = str(sft_dir)
         if cfg.ppo.reward_model is None and "rm" in summary:
             cfg.ppo.reward_model = str(rm_dir)
         summary["ppo"] = run("ppo", cfg.ppo, str(root / "ppo"), overwrite, started(root / "ppo"))
         summary["stages"].append("ppo")
     if "dpo" in todo:  # DPO from the same SFT policy, in place of (or beside) RM + PPO
-        if cfg.dpo.model.name_or_path is None:
+        if cfg.dpo.model.name_or_path is None and cfg.dpo.model.init == "pretrained":
             cfg.dpo.model.name_or_path = str(sft_dir)
         if cfg.dpo.reward_model is None and "rm" in summary:
             cfg.dpo.reward_model = str(rm_dir)  # scores the held-out samples only: the methods compare
