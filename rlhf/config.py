@@ -978,7 +978,7 @@ def locate_message(message: str, recipe: str | Path | None, overrides: dict | No
 
     if not message.startswith("recipe: "):
         where = where_set(key, recipe, overrides, section) if key else None
-        if where and where.startswith("command line") and message.startswith(f"{key}: "):
+        if where == f"command line --{key}" and message.startswith(f"{key}: "):
             message = message[len(key) + 2:]  # (the override named names the key already: --seeds: seeds: ...)
         return f"{where}: {message}" if where and not message.startswith(where) else message
     # of the keys it names, the one set on the command line (the change just made), else the first

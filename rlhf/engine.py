@@ -773,7 +773,9 @@ def inputs_first(rf):
         yield
     except user_errors() as e:
         if rf.problem:
-            raise type(e)(f"{e}; and {rf.problem}") from None
+            both = type(e)(f"{e}; and {rf.problem}")
+            both.key = getattr(e, "key", None)  # (a ConfigError's key: the CLI puts where it was set in front)
+            raise both from None
         raise
     if rf.problem:
         raise RunError(rf.problem)

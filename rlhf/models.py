@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -239,6 +240,10 @@ def arch_config(model_type: str, arch: dict):
         raise ModelError(f"recipe: 'model.arch.model_type' {model_type!r} is not a model type transformers knows"
                          + (f" (did you mean {close[0]!r}?)" if close else "")) from None
     arch = dict(arch)
+    for key, v in arch.items():  # a size of 0 or less fails only inside torch ("negative dimension"), after the data
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1 and re.search(
+                r"size|layers|heads|positions|vocab|^n_(embd|ctx|head|layer|inner)$", key):
+            raise ModelError(f"recipe: 'model.arch.{key}' must be >= 1, got {v}")
     for key, v in arch.items():  # YAML 1.1 reads 1e-5 as a string; transformers' strict configs refuse it
         if isinstance(v, str) and isinstance(getattr(defaults, key, None), float):
             try:

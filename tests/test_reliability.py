@@ -257,6 +257,21 @@ def test_a_pipeline_checks_its_later_stages_inputs_before_the_first_trains(tmp_p
         assert not out.exists() and not staging_path(out).exists()
 
 
+def test_a_disk_that_cannot_be_written_is_one_line():
+    """A full disk or quota, a read-only file system, no permission: the user fixes it outside
+    rlhf, so it is one line naming the path (rlhf.stages.run turns it into a RunError), not a
+    traceback; any other OSError (a bug) propagates as it is."""
+    import errno
+
+    from rlhf.stages import unwritable
+
+    assert unwritable(OSError(errno.ENOSPC, "No space left on device", "/d/model.safetensors")) == \
+        "cannot write /d/model.safetensors: No space left on device (ENOSPC)"
+    assert unwritable(OSError(errno.EROFS, "Read-only file system", "/mnt/r")).endswith("(EROFS)")
+    assert unwritable(FileNotFoundError(errno.ENOENT, "No such file or directory", "x")) is None
+    assert unwritable(ValueError("x")) is None
+
+
 def test_what_counts_as_a_run_folder(tmp_path):
     """A run is its .rlhf-run file, or (older runs) a summary, a metrics log, a real checkpoint or
     a pipeline's stage folders: a user's folder with a checkpoints/ folder of its own is not one
@@ -676,7 +691,9 @@ def test_model_fields_that_fit_no_model_are_one_line(tmp_path, capsys):
              (["--model.lora.enabled", "true", "--model.lora.target_modules", "[input_layernorm]"],
               r"'model\.lora\.target_modules' names modules peft cannot adapt"),
              (["--model.arch.hidden_size", "abc"], r"'model\.arch' does not make a valid LlamaConfig \(Validation error "
-                                                   r"for field 'hidden_size'")]
+                                                   r"for field 'hidden_size'"),
+             (["--model.arch.hidden_size", "-4"], r"command line --model\.arch\.hidden_size: 'model\.arch\.hidden_size' "
+                                                  r"must be >= 1, got -4")]
     for i, (args, pattern) in enumerate(cases):
         rc, stderr = _rlhf_here(capsys, "sft", "recipes/tiny/sft.yaml", "--output_dir", tmp_path / str(i), *args)
         err = [l for l in stderr.strip().splitlines() if "error:" in l]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import RunError
 
 CURRENT: list[str] = []
 """The stage running now (a pipeline runs several): errors about a recipe key are located in its section."""
@@ -22,12 +23,33 @@ def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False,
     except BaseException as e:
         from accelerate import PartialState
 
-        note = fail_open_runs(e, PartialState().is_main_process, since=opened)
+        try:
+            note = fail_open_runs(e, PartialState().is_main_process, since=opened)
+        except OSError:  # (the folder cannot be written at all: the error below says so; nothing to clean up)
+            note = ""
+        disk = unwritable(e)
+        if disk:  # a full disk, a read-only file system, no permission: one line, not a traceback
+            raise RunError(f"{disk}{note}") from None
         if note and isinstance(e, user_errors()) and note not in str(e) and "resumable from" not in str(e):
-            raise type(e)(f"{e}{note}") from None
+            noted = type(e)(f"{e}{note}")
+            noted.key = getattr(e, "key", None)  # (a ConfigError's key: the CLI locates it)
+            raise noted from None
         raise
     finally:
         restore_matmul_settings(caller)
+
+
+def unwritable(e: BaseException) -> str | None:
+    """The one-line message for an OSError a user fixes outside rlhf (a full disk or quota, a
+    read-only file system, no permission), naming the path; None for any other error."""
+    import errno
+    import os
+
+    if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                                     errno.EPERM):
+        return None
+    path = f" {e.filename}" if e.filename else ""
+    return f"cannot write{path}: {e.strerror or os.strerror(e.errno)} ({errno.errorcode.get(e.errno, e.errno)})"
 
 
 def _run(stage: str, cfg, output_dir: str | None, overwrite: bool, resume: bool) -> dict:
