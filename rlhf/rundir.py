@@ -37,6 +37,8 @@ FAILED = "FAILED"
 RUN_MARKERS = ("recipe.yaml", "summary.json", "metrics.jsonl")
 KIND = ".rlhf-run"
 """In every run folder, from its start: {"command": "sft" | "rm" | "ppo" | "dpo" | "pipeline"}."""
+STAGE_FOLDERS = ("sft", "rm", "ppo", "dpo")
+"""A pipeline's stage folders (each with its recipe.yaml once the stage has started)."""
 
 
 @dataclass
@@ -80,7 +82,7 @@ def holds_run(path: Path) -> bool:
     if not path.is_dir():
         return False
     marks = [path / f for f in (KIND, "summary.json", "metrics.jsonl")]
-    marks += [path / stage / "recipe.yaml" for stage in ("sft", "rm", "ppo", "dpo")]
+    marks += [path / stage / "recipe.yaml" for stage in STAGE_FOLDERS]
     return any(p.exists() for p in marks) or any(path.glob("checkpoints/step-*/state.json")) or \
         any(path.glob("checkpoints/checkpoint-*/trainer_state.json"))
 
@@ -100,7 +102,7 @@ def run_command(path: Path) -> str | None:
             return "pipeline"
     except (OSError, ValueError):
         pass
-    if any((path / stage / "recipe.yaml").exists() for stage in ("sft", "rm", "ppo", "dpo")):
+    if any((path / stage / "recipe.yaml").exists() for stage in STAGE_FOLDERS):
         return "pipeline"
     return None
 

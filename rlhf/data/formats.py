@@ -363,12 +363,9 @@ def parse_scored(row: Row) -> list[tuple[str, Messages, Messages]]:
     d = row.data
     fields = [f for f in SCORED_FIELDS if f in d]
     out = []
-    whole = [d.get(f) for f in ("chosen", "rejected")]
-    if all(_is_messages(v) and v and v[0]["role"] != "assistant" for v in whole):
-        # whole conversations (UltraFeedback-binarized style), split at their shared prefix as RM training does
-        for fld, v in zip(("chosen", "rejected"), whole):
-            check_turns(row, _turns(fld, v), ends_on=("assistant",))
-        prompt_m, c, r = split_implicit_prompt(whole[0], whole[1], row)
+    split = _whole_conversations(row)
+    if split is not None:
+        prompt_m, c, r = split
         out += [("chosen", prompt_m, c), ("rejected", prompt_m, r)]
         fields = [f for f in fields if f not in ("chosen", "rejected")]
     if not fields and out:
@@ -381,12 +378,29 @@ def parse_scored(row: Row) -> list[tuple[str, Messages, Messages]]:
     prompt = as_prompt_messages(text_or_messages(row, "prompt"))
     for fld in fields:
         reply = as_response_messages(text_or_messages(row, fld, allow_empty=True))
-        check_turns(row, _turns("prompt", prompt) + _turns(fld, reply), ends_on=("assistant",))
-        if reply[0]["role"] != "assistant":
-            raise DataError(f"{row.where(fld + '[0].role')}: a response starts with the assistant turn")
-        _one_reply(row, fld, reply)
+        _check_reply(row, prompt, fld, reply)
         out.append((fld, prompt, reply))
     return out
+
+
+def _whole_conversations(row: Row) -> tuple | None:
+    """(prompt, chosen reply, rejected reply) of a row whose chosen and rejected are whole
+    conversations (UltraFeedback-binarized style, even with a 'prompt' field), split at their shared
+    prefix after their turns are checked; None for any other row."""
+    whole = [row.data.get(f) for f in ("chosen", "rejected")]
+    if not all(_is_messages(v) and v and v[0]["role"] != "assistant" for v in whole):
+        return None
+    for fld, v in zip(("chosen", "rejected"), whole):
+        check_turns(row, _turns(fld, v), ends_on=("assistant",))
+    return split_implicit_prompt(whole[0], whole[1], row)
+
+
+def _check_reply(row: Row, prompt: Messages, fld: str, reply: Messages) -> None:
+    """A response to score or compare after `prompt`: the turns in order, one assistant reply."""
+    check_turns(row, _turns("prompt", prompt) + _turns(fld, reply), ends_on=("assistant",))
+    if reply and reply[0]["role"] != "assistant":
+        raise DataError(f"{row.where(fld + '[0].role')}: a response starts with the assistant turn")
+    _one_reply(row, fld, reply)
 
 
 def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
@@ -399,12 +413,9 @@ def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
         if fld not in d:
             raise DataError(f"{row.where(fld)}: missing (expected prompt/chosen/rejected or prompt/responses/ranks)")
     margin = _number(row, "margin", d["margin"]) if d.get("margin") is not None else 0.0
-    whole = [d.get(f) for f in ("chosen", "rejected")]
-    if all(_is_messages(v) and v and v[0]["role"] != "assistant" for v in whole):
-        # whole conversations (UltraFeedback-binarized style, even with a 'prompt' field): split the shared prefix
-        for fld, v in zip(("chosen", "rejected"), whole):
-            check_turns(row, _turns(fld, v), ends_on=("assistant",))
-        prompt_m, c, r = split_implicit_prompt(whole[0], whole[1], row)
+    split = _whole_conversations(row)
+    if split is not None:
+        prompt_m, c, r = split
         return PrefGroup(prompt_m, [c, r], [(0, 1, margin)], row.where())
     if "prompt" in d and d["prompt"] is not None:
         prompt = text_or_messages(row, "prompt")
@@ -416,10 +427,7 @@ def parse_preference(row: Row, stats: dict | None = None) -> PrefGroup | None:
         prompt_m = as_prompt_messages(prompt)
         responses = [as_response_messages(chosen), as_response_messages(rejected)]
         for fld, r in zip(("chosen", "rejected"), responses):
-            check_turns(row, _turns("prompt", prompt_m) + _turns(fld, r), ends_on=("assistant",))
-            if r and r[0]["role"] != "assistant":
-                raise DataError(f"{row.where(fld + '[0].role')}: a response starts with the assistant turn")
-            _one_reply(row, fld, r)
+            _check_reply(row, prompt_m, fld, r)
     else:  # implicit prompt: two transcripts sharing a prefix
         chosen = text_or_messages(row, "chosen")
         rejected = text_or_messages(row, "rejected")
