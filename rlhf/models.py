@@ -447,6 +447,31 @@ def disable_dropout(model: nn.Module) -> None:
             m.p = 0.0
 
 
+def position_limit(model) -> int | None:
+    """How many positions a model with learned absolute position embeddings reads (GPT-2's
+    `n_positions`, OPT's and BERT's `max_position_embeddings`), or None where positions are
+    computed (RoPE, ALiBi) and a longer sequence still runs. A longer sequence indexes past the
+    position table: an IndexError, or on a GPU a device-side assert, in the middle of a run."""
+    m = unwrap(model)
+    n = getattr(getattr(m, "config", None), "max_position_embeddings", None)
+    if not isinstance(n, int) or isinstance(n, bool):
+        return None
+    inputs = m.get_input_embeddings() if hasattr(m, "get_input_embeddings") else None
+    for sub in m.modules():  # a table of n positions (OPT's has 2 more rows: an offset)
+        if isinstance(sub, nn.Embedding) and sub is not inputs and n <= sub.num_embeddings <= n + 2:
+            return n
+    return None
+
+
+def check_positions(model, longest: int, what: str, fix: str) -> None:
+    """A one-line ModelError, before training, when `longest` tokens (what: where they come from)
+    are more than the model's learned positions (:func:`position_limit`)."""
+    limit = position_limit(model)
+    if limit is not None and longest > limit:
+        raise ModelError(f"{what}: {longest} tokens, but the model has learned positions for only {limit} "
+                         f"(max_position_embeddings / n_positions); {fix}")
+
+
 def unwrap(model):
     """The plain transformers model under DDP / accelerate / peft wrappers."""
     while hasattr(model, "module"):

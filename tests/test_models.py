@@ -45,3 +45,32 @@ def test_lm_head_gets_a_contiguous_input(tiny_lm, tok):
             "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 32}
     lm = load_causal_lm(ModelConfig(init="from_config", arch=arch), tok, seed=0)
     assert _contiguous_first_input in lm.get_output_embeddings()._forward_pre_hooks.values()
+
+
+def test_position_limit_is_the_learned_position_table_only():
+    """GPT-2, OPT (a table of n + 2 rows) and BERT read at most max_position_embeddings tokens;
+    RoPE models (Llama) have no table and run longer sequences, so they get no limit. A longer
+    row is refused before training, in one line naming where it comes from."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf.errors import ModelError
+    from rlhf.models import check_positions, position_limit
+
+    small = dict(vocab_size=50, num_hidden_layers=1, num_attention_heads=2, hidden_size=8, intermediate_size=16)
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=50, n_layer=1, n_head=2, n_embd=8,
+                                                                 n_positions=24))
+    opt = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "opt", vocab_size=50, num_hidden_layers=1, num_attention_heads=2, hidden_size=8, ffn_dim=16,
+        word_embed_proj_dim=8, max_position_embeddings=20))
+    bert = AutoModelForSequenceClassification.from_config(AutoConfig.for_model("bert", max_position_embeddings=40,
+                                                                               **small))
+    llama = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", max_position_embeddings=16, **small))
+    assert [position_limit(m) for m in (gpt2, opt, bert, llama)] == [24, 20, 40, None]
+    check_positions(gpt2, 24, "rows", "fix")  # exactly the table fits
+    check_positions(llama, 500, "rows", "fix")
+    with pytest.raises(ModelError, match=r"^the rows: 25 tokens, but the model has learned positions for only 24 "
+                                         r"\(max_position_embeddings / n_positions\); lower it$"):
+        check_positions(gpt2, 25, "the rows", "lower it")
+    # what a too-long row does without the check: an IndexError in the middle of a run
+    with pytest.raises(IndexError):
+        gpt2(torch.zeros(1, 25, dtype=torch.long))

@@ -701,6 +701,32 @@ def test_model_fields_that_fit_no_model_are_one_line(tmp_path, capsys):
         assert not (tmp_path / str(i)).exists()
 
 
+@pytest.mark.slow
+def test_rows_longer_than_a_models_learned_positions_are_refused_before_training(tmp_path, capsys):
+    """A model with a learned position table (GPT-2's n_positions) indexes past it on a longer
+    row: an IndexError at the first step, or after SFT's training at its gold evaluation, and in
+    PPO at the first rollout. Each stage now refuses it before training, in one line."""
+    gpt2 = "{model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2, n_positions: %d}"
+    sft = ["sft", "recipes/tiny/sft.yaml", "--train.max_steps", "1"]
+    cases = [(sft + ["--model.arch", gpt2 % 16], r"the longest training row: 18 tokens, but the model has learned "
+                                                  r"positions for only 16 \(max_position_embeddings / n_positions\)"),
+             (sft + ["--model.arch", gpt2 % 20, "--max_new_tokens", "16"],
+              r"the longest gold-evaluation prompt with max_new_tokens: \d+ tokens, but the model has learned "
+              r"positions for only 20 \(.*\); lower max_new_tokens or gen_eval_samples: 0")]
+    for i, (args, pattern) in enumerate(cases):
+        rc, stderr = _rlhf_here(capsys, *args, "--output_dir", tmp_path / str(i))
+        err = [l for l in stderr.strip().splitlines() if "error:" in l]
+        assert rc == 2 and len(err) == 1 and re.search(pattern, err[0]) and "Traceback" not in stderr, stderr[-2000:]
+        assert not (tmp_path / str(i)).exists()
+    policy = tmp_path / "policy"
+    assert _rlhf_here(capsys, *sft, "--model.arch", gpt2 % 30, "--gen_eval_samples", "0", "--output_dir", policy)[0] == 0
+    ppo = ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", policy, "--output_dir", tmp_path / "ppo"]
+    rc, stderr = _rlhf_here(capsys, *ppo, "--max_new_tokens", "40")
+    assert rc == 2 and re.search(r"error: the longest prompt with max_new_tokens: \d+ tokens, but the model has "
+                                 r"learned positions for only 30 \(.*\); lower data\.max_prompt_length", stderr), stderr[-2000:]
+    assert not (tmp_path / "ppo").exists()
+
+
 def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys):
     """`rlhf score` on a policy (it would load a fresh random head and score noise), `generate` and
     `eval` on a folder that is not a model or does not exist, prompts that are not UTF-8 or not a

@@ -29,8 +29,8 @@ from ..engine import (MetricsLogger, RunError, atomic_write_text, env_flag, fini
                       grad_accum_steps, inputs_first, make_accelerator, open_run, peak_memory, prepare_output_dir,
                       resolve_mixed_precision, save_recipe, set_seed, world_size, write_summary)
 from ..faults import fault_point_step
-from ..models import (check_policy_model, count_parameters, disable_dropout, load_causal_lm, load_tokenizer,
-                      save_model_files)
+from ..models import (check_policy_model, check_positions, count_parameters, disable_dropout, load_causal_lm,
+                      load_tokenizer, save_model_files)
 from ..rewards import RewardModel
 from ..tokenization import encode_prompt, encode_response
 from .ppo import PPOInputs, evaluate_policy
@@ -147,6 +147,12 @@ def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         prompts = load_examples(cfg.eval_prompts, parse_prompt, what="prompts", field_name="eval_prompts",
                                 max_samples=cfg.eval_samples)[0] if cfg.eval_prompts else []
     policy = load_causal_lm(cfg.model, tok)
+    longest = max((len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows), default=0)
+    check_positions(policy, longest, "the longest preference pair",
+                    "lower data.max_length and set data.skip_bad_rows, or use a model with more positions")
+    if prompts:  # (its held-out evaluation generates after training)
+        check_positions(policy, max(len(encode_prompt(tok, p.prompt)) for p in prompts) + cfg.max_new_tokens,
+                        "the longest eval_prompts prompt with max_new_tokens", "lower max_new_tokens")
     disable_dropout(policy)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     reward_model = RewardModel(cfg.reward_model, device=acc.device) if cfg.reward_model else None

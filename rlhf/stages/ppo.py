@@ -43,8 +43,8 @@ from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, atomic_wri
                       loss_scale, make_accelerator, open_run, peak_memory, prepare_output_dir, progress, save_recipe,
                       set_seed, step_models, world_size, write_summary, zero_stage)
 from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
-from ..models import (check_policy_model, check_reward_model, count_parameters, eager_blocks, load_tokenizer,
-                      save_model_files, unwrap)
+from ..models import (check_policy_model, check_positions, check_reward_model, count_parameters, eager_blocks,
+                      load_tokenizer, save_model_files, unwrap)
 from ..ptx import PtxIterator
 from ..rm_refresh import Paused, RMRefresher
 from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call_on, load_reward_fn, on_every_process
@@ -75,6 +75,8 @@ class PPOInputs:
     """[(RewardSpec, function)] of the held-out gold reward (measured, never trained on)."""
     skipped_bad_rows: int = 0
     """Prompt rows skipped under data.skip_bad_rows (malformed, or over data.max_prompt_length)."""
+    longest_rollout: int = 0
+    """Tokens of the longest prompt kept plus max_new_tokens: the longest sequence a rollout makes."""
 
 
 def read_inputs(cfg: PPOConfig) -> PPOInputs:
@@ -100,10 +102,10 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
     for fld in ("reward_model", "gold_reward_model"):  # before any model loads, not after the policy
         if getattr(cfg, fld):
             check_reward_model(getattr(cfg, fld), fld)
-    prompts, too_long = fitting_prompts(tok, prompts, cfg.data.max_prompt_length, cfg.data.skip_bad_rows)
+    prompts, too_long, longest = fitting_prompts(tok, prompts, cfg.data.max_prompt_length, cfg.data.skip_bad_rows)
     # the first eval_samples held-out prompts that fit: those left out on the way are counted, no more are read
-    eval_prompts, n = fitting_prompts(tok, eval_prompts, cfg.data.max_prompt_length, cfg.data.skip_bad_rows,
-                                      cfg.eval_samples)
+    eval_prompts, n, longest_eval = fitting_prompts(tok, eval_prompts, cfg.data.max_prompt_length,
+                                                    cfg.data.skip_bad_rows, cfg.eval_samples)
     too_long += n
     if too_long:
         skipped += too_long
@@ -118,7 +120,19 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
                                   field_name="ptx_data")
         skipped += st["skipped_bad_rows"]
         feats = [encode_sft(tok, d.prompt, d.completion) for d in demos]
-    return PPOInputs(prompts, eval_prompts, reward_fns, tok, feats, gold_fns, skipped)
+    return PPOInputs(prompts, eval_prompts, reward_fns, tok, feats, gold_fns, skipped,
+                     max(longest, longest_eval) + cfg.max_new_tokens)
+
+
+def _check_positions(m, data: PPOInputs) -> None:
+    """The longest rollout (and PPO-ptx row) fits the policy's and value model's learned positions."""
+    for model in (m.policy, m.value and unwrap(m.value).backbone):
+        if model is not None:
+            check_positions(model, data.longest_rollout, "the longest prompt with max_new_tokens",
+                            "lower data.max_prompt_length (with data.skip_bad_rows) or max_new_tokens")
+    if data.ptx_feats:
+        check_positions(m.policy, max(len(ids) for ids, _ in data.ptx_feats), "the longest ptx_data row",
+                        "shorten those rows or use a model with more positions")
 
 
 def _check_rollout_batch(cfg: PPOConfig, prompts: list, after: str = "") -> None:
@@ -128,23 +142,24 @@ def _check_rollout_batch(cfg: PPOConfig, prompts: list, after: str = "") -> None
 
 
 def fitting_prompts(tok, prompts: list, max_prompt_length: int, skip_bad_rows: bool,
-                    limit: int | None = None) -> tuple[list, int]:
+                    limit: int | None = None) -> tuple[list, int, int]:
     """The prompts whose chat-formatted tokens fit in `max_prompt_length` (the first `limit` of
-    them), and how many were left out on the way: a longer one is an error naming its row, or with
-    `skip_bad_rows` left out."""
-    out, left_out = [], 0
+    them), how many were left out on the way, and the longest kept (tokens): a longer one is an
+    error naming its row, or with `skip_bad_rows` left out."""
+    out, left_out, longest = [], 0, 0
     for p in prompts:
         if limit is not None and len(out) == limit:
             break
         n = len(encode_prompt(tok, p.prompt))
         if n <= max_prompt_length:
             out.append(p)
+            longest = max(longest, n)
         elif skip_bad_rows:
             left_out += 1
         else:
             raise DataError(f"{p.where}: field 'prompt': {n} tokens, more than data.max_prompt_length "
                             f"({max_prompt_length}); raise it or set data.skip_bad_rows")
-    return out, left_out
+    return out, left_out, longest
 
 
 def batch_split(cfg: PPOConfig, world: int) -> BatchSplit:
@@ -696,6 +711,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     with inputs_first(rf):  # prompts, reward functions (imported and called once), tokenizer, lengths first
         data = read_inputs(cfg)
     m = setup_models(cfg, acc, data.tok, split)
+    _check_positions(m, data)
     out = prepare_output_dir(acc, rf, overwrite, resume)
     st = PPOState.create(cfg, acc, m, data, split)
     peak_dtype = compute_dtype(acc, cfg.model.dtype)  # MFU against the peak of the dtype that runs

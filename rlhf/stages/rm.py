@@ -33,9 +33,8 @@ from ..checkpoint import save_checkpoint
 from ..faults import fault_point_step, inject_fault
 from ..engine import (atomic_write_text, backpropagated_attention, backward, compute_dtype, finish_run,
                       gathered_params, loss_scale, optimizer_step, prepare_training, start_run, zero_stage)
-from ..models import (ModelError, count_parameters, disable_dropout, enable_gradient_checkpointing, load_tokenizer,
-                      save_model_files,
-                      torch_dtype, unwrap)
+from ..models import (ModelError, check_positions, count_parameters, disable_dropout, enable_gradient_checkpointing,
+                      load_tokenizer, save_model_files, torch_dtype, unwrap)
 from ..rewards import BIAS_KEY, group_loss, score_head, score_sequences
 from ..sampling import check_sample_config, sample_rankings
 from ..tokenization import encode_scored
@@ -171,6 +170,13 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     if cfg.onednn_linear is True:
         check_onednn_linear(acc)
     model = load_reward_backbone(cfg.model, tok, cfg.seed)
+    rows = [s for _, seqs in encoded + eval_encoded for s in seqs]
+    if rows:
+        check_positions(model, max(map(len, rows)), "the longest preference row",
+                        "lower data.max_length and set data.skip_bad_rows, or use a model with more positions")
+    if cfg.sample is not None:  # (its rows are sampled later, up to data.max_length)
+        check_positions(model, cfg.data.max_length, "data.max_length, which bounds the sampled rows",
+                        "lower it or use a model with more positions")
     n = apply_onednn_linear(cfg.onednn_linear, acc, [model])
     if n:
         log.info("onednn_linear: %d linear layers run through oneDNN", n)

@@ -32,9 +32,9 @@ from ..checkpoint import save_checkpoint
 from ..faults import fault_point_step, inject_fault
 from ..evaluate import gold_accuracy, gold_examples
 from ..cpu_linear import apply_onednn_linear, check_onednn_linear
-from ..models import check_policy_model, count_parameters, load_causal_lm, load_tokenizer, save_model_files, unwrap
+from ..models import check_policy_model, check_positions, count_parameters, load_causal_lm, load_tokenizer, save_model_files, unwrap
 from ..rollout import right_pad
-from ..tokenization import IGNORE_INDEX, collate_sft, encode_sft
+from ..tokenization import IGNORE_INDEX, collate_sft, encode_prompt, encode_sft
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,18 @@ def evaluate_loss(model, feats, pad_id: int, micro_batch_size: int, acc) -> floa
     return float(sums[0] / sums[1].clamp(min=1))
 
 
+def _check_positions(model, tok, feats, gold: list, cfg: SFTConfig) -> None:
+    """The longest row, and the longest gold prompt with max_new_tokens, fit a model with learned
+    positions (before training: the gold evaluation runs after it)."""
+    if feats:
+        check_positions(model, max(len(ids) for ids, _ in feats), "the longest training row",
+                        "lower data.max_length and set data.skip_bad_rows, or use a model with more positions")
+    if gold:
+        longest = max(len(encode_prompt(tok, e.prompt)) for e in gold) + cfg.max_new_tokens
+        check_positions(model, longest, "the longest gold-evaluation prompt with max_new_tokens",
+                        "lower max_new_tokens or gen_eval_samples: 0")
+
+
 def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
     tc = cfg.train
@@ -183,6 +195,8 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
     if cfg.onednn_linear is True:
         check_onednn_linear(acc)
     model = load_causal_lm(cfg.model, tok, seed=cfg.seed)
+    gold = gold_examples(eval_ex, cfg.gen_eval_samples)
+    _check_positions(model, tok, unpacked + eval_feats, gold, cfg)
     n = apply_onednn_linear(cfg.onednn_linear, acc, [model])
     if n:
         log.info("onednn_linear: %d linear layers run through oneDNN", n)
@@ -262,7 +276,6 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
         eval_loss = evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc)
         summary.update(initial_eval_loss=initial_eval_loss, eval_loss=eval_loss,
                        eval_perplexity=math.exp(min(eval_loss, 50)))
-    gold = gold_examples(eval_ex, cfg.gen_eval_samples)
     sharded = zero_stage(acc) == 3  # every rank takes part in a ZeRO-3 forward
     if gold and (acc.is_main_process or sharded):
         m = unwrap(model)
