@@ -6,22 +6,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import ModelConfig, SampleConfig
-from .data.formats import DataError, load_examples, parse_prompt
+from .data.formats import DataError, load_examples, parse_preference, parse_prompt
 from .data.tasks import write_jsonl
 from .evaluate import sample_texts
 from .models import check_policy_model, disable_dropout, load_causal_lm, load_tokenizer, outside_zero3_init
 from .rewards import call_reward_fn, dry_call_on, load_reward_fn
 
 
-def check_sample_config(sc: SampleConfig) -> None:
-    """Fail before anything is written: the sampling policy and prompt file must exist."""
+def check_sample_config(sc: SampleConfig, skip_bad_rows: bool = False) -> list:
+    """Fail before anything is written: the sampling policy and prompt file must exist, the judge
+    must run, and the `mix_with` rows must be preference rows (they are appended after all the
+    sampling). Returns the `mix_with` preference groups (empty without it)."""
     if not sc.checkpoint or not sc.prompts:
         raise DataError("recipe: 'sample.checkpoint' and 'sample.prompts' are required for sampling")
     check_policy_model(sc.checkpoint, "sample.checkpoint")  # a model folder or a hub id, not a reward model
     prompts, _ = load_examples(sc.prompts, parse_prompt, max_samples=sc.max_prompts, what="prompts",
                                field_name="sample.prompts")
+    mixed = load_examples(sc.mix_with, parse_preference, skip_bad_rows=skip_bad_rows, what="preference rows",
+                          field_name="sample.mix_with")[0] if sc.mix_with else []
     if sc.judge != "none":  # called once now, as PPO's reward functions are: not after all the sampling
         dry_call_on([load_reward_fn(sc.judge or "judge")], prompts)
+    return mixed
 
 
 def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, device=None) -> dict:

@@ -249,7 +249,9 @@ def test_a_pipeline_checks_its_later_stages_inputs_before_the_first_trains(tmp_p
              (["--ppo.reward_model", policy], r"'ppo\.reward_model' is not a reward model"),
              (["--rm.normalize_data", _rows(tmp_path, "n.jsonl", {"prompt": "a"})],
               r"n\.jsonl:1: field 'completion': missing"),
-             (["--ppo.data.eval", _rows(tmp_path, "e.jsonl", {"prompt": None})], r"e\.jsonl:1: field 'prompt': is null")]
+             (["--ppo.data.eval", _rows(tmp_path, "e.jsonl", {"prompt": None})], r"e\.jsonl:1: field 'prompt': is null"),
+             (["--rm.sample.mix_with", _rows(tmp_path, "m.jsonl", {"prompt": "a", "chosen": "b"})],
+              r"m\.jsonl:1: field 'rejected': missing")]
     for args, pattern in cases:
         rc, stderr = _rlhf_here(capsys, "pipeline", "recipes/tiny/pipeline.yaml", "--output_dir", out, *args)
         err = [l for l in stderr.strip().splitlines() if "error:" in l]
@@ -469,6 +471,14 @@ CASES = [
         "rm", "recipes/tiny/rm.yaml", "--model.name_or_path", t / "out", "--data.train",
         _rows(t, "p.jsonl", {"prompt": "a", "chosen": "b", "rejected": "c " * 60})],
      r"p\.jsonl:1: field 'rejected': \d+ tokens with the prompt, more than data\.max_length \(48\)"),
+    ("rm-mix-with-checked-before-sampling", lambda t: [
+        "rm", "recipes/tiny/rm.yaml", "--model.name_or_path", t / "out", "--sample.checkpoint", t / "out",
+        "--sample.mix_with", _rows(t, "m.jsonl", {"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a"})],
+     r"m\.jsonl:2: field 'chosen': missing"),
+    ("rm-mix-with-row-too-long-before-sampling", lambda t: [
+        "rm", "recipes/tiny/rm.yaml", "--model.name_or_path", t / "out", "--sample.checkpoint", t / "out",
+        "--sample.mix_with", _rows(t, "m.jsonl", {"prompt": "a", "chosen": "b", "rejected": "c " * 60})],
+     r"m\.jsonl:1: field 'rejected': \d+ tokens with the prompt, more than data\.max_length \(48\)"),
     ("unknown-role", lambda t: ["sft", "recipes/tiny/sft.yaml", "--data.train",
                                 _rows(t, "c.jsonl", {"messages": _msgs("human", "assistant")})],
      r"c\.jsonl:1: field 'messages\[0\]\.role': unknown role 'human' .*did you mean 'user'"),

@@ -47,6 +47,9 @@ def check_later_stages(cfg: PipelineConfig, todo: list[str]) -> None:
                    ("rm", "data.eval", cfg.rm.data.eval, parse_preference, None),
                    ("rm", "normalize_data", cfg.rm.normalize and cfg.rm.normalize_data, parse_sft,
                     cfg.rm.normalize_max_samples)]
+        if cfg.rm.sample is not None:  # (the policy it samples is SFT's output: checked when the RM starts)
+            checks += [("rm", "sample.prompts", cfg.rm.sample.prompts, parse_prompt, cfg.rm.sample.max_prompts),
+                       ("rm", "sample.mix_with", cfg.rm.sample.mix_with, parse_preference, None)]
     if "ppo" in todo[1:]:
         checks += [("ppo", "data.train", cfg.ppo.data.train, parse_prompt, cfg.ppo.data.max_samples),
                    ("ppo", "data.eval", cfg.ppo.data.eval, parse_prompt, None),
@@ -63,6 +66,8 @@ def check_later_stages(cfg: PipelineConfig, todo: list[str]) -> None:
         for fld in ("reward_model", "gold_reward_model"):
             if getattr(c, fld, None):
                 check_reward_model(getattr(c, fld), f"{stage}.{fld}")
+    if "rm" in todo[1:] and cfg.rm.sample is not None and cfg.rm.sample.judge != "none":
+        load_reward_fn(cfg.rm.sample.judge or "judge")
     if "ppo" in todo[1:]:
         for spec in [*cfg.ppo.reward_fns, *cfg.ppo.gold_reward_fns]:
             load_reward_fn(spec.fn)

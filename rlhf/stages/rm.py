@@ -163,7 +163,8 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         encoded = encode_groups(tok, groups, cfg.data.max_length, cfg.data.skip_bad_rows, stats)
         eval_encoded = encode_groups(tok, eval_groups, cfg.data.max_length, cfg.data.skip_bad_rows, {})
         if cfg.sample is not None:
-            check_sample_config(cfg.sample)
+            mixed = check_sample_config(cfg.sample, cfg.data.skip_bad_rows)  # (its lengths too, before sampling)
+            encode_groups(tok, mixed, cfg.data.max_length, cfg.data.skip_bad_rows, {})
         else:  # the training set is known now (with sampling, only once the rankings are in)
             n = len(encoded) if cfg.data.eval else len(split_train_eval(encoded, cfg.data.eval_split, cfg.seed)[0])
             global_batches(n, tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
