@@ -809,9 +809,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            near = near_miss(cls, str(key))
-            hint = f" (did you mean '{prefix}{near}'?)" if near else ""
-            raise ConfigError(f"unknown key '{prefix}{key}'{hint}", prefix + str(key))
+            raise ConfigError(f"unknown key '{prefix}{key}'{did_you_mean(cls, str(key), prefix)}", prefix + str(key))
         kwargs[key] = _coerce(value, hints[key], prefix + key, globals())
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.init
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -853,23 +851,44 @@ def dotted_fields(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def near_miss(cls: type, key: str) -> str | None:
-    """The key the user probably meant: a close spelling in the same section, a synonym from
-    transformers/TRL, or the same name in a sub-section ('lr' in an SFT recipe -> 'train.lr')."""
+def near_misses(cls: type, key: str) -> list[str]:
+    """The keys the user probably meant: a close spelling in the same section, a synonym from
+    transformers/TRL, or the same name in a sub-section ('lr' in an SFT recipe -> 'train.lr'; the
+    shallowest first: 'steps' in a pipeline is 'ppo.steps', not 'ppo.rm_refresh.steps'). Several
+    only where the name is in several sections at that depth ('lr' in a pipeline: each stage's)."""
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
     if close:
-        return close[0]
+        return close[:1]
     every = dotted_fields(cls)
-    synonym = SYNONYMS.get(key) or next(iter(difflib.get_close_matches(key, list(SYNONYMS), n=1, cutoff=0.85)), None)
-    want = SYNONYMS.get(synonym, key) if synonym else key
+    theirs = key if key in SYNONYMS else next(iter(difflib.get_close_matches(key, list(SYNONYMS), n=1, cutoff=0.85)),
+                                               None)
+    want = SYNONYMS[theirs] if theirs else key
     if want in names:
-        return want
+        return [want]
     nested = [k for k in every if k.rsplit(".", 1)[-1] == want]
-    if nested:
-        return nested[0]
-    close = difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in every], n=1, cutoff=0.75)
-    return next((k for k in every if close and k.endswith("." + close[0])), None)
+    if not nested:
+        close = difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in every], n=1, cutoff=0.75)
+        nested = [k for k in every if close and k.endswith("." + close[0])]
+    by_section: dict[str, str] = {}  # per top-level section (in the recipe's order), its shallowest match
+    for k in nested:
+        top = k.split(".", 1)[0]
+        if top not in by_section or k.count(".") < by_section[top].count("."):
+            by_section[top] = k
+    return list(by_section.values())
+
+
+def near_miss(cls: type, key: str) -> str | None:
+    """The first of :func:`near_misses`, or None."""
+    return next(iter(near_misses(cls, key)), None)
+
+
+def did_you_mean(cls: type, key: str, prefix: str = "") -> str:
+    """' (did you mean 'x'?)', ' (did you mean 'a', 'b' or 'c'?)', or '' (:func:`near_misses`)."""
+    near = [f"'{prefix}{k}'" for k in near_misses(cls, key)]
+    if not near:
+        return ""
+    return f" (did you mean {near[0] if len(near) == 1 else ', '.join(near[:-1]) + ' or ' + near[-1]}?)"
 
 
 def to_dict(cfg: Any) -> dict:
@@ -1013,9 +1032,8 @@ def load_stage_config(stage: str, recipe: str | Path | None, overrides: dict[str
         if is_pipeline_doc(doc):
             unknown = sorted(set(doc) - {"sft", "rm", "ppo", "dpo", "seed", "output_dir", "seeds", "methods"})
             if unknown:
-                near = near_miss(PipelineConfig, str(unknown[0]))
-                hint = f" (did you mean '{near}'?)" if near else ""
-                raise ConfigError(f"unknown key '{unknown[0]}' at the top of a pipeline recipe{hint}", str(unknown[0]))
+                raise ConfigError(f"unknown key '{unknown[0]}' at the top of a pipeline recipe"
+                                  f"{did_you_mean(PipelineConfig, str(unknown[0]))}", str(unknown[0]))
             section = stage
             sec = dict(doc.get(stage) or {})
             if "seed" in doc and "seed" not in sec:

@@ -24,6 +24,19 @@ def test_unknown_key_is_an_error_with_suggestion(tmp_path):
         load_stage_config("ppo", None, {"kl_coeff": 0.1})
 
 
+@pytest.mark.parametrize("stage,key,meant", [
+    ("sft", "learning_rate", "'train.lr'"),  # transformers' name, exactly (it had no suggestion)
+    ("ppo", "init_kl_coef", "'kl_coef'"),
+    ("sft", "train.learnig_rate", "'train.lr'"),  # a misspelling of transformers' name
+    ("pipeline", "steps", "'ppo.steps'"),  # the shallowest, not 'ppo.rm_refresh.steps'
+    ("pipeline", "lr", "'sft.train.lr', 'rm.train.lr', 'ppo.lr' or 'dpo.train.lr'"),  # every stage's
+    ("pipeline", "ppo.learning_rate", "'ppo.lr'"),
+])
+def test_an_unknown_key_suggests_the_keys_meant(stage, key, meant):
+    with pytest.raises(ConfigError, match=rf"^command line --{key}: unknown key '{key}' \(did you mean {meant}\?\)$"):
+        load_stage_config(stage, "recipes/tiny/pipeline.yaml" if stage == "pipeline" else None, {key: 1})
+
+
 @pytest.mark.parametrize("override,needle", [
     ({"train.batch_size": "many"}, "train.batch_size: expected an integer"),
     ({"train.lr": "fast"}, "train.lr: expected a number"),
