@@ -244,6 +244,11 @@ def test_train_eval_split_is_deterministic():
     tr, ev = F.split_train_eval(list(range(100)), 0.1, seed=3)
     tr2, ev2 = F.split_train_eval(list(range(100)), 0.1, seed=3)
     assert ev == ev2 and len(ev) == 10 and not set(tr) & set(ev)
+    assert F.split_train_eval([7, 8], 0.05, seed=0) in (([7], [8]), ([8], [7]))  # at least one held out
+    assert F.split_train_eval([7], 0.0, seed=0) == ([7], [])
+    # one row and a split: it was held out, and the stage failed later with "needs training texts"
+    with pytest.raises(F.DataError, match=r"'data\.eval_split' \(0\.05\) holds out all 1 rows, leaving none"):
+        F.split_train_eval([7], 0.05, seed=0)
 
 
 # ----------------------------------------------------------------------------- built-in tasks

@@ -632,6 +632,9 @@ def split_train_eval(examples: list, eval_split: float, seed: int) -> tuple[list
     n_eval = int(round(len(examples) * eval_split))
     if eval_split > 0:
         n_eval = max(n_eval, 1)
+    if examples and n_eval == len(examples):  # (one row: it was held out, and "no training texts" followed)
+        raise DataError(f"recipe: 'data.eval_split' ({eval_split}) holds out all {len(examples)} rows, leaving none "
+                        f"to train on: add rows, give data.eval, or set data.eval_split: 0")
     ev = set(idx[:n_eval])
     return [e for i, e in enumerate(examples) if i not in ev], [examples[i] for i in sorted(ev)]
 
