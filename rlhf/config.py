@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -21,6 +22,8 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 SYNONYMS = {  # names from other toolkits (transformers' TrainingArguments, TRL) -> ours
@@ -921,8 +924,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(doc: dict, overrides: dict[str, Any]) -> dict:
-    """Set dotted keys in a nested dict (schema checks happen later in from_dict)."""
+def apply_overrides(doc: dict, overrides: dict[str, Any], warn: bool = False) -> dict:
+    """Set dotted keys in a nested dict (schema checks happen later in from_dict). A mapping given
+    for a section replaces the whole section, as in YAML; with `warn`, the recipe keys it drops are
+    named (`--model '{name_or_path: x}'` loses the recipe's `model.init` and `model.arch`)."""
     for dotted, value in overrides.items():
         node = doc
         parts = dotted.split(".")
@@ -932,6 +937,11 @@ def apply_overrides(doc: dict, overrides: dict[str, Any]) -> dict:
             if not isinstance(node[part], dict):
                 raise ConfigError(f"override '{dotted}': '{part}' is not a section")
             node = node[part]
+        old = node.get(parts[-1])
+        if warn and isinstance(value, dict) and isinstance(old, dict) and set(old) - set(value):
+            dropped = ", ".join(f"{dotted}.{k}" for k in old if k not in value)
+            log.warning("command line --%s replaces the recipe's whole '%s' section: %s no longer set; give "
+                        "--%s.KEY VALUE to change one key and keep the others", dotted, dotted, dropped, dotted)
         node[parts[-1]] = value
     return doc
 
@@ -1022,7 +1032,7 @@ def load_stage_config(stage: str, recipe: str | Path | None, overrides: dict[str
     section = ""
     try:
         if stage in ("pipeline", "compare"):
-            doc = apply_overrides(doc, overrides)
+            doc = apply_overrides(doc, overrides, warn=True)
             for name in ("sft", "rm", "ppo", "dpo"):  # the top-level seed is every stage's default
                 if "seed" in doc and doc.get(name) is None:
                     doc[name] = {}
@@ -1040,7 +1050,7 @@ def load_stage_config(stage: str, recipe: str | Path | None, overrides: dict[str
                 sec["seed"] = doc["seed"]
             doc = sec
         stage_overrides = {(k[len(stage) + 1 :] if k.startswith(stage + ".") else k): v for k, v in overrides.items()}
-        doc = apply_overrides(doc, stage_overrides)
+        doc = apply_overrides(doc, stage_overrides, warn=True)
         return from_dict(STAGES[stage], doc)
     except ConfigError as e:
         where = where_set(e.key, recipe, overrides, section) if e.key else None

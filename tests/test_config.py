@@ -37,6 +37,20 @@ def test_an_unknown_key_suggests_the_keys_meant(stage, key, meant):
         load_stage_config(stage, "recipes/tiny/pipeline.yaml" if stage == "pipeline" else None, {key: 1})
 
 
+def test_a_whole_section_given_on_the_command_line_names_the_keys_it_drops(caplog):
+    """`--model '{name_or_path: x}'` replaces the recipe's model section, as YAML would: its
+    init: from_config and arch are gone. That stays (launch scripts give whole sections), but the
+    dropped keys are named; a section that keeps every key, or a dotted key, says nothing."""
+    cfg = load_stage_config("sft", "recipes/tiny/sft.yaml", {"model": {"name_or_path": "x"}})
+    assert cfg.model.init == "pretrained" and cfg.model.name_or_path == "x"
+    assert "command line --model replaces the recipe's whole 'model' section: model.init, model.arch, " \
+           "model.tokenizer_vocab_size no longer set; give --model.KEY VALUE" in caplog.text
+    caplog.clear()
+    load_stage_config("sft", "recipes/tiny/sft.yaml", {"train.lr": 1e-3, "data": {
+        "train": "recipes/tiny/data/sft.jsonl", "eval_split": 0.1, "max_length": 48, "skip_bad_rows": True}})
+    assert "replaces" not in caplog.text
+
+
 @pytest.mark.parametrize("override,needle", [
     ({"train.batch_size": "many"}, "train.batch_size: expected an integer"),
     ({"train.lr": "fast"}, "train.lr: expected a number"),
