@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import RunError
 from .faults import fault_point
 
 MARK = ".rlhf-staging"
@@ -184,12 +185,22 @@ def _plan(path: str | Path | None, overwrite: bool, resume: bool) -> RunFolder:
     return rf
 
 
+def make_folder(path: Path) -> None:
+    """mkdir -p, where a file system that makes no folders at all (/proc, /sys: ENOENT though the
+    parents exist) is one line, not a traceback."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileNotFoundError as e:
+        raise RunError(f"cannot create the folder {path}: {e.strerror} at {e.filename} (a file system that makes "
+                       f"no folders?)") from None
+
+
 def open_folder(rf: RunFolder, overwrite: bool, resume: bool) -> Path:
     """Create (or clear) the folder the run writes into; returns it. Main process only."""
     if rf.staged:
         if rf.work.exists() and not resume:  # --overwrite of an interrupted staged run
             shutil.rmtree(rf.work)
-        rf.work.mkdir(parents=True, exist_ok=True)
+        make_folder(rf.work)
         (rf.work / FAILED).unlink(missing_ok=True)
         if not (rf.work / MARK).exists():
             (rf.work / MARK).write_text(json.dumps({"final": str(rf.final), "started": time.time(),
@@ -200,7 +211,7 @@ def open_folder(rf: RunFolder, overwrite: bool, resume: bool) -> Path:
                 (rf.work / f).unlink(missing_ok=True)
             for d in ("checkpoints", "tb", "report"):
                 shutil.rmtree(rf.work / d, ignore_errors=True)
-        rf.work.mkdir(parents=True, exist_ok=True)
+        make_folder(rf.work)
     if rf.command and not (rf.work / KIND).exists():
         (rf.work / KIND).write_text(json.dumps({"command": rf.command}) + "\n")
     return rf.work
@@ -223,7 +234,7 @@ def promote(rf: RunFolder) -> None:
             os.replace(work, final)
             shutil.rmtree(trash)
     else:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(final.parent)
         os.replace(work, final)
     (final / MARK).unlink(missing_ok=True)
 

@@ -272,6 +272,12 @@ def test_a_disk_that_cannot_be_written_is_one_line():
     assert unwritable(OSError(errno.EROFS, "Read-only file system", "/mnt/r")).endswith("(EROFS)")
     assert unwritable(FileNotFoundError(errno.ENOENT, "No such file or directory", "x")) is None
     assert unwritable(ValueError("x")) is None
+    from rlhf.errors import RunError
+    from rlhf.rundir import make_folder
+
+    if Path("/proc/self").is_dir():  # a file system that makes no folders: ENOENT though /proc exists
+        with pytest.raises(RunError, match=r"^cannot create the folder /proc/x/y: No such file or directory at /proc/x"):
+            make_folder(Path("/proc/x/y"))
 
 
 def test_what_counts_as_a_run_folder(tmp_path):
