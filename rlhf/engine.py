@@ -725,10 +725,11 @@ def rank_chunks(items: list, acc, size: int) -> list[tuple[list, bool]]:
 # ----------------------------------------------------------------------------- output
 
 
-def open_run(acc, output_dir, overwrite: bool = False, resume: bool = False, command: str | None = None):
+def open_run(acc, output_dir, overwrite: bool = False, resume: bool = False, command: str | None = None, cfg=None):
     """Plan this run's folder (see :mod:`rlhf.rundir`): after finishing any promotion a crash
     interrupted, decide where the run writes. Touches nothing else; a problem with the folder is
-    kept in `.problem` and reported by :func:`inputs_first` after the inputs were read."""
+    kept in `.problem` and reported by :func:`inputs_first` after the inputs were read. With the
+    recipe `cfg`, an --overwrite that would delete one of the run's own inputs is such a problem."""
     from accelerate.utils import broadcast_object_list
 
     from . import rundir
@@ -737,6 +738,13 @@ def open_run(acc, output_dir, overwrite: bool = False, resume: bool = False, com
     if acc.is_main_process:  # one process decides (a lagging rank or a stale NFS view must not disagree)
         rundir.recover(output_dir)
         decided = [rundir.plan(output_dir, overwrite, resume, command)]
+        rf = decided[0]
+        inside = rundir.inputs_inside(cfg, rf.final) if cfg is not None and overwrite and not rf.problem \
+            and not rf.done and rundir.holds_run(rf.final) else []
+        if inside:
+            key, path = inside[0]
+            rf.problem = (f"{rf.final}: --overwrite would delete this run's own input {key} ({path}) when the new run "
+                          f"replaces the folder; write the run to another folder")
     if acc.num_processes > 1:
         broadcast_object_list(decided, from_process=0)
     return decided[0]
@@ -878,7 +886,7 @@ def start_run(tc, output_dir, overwrite: bool, resume: bool, command: str | None
     accum, micro_bs = grad_accum_steps(tc.batch_size, tc.micro_batch_size, world_size())
     acc = make_accelerator(tc.mixed_precision, tc.deepspeed, micro_batch_size=micro_bs, grad_accum=accum,
                            max_grad_norm=tc.max_grad_norm, matmul_precision=tc.matmul_precision)
-    rf = open_run(acc, output_dir, overwrite, resume, command)  # nothing is written before the inputs check out
+    rf = open_run(acc, output_dir, overwrite, resume, command, cfg)  # nothing is written before the inputs check out
     return acc, accum, micro_bs, rf, finished_summary(rf, cfg) if rf.done else None
 
 

@@ -185,6 +185,39 @@ def _plan(path: str | Path | None, overwrite: bool, resume: bool) -> RunFolder:
     return rf
 
 
+def inputs_inside(cfg, folder: Path) -> list[tuple[str, str]]:
+    """The recipe's inputs (model folders, data files, reward-function files: any string field
+    naming something on disk) that lie inside `folder`: [(dotted key, path)]. A run given
+    --overwrite of that folder would delete them when it replaces it (PPO writing over the SFT
+    checkpoint it starts from)."""
+    import dataclasses
+
+    inside, root = [], Path(folder).resolve()
+
+    def visit(value, key: str) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                if f.name != "output_dir":
+                    visit(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                visit(v, f"{key}[{i}]")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                visit(v, f"{key}.{k}")
+        elif isinstance(value, str) and value:
+            path = value.rsplit(":", 1)[0] if value.count(":") == 1 and ".py:" in value else value  # file.py:fn
+            try:
+                here = Path(path).exists() and Path(path).resolve().is_relative_to(root)
+            except (OSError, ValueError):  # (a name too long or with a NUL is no input here)
+                here = False
+            if here:
+                inside.append((key, value))
+
+    visit(cfg, "")
+    return inside
+
+
 def make_folder(path: Path) -> None:
     """mkdir -p, where a file system that makes no folders at all (/proc, /sys: ENOENT though the
     parents exist) is one line, not a traceback."""

@@ -743,6 +743,26 @@ def test_rows_longer_than_a_models_learned_positions_are_refused_before_training
     assert not (tmp_path / "ppo").exists()
 
 
+@pytest.mark.slow
+def test_overwrite_never_deletes_the_runs_own_inputs(tmp_path, finished_run, capsys):
+    """`rlhf ppo --model.name_or_path D --output_dir D --overwrite` trained, then replaced the SFT
+    checkpoint it started from with the PPO run (the SFT model was gone); the same for a data file
+    kept in the folder. Refused in one line before anything loads; the folder is untouched."""
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    shutil.copy("recipes/tiny/data/sft.jsonl", out / "d.jsonl")
+    before = _tree(out)
+    cases = [(["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", out, "--steps", "1"],
+              rf"{out}: --overwrite would delete this run's own input model\.name_or_path \({out}\)"),
+             (["sft", "recipes/tiny/sft.yaml", "--data.train", out / "d.jsonl"],
+              rf"--overwrite would delete this run's own input data\.train \({out / 'd.jsonl'}\)")]
+    for args, pattern in cases:
+        rc, stderr = _rlhf_here(capsys, *args, "--output_dir", out, "--overwrite")
+        err = [l for l in stderr.strip().splitlines() if "error:" in l]
+        assert rc == 2 and len(err) == 1 and re.search(pattern, err[0]) and "Traceback" not in stderr, stderr[-2000:]
+        assert _tree(out) == before and not staging_path(out).exists()
+
+
 def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys):
     """`rlhf score` on a policy (it would load a fresh random head and score noise), `generate` and
     `eval` on a folder that is not a model or does not exist, prompts that are not UTF-8 or not a

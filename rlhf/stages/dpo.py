@@ -135,7 +135,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         raise RunError("recipe: 'train.deepspeed' is not supported by rlhf dpo yet; run it under DDP (torchrun / "
                        "accelerate launch)")
     acc = make_accelerator(cfg.train.mixed_precision, matmul_precision=cfg.train.matmul_precision)
-    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume, "dpo")
+    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume, "dpo", cfg)
     if rf.done:
         return finished_summary(rf, cfg)
     set_seed(cfg.seed)

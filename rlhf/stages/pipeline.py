@@ -90,7 +90,7 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
                        "(or rm a 'sample' section)")
     # the Accelerator (not a bare PartialState) first: it sets up gloo for multi-process CPU runs
     acc = make_accelerator(cfg.sft.train.mixed_precision)
-    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume, "pipeline")
+    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume, "pipeline", cfg)
     if rf.done:
         return finished_summary(rf, cfg)
     check_later_stages(cfg, [s for s in todo if not (resume and (rf.work / s / "summary.json").exists())])

@@ -704,7 +704,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     acc = make_accelerator(cfg.mixed_precision, cfg.deepspeed, micro_batch_size=split.micro,
                            grad_accum=split.minibatch // split.micro, max_grad_norm=cfg.max_grad_norm,
                            matmul_precision=cfg.matmul_precision)
-    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume, "ppo")  # planned; nothing written yet
+    rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume, "ppo", cfg)  # planned; nothing written yet
     if rf.done:
         return finished_summary(rf, cfg)
     set_seed(cfg.seed + acc.process_index)  # a different sampling seed per rank [N]
