@@ -9,6 +9,7 @@ epoch e is a permutation seeded by (seed, e), so a run's data position is just i
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 import math
@@ -275,6 +276,12 @@ def deepspeed_config(path: str, mixed_precision: str, micro_batch_size: int, gra
     cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
     cfg["gradient_clipping"] = max_grad_norm if max_grad_norm > 0 else 0.0
     cfg.setdefault("zero_allow_untested_optimizer", True)  # our AdamW is the client optimizer
+    zero = cfg["zero_optimization"]
+    if zero.get("stage") == 3:  # the run's weights are saved whole (without it: a ValueError after training)
+        if zero.get("stage3_gather_16bit_weights_on_model_save", True) is not True:
+            raise RunError(f"{path}: 'zero_optimization.stage3_gather_16bit_weights_on_model_save' must be true: "
+                           f"rlhf saves the trained weights whole (model.safetensors); remove it or set it to true")
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": mixed_precision == "bf16"}
     if _ds_has_bf16_overflow_check():  # skip (not apply) a bf16 step whose gradient norm is NaN/inf
         cfg["bf16"].setdefault("check_grad_overflow", True)
@@ -297,6 +304,32 @@ def check_deepspeed_json(cfg, path: str) -> None:
         raise RunError(f"{path}: no 'zero_optimization' section (recipes/deepspeed/ has ZeRO-2 and ZeRO-3 examples)")
     if zero.get("stage", 0) not in (0, 1, 2, 3):
         raise RunError(f"{path}: 'zero_optimization.stage' must be 0, 1, 2 or 3, got {zero.get('stage')!r}")
+    for key in ("optimizer", "scheduler"):  # a scheduler here replaced the recipe's (lr 0: nothing trained, exit 0)
+        if key in cfg:
+            raise RunError(f"{path}: '{key}': the recipe sets the optimizer (AdamW, train.lr) and the learning-rate "
+                           f"schedule (train.lr_scheduler, warmup_ratio); remove the '{key}' section")
+    _check_zero_fields(zero, path)
+
+
+def _check_zero_fields(zero: dict, path: str) -> None:
+    """`zero_optimization` as the installed DeepSpeed reads it (its pydantic model refuses unknown
+    keys and values of the wrong type): one line naming the key, at the start, not a traceback
+    from inside accelerate's prepare once the models have loaded."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:  # (no DeepSpeed: the launcher's own error follows)
+        return
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except Exception as e:
+        errors = getattr(e, "errors", None)
+        if not callable(errors):
+            raise
+        first = errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        near = difflib.get_close_matches(where, list(DeepSpeedZeroConfig.model_fields), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near and first.get("type") == "extra_forbidden" else ""
+        raise RunError(f"{path}: 'zero_optimization.{where}': {first.get('msg', e)}{hint}") from None
 
 
 def _ds_has_bf16_overflow_check() -> bool:

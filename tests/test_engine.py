@@ -1,5 +1,7 @@
 """rlhf.engine's small pieces."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -199,3 +201,42 @@ def test_cpu_medium_attention_takes_the_math_path_in_every_pass():
         assert qg.grad is not None
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+def test_a_deepspeed_json_is_checked_as_deepspeed_reads_it(tmp_path):
+    """A DeepSpeed `scheduler` replaced the recipe's schedule with lr 0: the run trained nothing and
+    exited 0. An `optimizer` section, an unknown or mistyped `zero_optimization` key were
+    tracebacks from accelerate's prepare once the models had loaded; a ZeRO-3 JSON without
+    `stage3_gather_16bit_weights_on_model_save` failed after training, at the save. Now one line
+    at the start, naming the file and key, and the save flag is set for ZeRO-3."""
+    import json
+
+    from rlhf.engine import deepspeed_config
+    from rlhf.errors import RunError
+
+    pytest.importorskip("deepspeed")
+
+    def config(doc: dict) -> dict:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(doc))
+        return deepspeed_config(str(path), "no", micro_batch_size=2, grad_accum=1, max_grad_norm=1.0, world_size=1)
+
+    z2 = {"stage": 2}
+    for doc, pattern in [
+            ({"scheduler": {"type": "WarmupLR"}, "zero_optimization": z2}, r"ds\.json: 'scheduler': the recipe sets "
+                                                                            r"the optimizer .*remove the 'scheduler'"),
+            ({"optimizer": {"type": "AdamW"}, "zero_optimization": z2}, r"ds\.json: 'optimizer': the recipe sets"),
+            ({"zero_optimization": {"stage": 2, "overlap_com": False}},
+             r"ds\.json: 'zero_optimization\.overlap_com': Extra inputs are not permitted \(did you mean "
+             r"'overlap_comm'\?\)$"),
+            ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}},
+             r"'zero_optimization\.reduce_bucket_size': Input should be a valid integer"),
+            ({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}},
+             r"'zero_optimization\.stage3_gather_16bit_weights_on_model_save' must be true")]:
+        with pytest.raises(RunError, match=pattern):
+            config(doc)
+    assert config({"zero_optimization": {"stage": 3}})["zero_optimization"][
+        "stage3_gather_16bit_weights_on_model_save"] is True
+    assert "stage3_gather_16bit_weights_on_model_save" not in config({"zero_optimization": z2})["zero_optimization"]
+    for name in ("zero2.json", "zero3.json", "zero3_offload.json"):  # the shipped ones pass
+        deepspeed_config(str(Path(__file__).parents[1] / "recipes" / "deepspeed" / name), "bf16", 2, 1, 1.0, 1)
