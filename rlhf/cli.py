@@ -354,7 +354,9 @@ def _dispatch(args, rest: list[str]) -> int:
         except _user_errors() as e:  # name the recipe line of the key at fault, and a run folder problem too
             section = stages.CURRENT[0] if args.command in ("pipeline", "compare") and stages.CURRENT else ""
             message = locate_message(str(e), args.recipe, overrides, section, getattr(e, "key", None))
-            folder = _folder_problem(args)
+            # (rank 0 only: it alone opened the folder, and cleaned it up; another rank would see
+            # this run's own staging folder and call it an interrupted run)
+            folder = _folder_problem(args) if process_rank() == 0 else None
             if folder and folder not in message and "resumable from" not in message:
                 message = f"{message}; and {folder}"
             if message != str(e):

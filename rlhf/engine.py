@@ -124,9 +124,8 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
     ACCELERATE_DEEPSPEED_CONFIG_FILE). Batch fields of the JSON are filled from the recipe, so the
     global batch is the recipe's."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     global _SET_DS_ENV
     set_matmul_precision(matmul_precision)
@@ -140,6 +139,10 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
     ds_path = deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if not ds_path:
         acc = Accelerator(mixed_precision=mp, kwargs_handlers=handlers)
+        if distributed and acc.distributed_type == DistributedType.NO:  # (each rank would run alone, then fail)
+            raise RunError(f"a launcher started {os.environ['WORLD_SIZE']} processes (WORLD_SIZE), but accelerate "
+                           f"set up no process group for them: on a machine without a GPU, launch with "
+                           f"ACCELERATE_USE_CPU=1 torchrun ...")
         _cpu_grad_scaler_for_tests(acc, mp)
         log.info("accelerate: %s on %d process(es), mixed precision %s", acc.distributed_type, acc.num_processes, mp)
         return acc

@@ -337,3 +337,20 @@ def test_nonfinite_loss_under_deepspeed_never_reaches_the_weights(tmp_path, sft_
         assert all(w.isfinite().all() for w in _weights(tmp_path / "nan" / f).values()), f
     m = [json.loads(l) for l in open(tmp_path / "nan" / "metrics.jsonl") if '"pg_loss"' in l]
     assert "grad_norm_joint" in m[0] and "policy_grad_norm" not in m[0]  # DeepSpeed clips policy + value jointly
+
+
+@pytest.mark.slow
+def test_a_cpu_launch_without_accelerate_use_cpu_is_one_line_per_rank(tmp_path):
+    """torchrun of 2 processes on a machine without a GPU and without ACCELERATE_USE_CPU: accelerate
+    set up no process group (DistributedType.NO on 2 processes) and rank 1 died of an
+    AttributeError. Now each rank says what to set, and nothing is written."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    for k in ("ACCELERATE_USE_CPU", "WORLD_SIZE"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "rlhf", *SFT, "--output_dir", tmp_path / "out"]
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    lines = [l for l in p.stderr.splitlines() if l.startswith("rlhf sft: error:")]
+    assert p.returncode != 0 and len(lines) == 2, p.stderr[-3000:]
+    assert "launch with ACCELERATE_USE_CPU=1 torchrun ..." in lines[0]
+    assert "AttributeError" not in p.stderr and not (tmp_path / "out").exists()
