@@ -266,30 +266,33 @@ def _free_port() -> int:
 def deepspeed_config(path: str, mixed_precision: str, micro_batch_size: int, grad_accum: int, max_grad_norm: float,
                      world_size: int) -> dict:
     """Read a ZeRO JSON and fill the fields the recipe decides (batch, accumulation, clipping, precision)."""
-    p = Path(path)
-    if not p.is_file():
-        raise RunError(f"recipe: 'deepspeed' config not found: {path}")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    check_deepspeed_json(cfg, path)
+    cfg = read_deepspeed_json(path)
     cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
     cfg["gradient_accumulation_steps"] = grad_accum
     cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
     cfg["gradient_clipping"] = max_grad_norm if max_grad_norm > 0 else 0.0
     cfg.setdefault("zero_allow_untested_optimizer", True)  # our AdamW is the client optimizer
-    zero = cfg["zero_optimization"]
-    if zero.get("stage") == 3:  # the run's weights are saved whole (without it: a ValueError after training)
-        if zero.get("stage3_gather_16bit_weights_on_model_save", True) is not True:
-            raise RunError(f"{path}: 'zero_optimization.stage3_gather_16bit_weights_on_model_save' must be true: "
-                           f"rlhf saves the trained weights whole (model.safetensors); remove it or set it to true")
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg["zero_optimization"].get("stage") == 3:  # saved whole (without it: a ValueError after training)
+        cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": mixed_precision == "bf16"}
     if _ds_has_bf16_overflow_check():  # skip (not apply) a bf16 step whose gradient norm is NaN/inf
         cfg["bf16"].setdefault("check_grad_overflow", True)
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": mixed_precision == "fp16"}
     cfg.setdefault("steps_per_print", 10**9)
+    return cfg
+
+
+def read_deepspeed_json(path: str, key: str = "deepspeed") -> dict:
+    """A ZeRO JSON, read and checked (:func:`check_deepspeed_json`): one line naming the file (or
+    the recipe `key` that names a missing one) if not."""
+    p = Path(path)
+    if not p.is_file():
+        raise RunError(f"recipe: '{key}' config not found: {path}")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    check_deepspeed_json(cfg, path)
     return cfg
 
 
@@ -312,6 +315,9 @@ def check_deepspeed_json(cfg, path: str) -> None:
             raise RunError(f"{path}: '{key}': the recipe sets the optimizer (AdamW, train.lr) and the learning-rate "
                            f"schedule (train.lr_scheduler, warmup_ratio); remove the '{key}' section")
     _check_zero_fields(zero, path)
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save", True) is not True:
+        raise RunError(f"{path}: 'zero_optimization.stage3_gather_16bit_weights_on_model_save' must be true: "
+                       f"rlhf saves the trained weights whole (model.safetensors); remove it or set it to true")
 
 
 def _check_zero_fields(zero: dict, path: str) -> None:

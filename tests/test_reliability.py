@@ -251,7 +251,13 @@ def test_a_pipeline_checks_its_later_stages_inputs_before_the_first_trains(tmp_p
               r"n\.jsonl:1: field 'completion': missing"),
              (["--ppo.data.eval", _rows(tmp_path, "e.jsonl", {"prompt": None})], r"e\.jsonl:1: field 'prompt': is null"),
              (["--rm.sample.mix_with", _rows(tmp_path, "m.jsonl", {"prompt": "a", "chosen": "b"})],
-              r"m\.jsonl:1: field 'rejected': missing")]
+              r"m\.jsonl:1: field 'rejected': missing"),
+             (["--ppo.micro_batch_size", "3"], r"command line --ppo\.micro_batch_size: 'ppo\.minibatch_size' per "
+                                               r"process \(16\) must be a multiple of 'ppo\.micro_batch_size' \(3\)"),
+             (["--rm.train.micro_batch_size", "3"], r"'rm\.train\.batch_size' per process \(32\) must be a multiple"),
+             (["--ppo.deepspeed", tmp_path / "nope.json"], r"'ppo\.deepspeed' config not found"),
+             (["--rm.train.deepspeed", _bad(tmp_path, "ds.json", '{"zero_optimization": {"stage": 2, "x": 1}}')],
+              r"ds\.json: 'zero_optimization\.x': Extra inputs are not permitted")]
     for args, pattern in cases:
         rc, stderr = _rlhf_here(capsys, "pipeline", "recipes/tiny/pipeline.yaml", "--output_dir", out, *args)
         err = [l for l in stderr.strip().splitlines() if "error:" in l]

@@ -9,6 +9,7 @@ Python reward functions only has no rm section).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def check_later_stages(cfg: PipelineConfig, todo: list[str]) -> None:
         for fld in ("reward_model", "gold_reward_model"):
             if getattr(c, fld, None):
                 check_reward_model(getattr(c, fld), f"{stage}.{fld}")
+    _check_later_batches(cfg, todo)
     if "rm" in todo[1:] and cfg.rm.sample is not None and cfg.rm.sample.judge != "none":
         load_reward_fn(cfg.rm.sample.judge or "judge")
     if "ppo" in todo[1:]:
@@ -74,6 +76,24 @@ def check_later_stages(cfg: PipelineConfig, todo: list[str]) -> None:
         refresh = cfg.ppo.rm_refresh
         if refresh is not None and refresh.judge not in (None, "human"):
             load_reward_fn(refresh.judge)
+
+
+def _check_later_batches(cfg: PipelineConfig, todo: list[str]) -> None:
+    """The later stages' batches split over the processes this job has, and their DeepSpeed JSONs
+    read and checked: both were found only when that stage started."""
+    from ..engine import grad_accum_steps, read_deepspeed_json, world_size
+    from .ppo import batch_split
+
+    world = world_size()
+    for stage in [s for s in ("rm", "dpo") if s in todo[1:]]:
+        tc = getattr(cfg, stage).train
+        grad_accum_steps(tc.batch_size, tc.micro_batch_size, world, f"{stage}.train")
+        if tc.deepspeed and stage != "dpo":  # (rlhf dpo refuses DeepSpeed itself, naming the key)
+            read_deepspeed_json(tc.deepspeed, f"{stage}.train.deepspeed")
+    if "ppo" in todo[1:]:  # (its reward model, unset, is the RM stage's output)
+        batch_split(dataclasses.replace(cfg.ppo, reward_model=cfg.ppo.reward_model or "rm/"), world, "ppo.")
+        if cfg.ppo.deepspeed:
+            read_deepspeed_json(cfg.ppo.deepspeed, "ppo.deepspeed")
 
 
 def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: bool = False,

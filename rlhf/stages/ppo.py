@@ -162,22 +162,26 @@ def fitting_prompts(tok, prompts: list, max_prompt_length: int, skip_bad_rows: b
     return out, left_out, longest
 
 
-def batch_split(cfg: PPOConfig, world: int) -> BatchSplit:
-    """Each process's rollouts, minibatch and micro-batch (the global sizes are the recipe's)."""
+def batch_split(cfg: PPOConfig, world: int, section: str = "") -> BatchSplit:
+    """Each process's rollouts, minibatch and micro-batch (the global sizes are the recipe's).
+    `section`: where the keys are, for the error ('ppo.' in a pipeline)."""
     if cfg.reward_model is None and not cfg.reward_fns:
         raise RunError("recipe: PPO needs a reward: set 'reward_model' and/or 'reward_fns'")
     if cfg.rm_refresh is not None and cfg.reward_model is None:
         raise RunError("recipe: 'rm_refresh' needs 'reward_model': the reward model it refreshes")
-    if cfg.rollout_batch_size % world or cfg.minibatch_size % world:
-        raise RunError(f"recipe: rollout_batch_size and minibatch_size must be multiples of the {world} processes")
+    for key in ("rollout_batch_size", "minibatch_size"):
+        if getattr(cfg, key) % world:
+            raise RunError(f"recipe: '{section}{key}' ({getattr(cfg, key)}) must be a multiple of the {world} "
+                           f"processes")
     b_local, mb_local = cfg.rollout_batch_size // world, cfg.minibatch_size // world
     if b_local % cfg.samples_per_prompt:
-        raise RunError(f"recipe: the {b_local} rollouts of each process must be a multiple of samples_per_prompt "
-                       f"({cfg.samples_per_prompt}): the samples of one prompt stay on one process")
+        raise RunError(f"recipe: '{section}rollout_batch_size': the {b_local} rollouts of each process must be a "
+                       f"multiple of samples_per_prompt ({cfg.samples_per_prompt}): the samples of one prompt stay "
+                       f"on one process")
     micro = min(cfg.micro_batch_size, mb_local)
     if mb_local % micro:
-        raise RunError(f"recipe: 'minibatch_size' per process ({mb_local}) must be a multiple of 'micro_batch_size' "
-                       f"({micro})")
+        raise RunError(f"recipe: '{section}minibatch_size' per process ({mb_local}) must be a multiple of "
+                       f"'{section}micro_batch_size' ({micro})")
     return BatchSplit(b_local, mb_local, micro)
 
 
