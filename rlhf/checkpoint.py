@@ -201,6 +201,12 @@ def load_checkpoint(acc, ckpt: Path, parts: CheckpointParts) -> dict:
         sched.load_state_dict(torch.load(ckpt / f"{name}.sched.pt", weights_only=True))
     if state.get("grad_scaler") and getattr(acc, "scaler", None) is not None:
         acc.scaler.load_state_dict(state["grad_scaler"])
+    written_by = state.get("num_processes", acc.num_processes)
+    if written_by > acc.num_processes and acc.is_main_process:  # (processes acc.num_processes.. are not restored)
+        log.warning("%s: written by %d processes, resumed on %d: the random state and running sums of processes "
+                    "%d-%d are not restored and their rollouts/batches are drawn anew; the run goes on, but not as an "
+                    "uninterrupted one would (resume on %d for that)", ckpt, written_by, acc.num_processes,
+                    acc.num_processes, written_by - 1, written_by)
     rng = ckpt / f"rng-rank{acc.process_index}.pt"
     if rng.exists() or state.get("num_processes", acc.num_processes) == acc.num_processes:
         # every process that wrote the checkpoint wrote one: missing, the checkpoint is damaged (FileNotFoundError)

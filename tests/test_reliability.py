@@ -365,6 +365,13 @@ def test_a_missing_rng_file_is_damage_unless_more_processes_resume(tmp_path, cap
     ckpt = save_checkpoint(acc(0, 1), tmp_path, 2, CheckpointParts({"model": model}), state={})
     assert load_checkpoint(acc(1, 2), ckpt, CheckpointParts({"model": model}))["step"] == 2
     assert "written by 1 processes, resumed on 2" in caplog.text and "not as an uninterrupted one" in caplog.text
+    caplog.clear()  # fewer processes than wrote it: the others' random state and sums are dropped (it was silent)
+    two = save_checkpoint(acc(0, 1), tmp_path / "two", 2, CheckpointParts({"model": model}), state={})
+    shutil.copy(two / "rng-rank0.pt", two / "rng-rank1.pt")  # as 2 processes write it
+    (two / "state.json").write_text(json.dumps({**json.loads((two / "state.json").read_text()), "num_processes": 2}))
+    assert load_checkpoint(acc(0, 1), two, CheckpointParts({"model": model}))["step"] == 2
+    assert "written by 2 processes, resumed on 1: the random state and running sums of processes 1-1 are not " \
+           "restored" in caplog.text
     (ckpt / "rng-rank0.pt").unlink()
     with pytest.raises(FileNotFoundError):
         load_checkpoint(acc(0, 1), ckpt, CheckpointParts({"model": model}))
