@@ -220,3 +220,16 @@ def test_a_distributed_rank_exits_with_its_status_before_static_destructors(tmp_
     assert (out / "atexit").read_text() == "ran" and (out / "thread").read_text() == "ran"
     p, out = probe(tmp_path / "b", "plain")  # the same process left to the interpreter's exit: it aborts
     assert p.returncode == -6 and p.stdout.endswith("stage done") and (out / "atexit").is_file()
+
+
+def test_commands_of_one_process_refuse_a_launcher(tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank ran `rlhf generate` / `data make` whole: the files were written
+    twice, or the second rank found the first's and failed. Only the training commands take
+    several processes; the others say so in one line."""
+    from rlhf.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["data", "make", "sort", "--out", str(tmp_path / "d")]) == 2
+    assert "rlhf data: error: rlhf data runs as one process; a launcher started 2 (WORLD_SIZE)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
