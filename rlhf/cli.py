@@ -438,9 +438,9 @@ def _folder_problem(args) -> str | None:
     """What is wrong with --output_dir for this run, if anything (reads, touches nothing)."""
     if not args.output_dir:
         return None
-    from .rundir import plan
+    from .rundir import busy, plan
 
-    return plan(args.output_dir, args.overwrite, args.resume).problem
+    return busy(args.output_dir) or plan(args.output_dir, args.overwrite, args.resume).problem
 
 
 def _load_policy(path: str):

@@ -778,8 +778,12 @@ def open_run(acc, output_dir, overwrite: bool = False, resume: bool = False, com
 
     decided = [None]
     if acc.is_main_process:  # one process decides (a lagging rank or a stale NFS view must not disagree)
-        rundir.recover(output_dir)
-        decided = [rundir.plan(output_dir, overwrite, resume, command)]
+        live = rundir.busy(output_dir)  # (before recover: a live run's finished staging folder is its own to move)
+        if live:
+            decided = [rundir.RunFolder(Path(output_dir), Path(output_dir), live)]
+        else:
+            rundir.recover(output_dir)
+            decided = [rundir.plan(output_dir, overwrite, resume, command)]
         rf = decided[0]
         inside = rundir.inputs_inside(cfg, rf.final) if cfg is not None and overwrite and not rf.problem \
             and not rf.done and rundir.holds_run(rf.final) else []
@@ -856,6 +860,8 @@ def fail_open_runs(error: BaseException, is_main: bool = True, since: int = 0) -
     from . import rundir
 
     notes = [rundir.fail(rf, error) for rf in OPEN_RUNS[since:]] if is_main else []
+    for rf in OPEN_RUNS[since:]:
+        rundir.release(rf)
     del OPEN_RUNS[since:]
     return "".join(notes)
 
@@ -982,6 +988,7 @@ def finish_folder(acc, out: Path) -> None:
     for rf in [rf for rf in OPEN_RUNS if rf.work == out]:
         if acc.is_main_process:
             rundir.promote(rf)
+        rundir.release(rf)
         OPEN_RUNS.remove(rf)
     acc.wait_for_everyone()
 

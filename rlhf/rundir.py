@@ -54,6 +54,10 @@ class RunFolder:
     """`--resume` of a run that already finished: nothing to do."""
     command: str | None = None
     """The command this run is (sft, rm, ppo, dpo, pipeline), written to its folder's KIND file."""
+    lock: int | None = None
+    """The open KIND file this process holds an exclusive flock on while the run is live
+    (:func:`hold`): another run into the same folder is refused (:func:`busy`), never told to
+    --overwrite or --resume a live run. The kernel drops it when the process dies."""
 
     @property
     def staged(self) -> bool:
@@ -247,7 +251,58 @@ def open_folder(rf: RunFolder, overwrite: bool, resume: bool) -> Path:
         make_folder(rf.work)
     if rf.command and not (rf.work / KIND).exists():
         (rf.work / KIND).write_text(json.dumps({"command": rf.command}) + "\n")
+    hold(rf)
     return rf.work
+
+
+def _flock(path: Path, exclusive: bool) -> int | None:
+    """An open descriptor of `path` holding a flock, or None when another process holds one
+    (no flock on this platform: always a descriptor, never locked)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (not POSIX)
+        return os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def hold(rf: RunFolder) -> None:
+    """Lock the run's KIND file for as long as this process writes the run (main process)."""
+    if rf.lock is not None or not (rf.work / KIND).exists():
+        return
+    rf.lock = _flock(rf.work / KIND, exclusive=True)
+    if rf.lock is None:  # (two runs planned the same folder at the same moment)
+        raise RunError(f"{rf.final}: another running rlhf is writing this run ({rf.work}); wait for it to finish, "
+                       f"or give this run another --output_dir")
+
+
+def release(rf: RunFolder) -> None:
+    """The run is over in this process (finished, or failed): another may write the folder."""
+    if rf.lock is not None:
+        os.close(rf.lock)
+        rf.lock = None
+
+
+def busy(path: str | Path | None) -> str | None:
+    """Why no run may be planned into `path` now: a live process is writing it, or its staging
+    folder (its KIND file is locked, :func:`hold`). None when no process is."""
+    if not path:
+        return None
+    final = Path(path)
+    for folder in (final, staging_path(final)):
+        kind = folder / KIND
+        if kind.is_file():
+            fd = _flock(kind, exclusive=False)
+            if fd is None:
+                return (f"{final}: another running rlhf is writing this run ({folder}); wait for it to finish, "
+                        f"or give this run another --output_dir")
+            os.close(fd)
+    return None
 
 
 def promote(rf: RunFolder) -> None:

@@ -776,6 +776,38 @@ def test_overwrite_never_deletes_the_runs_own_inputs(tmp_path, finished_run, cap
         assert _tree(out) == before and not staging_path(out).exists()
 
 
+@pytest.mark.slow
+def test_a_run_folder_a_live_process_writes_is_refused(tmp_path, finished_run, capsys):
+    """A second run into the folder a live run writes was told "an interrupted run is in
+    .D.staging; pass --resume ... or --overwrite": --overwrite then deleted the live run's staging
+    folder (checkpoints and all), and the first run crashed when it came to promote it. The live
+    run holds a flock on its .rlhf-run file (the kernel drops it when the process dies), and
+    every other run into the folder is refused, --overwrite and --resume included."""
+    from rlhf.rundir import KIND, MARK, busy, hold, release, RunFolder
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    live = staging_path(out)
+    live.mkdir()
+    (live / MARK).write_text("{}")
+    (live / KIND).write_text('{"command": "sft"}\n')
+    rf = RunFolder(out, live)
+    hold(rf)  # (a flock is per open file: this process's own CLI runs see it as another's)
+    try:
+        for flag in ([], ["--overwrite"], ["--resume"]):
+            rc, stderr = _rlhf_here(capsys, "sft", "recipes/tiny/sft.yaml", "--output_dir", out, *flag)
+            err = [l for l in stderr.strip().splitlines() if "error:" in l]
+            assert rc == 2 and len(err) == 1, stderr[-2000:]
+            assert err[0].endswith(f"{out}: another running rlhf is writing this run ({live}); wait for it to "
+                                   f"finish, or give this run another --output_dir"), err[0]
+        assert (live / KIND).exists() and busy(out)
+    finally:
+        release(rf)
+    assert busy(out) is None  # the process that held it is gone: an interrupted run, resumable as before
+    rc, stderr = _rlhf_here(capsys, "sft", "recipes/tiny/sft.yaml", "--output_dir", out)
+    assert rc == 2 and "an interrupted run is in" in stderr
+
+
 def test_commands_name_a_folder_that_is_not_the_model_they_need(tmp_path, capsys):
     """`rlhf score` on a policy (it would load a fresh random head and score noise), `generate` and
     `eval` on a folder that is not a model or does not exist, prompts that are not UTF-8 or not a
