@@ -24,10 +24,12 @@ Nothing here unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +117,35 @@ class CheckpointParts:
     """{name: {key: tensor}} written by every process: its own shard (e.g. a ZeRO-3 EMA)."""
 
 
+@contextlib.contextmanager
+def disk_errors(path: Path):
+    """Writes under `path` whose disk fails (full, read-only, ...) raise an OSError with its errno
+    and a path, which the CLI turns into one line (:func:`rlhf.stages.unwritable`): a file
+    object's OSError carries no path, and safetensors reports "os error N" in an error of its own."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+    except Exception as e:
+        cause = e.__context__  # torch.save's zip writer fails again while the OSError unwinds
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno is not None):
+            cause = cause.__context__
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        n = cause.errno if cause is not None else int(found.group(1)) if found else None
+        if n is None:
+            raise
+        raise OSError(n, os.strerror(n), str(path)) from None
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file: a full disk is an OSError (ENOSPC), not torch's
+    "unexpected pos" RuntimeError."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_checkpoint(acc, out: Path, step: int, parts: CheckpointParts, *, state: dict, keep: int = 2,
                     rank_state: dict | None = None, rng_state: dict | None = None) -> Path | None:
     """Write checkpoint `step` atomically (collective: every process calls it). Returns its path.
@@ -136,25 +167,27 @@ def save_checkpoint(acc, out: Path, step: int, parts: CheckpointParts, *, state:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    torch.save(rng_state or _rng_state(generators or {}), tmp / f"rng-rank{acc.process_index}.pt")
-    if rank_state is not None:
-        (tmp / f"state-rank{acc.process_index}.json").write_text(json.dumps(rank_state))
-    for name, model in models.items():
-        if _is_engine(model):  # collective: each process writes its partitions (and its optimizer states)
-            model.save_checkpoint(str(tmp), tag=name, save_latest=False)
-    for name, tensors in (sharded_tensors or {}).items():
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}-rank{acc.process_index}.safetensors"))
-    if acc.is_main_process:
+    with disk_errors(tmp):  # a full disk: one line naming the folder, not torch's RuntimeError
+        _torch_save(rng_state or _rng_state(generators or {}), tmp / f"rng-rank{acc.process_index}.pt")
+        if rank_state is not None:
+            (tmp / f"state-rank{acc.process_index}.json").write_text(json.dumps(rank_state))
         for name, model in models.items():
-            if not _is_engine(model):
-                save_model(unwrap(model), str(tmp / f"{name}.safetensors"))
-        for name, tensors in (extra_tensors or {}).items():
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
-        for name, opt in optimizers.items():
-            if not _is_engine_optimizer(opt):
-                torch.save(_plain_optimizer(opt).state_dict(), tmp / f"{name}.optim.pt")
-        for name, sched in schedulers.items():
-            torch.save(sched.state_dict(), tmp / f"{name}.sched.pt")
+            if _is_engine(model):  # collective: each process writes its partitions (and its optimizer states)
+                model.save_checkpoint(str(tmp), tag=name, save_latest=False)
+        for name, tensors in (sharded_tensors or {}).items():
+            shard = {k: v.contiguous() for k, v in tensors.items()}
+            save_file(shard, str(tmp / f"{name}-rank{acc.process_index}.safetensors"))
+        if acc.is_main_process:
+            for name, model in models.items():
+                if not _is_engine(model):
+                    save_model(unwrap(model), str(tmp / f"{name}.safetensors"))
+            for name, tensors in (extra_tensors or {}).items():
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+            for name, opt in optimizers.items():
+                if not _is_engine_optimizer(opt):
+                    _torch_save(_plain_optimizer(opt).state_dict(), tmp / f"{name}.optim.pt")
+            for name, sched in schedulers.items():
+                _torch_save(sched.state_dict(), tmp / f"{name}.sched.pt")
         fault_point("checkpoint")  # tests kill the process here, mid-write
         engines = sorted(name for name, model in models.items() if _is_engine(model))
         scaler = getattr(acc, "scaler", None)  # fp16: the loss scale and its growth tracker

@@ -859,10 +859,12 @@ def fail_open_runs(error: BaseException, is_main: bool = True, since: int = 0) -
     resumable run is)."""
     from . import rundir
 
-    notes = [rundir.fail(rf, error) for rf in OPEN_RUNS[since:]] if is_main else []
-    for rf in OPEN_RUNS[since:]:
-        rundir.release(rf)
-    del OPEN_RUNS[since:]
+    try:
+        notes = [rundir.fail(rf, error) for rf in OPEN_RUNS[since:]] if is_main else []
+    finally:  # (a folder that cannot be written at all: still no longer this process's)
+        for rf in OPEN_RUNS[since:]:
+            rundir.release(rf)
+        del OPEN_RUNS[since:]
     return "".join(notes)
 
 

@@ -379,7 +379,10 @@ def fail(rf: RunFolder, error: BaseException) -> str:
     if ckpt is None and not stages_done and not stage_ckpts:
         shutil.rmtree(rf.work, ignore_errors=True)
         return ""
-    (rf.work / FAILED).write_text(f"{type(error).__name__}: {error}\n")
+    try:
+        (rf.work / FAILED).write_text(f"{type(error).__name__}: {error}\n")
+    except OSError:  # (the disk is full: the mark is a note to the user; the checkpoints are what resume reads)
+        pass
     if ckpt is not None and str(error).startswith(f"{ckpt}: damaged"):  # resumable from the one before, once deleted
         earlier = list_checkpoints(rf.work)[:-1]
         ckpt = earlier[-1] if earlier else None
