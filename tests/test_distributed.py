@@ -207,6 +207,18 @@ def test_a_gold_reward_failing_on_one_process_stops_every_process_with_its_messa
     assert p.returncode != 0
     assert "raised ValueError: gold broke on rank 1" in p.stderr
     assert "a reward function failed on another process" in p.stderr, p.stderr[-3000:]
+    # the same at the check before the run (process 0 had gone on into DDP's setup and died of a
+    # gloo "Connection closed by peer" traceback)
+    (tmp_path / "gold.py").write_text(
+        "import os\n\ndef g(prompts, completions, **fields):\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        raise ValueError('gold broke on rank 1')\n"
+        "    return [0.0] * len(completions)\n")
+    p = subprocess.run([*cmd[:6], str(free_port()), *cmd[7:]], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=300)
+    assert p.returncode != 0 and "[at the check before the run" in p.stderr
+    assert "a reward function failed on another process" in p.stderr and "Connection closed" not in p.stderr, \
+        p.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -713,7 +713,8 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         return finished_summary(rf, cfg)
     set_seed(cfg.seed + acc.process_index)  # a different sampling seed per rank [N]
     with inputs_first(rf):  # prompts, reward functions (imported and called once), tokenizer, lengths first
-        data = read_inputs(cfg)
+        # (voted: a reward function whose check fails on one process only stops every one, with its error)
+        data = on_every_process(acc, lambda: read_inputs(cfg))
     m = setup_models(cfg, acc, data.tok, split)
     _check_positions(m, data)
     out = prepare_output_dir(acc, rf, overwrite, resume)
