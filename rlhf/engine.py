@@ -150,13 +150,18 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
 
     ds_config = deepspeed_config(ds_path, mp, micro_batch_size, grad_accum, max_grad_norm,
                                  int(os.environ.get("WORLD_SIZE", "1")))
+    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE"))
+    alone = "RANK" not in os.environ and not mpi  # one process, no launcher: a one-process group, not MPI discovery
+    port = os.environ.get("MASTER_PORT")
+    if alone and port and not _port_free(port):  # (torch's EADDRINUSE traceback, then a second from the cleanup)
+        raise RunError(f"environment variable MASTER_PORT={port}: the port is in use (or not a port); unset it "
+                       f"(a free one is chosen for a one-process DeepSpeed run) or give a free one")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         _SET_DS_ENV = True
-    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE"))
-    if "RANK" not in os.environ and not mpi:  # one process, no launcher: a one-process group, not MPI discovery
+    if alone:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+                          MASTER_PORT=port or str(_free_port()))
     use_cpu = os.environ.pop("ACCELERATE_USE_CPU", None)  # it makes accelerate drop DeepSpeed for plain DDP
     try:
         acc = Accelerator(mixed_precision=mp, kwargs_handlers=handlers,
@@ -253,6 +258,18 @@ def runtime_device() -> torch.device:
     from accelerate import PartialState
 
     return PartialState().device
+
+
+def _port_free(port: str) -> bool:
+    """Whether this machine can listen on `port` (the one-process group's rendezvous)."""
+    import socket
+
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", int(port)))
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
 
 
 def _free_port() -> int:

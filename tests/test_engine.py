@@ -240,3 +240,26 @@ def test_a_deepspeed_json_is_checked_as_deepspeed_reads_it(tmp_path):
     assert "stage3_gather_16bit_weights_on_model_save" not in config({"zero_optimization": z2})["zero_optimization"]
     for name in ("zero2.json", "zero3.json", "zero3_offload.json"):  # the shipped ones pass
         deepspeed_config(str(Path(__file__).parents[1] / "recipes" / "deepspeed" / name), "bf16", 2, 1, 1.0, 1)
+
+
+def test_a_busy_master_port_for_a_one_process_deepspeed_run_is_one_line(monkeypatch, tmp_path):
+    """One process under DeepSpeed makes its own process group on MASTER_PORT when the user
+    exported one: a port in use was torch's EADDRINUSE traceback, then a second from the cleanup."""
+    import json
+    import socket
+
+    from rlhf.engine import make_accelerator
+    from rlhf.errors import RunError
+
+    pytest.importorskip("deepspeed")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv("MASTER_PORT", str(busy.getsockname()[1]))
+        with pytest.raises(RunError, match=rf"^environment variable MASTER_PORT={busy.getsockname()[1]}: the port "
+                                           r"is in use"):
+            make_accelerator("no", str(ds))

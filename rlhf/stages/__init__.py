@@ -24,7 +24,11 @@ def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False,
         from accelerate import PartialState
 
         try:
-            note = fail_open_runs(e, PartialState().is_main_process, since=opened)
+            try:
+                main = PartialState().is_main_process
+            except Exception:  # (the process group never started: one process, or this one's view of it)
+                main = True
+            note = fail_open_runs(e, main, since=opened)
         except OSError:  # (the folder cannot be written at all: the error below says so; nothing to clean up)
             note = ""
         disk = unwritable(e)
