@@ -332,9 +332,23 @@ def check_deepspeed_json(cfg, path: str) -> None:
             raise RunError(f"{path}: '{key}': the recipe sets the optimizer (AdamW, train.lr) and the learning-rate "
                            f"schedule (train.lr_scheduler, warmup_ratio); remove the '{key}' section")
     _check_zero_fields(zero, path)
+    for key in ("offload_optimizer", "offload_param"):  # NVMe offload needs DeepSpeed's async_io op built here
+        if isinstance(zero.get(key), dict) and zero[key].get("device") == "nvme" and not _async_io_builds():
+            raise RunError(f"{path}: 'zero_optimization.{key}.device' nvme: DeepSpeed's async_io op cannot be built "
+                           f"here (libaio missing?); offload to 'cpu' instead")
     if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save", True) is not True:
         raise RunError(f"{path}: 'zero_optimization.stage3_gather_16bit_weights_on_model_save' must be true: "
                        f"rlhf saves the trained weights whole (model.safetensors); remove it or set it to true")
+
+
+def _async_io_builds() -> bool:
+    """Whether DeepSpeed's async_io op (NVMe offload) can be built on this machine."""
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        return bool(AsyncIOBuilder().is_compatible(verbose=False))
+    except Exception:  # (no DeepSpeed, or an op builder of another shape: let DeepSpeed say)
+        return True
 
 
 def _check_zero_fields(zero: dict, path: str) -> None:

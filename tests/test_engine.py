@@ -235,6 +235,12 @@ def test_a_deepspeed_json_is_checked_as_deepspeed_reads_it(tmp_path):
              r"'zero_optimization\.stage3_gather_16bit_weights_on_model_save' must be true")]:
         with pytest.raises(RunError, match=pattern):
             config(doc)
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):  # (it ran ~60 s, then failed to JIT-load the op)
+        with pytest.raises(RunError, match=r"'zero_optimization\.offload_optimizer\.device' nvme: DeepSpeed's "
+                                           r"async_io op cannot be built here"):
+            config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/x"}}})
     assert config({"zero_optimization": {"stage": 3}})["zero_optimization"][
         "stage3_gather_16bit_weights_on_model_save"] is True
     assert "stage3_gather_16bit_weights_on_model_save" not in config({"zero_optimization": z2})["zero_optimization"]
