@@ -875,8 +875,21 @@ def prepare_output_dir(acc, rf, overwrite: bool = False, resume: bool = False) -
     input was validated; returns it."""
     from . import rundir
 
+    failed = [None]
     if acc.is_main_process:
-        rundir.open_folder(rf, overwrite, resume)
+        try:
+            rundir.open_folder(rf, overwrite, resume)
+        except BaseException as e:  # (told to the other processes, not left waiting at the barrier below)
+            failed = [e]
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        said = [f"{type(failed[0]).__name__}: {failed[0]}" if failed[0] is not None else None]
+        broadcast_object_list(said, from_process=0)
+        if said[0] is not None and failed[0] is None:
+            raise RunError(f"process 0 could not open the run folder {rf.work} ({said[0]})")
+    if failed[0] is not None:  # (not in OPEN_RUNS: the folder may be a live run's, never to be cleaned up here)
+        raise failed[0]
     acc.wait_for_everyone()
     OPEN_RUNS.append(rf)
     if rf.staged:

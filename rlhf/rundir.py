@@ -234,6 +234,8 @@ def make_folder(path: Path) -> None:
 
 def open_folder(rf: RunFolder, overwrite: bool, resume: bool) -> Path:
     """Create (or clear) the folder the run writes into; returns it. Main process only."""
+    if _live(rf.work / KIND):  # (both runs planned before either opened: the other one opened first)
+        raise RunError(_live_message(rf.final, rf.work))
     if rf.staged:
         if rf.work.exists() and not resume:  # --overwrite of an interrupted staged run
             shutil.rmtree(rf.work)
@@ -255,35 +257,71 @@ def open_folder(rf: RunFolder, overwrite: bool, resume: bool) -> Path:
     return rf.work
 
 
+_NO_LOCKS: list[str] = []
+"""File systems where flock failed other than "held by another" (Lustre without flock: ENOSYS;
+some NFS setups): runs go on unlocked there, with one warning."""
+
+
 def _flock(path: Path, exclusive: bool) -> int | None:
-    """An open descriptor of `path` holding a flock, or None when another process holds one
-    (no flock on this platform: always a descriptor, never locked)."""
+    """An open descriptor of `path` holding a flock; None when another process holds one. -1
+    where this file system takes no flock at all (the run goes on unlocked)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover (not POSIX)
-        return os.open(path, os.O_RDONLY)
-    fd = os.open(path, os.O_RDONLY)
+        return -1
+    try:  # (NFS emulates flock with POSIX locks: an exclusive one needs a file open for writing)
+        fd = os.open(path, os.O_RDWR if exclusive else os.O_RDONLY)
+    except OSError:
+        return -1
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError as e:
+        os.close(fd)
+        if not _NO_LOCKS:
+            import logging
+
+            logging.getLogger(__name__).warning("%s: this file system takes no lock (%s); a second run into a folder "
+                                                "a live run writes is not refused here", path, e)
+        _NO_LOCKS.append(str(path))
+        return -1
     return fd
+
+
+def _live(kind: Path) -> bool:
+    """Whether a live process holds the lock on this KIND file (:func:`hold`)."""
+    if not kind.is_file():
+        return False
+    fd = _flock(kind, exclusive=False)
+    if fd is not None and fd >= 0:
+        os.close(fd)
+    return fd is None
+
+
+def _live_message(final: Path, folder: Path) -> str:
+    return (f"{final}: another running rlhf is writing this run ({folder}); wait for it to finish, or give this "
+            f"run another --output_dir")
 
 
 def hold(rf: RunFolder) -> None:
     """Lock the run's KIND file for as long as this process writes the run (main process)."""
     if rf.lock is not None or not (rf.work / KIND).exists():
         return
-    rf.lock = _flock(rf.work / KIND, exclusive=True)
-    if rf.lock is None:  # (two runs planned the same folder at the same moment)
-        raise RunError(f"{rf.final}: another running rlhf is writing this run ({rf.work}); wait for it to finish, "
-                       f"or give this run another --output_dir")
+    fd = _flock(rf.work / KIND, exclusive=True)
+    if fd is None:  # (two runs planned the same folder at the same moment)
+        raise RunError(_live_message(rf.final, rf.work))
+    rf.lock = fd if fd >= 0 else None
 
 
 def release(rf: RunFolder) -> None:
-    """The run is over in this process (finished, or failed): another may write the folder."""
+    """The run is over in this process (finished, or failed): another may write the folder
+    (unlocked first: a child process forked by a reward function shares the descriptor)."""
     if rf.lock is not None:
+        import fcntl
+
+        fcntl.flock(rf.lock, fcntl.LOCK_UN)
         os.close(rf.lock)
         rf.lock = None
 
@@ -293,15 +331,10 @@ def busy(path: str | Path | None) -> str | None:
     folder (its KIND file is locked, :func:`hold`). None when no process is."""
     if not path:
         return None
-    final = Path(path)
+    final = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)  # (as :func:`plan` stages it)
     for folder in (final, staging_path(final)):
-        kind = folder / KIND
-        if kind.is_file():
-            fd = _flock(kind, exclusive=False)
-            if fd is None:
-                return (f"{final}: another running rlhf is writing this run ({folder}); wait for it to finish, "
-                        f"or give this run another --output_dir")
-            os.close(fd)
+        if _live(folder / KIND):
+            return _live_message(final, folder)
     return None
 
 

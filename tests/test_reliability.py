@@ -825,7 +825,8 @@ def test_a_run_folder_a_live_process_writes_is_refused(tmp_path, finished_run, c
     folder (checkpoints and all), and the first run crashed when it came to promote it. The live
     run holds a flock on its .rlhf-run file (the kernel drops it when the process dies), and
     every other run into the folder is refused, --overwrite and --resume included."""
-    from rlhf.rundir import KIND, MARK, busy, hold, release, RunFolder
+    from rlhf.errors import RunError
+    from rlhf.rundir import KIND, MARK, RunFolder, busy, hold, open_folder, release
 
     out = tmp_path / "out"
     shutil.copytree(finished_run, out)
@@ -843,6 +844,12 @@ def test_a_run_folder_a_live_process_writes_is_refused(tmp_path, finished_run, c
             assert err[0].endswith(f"{out}: another running rlhf is writing this run ({live}); wait for it to "
                                    f"finish, or give this run another --output_dir"), err[0]
         assert (live / KIND).exists() and busy(out)
+        (tmp_path / "link").symlink_to(out)  # (a run through a link is staged beside the target)
+        assert busy(tmp_path / "link") and "another running rlhf" in busy(tmp_path / "link")
+        # two runs that planned the folder before either opened it: the later one does not clear the live one's
+        with pytest.raises(RunError, match="another running rlhf is writing this run"):
+            open_folder(RunFolder(out, live, command="sft"), overwrite=True, resume=False)
+        assert (live / MARK).exists()
     finally:
         release(rf)
     assert busy(out) is None  # the process that held it is gone: an interrupted run, resumable as before
