@@ -265,8 +265,9 @@ def _port_free(port: str) -> bool:
     import socket
 
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", int(port)))
+        with socket.socket() as s:  # (as torch's TCPStore binds: a port in TIME_WAIT after the last run is free)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("", int(port)))
         return True
     except (OSError, ValueError, OverflowError):
         return False
@@ -290,13 +291,18 @@ def deepspeed_config(path: str, mixed_precision: str, micro_batch_size: int, gra
     cfg["gradient_clipping"] = max_grad_norm if max_grad_norm > 0 else 0.0
     cfg.setdefault("zero_allow_untested_optimizer", True)  # our AdamW is the client optimizer
     if cfg["zero_optimization"].get("stage") == 3:  # saved whole (without it: a ValueError after training)
-        cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        cfg["zero_optimization"].pop(GATHER_KEYS[1], None)
+        cfg["zero_optimization"][GATHER_KEYS[0]] = True
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": mixed_precision == "bf16"}
     if _ds_has_bf16_overflow_check():  # skip (not apply) a bf16 step whose gradient norm is NaN/inf
         cfg["bf16"].setdefault("check_grad_overflow", True)
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": mixed_precision == "fp16"}
     cfg.setdefault("steps_per_print", 10**9)
     return cfg
+
+
+GATHER_KEYS = ("stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save")
+"""ZeRO-3's "save the weights whole" flag, and its older name (DeepSpeed refuses both at once)."""
 
 
 def read_deepspeed_json(path: str, key: str = "deepspeed") -> dict:
@@ -336,17 +342,19 @@ def check_deepspeed_json(cfg, path: str) -> None:
         if isinstance(zero.get(key), dict) and zero[key].get("device") == "nvme" and not _async_io_builds():
             raise RunError(f"{path}: 'zero_optimization.{key}.device' nvme: DeepSpeed's async_io op cannot be built "
                            f"here (libaio missing?); offload to 'cpu' instead")
-    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save", True) is not True:
-        raise RunError(f"{path}: 'zero_optimization.stage3_gather_16bit_weights_on_model_save' must be true: "
-                       f"rlhf saves the trained weights whole (model.safetensors); remove it or set it to true")
+    for key in GATHER_KEYS:  # (the older name too, still in many examples)
+        if zero.get("stage") == 3 and zero.get(key, True) is not True:
+            raise RunError(f"{path}: 'zero_optimization.{key}' must be true: rlhf saves the trained weights whole "
+                           f"(model.safetensors); remove it or set it to true")
 
 
 def _async_io_builds() -> bool:
-    """Whether DeepSpeed's async_io op (NVMe offload) can be built on this machine."""
+    """Whether DeepSpeed's async_io op (NVMe offload) was built with it or can be built here."""
     try:
+        from deepspeed.git_version_info import installed_ops
         from deepspeed.ops.op_builder import AsyncIOBuilder
 
-        return bool(AsyncIOBuilder().is_compatible(verbose=False))
+        return bool(installed_ops.get("async_io")) or bool(AsyncIOBuilder().is_compatible(verbose=False))
     except Exception:  # (no DeepSpeed, or an op builder of another shape: let DeepSpeed say)
         return True
 

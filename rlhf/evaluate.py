@@ -47,7 +47,10 @@ def gold_accuracy(model, tok, examples: list, *, batch_size: int = 64, seed: int
 
 
 def gold_examples(examples: list, limit: int) -> list:
-    """Unique-prompt examples whose meta names a built-in task (empty if the data has no gold checker)."""
+    """Unique-prompt examples whose meta names a built-in task (empty if the data has no gold checker),
+    at most `limit` of them (0: none)."""
+    if limit <= 0:
+        return []
     seen, out = set(), []
     for e in examples:
         meta = getattr(e, "meta", {})

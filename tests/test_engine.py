@@ -244,6 +244,13 @@ def test_a_deepspeed_json_is_checked_as_deepspeed_reads_it(tmp_path):
     assert config({"zero_optimization": {"stage": 3}})["zero_optimization"][
         "stage3_gather_16bit_weights_on_model_save"] is True
     assert "stage3_gather_16bit_weights_on_model_save" not in config({"zero_optimization": z2})["zero_optimization"]
+    old_name = config({"zero_optimization": {"stage": 3, "stage3_gather_fp16_weights_on_model_save": True}})
+    assert "stage3_gather_fp16_weights_on_model_save" not in old_name["zero_optimization"]  # (not both: DeepSpeed
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # refuses the older name beside the new one)
+
+    DeepSpeedZeroConfig(**old_name["zero_optimization"])
+    with pytest.raises(RunError, match=r"'zero_optimization\.stage3_gather_fp16_weights_on_model_save' must be true"):
+        config({"zero_optimization": {"stage": 3, "stage3_gather_fp16_weights_on_model_save": False}})
     for name in ("zero2.json", "zero3.json", "zero3_offload.json"):  # the shipped ones pass
         deepspeed_config(str(Path(__file__).parents[1] / "recipes" / "deepspeed" / name), "bf16", 2, 1, 1.0, 1)
 

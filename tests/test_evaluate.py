@@ -153,3 +153,16 @@ def test_report_reads_a_run_killed_while_writing_a_metrics_line(tmp_path):
 
     with pytest.raises(RunError, match=r"bad\.jsonl:2: not a JSON record"):
         _read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_gold_examples_takes_at_most_its_limit():
+    """gen_eval_samples: 0 turns the gold evaluation off (it took one example: the limit was
+    checked after the first was kept, and the positions check then refused a run told to set 0)."""
+    from types import SimpleNamespace
+
+    from rlhf.evaluate import gold_examples
+
+    rows = [SimpleNamespace(meta={"task": "sort", "input": x}) for x in ("31", "12", "31", "45")]
+    assert gold_examples(rows, 0) == []
+    assert [r.meta["input"] for r in gold_examples(rows, 2)] == ["31", "12"]
+    assert [r.meta["input"] for r in gold_examples(rows, 9)] == ["31", "12", "45"]  # unique prompts
