@@ -453,13 +453,15 @@ def position_limit(model) -> int | None:
     computed (RoPE, ALiBi) and a longer sequence still runs. A longer sequence indexes past the
     position table: an IndexError, or on a GPU a device-side assert, in the middle of a run."""
     m = unwrap(model)
-    n = getattr(getattr(m, "config", None), "max_position_embeddings", None)
-    if not isinstance(n, int) or isinstance(n, bool):
-        return None
-    inputs = m.get_input_embeddings() if hasattr(m, "get_input_embeddings") else None
-    for sub in m.modules():  # a table of n positions (OPT's has 2 more rows: an offset)
-        if isinstance(sub, nn.Embedding) and sub is not inputs and n <= sub.num_embeddings <= n + 2:
-            return n
+    config = getattr(m, "config", None)
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int) or isinstance(n, bool) or getattr(config, "position_biased_input", True) is False:
+        return None  # (DeBERTa-v2/v3: relative positions only, whatever its table's size)
+    for name, sub in m.named_modules():  # the absolute table: GPT-2's wpe, BERT's and OPT's/BART's names
+        if isinstance(sub, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings",
+                                                                         "embed_positions"):
+            first = sub.padding_idx + 1 if sub.padding_idx is not None else 0  # RoBERTa's start after padding
+            return min(n, sub.num_embeddings - first)  # (OPT's table has 2 more rows: an offset)
     return None
 
 

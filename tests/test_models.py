@@ -66,6 +66,18 @@ def test_position_limit_is_the_learned_position_table_only():
                                                                                **small))
     llama = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", max_position_embeddings=16, **small))
     assert [position_limit(m) for m in (gpt2, opt, bert, llama)] == [24, 20, 40, None]
+    # RoBERTa's positions start after its padding index (34 rows, 32 usable); DeBERTa-v3's 512-row
+    # table is relative (position_biased_input: false): it runs longer rows and has no limit
+    roberta = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(
+        "roberta", max_position_embeddings=34, pad_token_id=1, **small))
+    deberta = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(
+        "deberta-v2", max_position_embeddings=64, position_biased_input=False, relative_attention=True,
+        position_buckets=16, pos_att_type=["p2c", "c2p"], **small))
+    assert position_limit(roberta) == 32 and position_limit(deberta) is None
+    roberta(torch.full((1, 32), 5))
+    with pytest.raises(IndexError):
+        roberta(torch.full((1, 33), 5))
+    deberta(torch.zeros(1, 100, dtype=torch.long))
     check_positions(gpt2, 24, "rows", "fix")  # exactly the table fits
     check_positions(llama, 500, "rows", "fix")
     with pytest.raises(ModelError, match=r"^the rows: 25 tokens, but the model has learned positions for only 24 "
