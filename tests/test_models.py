@@ -75,7 +75,7 @@ def test_position_limit_is_the_learned_position_table_only():
         position_buckets=16, pos_att_type=["p2c", "c2p"], **small))
     assert position_limit(roberta) == 32 and position_limit(deberta) is None
     roberta(torch.full((1, 32), 5))
-    with pytest.raises(IndexError):
+    with pytest.raises((IndexError, RuntimeError)):  # (past the table, or past its token-type buffer)
         roberta(torch.full((1, 33), 5))
     deberta(torch.zeros(1, 100, dtype=torch.long))
     check_positions(gpt2, 24, "rows", "fix")  # exactly the table fits
