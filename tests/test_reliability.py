@@ -300,6 +300,9 @@ def test_a_disk_that_cannot_be_written_is_one_line():
     for e in (torch_full, st_full, raised(OSError(errno.ENOSPC, "No space left on device"))):
         assert unwritable(e) == "cannot write /d/ckpt: No space left on device (ENOSPC)", e
     assert isinstance(raised(RuntimeError("a bug")), RuntimeError)  # anything else is left as it is
+    # a bug raised while some handled OSError is its context is no disk error (it became "No such file")
+    assert isinstance(raised(TypeError("a bug"), FileNotFoundError(errno.ENOENT, "gone")), TypeError)
+    assert isinstance(raised(OSError(errno.ECONNRESET, "reset")), ConnectionResetError)
     if Path("/proc/self").is_dir():  # a file system that makes no folders: ENOENT though /proc exists
         with pytest.raises(RunError, match=r"^cannot create the folder /proc/x/y: No such file or directory at /proc/x"):
             make_folder(Path("/proc/x/y"))

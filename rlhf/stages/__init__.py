@@ -50,7 +50,7 @@ def unwritable(e: BaseException) -> str | None:
     import os
 
     if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                                                     errno.EPERM):
+                                                     errno.EPERM, errno.EIO, errno.EFBIG):
         return None
     path = f" {e.filename}" if e.filename else ""
     return f"cannot write{path}: {e.strerror or os.strerror(e.errno)} ({errno.errorcode.get(e.errno, e.errno)})"
