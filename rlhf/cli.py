@@ -338,12 +338,13 @@ def _dispatch(args, rest: list[str]) -> int:
     if getattr(args, "temperature", 1.0) <= 0 and not getattr(args, "greedy", False):
         raise ConfigError(f"--temperature must be > 0 for sampling, got {args.temperature:g}"
                           + (" (or pass --greedy)" if hasattr(args, "greedy") else ""))
-    if args.command not in ("sft", "rm", "ppo", "dpo", "pipeline", "compare") and \
-            int(os.environ.get("WORLD_SIZE", "1")) > 1:  # (each rank did the whole job: files written twice)
-        from .errors import RunError
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if args.command not in ("sft", "rm", "ppo", "dpo", "pipeline", "compare") and world not in ("", "0", "1"):
+        from .errors import RunError  # (each rank did the whole job: files written twice)
 
-        raise RunError(f"rlhf {args.command} runs as one process; a launcher started {os.environ['WORLD_SIZE']} "
-                       f"(WORLD_SIZE): run it without torchrun / accelerate launch")
+        raise RunError(f"rlhf {args.command} runs as one process, but WORLD_SIZE={world} says this process is one of "
+                       f"several (a launcher, or a cluster job that sets it): run it without torchrun / accelerate "
+                       f"launch, where WORLD_SIZE is unset or 1")
     if args.command in ("sft", "rm", "ppo", "dpo", "pipeline", "compare"):
         import contextlib
 

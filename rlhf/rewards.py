@@ -103,18 +103,18 @@ def dry_call_on(fns: list[Callable], prompts: list, timeout: float = 0.0) -> Non
         dry_call(fn, [p.raw_prompt for p in probe], fields, timeout)
 
 
-def on_every_process(acc, fn: Callable):
-    """`fn()` on this process, then one vote among the processes: a RewardError that `fn` raised
-    on any of them is raised on every one (on the others as a pointer to it), so no process is left
-    waiting on a collective that another has left (the launcher would kill it, with no word why)."""
+def on_every_process(acc, fn: Callable, errors: tuple = (RewardError,), what: str = "a reward function"):
+    """`fn()` on this process, then one vote among the processes: an error of `errors` that `fn`
+    raised on any of them is raised on every one (on the others as a pointer to it), so no process
+    is left waiting on a collective that another has left (the launcher would kill it, with no
+    word why). `what` names what failed, in the pointer."""
     try:
         out, failure = fn(), None
-    except RewardError as e:
+    except errors as e:
         out, failure = None, e
     if acc.num_processes > 1 and acc.reduce(torch.tensor(float(failure is not None), device=acc.device),
                                             "sum").item():
-        raise failure or RewardError("a reward function failed on another process (its error is in that "
-                                     "process's log)")
+        raise failure or RewardError(f"{what} failed on another process (its error is in that process's log)")
     if failure is not None:
         raise failure
     return out

@@ -41,7 +41,7 @@ from ..ema import EMA
 from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, atomic_write_text, backpropagated_attention,
                       backward, chunks, compute_dtype, epoch_permutation, finish_run, finished_summary, inputs_first,
                       loss_scale, make_accelerator, open_run, peak_memory, prepare_output_dir, progress, save_recipe,
-                      set_seed, step_models, world_size, write_summary, zero_stage)
+                      set_seed, step_models, user_errors, world_size, write_summary, zero_stage)
 from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
 from ..models import (check_policy_model, check_positions, check_reward_model, count_parameters, eager_blocks,
                       load_tokenizer, save_model_files, unwrap)
@@ -714,7 +714,8 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     set_seed(cfg.seed + acc.process_index)  # a different sampling seed per rank [N]
     with inputs_first(rf):  # prompts, reward functions (imported and called once), tokenizer, lengths first
         # (voted: a reward function whose check fails on one process only stops every one, with its error)
-        data = on_every_process(acc, lambda: read_inputs(cfg))
+        data = on_every_process(acc, lambda: read_inputs(cfg), (RewardError, *user_errors()),
+                                "a reward function, or a check of the inputs,")
     m = setup_models(cfg, acc, data.tok, split)
     _check_positions(m, data)
     out = prepare_output_dir(acc, rf, overwrite, resume)
