@@ -496,7 +496,7 @@ def save_pretrained(model, tok, out_dir: str | Path, extra_config: dict | None =
     if extra_config:
         for k, v in extra_config.items():
             setattr(model.config, k, v)
-    from .checkpoint import disk_errors
+    from .textio import disk_errors
 
     with disk_errors(Path(out_dir)):  # (safetensors' "os error 28" is an OSError naming the folder)
         model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)

@@ -10,6 +10,10 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
+import errno
+import os
+import re
 from pathlib import Path
 
 import yaml
@@ -116,3 +120,32 @@ def yaml_key_lines(text: str) -> dict[str, int]:
 
     walk(root, "")
     return lines
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES, errno.EPERM}
+"""What a disk that cannot be written says (:func:`disk_errors` names the path for these only)."""
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path):
+    """Writes under `path` whose disk fails (full, read-only, ...) raise an OSError with its errno
+    and a path, which the CLI turns into one line (:func:`rlhf.stages.unwritable`): a file
+    object's OSError carries no path, and safetensors reports "os error N" in an error of its own."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno in DISK_ERRNOS:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except Exception as e:
+        n = None
+        if "unexpected pos" in str(e) or "PytorchStreamWriter failed" in str(e):  # torch's writer, failing again
+            cause = e.__context__  # while the disk's OSError unwinds
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            n = cause.errno if cause is not None else None
+        found = re.search(r"\(os error (\d+)\)", str(e))  # safetensors
+        n = n if n is not None else int(found.group(1)) if found else None
+        if n not in DISK_ERRNOS:  # (anything else is a bug, or not the disk's: left as it is)
+            raise
+        raise OSError(n, os.strerror(n), str(path)) from e

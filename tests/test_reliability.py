@@ -283,7 +283,7 @@ def test_a_disk_that_cannot_be_written_is_one_line():
 
     # a disk that fills while a checkpoint is written: torch.save's zip writer raised "unexpected pos"
     # (a RuntimeError, over the OSError), safetensors "os error 28" in an error of its own: a traceback
-    from rlhf.checkpoint import disk_errors
+    from rlhf.textio import disk_errors
 
     def raised(error: BaseException, context: BaseException | None = None) -> BaseException:
         with pytest.raises(BaseException) as got:
@@ -780,7 +780,7 @@ def test_rows_longer_than_a_models_learned_positions_are_refused_before_training
     """A model with a learned position table (GPT-2's n_positions) indexes past it on a longer
     row: an IndexError at the first step, or after SFT's training at its gold evaluation, and in
     PPO at the first rollout. Each stage now refuses it before training, in one line."""
-    gpt2 = "{model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2, n_positions: %d}"
+    gpt2 = "{model_type: gpt2, n_embd: 32, n_layer: 1, n_head: 2, n_positions: %d, bos_token_id: 1, eos_token_id: 1}"
     sft = ["sft", "recipes/tiny/sft.yaml", "--train.max_steps", "1"]
     cases = [(sft + ["--model.arch", gpt2 % 16], r"the longest training row: 18 tokens, but the model has learned "
                                                   r"positions for only 16 \(max_position_embeddings / n_positions\)"),
