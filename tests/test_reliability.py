@@ -799,6 +799,18 @@ def test_rows_longer_than_a_models_learned_positions_are_refused_before_training
     assert rc == 2 and re.search(r"error: the longest prompt with max_new_tokens: \d+ tokens, but the model has "
                                  r"learned positions for only 30 \(.*\); lower data\.max_prompt_length", stderr), stderr[-2000:]
     assert not (tmp_path / "ppo").exists()
+    # a reward model that reads the sampled ids, with fewer positions than the policy (it failed mid-rollout)
+    long_policy, rm = tmp_path / "policy64", tmp_path / "rm30"
+    assert _rlhf_here(capsys, *sft, "--model.arch", gpt2 % 64, "--gen_eval_samples", "0", "--output_dir",
+                      long_policy)[0] == 0
+    assert _rlhf_here(capsys, "rm", "recipes/tiny/rm.yaml", "--model.name_or_path", policy, "--sample", "null",
+                      "--train.max_steps", "1", "--data.max_length", "30", "--data.skip_bad_rows", "true",
+                      "--output_dir", rm)[0] == 0
+    rc, stderr = _rlhf_here(capsys, "ppo", "recipes/tiny/ppo.yaml", "--model.name_or_path", long_policy,
+                            "--reward_model", rm, "--value_init", "policy", "--max_new_tokens", "24", "--output_dir",
+                            tmp_path / "ppo2")
+    assert rc == 2 and re.search(r"error: the longest prompt with max_new_tokens, as reward_model reads it: \d+ "
+                                 r"tokens, but the model has learned positions for only 30", stderr), stderr[-2000:]
 
 
 @pytest.mark.slow
