@@ -335,6 +335,11 @@ def busy(path: str | Path | None) -> str | None:
     for folder in (final, staging_path(final)):
         if _live(folder / KIND):
             return _live_message(final, folder)
+    if final.is_dir():  # a run a live process writes inside it (D/sft, D/.sft.staging): replacing D would take it
+        for kind in [*final.glob(f"*/{KIND}"), *final.glob(f".*.staging/{KIND}")]:
+            if _live(kind):
+                return (f"{final}: a running rlhf is writing a run inside it ({kind.parent}); wait for it to finish, "
+                        f"or give this run another --output_dir")
     return None
 
 

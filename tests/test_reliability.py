@@ -867,6 +867,16 @@ def test_a_run_folder_a_live_process_writes_is_refused(tmp_path, finished_run, c
         assert (live / MARK).exists()
     finally:
         release(rf)
+    inner = out / ".sft.staging"  # a live run inside the folder (rlhf sft --output_dir out/sft): not replaced
+    inner.mkdir()
+    (inner / KIND).write_text('{"command": "sft"}\n')
+    rf = RunFolder(out / "sft", inner)
+    hold(rf)
+    try:
+        assert f"{out}: a running rlhf is writing a run inside it ({inner})" in busy(out)
+    finally:
+        release(rf)
+    shutil.rmtree(inner)
     assert busy(out) is None  # the process that held it is gone: an interrupted run, resumable as before
     rc, stderr = _rlhf_here(capsys, "sft", "recipes/tiny/sft.yaml", "--output_dir", out)
     assert rc == 2 and "an interrupted run is in" in stderr
