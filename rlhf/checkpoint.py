@@ -213,12 +213,13 @@ def load_checkpoint(acc, ckpt: Path, parts: CheckpointParts) -> dict:
         acc.scaler.load_state_dict(state["grad_scaler"])
     written_by = state.get("num_processes", acc.num_processes)
     if written_by > acc.num_processes and acc.is_main_process:  # (processes acc.num_processes.. are not restored)
-        log.warning("%s: written by %d processes, resumed on %d: the random state and running sums of processes "
-                    "%d-%d are not restored and their rollouts/batches are drawn anew; the run goes on, but not as an "
-                    "uninterrupted one would (resume on %d for that)", ckpt, written_by, acc.num_processes,
-                    acc.num_processes, written_by - 1, written_by)
+        dropped = ", ".join(map(str, range(acc.num_processes, written_by)))
+        log.warning("%s: written by %d processes, resumed on %d: the random state and running sums of process(es) %s "
+                    "are not restored and their rollouts/batches are drawn anew; the run goes on, but not as an "
+                    "uninterrupted one would (resume on %d for that)", ckpt, written_by, acc.num_processes, dropped,
+                    written_by)
     rng = ckpt / f"rng-rank{acc.process_index}.pt"
-    if rng.exists() or state.get("num_processes", acc.num_processes) == acc.num_processes:
+    if rng.exists() or written_by == acc.num_processes:
         # every process that wrote the checkpoint wrote one: missing, the checkpoint is damaged (FileNotFoundError)
         _set_rng_state(torch.load(rng, weights_only=True), generators or {})
     else:  # more processes than wrote it (plain checkpoints only): this one starts its random streams anew

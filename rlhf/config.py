@@ -881,11 +881,6 @@ def near_misses(cls: type, key: str) -> list[str]:
     return list(by_section.values())
 
 
-def near_miss(cls: type, key: str) -> str | None:
-    """The first of :func:`near_misses`, or None."""
-    return next(iter(near_misses(cls, key)), None)
-
-
 def did_you_mean(cls: type, key: str, prefix: str = "") -> str:
     """' (did you mean 'x'?)', ' (did you mean 'a', 'b' or 'c'?)', or '' (:func:`near_misses`)."""
     near = [f"'{prefix}{k}'" for k in near_misses(cls, key)]

@@ -465,7 +465,11 @@ def position_limit(model) -> int | None:
     return None
 
 
-def check_positions(model, longest: int, what: str, fix: str) -> None:
+ROWS_FIX = "lower data.max_length and set data.skip_bad_rows, or use a model with more positions"
+"""What to do about training rows longer than the model's positions (:func:`check_positions`)."""
+
+
+def check_positions(model, longest: int, what: str, fix: str = ROWS_FIX) -> None:
     """A one-line ModelError, before training, when `longest` tokens (what: where they come from)
     are more than the model's learned positions (:func:`position_limit`)."""
     limit = position_limit(model)

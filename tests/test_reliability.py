@@ -415,7 +415,7 @@ def test_a_missing_rng_file_is_damage_unless_more_processes_resume(tmp_path, cap
     shutil.copy(two / "rng-rank0.pt", two / "rng-rank1.pt")  # as 2 processes write it
     (two / "state.json").write_text(json.dumps({**json.loads((two / "state.json").read_text()), "num_processes": 2}))
     assert load_checkpoint(acc(0, 1), two, CheckpointParts({"model": model}))["step"] == 2
-    assert "written by 2 processes, resumed on 1: the random state and running sums of processes 1-1 are not " \
+    assert "written by 2 processes, resumed on 1: the random state and running sums of process(es) 1 are not " \
            "restored" in caplog.text
     (ckpt / "rng-rank0.pt").unlink()
     with pytest.raises(FileNotFoundError):

@@ -49,8 +49,9 @@ def unwritable(e: BaseException) -> str | None:
     import errno
     import os
 
-    if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                                                     errno.EPERM, errno.EIO, errno.EFBIG):
+    from ..textio import DISK_ERRNOS
+
+    if not isinstance(e, OSError) or e.errno not in DISK_ERRNOS:
         return None
     path = f" {e.filename}" if e.filename else ""
     return f"cannot write{path}: {e.strerror or os.strerror(e.errno)} ({errno.errorcode.get(e.errno, e.errno)})"

@@ -148,8 +148,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = Fal
                                 max_samples=cfg.eval_samples)[0] if cfg.eval_prompts else []
     policy = load_causal_lm(cfg.model, tok)
     longest = max((len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows), default=0)
-    check_positions(policy, longest, "the longest preference pair",
-                    "lower data.max_length and set data.skip_bad_rows, or use a model with more positions")
+    check_positions(policy, longest, "the longest preference pair")
     if prompts:  # (its held-out evaluation generates after training)
         check_positions(policy, max(len(encode_prompt(tok, p.prompt)) for p in prompts) + cfg.max_new_tokens,
                         "the longest eval_prompts prompt with max_new_tokens", "lower max_new_tokens")

@@ -127,14 +127,14 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
 def _check_positions(m, data: PPOInputs) -> None:
     """The longest rollout fits the learned positions of the policy, the value model and the reward
     models that read the sampled ids (PPO-ptx rows the policy)."""
+    fix = "lower data.max_prompt_length (with data.skip_bad_rows) or max_new_tokens"
     for model in (m.policy, m.value and unwrap(m.value).backbone):
         if model is not None:
-            check_positions(model, data.longest_rollout, "the longest prompt with max_new_tokens",
-                            "lower data.max_prompt_length (with data.skip_bad_rows) or max_new_tokens")
+            check_positions(model, data.longest_rollout, "the longest prompt with max_new_tokens", fix)
     for rm, fld in ((m.reward_model, "reward_model"), (m.gold_reward_model, "gold_reward_model")):
         if rm is not None and rm.same_tokenizer(data.tok):  # (it reads the sampled ids, and an EOS after a cut)
-            check_positions(rm.model, data.longest_rollout + 1, f"the longest prompt with max_new_tokens, as "
-                            f"{fld} reads it", "lower data.max_prompt_length (with data.skip_bad_rows) or max_new_tokens")
+            check_positions(rm.model, data.longest_rollout + 1, f"the longest prompt with max_new_tokens, as {fld} "
+                            f"reads it", fix)
     if data.ptx_feats:
         check_positions(m.policy, max(len(ids) for ids, _ in data.ptx_feats), "the longest ptx_data row",
                         "shorten those rows or use a model with more positions")

@@ -173,8 +173,7 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     model = load_reward_backbone(cfg.model, tok, cfg.seed)
     rows = [s for _, seqs in encoded + eval_encoded for s in seqs]
     if rows:
-        check_positions(model, max(map(len, rows)), "the longest preference row",
-                        "lower data.max_length and set data.skip_bad_rows, or use a model with more positions")
+        check_positions(model, max(map(len, rows)), "the longest preference row")
     if cfg.sample is not None:  # (its rows are sampled later, up to data.max_length)
         check_positions(model, cfg.data.max_length, "data.max_length, which bounds the sampled rows",
                         "lower it or use a model with more positions")

@@ -32,7 +32,8 @@ from ..checkpoint import save_checkpoint
 from ..faults import fault_point_step, inject_fault
 from ..evaluate import gold_accuracy, gold_examples
 from ..cpu_linear import apply_onednn_linear, check_onednn_linear
-from ..models import check_policy_model, check_positions, count_parameters, load_causal_lm, load_tokenizer, save_model_files, unwrap
+from ..models import (check_policy_model, check_positions, count_parameters, load_causal_lm, load_tokenizer,
+                      save_model_files, unwrap)
 from ..rollout import right_pad
 from ..tokenization import IGNORE_INDEX, collate_sft, encode_prompt, encode_sft
 
@@ -156,8 +157,7 @@ def _check_positions(model, tok, feats, gold: list, cfg: SFTConfig) -> None:
     """The longest row, and the longest gold prompt with max_new_tokens, fit a model with learned
     positions (before training: the gold evaluation runs after it)."""
     if feats:
-        check_positions(model, max(len(ids) for ids, _ in feats), "the longest training row",
-                        "lower data.max_length and set data.skip_bad_rows, or use a model with more positions")
+        check_positions(model, max(len(ids) for ids, _ in feats), "the longest training row")
     if gold:
         longest = max(len(encode_prompt(tok, e.prompt)) for e in gold) + cfg.max_new_tokens
         check_positions(model, longest, "the longest gold-evaluation prompt with max_new_tokens",
