@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ import torch
 from .errors import RewardError
 from .algos.core import pairwise_rm_loss
 from .rollout import position_ids_from_mask, right_pad
+
+log = logging.getLogger(__name__)
 
 
 class RewardFn(Protocol):
@@ -183,9 +186,7 @@ class time_limit:
         if self.seconds <= 0:
             return self
         if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-            import logging
-
-            logging.getLogger(__name__).warning("reward_timeout cannot be enforced here (not the main thread)")
+            log.warning("reward_timeout cannot be enforced here (not the main thread)")
             return self
         self.previous = signal.signal(signal.SIGALRM, self._expired)
         signal.setitimer(signal.ITIMER_REAL, self.seconds)
@@ -233,6 +234,17 @@ def score_head(model):
     raise RewardError(f"{type(model).__name__} has no scalar head ('score' or 'classifier')")
 
 
+def fit_positions(seqs: list[list[int]], limit: int | None) -> tuple[list[list[int]], list[bool]]:
+    """Sequences longer than a model's `limit` learned positions cut to their first limit - 1 tokens
+    and their last (the EOS a decoder RM reads its score at, an encoder's [SEP]), and which were cut.
+    A reward model with a tokenizer of its own re-encodes PPO's text, whose length in its tokens is
+    known only once sampled; past the table it would fail with an IndexError mid-run."""
+    if limit is None:
+        return seqs, [False] * len(seqs)
+    cut = [len(s) > limit for s in seqs]
+    return [s[: limit - 1] + s[-1:] if c else s for s, c in zip(seqs, cut)], cut
+
+
 @torch.no_grad()
 def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, device=None) -> torch.Tensor:
     """Raw RM scores (N,) of token sequences, read at the last non-pad token of each."""
@@ -262,7 +274,7 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         from .config import ModelConfig
-        from .models import ModelError, check_reward_model, disable_dropout, load_tokenizer, torch_dtype
+        from .models import ModelError, check_reward_model, disable_dropout, load_tokenizer, position_limit, torch_dtype
 
         if not Path(path).exists():
             raise ModelError(f"reward model checkpoint not found: {path}")
@@ -280,6 +292,9 @@ class RewardModel:
         self.device = device  # where inputs go; None: the model's first parameter's device
         self.bias = float(getattr(self.model.config, BIAS_KEY, 0.0) or 0.0)
         self.path = path
+        self.positions = position_limit(self.model)  # None: no learned position table to run past
+        self.truncated: list[bool] = []  # per sequence of the last score_ids call: cut to fit the positions
+        self.warned_truncation = False
 
     def encode(self, prompt, response) -> list[int]:
         from .tokenization import encode_scored
@@ -287,6 +302,13 @@ class RewardModel:
         return encode_scored(self.tok, prompt, response)
 
     def score_ids(self, seqs: list[list[int]], normalized: bool = True, batch_size: int = 64) -> torch.Tensor:
+        seqs, self.truncated = fit_positions(seqs, self.positions)
+        if any(self.truncated) and not self.warned_truncation:
+            self.warned_truncation = True
+            log.warning("%s: %d of %d sequences are longer than its %d learned positions in its own tokens; each "
+                        "is scored on its first %d tokens and its last (PPO logs the share as rm_truncated; "
+                        "lower data.max_prompt_length or max_new_tokens to score whole responses)", self.path,
+                        sum(self.truncated), len(seqs), self.positions, self.positions - 1)
         raw = score_sequences(self.model, seqs, self.tok.pad_token_id, batch_size, self.device)
         return raw + self.bias if normalized else raw
 

@@ -811,6 +811,18 @@ def test_rows_longer_than_a_models_learned_positions_are_refused_before_training
                             tmp_path / "ppo2")
     assert rc == 2 and re.search(r"error: the longest prompt with max_new_tokens, as reward_model reads it: \d+ "
                                  r"tokens, but the model has learned positions for only 30", stderr), stderr[-2000:]
+    # the same RM with a tokenizer of its own (another template): it re-encodes the text, counted in its tokens
+    from transformers import AutoTokenizer
+
+    foreign = AutoTokenizer.from_pretrained(rm)
+    foreign.chat_template += "{# the RM's own template #}"
+    foreign.save_pretrained(rm)
+    rc, stderr = _rlhf_here(capsys, "ppo", "recipes/tiny/ppo.yaml", "--model.name_or_path", long_policy,
+                            "--reward_model", rm, "--value_init", "policy", "--max_new_tokens", "24", "--output_dir",
+                            tmp_path / "ppo3")
+    assert rc == 2 and re.search(r"error: the longest prompt in reward_model's own tokens with max_new_tokens: \d+ "
+                                 r"tokens, but the model has learned positions for only 30", stderr), stderr[-2000:]
+    assert not (tmp_path / "ppo3").exists()
 
 
 @pytest.mark.slow

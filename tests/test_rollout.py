@@ -310,3 +310,48 @@ def test_the_rm_reads_the_eos_it_was_trained_on_even_when_a_response_was_cut(tok
     other = copy.deepcopy(tok)
     other.eos_token = "<|user|>"  # the same vocabulary and template, another EOS: not the same tokenizer
     assert rm.same_tokenizer(copy.deepcopy(tok)) and not rm.same_tokenizer(other)
+
+
+def test_a_reward_model_cuts_sequences_past_its_positions_and_ppo_counts_them(tok, tmp_path, caplog):
+    """A reward model with a tokenizer of its own re-encodes PPO's text; with a learned position
+    table (GPT-2, BERT) a long response ran past it: an IndexError mid-run. It is scored on its
+    first limit - 1 tokens and its last (the EOS the score is read at), warned once, and PPO logs
+    the share cut as `rm_truncated`."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from rlhf.data.formats import PromptExample
+    from rlhf.rewards import RewardModel, fit_positions
+    from rlhf.rollout import Generation
+    from rlhf.stages.ppo import Rollout, sequence_scores
+
+    assert fit_positions([[1, 2, 3, 4, 5, 6], [7, 8, 9], [1, 2, 3, 4]], 4) == \
+        ([[1, 2, 3, 6], [7, 8, 9], [1, 2, 3, 4]], [True, False, False])
+    assert fit_positions([[1, 2, 3]], None) == ([[1, 2, 3]], [False])
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(
+        "gpt2", vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=20, num_labels=1,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    other = copy.deepcopy(tok)
+    other.chat_template += "{# the RM's own template #}"  # renders the same, but not the policy's tokenizer
+    model.save_pretrained(tmp_path)
+    other.save_pretrained(tmp_path)
+    rm = RewardModel(str(tmp_path))
+    assert rm.positions == 20 and not rm.same_tokenizer(tok)
+    seq = rm.encode([{"role": "user", "content": "sort 3 1 2"}], "1 2 3 and then some more words here")
+    assert len(seq) > 20
+    with caplog.at_level("WARNING"):
+        s = rm.score_ids([seq, seq[:5]])
+        rm.score_ids([seq])
+    assert rm.truncated == [True] and sum("longer than its 20 learned positions" in r.message
+                                          for r in caplog.records) == 1  # (warned once)
+    assert torch.allclose(s, rm.score_ids([seq[:19] + seq[-1:], seq[:5]]))
+    # PPO's text path: the share cut is logged with the RM's score
+    gen = Generation(prompt_ids=torch.tensor([[5], [6]]), prompt_mask=torch.ones(2, 1, dtype=torch.long),
+                     response_ids=torch.tensor([[8], [9]]), response_mask=torch.ones(2, 1, dtype=torch.long),
+                     has_eos=torch.tensor([True, True]))
+    prompts = [PromptExample([{"role": "user", "content": "sort 3 1 2"}], {}, "q") for _ in range(2)]
+    texts = ["1 2 3 and then some more words here", "1 2 3"]
+    score, parts = sequence_scores(Rollout(gen, prompts, texts), tok, rm, [], 1.0, 0.0, "cpu")
+    assert parts["rm_truncated"].tolist() == [1.0, 0.0] and torch.isfinite(score).all()

@@ -124,7 +124,7 @@ def read_inputs(cfg: PPOConfig) -> PPOInputs:
                      max(longest, longest_eval) + cfg.max_new_tokens)
 
 
-def _check_positions(m, data: PPOInputs) -> None:
+def _check_positions(m, data: PPOInputs, cfg: PPOConfig) -> None:
     """The longest rollout fits the learned positions of the policy, the value model and the reward
     models that read the sampled ids (PPO-ptx rows the policy)."""
     fix = "lower data.max_prompt_length (with data.skip_bad_rows) or max_new_tokens"
@@ -132,9 +132,15 @@ def _check_positions(m, data: PPOInputs) -> None:
         if model is not None:
             check_positions(model, data.longest_rollout, "the longest prompt with max_new_tokens", fix)
     for rm, fld in ((m.reward_model, "reward_model"), (m.gold_reward_model, "gold_reward_model")):
-        if rm is not None and rm.same_tokenizer(data.tok):  # (it reads the sampled ids, and an EOS after a cut)
+        if rm is None or rm.positions is None:
+            continue
+        if rm.same_tokenizer(data.tok):  # (it reads the sampled ids, and an EOS after a cut)
             check_positions(rm.model, data.longest_rollout + 1, f"the longest prompt with max_new_tokens, as {fld} "
                             f"reads it", fix)
+        else:  # its own tokens: the prompt exactly, a response counted as max_new_tokens of them (a longer one is cut)
+            longest = max(len(rm.encode(p.prompt, "")) for p in data.prompts + data.eval_prompts)
+            check_positions(rm.model, longest + cfg.max_new_tokens, f"the longest prompt in {fld}'s own tokens "
+                            f"with max_new_tokens", fix)
     if data.ptx_feats:
         check_positions(m.policy, max(len(ids) for ids, _ in data.ptx_feats), "the longest ptx_data row",
                         "shorten those rows or use a model with more positions")
@@ -235,6 +241,8 @@ def sequence_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_f
             rm_score = reward_model.score_ids(seqs).to(device)
         else:
             rm_score = reward_model.score([p.prompt for p in ro.prompts], ro.texts).to(device)
+            if reward_model.positions is not None:  # re-encoded text may run past its positions: cut, and counted
+                parts["rm_truncated"] = torch.tensor(reward_model.truncated, device=device, dtype=torch.float32)
         parts["rm_score"] = rm_score
         score = score + rm_weight * rm_score
     for spec, fn in reward_fns:
@@ -722,7 +730,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         data = on_every_process(acc, lambda: read_inputs(cfg), (RewardError, *user_errors()),
                                 "a reward function, or a check of the inputs,")
     m = setup_models(cfg, acc, data.tok, split)
-    _check_positions(m, data)
+    _check_positions(m, data, cfg)
     out = prepare_output_dir(acc, rf, overwrite, resume)
     st = PPOState.create(cfg, acc, m, data, split)
     peak_dtype = compute_dtype(acc, cfg.model.dtype)  # MFU against the peak of the dtype that runs
