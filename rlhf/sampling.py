@@ -13,10 +13,10 @@ from .models import check_policy_model, disable_dropout, load_causal_lm, load_to
 from .rewards import call_reward_fn, dry_call_on, load_reward_fn
 
 
-def check_sample_config(sc: SampleConfig, skip_bad_rows: bool = False) -> list:
+def check_sample_config(sc: SampleConfig, skip_bad_rows: bool = False) -> tuple[list, list]:
     """Fail before anything is written: the sampling policy and prompt file must exist, the judge
     must run, and the `mix_with` rows must be preference rows (they are appended after all the
-    sampling). Returns the `mix_with` preference groups (empty without it)."""
+    sampling). Returns the `mix_with` preference groups (empty without it) and the prompts."""
     if not sc.checkpoint or not sc.prompts:
         raise DataError("recipe: 'sample.checkpoint' and 'sample.prompts' are required for sampling")
     check_policy_model(sc.checkpoint, "sample.checkpoint")  # a model folder or a hub id, not a reward model
@@ -26,7 +26,7 @@ def check_sample_config(sc: SampleConfig, skip_bad_rows: bool = False) -> list:
                           field_name="sample.mix_with")[0] if sc.mix_with else []
     if sc.judge != "none":  # called once now, as PPO's reward functions are: not after all the sampling
         dry_call_on([load_reward_fn(sc.judge or "judge")], prompts)
-    return mixed
+    return mixed, prompts
 
 
 def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, device=None) -> dict:

@@ -811,6 +811,15 @@ def test_rows_longer_than_a_models_learned_positions_are_refused_before_training
                             tmp_path / "ppo2")
     assert rc == 2 and re.search(r"error: the longest prompt with max_new_tokens, as reward_model reads it: \d+ "
                                  r"tokens, but the model has learned positions for only 30", stderr), stderr[-2000:]
+    # an RM that ranks its policy's samples: the longest sample prompt + sample.max_new_tokens must fit (it was
+    # data.max_length, which refused a generous bound although the samples would fit)
+    sample = ["rm", "recipes/tiny/rm.yaml", "--model.name_or_path", policy, "--sample.checkpoint", policy,
+              "--data.train", "null", "--data.eval", "null", "--sample.max_prompts", "32", "--train.max_steps", "1",
+              "--train.batch_size", "2", "--train.micro_batch_size", "2", "--data.max_length", "100"]
+    rc, stderr = _rlhf_here(capsys, *sample, "--sample.max_new_tokens", "24", "--output_dir", tmp_path / "rm_s")
+    assert rc == 2 and re.search(r"error: the longest sample\.prompts prompt with sample\.max_new_tokens: \d+ tokens, "
+                                 r"but the model has learned positions for only 30", stderr), stderr[-2000:]
+    assert _rlhf_here(capsys, *sample, "--sample.max_new_tokens", "4", "--output_dir", tmp_path / "rm_s")[0] == 0
     # the same RM with a tokenizer of its own (another template): it re-encodes the text, counted in its tokens
     from transformers import AutoTokenizer
 

@@ -34,7 +34,7 @@ from ..faults import fault_point_step, inject_fault
 from ..engine import (atomic_write_text, backpropagated_attention, backward, compute_dtype, finish_run,
                       gathered_params, loss_scale, optimizer_step, prepare_training, start_run, zero_stage)
 from ..models import (ModelError, check_positions, count_parameters, disable_dropout, enable_gradient_checkpointing,
-                      load_tokenizer, save_model_files, torch_dtype, unwrap)
+                      load_tokenizer, position_limit, save_model_files, torch_dtype, unwrap)
 from ..rewards import BIAS_KEY, group_loss, score_head, score_sequences
 from ..sampling import check_sample_config, sample_rankings
 from ..tokenization import encode_scored
@@ -90,22 +90,26 @@ def _gathered_for_init(params):
 # ----------------------------------------------------------------------------- data
 
 
-def encode_group(tok, g: PrefGroup, max_length: int) -> list[list[int]]:
+def encode_group(tok, g: PrefGroup, max_length: int, over: str | None = None) -> list[list[int]]:
+    """The group's token sequences; one over max_length tokens is a DataError naming its row, field
+    and `over` (what the bound is and what to do; by default data.max_length's)."""
     seqs = [encode_scored(tok, g.prompt, r) for r in g.responses]
     longest = max(range(len(seqs)), key=lambda i: len(seqs[i]))
     if len(seqs[longest]) > max_length:
+        over = over or f"data.max_length ({max_length}); raise it or set data.skip_bad_rows"
         raise DataError(f"{g.source}: field '{g.fields[longest]}': {len(seqs[longest])} tokens with the prompt, more "
-                        f"than data.max_length ({max_length}); raise it or set data.skip_bad_rows")
+                        f"than {over}")
     return seqs
 
 
-def encode_groups(tok, groups: list[PrefGroup], max_length: int, skip_bad_rows: bool, stats: dict) -> list[tuple]:
+def encode_groups(tok, groups: list[PrefGroup], max_length: int, skip_bad_rows: bool, stats: dict,
+                  over: str | None = None) -> list[tuple]:
     """[(group, token sequences)]; a group longer than max_length is an error naming its row and
     field, or with skip_bad_rows skipped and counted (stats['skipped_bad_rows'])."""
     out = []
     for g in groups:
         try:
-            out.append((g, encode_group(tok, g, max_length)))
+            out.append((g, encode_group(tok, g, max_length, over)))
         except DataError as e:
             if not skip_bad_rows:
                 raise
@@ -162,9 +166,12 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         tok = load_tokenizer(cfg.model)
         encoded = encode_groups(tok, groups, cfg.data.max_length, cfg.data.skip_bad_rows, stats)
         eval_encoded = encode_groups(tok, eval_groups, cfg.data.max_length, cfg.data.skip_bad_rows, {})
+        sampled_bound = 0  # the longest sampled row: a prompt + sample.max_new_tokens, at most data.max_length
         if cfg.sample is not None:
-            mixed = check_sample_config(cfg.sample, cfg.data.skip_bad_rows)  # (its lengths too, before sampling)
+            mixed, sample_prompts = check_sample_config(cfg.sample, cfg.data.skip_bad_rows)  # (before sampling)
             encode_groups(tok, mixed, cfg.data.max_length, cfg.data.skip_bad_rows, {})
+            sampled_bound = min(cfg.data.max_length, cfg.sample.max_new_tokens + max(
+                (len(encode_scored(tok, p.prompt, "")) for p in sample_prompts), default=0))
         else:  # the training set is known now (with sampling, only once the rankings are in)
             n = len(encoded) if cfg.data.eval else len(split_train_eval(encoded, cfg.data.eval_split, cfg.seed)[0])
             global_batches(n, tc.batch_size, cfg.seed, tc.epochs, tc.max_steps)
@@ -174,9 +181,10 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     rows = [s for _, seqs in encoded + eval_encoded for s in seqs]
     if rows:
         check_positions(model, max(map(len, rows)), "the longest preference row")
-    if cfg.sample is not None:  # (its rows are sampled later, up to data.max_length)
-        check_positions(model, cfg.data.max_length, "data.max_length, which bounds the sampled rows",
-                        "lower it or use a model with more positions")
+    if cfg.sample is not None:  # (its rows are sampled later)
+        check_positions(model, sampled_bound, "data.max_length, which bounds the sampled rows"
+                        if sampled_bound == cfg.data.max_length else "the longest sample.prompts prompt with "
+                        "sample.max_new_tokens", "lower it or use a model with more positions")
     n = apply_onednn_linear(cfg.onednn_linear, acc, [model])
     if n:
         log.info("onednn_linear: %d linear layers run through oneDNN", n)
@@ -192,7 +200,10 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         summary.update(json.loads(stats_path.read_text()))
         sampled, sstats = load_examples(str(path), parse_preference, skip_bad_rows=cfg.data.skip_bad_rows,
                                         what="sampled rankings")
-        encoded += encode_groups(tok, sampled, cfg.data.max_length, cfg.data.skip_bad_rows, sstats)
+        n = min(cfg.data.max_length, position_limit(model) or cfg.data.max_length)  # (a response can re-encode
+        over = None if n == cfg.data.max_length else (  # longer than sample.max_new_tokens in the RM's tokens)
+            f"the model's {n} learned positions; set data.skip_bad_rows or lower sample.max_new_tokens")
+        encoded += encode_groups(tok, sampled, n, cfg.data.skip_bad_rows, sstats, over)
         for k, v in sstats.items():
             if k != "rows":
                 stats[k] = stats.get(k, 0) + v
