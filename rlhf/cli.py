@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     except Paused as e:  # a planned stop (a person ranks samples), resumable with --resume
         print(f"rlhf {args.command}: paused: {e}", file=sys.stderr)
         return 3
-    except _user_errors() as e:
-        print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
+    except _user_errors() as e:  # (under a launcher every process says its own: tagged as its log lines are)
+        print(f"rlhf {args.command}: error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -311,6 +311,7 @@ def _setup_logging(verbose: bool, rank: int) -> None:
         except ImportError:  # pragma: no cover
             pass
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        logging.getLogger("rlhf.config").setLevel(logging.ERROR)  # (every process reads the same recipe: one says it)
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

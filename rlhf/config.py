@@ -919,10 +919,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(doc: dict, overrides: dict[str, Any], warn: bool = False) -> dict:
+def apply_overrides(doc: dict, overrides: dict[str, Any], warn: bool = False, prefix: str = "") -> dict:
     """Set dotted keys in a nested dict (schema checks happen later in from_dict). A mapping given
     for a section replaces the whole section, as in YAML; with `warn`, the recipe keys it drops are
-    named (`--model '{name_or_path: x}'` loses the recipe's `model.init` and `model.arch`)."""
+    named (`--model '{name_or_path: x}'` loses the recipe's `model.init` and `model.arch`), as
+    `--{prefix}KEY` (a pipeline's stage: `--sft.model`)."""
     for dotted, value in overrides.items():
         node = doc
         parts = dotted.split(".")
@@ -934,9 +935,10 @@ def apply_overrides(doc: dict, overrides: dict[str, Any], warn: bool = False) ->
             node = node[part]
         old = node.get(parts[-1])
         if warn and isinstance(value, dict) and isinstance(old, dict) and set(old) - set(value):
-            dropped = ", ".join(f"{dotted}.{k}" for k in old if k not in value)
+            shown = prefix + dotted
+            dropped = ", ".join(f"{shown}.{k}" for k in old if k not in value)
             log.warning("command line --%s replaces the recipe's whole '%s' section: %s no longer set; give "
-                        "--%s.KEY VALUE to change one key and keep the others", dotted, dotted, dropped, dotted)
+                        "--%s.KEY VALUE to change one key and keep the others", shown, shown, dropped, shown)
         node[parts[-1]] = value
     return doc
 
@@ -1044,8 +1046,9 @@ def load_stage_config(stage: str, recipe: str | Path | None, overrides: dict[str
             if "seed" in doc and "seed" not in sec:
                 sec["seed"] = doc["seed"]
             doc = sec
-        stage_overrides = {(k[len(stage) + 1 :] if k.startswith(stage + ".") else k): v for k, v in overrides.items()}
-        doc = apply_overrides(doc, stage_overrides, warn=True)
+        for k, v in overrides.items():  # (one at a time: a warning names the key as it was typed)
+            bare = k[len(stage) + 1 :] if k.startswith(stage + ".") else k
+            doc = apply_overrides(doc, {bare: v}, warn=True, prefix=k[: len(k) - len(bare)])
         return from_dict(STAGES[stage], doc)
     except ConfigError as e:
         where = where_set(e.key, recipe, overrides, section) if e.key else None

@@ -156,6 +156,20 @@ def test_the_deepspeed_launchers_local_rank_argument_is_dropped():
     assert _drop_local_rank(["sft", "--local_rank", "0", "r.yaml"]) == ["sft", "r.yaml"]
 
 
+@pytest.mark.slow
+def test_a_process_other_than_the_first_tags_its_lines_and_leaves_the_recipe_to_the_first():
+    """Under a launcher every process reads the same recipe and command line: a recipe warning (a
+    whole section given on the command line) is said by the first only; the others' warnings name
+    their rank."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from rlhf.cli import _setup_logging; _setup_logging(False, 1); "
+            "logging.getLogger('rlhf.config').warning('recipe'); logging.getLogger('rlhf.engine').warning('run')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0 and "[rank 1] rlhf.engine: run" in p.stderr and "recipe" not in p.stderr, p.stderr
+
+
 def test_the_cli_tears_the_process_group_down_before_exit(tmp_path):
     """Every `rlhf` command ends (success or error) with torch.distributed torn down, so that no
     backend thread is left to the interpreter's exit (a CPU rank could abort there)."""

@@ -49,6 +49,10 @@ def test_a_whole_section_given_on_the_command_line_names_the_keys_it_drops(caplo
     load_stage_config("sft", "recipes/tiny/sft.yaml", {"train.lr": 1e-3, "data": {
         "train": "recipes/tiny/data/sft.jsonl", "eval_split": 0.1, "max_length": 48, "skip_bad_rows": True}})
     assert "replaces" not in caplog.text
+    # a pipeline's stage section, as typed (each stage reads it again: it said --model)
+    load_stage_config("sft", "recipes/tiny/pipeline.yaml", {"sft.model": {"name_or_path": "x"}})
+    assert "command line --sft.model replaces the recipe's whole 'sft.model' section: sft.model.init," in caplog.text
+    assert "--model " not in caplog.text
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -362,7 +362,8 @@ def test_a_cpu_launch_without_accelerate_use_cpu_is_one_line_per_rank(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "rlhf", *SFT, "--output_dir", tmp_path / "out"]
     p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    said = "rlhf sft: error: a launcher started 2 processes (WORLD_SIZE), but accelerate set up no process group " \
+    said = "a launcher started 2 processes (WORLD_SIZE), but accelerate set up no process group " \
            "for them: on a machine without a GPU, launch with ACCELERATE_USE_CPU=1 torchrun ..."
     assert p.returncode != 0 and p.stderr.count(said) == 2, p.stderr[-3000:]  # (the two lines may interleave)
+    assert "rlhf sft: error: [rank 1] a launcher" in p.stderr  # (each line names its process, as its log does)
     assert "AttributeError" not in p.stderr and not (tmp_path / "out").exists()
