@@ -737,7 +737,8 @@ def _coerce(value: Any, tp: Any, key: str, hints_ns: dict) -> Any:
                 errors[arg] = e
         # one real choice (`X | None`), or a mapping meant for the one dataclass: its own precise error
         # (`sample.kk: unknown key`), not "expected SampleConfig | None, got {...}"
-        meant = [a for a in errors if isinstance(value, dict) and dataclasses.is_dataclass(a)]
+        meant = [a for a in errors if isinstance(value, dict) and dataclasses.is_dataclass(a)
+                 or isinstance(value, list) and typing.get_origin(a) is list]  # (a list: its item at fault)
         if len(errors) == 1 or len(meant) == 1:
             raise errors[meant[0] if meant else next(iter(errors))]
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}", key)
@@ -1055,7 +1056,8 @@ def load_stage_config(stage: str, recipe: str | Path | None, overrides: dict[str
         if not where or str(e).startswith(where):
             raise
         msg = str(e)
-        if where.startswith("command line") and msg.startswith(f"{e.key}: "):
+        if where.startswith("command line") and where.endswith((f"--{e.key}", f".{e.key}")) and \
+                msg.startswith(f"{e.key}: "):
             msg = msg[len(e.key) + 2:]  # "command line --lr: must be > 0", not "... --lr: lr: ..."
         raise ConfigError(f"{where}: {msg}", e.key) from None
 

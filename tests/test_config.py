@@ -61,10 +61,23 @@ def test_a_whole_section_given_on_the_command_line_names_the_keys_it_drops(caplo
     ({"model.lora.enabled": "maybe"}, "model.lora.enabled: expected true/false"),
     ({"train": 3}, "train: expected a mapping"),
     ({"data.train": {"a": 1}}, "data.train: expected"),
+    # a list's item at fault is named with its index (it was "expected str | list[str] | None, got [...]")
+    ({"data.train": ["a.jsonl", {"path": "x"}]}, "^command line --data.train: data.train[1]: expected a string, "
+                                                 "got {'path': 'x'}$"),
 ])
 def test_wrong_types_name_the_key(override, needle):
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
         load_stage_config("sft", None, override)
+
+
+def test_a_missing_file_in_a_list_of_data_files_is_named_by_its_place(tmp_path):
+    from rlhf.data.formats import load_examples, parse_sft
+    from rlhf.errors import DataError
+
+    with pytest.raises(DataError, match=r"^data\.train\[1\]: 5: data file not found$"):
+        load_examples(["recipes/tiny/data/sft.jsonl", "5"], parse_sft)
+    with pytest.raises(DataError, match=r"^nope\.jsonl: data file not found$"):  # (one file: its name says it)
+        load_examples("nope.jsonl", parse_sft)
 
 
 def test_pipeline_sections_and_prefixed_overrides(tmp_path):

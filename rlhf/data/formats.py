@@ -613,9 +613,14 @@ def load_examples(spec: str | None, parser, *, split: str = "train", skip_bad_ro
     if not spec:
         raise DataError(f"recipe: '{field_name}' is not set")
     specs = [spec] if isinstance(spec, str) else list(spec)
-    rows = [r for s in specs for r in read_rows(s, split)]
+    rows = []
+    for i, s in enumerate(specs):
+        try:
+            rows += read_rows(s, split)
+        except DataError as e:  # which of several files: its place in the list too
+            raise (DataError(f"{field_name}[{i}]: {e}") if len(specs) > 1 else e) from None
     if not rows:
-        raise DataError(f"{spec}: empty dataset")
+        raise DataError(f"{spec if isinstance(spec, str) else ', '.join(specs)}: empty dataset")
     if max_samples:
         rows = rows[:max_samples]
     return parse_all(rows, parser, skip_bad_rows, what)
