@@ -218,6 +218,11 @@ def eval_reward_model(ckpt: str, cfg: EvalConfig, device) -> dict:
     groups, _ = load_examples(cfg.pairs, parse_preference, max_samples=cfg.max_samples, what="preference rows",
                               field_name="--pairs")
     enc = [([r.encode(g.prompt, x) for x in g.responses], g.pairs) for g in groups]
+    for g, (seqs, _) in zip(groups, enc):
+        long = [i for i, s in enumerate(seqs) if r.positions is not None and len(s) > r.positions]
+        if long:
+            raise DataError(f"{g.source}: field '{g.fields[long[0]]}': {len(seqs[long[0]])} tokens with the prompt, "
+                            f"more than the reward model's {r.positions} learned positions")
     c, rj = [], []
     for i in range(0, len(enc), cfg.batch_size):
         _, cc, rr = group_loss(r.model, enc[i : i + cfg.batch_size], r.tok.pad_token_id, device)
@@ -254,7 +259,7 @@ def eval_policy(ckpt: str, cfg: EvalConfig, data: tuple, judges: tuple, device) 
     fields = {k: [p.meta.get(k) for p in prompts] for k in prompts[0].meta}
     raw = [p.raw_prompt for p in prompts]
     if rm is not None:
-        res["reward_model_score"] = rm.score([p.prompt for p in prompts], texts).mean().item()
+        res["reward_model_score"] = rm.score([p.prompt for p in prompts], texts, fit=True).mean().item()
     for spec, fn in fns:
         vals = call_reward_fn(fn, raw, texts, fields)
         res[f"reward/{spec}"] = sum(vals) / len(vals)
@@ -265,7 +270,7 @@ def eval_policy(ckpt: str, cfg: EvalConfig, data: tuple, judges: tuple, device) 
         res.update(bleu_chrf(texts, [p.meta[cfg.reference_field] for p in prompts]))
     if judge is not None:
         return res, call_reward_fn(judge, raw, texts, fields)
-    return res, rm.score([p.prompt for p in prompts], texts).tolist() if rm is not None else None
+    return res, rm.score([p.prompt for p in prompts], texts, fit=True).tolist() if rm is not None else None
 
 
 def format_table(result: dict) -> str:

@@ -239,7 +239,7 @@ def fit_positions(seqs: list[list[int]], limit: int | None) -> tuple[list[list[i
     and their last (the EOS a decoder RM reads its score at, an encoder's [SEP]), and which were cut.
     A reward model with a tokenizer of its own re-encodes PPO's text, whose length in its tokens is
     known only once sampled; past the table it would fail with an IndexError mid-run."""
-    if limit is None:
+    if limit is None or limit < 2:  # (no table, or one too small to keep both ends: score_ids refuses)
         return seqs, [False] * len(seqs)
     cut = [len(s) > limit for s in seqs]
     return [s[: limit - 1] + s[-1:] if c else s for s, c in zip(seqs, cut)], cut
@@ -270,6 +270,10 @@ def forward_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 class RewardModel:
     """A saved RM checkpoint: scores (prompt, response) pairs exactly as in RM training, + its bias."""
 
+    positions: int | None = None
+    """Its learned positions (:func:`rlhf.models.position_limit`); None: no table to run past."""
+    warned_truncation = False
+
     def __init__(self, path: str, device=None, dtype: str = "float32"):
         from transformers import AutoModelForSequenceClassification
 
@@ -292,28 +296,38 @@ class RewardModel:
         self.device = device  # where inputs go; None: the model's first parameter's device
         self.bias = float(getattr(self.model.config, BIAS_KEY, 0.0) or 0.0)
         self.path = path
-        self.positions = position_limit(self.model)  # None: no learned position table to run past
-        self.truncated: list[bool] = []  # per sequence of the last score_ids call: cut to fit the positions
-        self.warned_truncation = False
+        self.positions = position_limit(self.model)
 
     def encode(self, prompt, response) -> list[int]:
         from .tokenization import encode_scored
 
         return encode_scored(self.tok, prompt, response)
 
-    def score_ids(self, seqs: list[list[int]], normalized: bool = True, batch_size: int = 64) -> torch.Tensor:
-        seqs, self.truncated = fit_positions(seqs, self.positions)
-        if any(self.truncated) and not self.warned_truncation:
+    def fit(self, seqs: list[list[int]]) -> tuple[list[list[int]], list[bool]]:
+        """`seqs` cut to its learned positions (:func:`fit_positions`) and which were cut, for text
+        sampled by a policy with another tokenizer, whose length here is known only once sampled.
+        The first cut is warned of."""
+        seqs, cut = fit_positions(seqs, self.positions)
+        if any(cut) and not self.warned_truncation:
             self.warned_truncation = True
-            log.warning("%s: %d of %d sequences are longer than its %d learned positions in its own tokens; each "
-                        "is scored on its first %d tokens and its last (PPO logs the share as rm_truncated; "
-                        "lower data.max_prompt_length or max_new_tokens to score whole responses)", self.path,
-                        sum(self.truncated), len(seqs), self.positions, self.positions - 1)
+            log.warning("%s: %d of %d sequences are longer than its %d learned positions in its own tokens; each is "
+                        "scored on its first %d tokens and its last (further cuts are not warned of)", self.path,
+                        sum(cut), len(seqs), self.positions, self.positions - 1)
+        return seqs, cut
+
+    def score_ids(self, seqs: list[list[int]], normalized: bool = True, batch_size: int = 64) -> torch.Tensor:
+        over = [i for i, s in enumerate(seqs) if self.positions is not None and len(s) > self.positions]
+        if over:  # (past the table: an IndexError, or a device-side assert on a GPU)
+            raise RewardError(f"{self.path}: a sequence of {len(seqs[over[0]])} tokens to score, more than the reward "
+                              f"model's {self.positions} learned positions (max_position_embeddings / n_positions)")
         raw = score_sequences(self.model, seqs, self.tok.pad_token_id, batch_size, self.device)
         return raw + self.bias if normalized else raw
 
-    def score(self, prompts: list, responses: list, normalized: bool = True, batch_size: int = 64) -> torch.Tensor:
-        return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)], normalized, batch_size)
+    def score(self, prompts: list, responses: list, normalized: bool = True, batch_size: int = 64,
+              fit: bool = False) -> torch.Tensor:
+        """Scores of (prompt, response) pairs; with `fit`, those past the positions cut (:meth:`fit`)."""
+        seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        return self.score_ids(self.fit(seqs)[0] if fit else seqs, normalized, batch_size)
 
     def same_tokenizer(self, tok) -> bool:
         """The policy's sampled ids are exactly what this RM's tokenizer makes of the same text: the

@@ -88,7 +88,8 @@ class RMRefresher:
         self.optimizer = make_optimizer(self.rm.model.parameters(), _optim(cfg.lr))
 
     def encode(self, group) -> tuple[list[list[int]], list]:
-        return [self.rm.encode(group.prompt, r) for r in group.responses], group.pairs
+        """The group's sequences as the RM reads them (cut to its positions, as PPO's scores are)."""
+        return self.rm.fit([self.rm.encode(group.prompt, r) for r in group.responses])[0], group.pairs
 
     # ------------------------------------------------------------------ the refresh
 

@@ -820,6 +820,17 @@ def test_rows_longer_than_a_models_learned_positions_are_refused_before_training
     assert rc == 2 and re.search(r"error: the longest sample\.prompts prompt with sample\.max_new_tokens: \d+ tokens, "
                                  r"but the model has learned positions for only 30", stderr), stderr[-2000:]
     assert _rlhf_here(capsys, *sample, "--sample.max_new_tokens", "4", "--output_dir", tmp_path / "rm_s")[0] == 0
+    # sample.mix_with's rows are appended to the sampled ones: checked before sampling (found after it otherwise)
+    mix = _rows(tmp_path, "mix.jsonl", {"prompt": "sort 3 1 2", "chosen": "1 2 3 " * 10, "rejected": "3 2 1"})
+    rc, stderr = _rlhf_here(capsys, *sample, "--sample.max_new_tokens", "4", "--sample.mix_with", mix,
+                            "--output_dir", tmp_path / "rm_m")
+    assert rc == 2 and re.search(r"error: the longest sample\.mix_with row: \d+ tokens, but the model has learned "
+                                 r"positions for only 30", stderr), stderr[-2000:]
+    # `rlhf score` names the row a reward model cannot read whole (it was an IndexError traceback)
+    for args in (["score", rm, mix], ["eval", rm, "--pairs", mix]):  # (and `rlhf eval --pairs`)
+        rc, stderr = _rlhf_here(capsys, *args)
+        assert rc == 2 and re.search(r"error: .*mix\.jsonl:1: field 'chosen': \d+ tokens with the prompt, more than "
+                                     r"the reward model's 30 learned positions", stderr), (args, stderr[-2000:])
     # the same RM with a tokenizer of its own (another template): it re-encodes the text, counted in its tokens
     from transformers import AutoTokenizer
 

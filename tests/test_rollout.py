@@ -322,6 +322,7 @@ def test_a_reward_model_cuts_sequences_past_its_positions_and_ppo_counts_them(to
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from rlhf.data.formats import PromptExample
+    from rlhf.errors import RewardError
     from rlhf.rewards import RewardModel, fit_positions
     from rlhf.rollout import Generation
     from rlhf.stages.ppo import Rollout, sequence_scores
@@ -329,6 +330,7 @@ def test_a_reward_model_cuts_sequences_past_its_positions_and_ppo_counts_them(to
     assert fit_positions([[1, 2, 3, 4, 5, 6], [7, 8, 9], [1, 2, 3, 4]], 4) == \
         ([[1, 2, 3, 6], [7, 8, 9], [1, 2, 3, 4]], [True, False, False])
     assert fit_positions([[1, 2, 3]], None) == ([[1, 2, 3]], [False])
+    assert fit_positions([[1, 2, 3]], 1) == ([[1, 2, 3]], [False])  # (no room for both ends: refused when scored)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(
         "gpt2", vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=20, num_labels=1,
@@ -342,11 +344,28 @@ def test_a_reward_model_cuts_sequences_past_its_positions_and_ppo_counts_them(to
     seq = rm.encode([{"role": "user", "content": "sort 3 1 2"}], "1 2 3 and then some more words here")
     assert len(seq) > 20
     with caplog.at_level("WARNING"):
-        s = rm.score_ids([seq, seq[:5]])
+        fitted, cut = rm.fit([seq, seq[:5]])
+        rm.fit([seq])
+    assert cut == [True, False] and fitted == [seq[:19] + seq[-1:], seq[:5]]
+    assert sum("longer than its 20 learned positions" in r.message for r in caplog.records) == 1  # (warned once)
+    prompt = [{"role": "user", "content": "sort 3 1 2"}]
+    assert torch.allclose(rm.score([prompt], ["1 2 3 and then some more words here"], fit=True),
+                          rm.score_ids(fitted[:1]))
+    # rm_refresh trains the RM on what it scores: cut the same way (group_loss ran past the table)
+    from types import SimpleNamespace
+
+    from rlhf.rewards import group_loss
+    from rlhf.rm_refresh import RMRefresher
+
+    group = SimpleNamespace(prompt=prompt, responses=["1 2 3 and then some more words here", "3 2 1"],
+                            pairs=[(0, 1, 0.0)])
+    seqs, pairs = RMRefresher.encode(SimpleNamespace(rm=rm), group)
+    assert [len(x) for x in seqs] == [20, len(rm.encode(prompt, "3 2 1"))]
+    assert torch.isfinite(group_loss(rm.model, [(seqs, pairs)], tok.pad_token_id, "cpu")[0]).all()
+    # not asked to cut (`rlhf score`, a refresh's reference set): one line, not an IndexError from the table
+    with pytest.raises(RewardError, match=r"a sequence of \d+ tokens to score, more than the reward model's 20 "
+                                          r"learned positions"):
         rm.score_ids([seq])
-    assert rm.truncated == [True] and sum("longer than its 20 learned positions" in r.message
-                                          for r in caplog.records) == 1  # (warned once)
-    assert torch.allclose(s, rm.score_ids([seq[:19] + seq[-1:], seq[:5]]))
     # PPO's text path: the share cut is logged with the RM's score
     gen = Generation(prompt_ids=torch.tensor([[5], [6]]), prompt_mask=torch.ones(2, 1, dtype=torch.long),
                      response_ids=torch.tensor([[8], [9]]), response_mask=torch.ones(2, 1, dtype=torch.long),
@@ -355,3 +374,12 @@ def test_a_reward_model_cuts_sequences_past_its_positions_and_ppo_counts_them(to
     texts = ["1 2 3 and then some more words here", "1 2 3"]
     score, parts = sequence_scores(Rollout(gen, prompts, texts), tok, rm, [], 1.0, 0.0, "cpu")
     assert parts["rm_truncated"].tolist() == [1.0, 0.0] and torch.isfinite(score).all()
+
+    class SpyRM(RewardModel):  # (a stand-in without __init__: no table, nothing cut, nothing counted)
+        def __init__(self):
+            self.tok = other
+
+        def score_ids(self, seqs, normalized=True, batch_size=64):
+            return torch.zeros(len(seqs))
+
+    assert list(sequence_scores(Rollout(gen, prompts, texts), tok, SpyRM(), [], 1.0, 0.0, "cpu")[1]) == ["rm_score"]

@@ -239,10 +239,11 @@ def sequence_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_f
                     zip(g.prompt_ids.cpu(), g.prompt_mask.cpu().bool(), g.response_ids.cpu(),
                         g.response_mask.cpu().bool(), g.has_eos.cpu().tolist())]
             rm_score = reward_model.score_ids(seqs).to(device)
-        else:
-            rm_score = reward_model.score([p.prompt for p in ro.prompts], ro.texts).to(device)
-            if reward_model.positions is not None:  # re-encoded text may run past its positions: cut, and counted
-                parts["rm_truncated"] = torch.tensor(reward_model.truncated, device=device, dtype=torch.float32)
+        else:  # the text re-encoded, which may run past its positions: cut to fit, and counted
+            seqs, cut = reward_model.fit([reward_model.encode(p.prompt, t) for p, t in zip(ro.prompts, ro.texts)])
+            rm_score = reward_model.score_ids(seqs).to(device)
+            if reward_model.positions is not None:
+                parts["rm_truncated"] = torch.tensor(cut, device=device, dtype=torch.float32)
         parts["rm_score"] = rm_score
         score = score + rm_weight * rm_score
     for spec, fn in reward_fns:

@@ -166,10 +166,10 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
         tok = load_tokenizer(cfg.model)
         encoded = encode_groups(tok, groups, cfg.data.max_length, cfg.data.skip_bad_rows, stats)
         eval_encoded = encode_groups(tok, eval_groups, cfg.data.max_length, cfg.data.skip_bad_rows, {})
-        sampled_bound = 0  # the longest sampled row: a prompt + sample.max_new_tokens, at most data.max_length
+        sampled_bound, mixed_enc = 0, []  # the longest sampled row: a prompt + sample.max_new_tokens (<= max_length)
         if cfg.sample is not None:
             mixed, sample_prompts = check_sample_config(cfg.sample, cfg.data.skip_bad_rows)  # (before sampling)
-            encode_groups(tok, mixed, cfg.data.max_length, cfg.data.skip_bad_rows, {})
+            mixed_enc = encode_groups(tok, mixed, cfg.data.max_length, cfg.data.skip_bad_rows, {})
             sampled_bound = min(cfg.data.max_length, cfg.sample.max_new_tokens + max(
                 (len(encode_scored(tok, p.prompt, "")) for p in sample_prompts), default=0))
         else:  # the training set is known now (with sampling, only once the rankings are in)
@@ -181,10 +181,16 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     rows = [s for _, seqs in encoded + eval_encoded for s in seqs]
     if rows:
         check_positions(model, max(map(len, rows)), "the longest preference row")
-    if cfg.sample is not None:  # (its rows are sampled later)
-        check_positions(model, sampled_bound, "data.max_length, which bounds the sampled rows"
-                        if sampled_bound == cfg.data.max_length else "the longest sample.prompts prompt with "
-                        "sample.max_new_tokens", "lower it or use a model with more positions")
+    if cfg.sample is not None:  # (its rows are sampled later; sample.mix_with's rows are appended to them)
+        by_max_length = sampled_bound == cfg.data.max_length
+        check_positions(model, sampled_bound, "data.max_length, which bounds the sampled rows" if by_max_length else
+                        "the longest sample.prompts prompt with sample.max_new_tokens",
+                        f"lower {'data.max_length' if by_max_length else 'sample.max_new_tokens'} or use a model "
+                        f"with more positions")
+        if mixed_enc:
+            check_positions(model, max(len(s) for _, seqs in mixed_enc for s in seqs), "the longest sample.mix_with "
+                            "row", "lower data.max_length and set data.skip_bad_rows, or use a model with more "
+                            "positions")
     n = apply_onednn_linear(cfg.onednn_linear, acc, [model])
     if n:
         log.info("onednn_linear: %d linear layers run through oneDNN", n)
