@@ -133,6 +133,7 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
     if _SET_DS_ENV:  # set by an earlier stage of this process, not by the launcher
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
         _SET_DS_ENV = False
+    _forget_deepspeed_process_type()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
     mp = resolve_mixed_precision(mixed_precision)
@@ -163,6 +164,7 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=port or str(_free_port()))
     use_cpu = os.environ.pop("ACCELERATE_USE_CPU", None)  # it makes accelerate drop DeepSpeed for plain DDP
+    _start_deepspeed_comm()
     try:
         acc = Accelerator(mixed_precision=mp, kwargs_handlers=handlers,
                           deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config))
@@ -175,6 +177,39 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
         log.info("DeepSpeed ZeRO-%s on %d processes (%s)", ds_config.get("zero_optimization", {}).get("stage", 0),
                  acc.num_processes, ds_path)
     return acc
+
+
+def _forget_deepspeed_process_type() -> None:
+    """The process state accelerate keeps for the whole process (its PartialState, which holds the
+    process group) says DEEPSPEED once a DeepSpeed stage ran in it; a later stage without DeepSpeed
+    (a pipeline's DPO, or a stage with another engine) then failed in accelerate ("no attribute
+    'mixed_precision'"). It is put back to what a launch without DeepSpeed makes of the processes."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    st = PartialState._shared_state
+    if st.get("distributed_type") != DistributedType.DEEPSPEED:
+        return
+    device = st.get("device")
+    st["distributed_type"] = DistributedType.NO if st.get("num_processes", 1) == 1 else \
+        DistributedType.MULTI_GPU if device is not None and device.type == "cuda" else DistributedType.MULTI_CPU
+
+
+def _start_deepspeed_comm() -> None:
+    """DeepSpeed's communication set up over the process group, as accelerate does only when DeepSpeed
+    is the first engine of the process: after a stage without DeepSpeed (or a resumed pipeline's
+    first check), a ZeRO-3 load (zero.Init) saw 1 process ("train_batch_size is not equal to
+    micro_batch_per_gpu * gradient_acc_step * world_size"), and a one-process pipeline had no
+    process group at all ("Default process group has not been initialized")."""
+    from accelerate.state import PartialState
+
+    if not PartialState._shared_state:  # (accelerate starts it, as for any first engine)
+        return
+    import deepspeed.comm as ds_comm
+
+    if not ds_comm.is_initialized():
+        ds_comm.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                 auto_mpi_discovery=False, verbose=False)
 
 
 def _cpu_grad_scaler_for_tests(acc, mp: str) -> None:

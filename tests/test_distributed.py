@@ -367,3 +367,25 @@ def test_a_cpu_launch_without_accelerate_use_cpu_is_one_line_per_rank(tmp_path):
     assert p.returncode != 0 and p.stderr.count(said) == 2, p.stderr[-3000:]  # (the two lines may interleave)
     assert "rlhf sft: error: [rank 1] a launcher" in p.stderr  # (each line names its process, as its log does)
     assert "AttributeError" not in p.stderr and not (tmp_path / "out").exists()
+
+
+PIPE = ["pipeline", "recipes/tiny/pipeline.yaml", "--sft.train.max_steps", "2", "--sft.gen_eval_samples", "4",
+        "--rm.train.max_steps", "2", "--rm.sample.max_prompts", "8", "--ppo.steps", "1", "--ppo.rollout_batch_size", "8",
+        "--ppo.minibatch_size", "4", "--ppo.micro_batch_size", "2", "--ppo.ppo_epochs", "1", "--ppo.eval_samples", "4",
+        "--ppo.sample_every", "0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,engines", [
+    (1, {"sft": "zero3"}),  # DeepSpeed first in one process: "Default process group has not been initialized"
+    (1, {"rm": "zero3"}),   # a stage without DeepSpeed after one with it: "no attribute 'mixed_precision'"
+    (2, {"ppo": "zero3"}),  # ZeRO-3 after DDP stages: zero.Init saw 1 process, "train_batch_size is not equal ..."
+])
+def test_a_pipeline_switches_engines_between_stages(tmp_path, nproc, engines):
+    """docs/scaling.md: a pipeline may mix engines per stage. Each of these failed at the stage
+    after the switch, once the earlier stages had trained (and so did --resume of them)."""
+    keys = {"sft": "--sft.train.deepspeed", "rm": "--rm.train.deepspeed", "ppo": "--ppo.deepspeed"}
+    ds = [a for stage, e in engines.items() for a in (keys[stage], f"recipes/deepspeed/{e}.json")]
+    _launch(nproc, *PIPE, *ds, "--output_dir", tmp_path / "p")
+    s = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert s["stages"] == ["sft", "rm", "ppo"] and s["ppo"]["steps"] == 1
