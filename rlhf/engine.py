@@ -179,6 +179,12 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
     return acc
 
 
+def launcher_deepspeed() -> bool:
+    """Whether the launcher asks for DeepSpeed (`accelerate launch` with a DeepSpeed config), as
+    opposed to a recipe's JSON, for which rlhf sets accelerate's variable itself."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not _SET_DS_ENV
+
+
 def _forget_deepspeed_process_type() -> None:
     """The process state accelerate keeps for the whole process (its PartialState, which holds the
     process group) says DEEPSPEED once a DeepSpeed stage ran in it; a later stage without DeepSpeed
@@ -366,13 +372,16 @@ def check_deepspeed_json(cfg, path: str) -> None:
     zero = cfg.get("zero_optimization")
     if zero is None:
         raise RunError(f"{path}: no 'zero_optimization' section (recipes/deepspeed/ has ZeRO-2 and ZeRO-3 examples)")
-    if zero.get("stage", 0) not in (0, 1, 2, 3):
+    if isinstance(zero.get("stage"), bool) or zero.get("stage", 0) not in (0, 1, 2, 3):  # (true ran as ZeRO-1)
         raise RunError(f"{path}: 'zero_optimization.stage' must be 0, 1, 2 or 3, got {zero.get('stage')!r}")
     for key in ("optimizer", "scheduler"):  # a scheduler here replaced the recipe's (lr 0: nothing trained, exit 0)
         if key in cfg:
             raise RunError(f"{path}: '{key}': the recipe sets the optimizer (AdamW, train.lr) and the learning-rate "
                            f"schedule (train.lr_scheduler, warmup_ratio); remove the '{key}' section")
-    _check_zero_fields(zero, path)
+    _check_fields(cfg, path)
+    if cfg.get("communication_data_type") not in (None, "fp32", "fp16", "bf16"):
+        raise RunError(f"{path}: 'communication_data_type' must be fp32, fp16 or bf16, got "
+                       f"{cfg['communication_data_type']!r}")
     for key in ("offload_optimizer", "offload_param"):  # NVMe offload needs DeepSpeed's async_io op built here
         if isinstance(zero.get(key), dict) and zero[key].get("device") == "nvme" and not _async_io_builds():
             raise RunError(f"{path}: 'zero_optimization.{key}.device' nvme: DeepSpeed's async_io op cannot be built "
@@ -394,25 +403,31 @@ def _async_io_builds() -> bool:
         return True
 
 
-def _check_zero_fields(zero: dict, path: str) -> None:
-    """`zero_optimization` as the installed DeepSpeed reads it (its pydantic model refuses unknown
-    keys and values of the wrong type): one line naming the key, at the start, not a traceback
-    from inside accelerate's prepare once the models have loaded."""
+def _check_fields(cfg: dict, path: str) -> None:
+    """`zero_optimization`, `bf16` and `fp16` as the installed DeepSpeed reads them (its pydantic
+    models refuse unknown keys and values of the wrong type): one line naming the key, at the
+    start, not a traceback from inside accelerate's prepare once the models have loaded."""
     try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    except ImportError:  # (no DeepSpeed: the launcher's own error follows)
+    except ImportError:  # (no DeepSpeed, or one of another layout: DeepSpeed says it itself)
         return
-    try:
-        DeepSpeedZeroConfig(**zero)
-    except Exception as e:
-        errors = getattr(e, "errors", None)
-        if not callable(errors):
-            raise
-        first = errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ()))
-        near = difflib.get_close_matches(where, list(DeepSpeedZeroConfig.model_fields), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near and first.get("type") == "extra_forbidden" else ""
-        raise RunError(f"{path}: 'zero_optimization.{where}': {first.get('msg', e)}{hint}") from None
+    for name, model in (("zero_optimization", DeepSpeedZeroConfig), ("bf16", DeepSpeedBF16Config),
+                        ("fp16", DeepSpeedFP16Config)):
+        if name not in cfg:
+            continue
+        try:
+            model(**cfg[name])
+        except Exception as e:
+            errors = getattr(e, "errors", None)
+            if not callable(errors):
+                raise
+            first = errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            near = difflib.get_close_matches(where, list(model.model_fields), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near and first.get("type") == "extra_forbidden" else ""
+            msg = str(first.get("msg", e)).removeprefix("Value error, ")
+            raise RunError(f"{path}: '{name}.{where}': {msg}{hint}") from None
 
 
 def _ds_has_bf16_overflow_check() -> bool:

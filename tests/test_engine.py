@@ -232,7 +232,14 @@ def test_a_deepspeed_json_is_checked_as_deepspeed_reads_it(tmp_path):
             ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}},
              r"'zero_optimization\.reduce_bucket_size': Input should be a valid integer"),
             ({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}},
-             r"'zero_optimization\.stage3_gather_16bit_weights_on_model_save' must be true")]:
+             r"'zero_optimization\.stage3_gather_16bit_weights_on_model_save' must be true"),
+            # the precision sections and the communication type too (tracebacks after the models loaded)
+            ({"zero_optimization": z2, "bf16": {"enabled": "auto", "bogus": 1}},
+             r"ds\.json: 'bf16\.bogus': Extra inputs are not permitted"),
+            ({"zero_optimization": z2, "fp16": {"loss_scale": "big"}}, r"'fp16\.loss_scale': fp16\.loss_scale must be"),
+            ({"zero_optimization": z2, "communication_data_type": "bogus"},
+             r"'communication_data_type' must be fp32, fp16 or bf16, got 'bogus'"),
+            ({"zero_optimization": {"stage": True}}, r"'zero_optimization\.stage' must be 0, 1, 2 or 3, got True")]:
         with pytest.raises(RunError, match=pattern):
             config(doc)
     from deepspeed.ops.op_builder import AsyncIOBuilder

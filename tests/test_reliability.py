@@ -240,7 +240,7 @@ def test_a_run_folder_is_resumed_only_by_its_own_command(tmp_path, finished_run,
 
 
 @pytest.mark.slow
-def test_a_pipeline_checks_its_later_stages_inputs_before_the_first_trains(tmp_path, capsys):
+def test_a_pipeline_checks_its_later_stages_inputs_before_the_first_trains(tmp_path, capsys, monkeypatch):
     """A typo in the ppo: or rm: section of a pipeline is one line before SFT trains (it was found
     when that stage started, after SFT and the RM had trained): nothing is left behind."""
     out, policy = tmp_path / "p", _model_folder(tmp_path, "sft", "LlamaForCausalLM")
@@ -257,9 +257,22 @@ def test_a_pipeline_checks_its_later_stages_inputs_before_the_first_trains(tmp_p
              (["--rm.train.micro_batch_size", "3"], r"'rm\.train\.batch_size' per process \(32\) must be a multiple"),
              (["--ppo.deepspeed", tmp_path / "nope.json"], r"'ppo\.deepspeed' config not found"),
              (["--rm.train.deepspeed", _bad(tmp_path, "ds.json", '{"zero_optimization": {"stage": 2, "x": 1}}')],
-              r"ds\.json: 'zero_optimization\.x': Extra inputs are not permitted")]
+              r"ds\.json: 'zero_optimization\.x': Extra inputs are not permitted"),
+             # refused when that stage started, after the others had trained
+             (["--ppo.compile", "true", "--ppo.deepspeed", "recipes/deepspeed/zero3.json"],
+              r"'ppo\.compile: true' is not supported under DeepSpeed"),
+             (["--dpo.data.train", "recipes/tiny/data/prefs.jsonl", "--dpo.train.deepspeed",
+               "recipes/deepspeed/zero2.json"], r"'dpo\.train\.deepspeed' is not supported by rlhf dpo yet"),
+             (["--dpo.data.train", "recipes/tiny/data/prefs.jsonl", "ACCELERATE_USE_DEEPSPEED=true"],
+              r"the launcher's DeepSpeed config \(ACCELERATE_USE_DEEPSPEED=true\) is not supported by rlhf dpo")]
     for args, pattern in cases:
+        env = [a for a in args if str(a).startswith("ACCELERATE_")]  # (as `accelerate launch` with a DeepSpeed config)
+        for a in env:
+            monkeypatch.setenv(*a.split("="))
+        args = [a for a in args if a not in env]
         rc, stderr = _rlhf_here(capsys, "pipeline", "recipes/tiny/pipeline.yaml", "--output_dir", out, *args)
+        for a in env:
+            monkeypatch.delenv(a.split("=")[0])
         err = [l for l in stderr.strip().splitlines() if "error:" in l]
         assert rc == 2 and len(err) == 1 and re.search(pattern, err[0]), (args, stderr[-1500:])
         assert not out.exists() and not staging_path(out).exists()

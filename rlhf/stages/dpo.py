@@ -26,8 +26,8 @@ from ..checkpoint import truncate_jsonl
 from ..config import ConfigError, DPOConfig, PPOConfig, to_dict
 from ..data.formats import load_examples, parse_preference, parse_prompt
 from ..engine import (MetricsLogger, RunError, atomic_write_text, env_flag, finish_run, finished_summary,
-                      grad_accum_steps, inputs_first, make_accelerator, open_run, peak_memory, prepare_output_dir,
-                      resolve_mixed_precision, save_recipe, set_seed, world_size, write_summary)
+                      grad_accum_steps, inputs_first, launcher_deepspeed, make_accelerator, open_run, peak_memory,
+                      prepare_output_dir, resolve_mixed_precision, save_recipe, set_seed, world_size, write_summary)
 from ..faults import fault_point_step
 from ..models import (check_policy_model, check_positions, count_parameters, disable_dropout, load_causal_lm,
                       load_tokenizer, save_model_files)
@@ -129,11 +129,20 @@ def evaluate(cfg: DPOConfig, policy, ref, reward_model, tok, prompts: list, devi
                                                                                           "eval_rm_score")}
 
 
+def check_dpo_engine(cfg: DPOConfig, section: str = "") -> None:
+    """DDP only: our evaluation and saving read the whole model on the main process (a ZeRO-3
+    shard failed at the first evaluation: "'weight' must be 2-D"). A launcher's DeepSpeed config
+    (`accelerate launch --config_file recipes/accelerate/zero3.yaml`) is refused as the recipe's is."""
+    what = f"recipe: '{section}train.deepspeed'" if cfg.train.deepspeed else \
+        "the launcher's DeepSpeed config (ACCELERATE_USE_DEEPSPEED=true)" if launcher_deepspeed() else None
+    if what:
+        raise RunError(f"{what} is not supported by rlhf dpo yet; run it under DDP (torchrun, or accelerate launch "
+                       f"without a DeepSpeed config)")
+
+
 def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = False, resume: bool = False) -> dict:
     t_start = time.time()
-    if cfg.train.deepspeed:  # (our evaluation and saving read the whole model on the main process)
-        raise RunError("recipe: 'train.deepspeed' is not supported by rlhf dpo yet; run it under DDP (torchrun / "
-                       "accelerate launch)")
+    check_dpo_engine(cfg)
     acc = make_accelerator(cfg.train.mixed_precision, matmul_precision=cfg.train.matmul_precision)
     rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume, "dpo", cfg)
     if rf.done:

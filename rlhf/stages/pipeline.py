@@ -81,8 +81,10 @@ def check_later_stages(cfg: PipelineConfig, todo: list[str]) -> None:
 def _check_later_batches(cfg: PipelineConfig, todo: list[str]) -> None:
     """The later stages' batches split over the processes this job has, and their DeepSpeed JSONs
     read and checked: both were found only when that stage started."""
-    from ..engine import grad_accum_steps, read_deepspeed_json, world_size
+    from ..engine import grad_accum_steps, launcher_deepspeed, read_deepspeed_json, world_size
+    from .dpo import check_dpo_engine
     from .ppo import batch_split
+    from .ppo_setup import COMPILE_DEEPSPEED
 
     world = world_size()
     for stage in [s for s in ("rm", "dpo") if s in todo[1:]]:
@@ -94,6 +96,10 @@ def _check_later_batches(cfg: PipelineConfig, todo: list[str]) -> None:
         batch_split(dataclasses.replace(cfg.ppo, reward_model=cfg.ppo.reward_model or "rm/"), world, "ppo.")
         if cfg.ppo.deepspeed:
             read_deepspeed_json(cfg.ppo.deepspeed, "ppo.deepspeed")
+        if cfg.ppo.compile and (cfg.ppo.deepspeed or launcher_deepspeed()):
+            raise RunError(COMPILE_DEEPSPEED.replace("'compile", "'ppo.compile"))
+    if "dpo" in todo[1:]:  # (DDP only)
+        check_dpo_engine(cfg.dpo, "dpo.")
 
 
 def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: bool = False,

@@ -122,10 +122,13 @@ class PPOModels:
                 unwrap(m).train(mode)
 
 
+COMPILE_DEEPSPEED = "recipe: 'compile: true' is not supported under DeepSpeed yet (run without it, or with DDP)"
+
+
 def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     """Load, place and prepare every model of the run; build the optimizers and schedules."""
     if cfg.compile and is_deepspeed(acc):
-        raise RunError("recipe: 'compile: true' is not supported under DeepSpeed yet (run without it, or with DDP)")
+        raise RunError(COMPILE_DEEPSPEED)
     if cfg.onednn_linear is True:
         check_onednn_linear(acc)
     zero3 = zero_stage(acc) == 3
