@@ -170,6 +170,7 @@ def save_checkpoint(acc, out: Path, step: int, parts: CheckpointParts, *, state:
         scaler = getattr(acc, "scaler", None)  # fp16: the loss scale and its growth tracker
         (tmp / "state.json").write_text(json.dumps({"step": step, **state, "num_processes": acc.num_processes,
                                                     "deepspeed_engines": engines,
+                                                    "deepspeed_zero": _zero_layout(models),
                                                     "grad_scaler": scaler.state_dict() if scaler else None}, indent=1))
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -240,6 +241,27 @@ def _is_engine(model) -> bool:
     return isinstance(model, DeepSpeedEngine)
 
 
+def _zero_layout(models: dict) -> dict | None:
+    """What a DeepSpeed checkpoint's partitions depend on: the ZeRO stage and where the optimizer
+    states and weights live (None without DeepSpeed). Resuming under another layout failed inside
+    DeepSpeed (a bare AssertionError, or a KeyError at the first step after resuming)."""
+    engine = next((m for m in models.values() if _is_engine(m)), None)
+    if engine is None:
+        return None
+
+    def where(offload) -> str:  # (an offload config's device: an enum of 'none', 'cpu', 'nvme')
+        device = getattr(offload, "device", None)
+        return str(getattr(device, "value", device) or "none")
+
+    return {"stage": int(engine.zero_optimization_stage()), "offload_optimizer": where(engine.zero_offload_optimizer()),
+            "offload_param": where(engine.zero_offload_param())}
+
+
+def _said(layout: dict) -> str:
+    return f"ZeRO-{layout['stage']} (offload_optimizer: {layout['offload_optimizer']}, offload_param: " \
+           f"{layout['offload_param']})"
+
+
 def _is_engine_optimizer(opt) -> bool:
     """accelerate's wrapper of a DeepSpeed engine's optimizer (the engine checkpoints it)."""
     return type(opt).__name__ == "DeepSpeedOptimizerWrapper"
@@ -254,6 +276,13 @@ def _check_compatible(acc, ckpt: Path, state: dict, models: dict) -> None:
         how = ["without DeepSpeed", "under DeepSpeed"]
         raise RunError(f"{ckpt}: written {how[bool(saved)]}, resumed {how[bool(now)]}; resume with the same "
                        f"'deepspeed' setting and process count")
+    layout, layout_now = state.get("deepspeed_zero"), _zero_layout(models)
+    # another stage partitions differently; optimizer states moved to an offload device failed at the first step
+    # (DeepSpeed's KeyError 'bias_correction'); the other way round, and weights moved, resume (tested)
+    if saved and layout and (layout["stage"] != layout_now["stage"] or layout["offload_optimizer"] == "none"
+                             and layout_now["offload_optimizer"] != "none"):  # (checkpoints before 2026-12-07: none)
+        raise RunError(f"{ckpt}: written under {_said(layout)}, resumed under {_said(layout_now)}; resume with the "
+                       f"DeepSpeed JSON that wrote it")
     n = state.get("num_processes", acc.num_processes)
     if saved and n != acc.num_processes:
         raise RunError(f"{ckpt}: a DeepSpeed checkpoint written by {n} processes cannot resume on "
@@ -304,7 +333,7 @@ def _unrestorable(e: Exception, ckpt: Path, out: Path) -> RunError | None:
         return RunError(f"{ckpt}: damaged, cannot be restored ({type(e).__name__}: {why}); delete this checkpoint "
                         f"folder and {then}")
     if isinstance(e, RuntimeError) and any(k in why for k in ("state_dict", "Missing key", "Unexpected key",
-                                                              "size mismatch")):
+                                                              "size mismatch", "must match the size of tensor")):
         return RunError(f"{ckpt}: does not match this run's models ({why}); resume with the recipe that wrote it "
                         f"(its recipe.yaml), or start a new run")
     return None

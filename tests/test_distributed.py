@@ -389,3 +389,29 @@ def test_a_pipeline_switches_engines_between_stages(tmp_path, nproc, engines):
     _launch(nproc, *PIPE, *ds, "--output_dir", tmp_path / "p")
     s = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert s["stages"] == ["sft", "rm", "ppo"] and s["ppo"]["steps"] == 1
+
+
+@pytest.mark.slow
+def test_a_deepspeed_checkpoint_resumed_under_another_layout_is_one_line(tmp_path):
+    """A ZeRO-3 checkpoint resumed under ZeRO-2, with optimizer offload switched on, or with a
+    changed layer width: a bare AssertionError from DeepSpeed's loader, a KeyError at the first
+    step after resuming, and a tensor-size RuntimeError. Each is one line now; the run stays
+    resumable with the JSON and recipe that wrote it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    args = [sys.executable, "-m", "rlhf", *SFT, "--train.save_every", "2", "--output_dir", str(tmp_path / "k")]
+    z3 = ["--train.deepspeed", "recipes/deepspeed/zero3.json"]
+    p = subprocess.run(args + z3, capture_output=True, text=True, cwd=ROOT, env=dict(env, RLHF_FAULT="step:3"),
+                       timeout=600)
+    assert p.returncode != 0 and (tmp_path / ".k.staging" / "checkpoints" / "step-00000002").exists(), p.stderr[-2000:]
+    for extra, said in [
+            (["--train.deepspeed", "recipes/deepspeed/zero2.json"], "written under ZeRO-3 (offload_optimizer: none, "
+             "offload_param: none), resumed under ZeRO-2 (offload_optimizer: none, offload_param: none)"),
+            (["--train.deepspeed", "recipes/deepspeed/zero3_offload.json"], "resumed under ZeRO-3 (offload_optimizer: "
+             "cpu, offload_param: cpu); resume with the DeepSpeed JSON that wrote it"),
+            (z3 + ["--model.arch.intermediate_size", "128"], "does not match this run's models (The size of tensor")]:
+        p = subprocess.run(args + extra + ["--resume"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        err = [line for line in p.stderr.splitlines() if "error:" in line]
+        assert p.returncode == 2 and len(err) == 1 and said in err[0] and "Traceback" not in p.stderr, p.stderr[-3000:]
+    p = subprocess.run(args + z3 + ["--resume"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert p.returncode == 0 and json.loads((tmp_path / "k" / "summary.json").read_text())["steps"] == 8, p.stderr[-2000:]
