@@ -1031,6 +1031,17 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def warn_zero3_dtype(acc, dtype: str) -> None:
+    """Under ZeRO-3 the weights are partitioned in DeepSpeed's precision (its bf16/fp16 section,
+    which mixed_precision fills), whatever model.dtype asks: a bf16 model.dtype trained and saved
+    in fp32, at twice the weight memory, without a word."""
+    wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype)
+    if wanted and zero_stage(acc) == 3 and _ds_precision(acc) != wanted:
+        log.warning("model.dtype %s is not what ZeRO-3 trains in: DeepSpeed partitions the weights in %s (its "
+                    "precision, from mixed_precision); set mixed_precision: %s for %s weights", dtype,
+                    {"no": "float32"}.get(_ds_precision(acc), _ds_precision(acc)), wanted, dtype)
+
+
 def start_run(tc, output_dir, overwrite: bool, resume: bool, command: str | None = None, cfg=None):
     """Common start of the SFT and RM loops: accelerator (DDP / DeepSpeed with the recipe's batch
     split), the run folder planned (not yet touched), and the summary of a run --resume finds
@@ -1038,6 +1049,8 @@ def start_run(tc, output_dir, overwrite: bool, resume: bool, command: str | None
     accum, micro_bs = grad_accum_steps(tc.batch_size, tc.micro_batch_size, world_size())
     acc = make_accelerator(tc.mixed_precision, tc.deepspeed, micro_batch_size=micro_bs, grad_accum=accum,
                            max_grad_norm=tc.max_grad_norm, matmul_precision=tc.matmul_precision)
+    if cfg is not None:
+        warn_zero3_dtype(acc, cfg.model.dtype)
     rf = open_run(acc, output_dir, overwrite, resume, command, cfg)  # nothing is written before the inputs check out
     return acc, accum, micro_bs, rf, finished_summary(rf, cfg) if rf.done else None
 

@@ -415,3 +415,14 @@ def test_a_deepspeed_checkpoint_resumed_under_another_layout_is_one_line(tmp_pat
         assert p.returncode == 2 and len(err) == 1 and said in err[0] and "Traceback" not in p.stderr, p.stderr[-3000:]
     p = subprocess.run(args + z3 + ["--resume"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert p.returncode == 0 and json.loads((tmp_path / "k" / "summary.json").read_text())["steps"] == 8, p.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_model_dtype_zero3_does_not_train_in_is_warned_of(tmp_path):
+    """Under ZeRO-3 DeepSpeed partitions the weights in its own precision: `model.dtype: bfloat16`
+    with mixed_precision off trained and saved fp32 (twice the weight memory) without a word."""
+    p = _launch(1, "sft", "recipes/tiny/sft.yaml", "--train.max_steps", "1", "--gen_eval_samples", "0",
+                "--train.deepspeed", "recipes/deepspeed/zero3.json", "--model.dtype", "bfloat16",
+                "--output_dir", tmp_path / "o")
+    assert "model.dtype bfloat16 is not what ZeRO-3 trains in: DeepSpeed partitions the weights in float32" in \
+        p.stderr and "set mixed_precision: bf16 for bfloat16 weights" in p.stderr

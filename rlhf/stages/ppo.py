@@ -41,7 +41,7 @@ from ..ema import EMA
 from ..engine import (MetricsLogger, NonFiniteGuard, RunError, Timer, atomic_write_text, backpropagated_attention,
                       backward, chunks, compute_dtype, epoch_permutation, finish_run, finished_summary, inputs_first,
                       loss_scale, make_accelerator, open_run, peak_memory, prepare_output_dir, progress, save_recipe,
-                      set_seed, step_models, user_errors, world_size, write_summary, zero_stage)
+                      set_seed, step_models, user_errors, warn_zero3_dtype, world_size, write_summary, zero_stage)
 from ..flops import forward_flops, measure_matmul_peak, mfu, train_flops
 from ..models import (check_policy_model, check_positions, check_reward_model, count_parameters, eager_blocks,
                       load_tokenizer, save_model_files, unwrap)
@@ -722,6 +722,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     acc = make_accelerator(cfg.mixed_precision, cfg.deepspeed, micro_batch_size=split.micro,
                            grad_accum=split.minibatch // split.micro, max_grad_norm=cfg.max_grad_norm,
                            matmul_precision=cfg.matmul_precision)
+    warn_zero3_dtype(acc, cfg.model.dtype)
     rf = open_run(acc, output_dir or cfg.output_dir, overwrite, resume, "ppo", cfg)  # planned; nothing written yet
     if rf.done:
         return finished_summary(rf, cfg)
