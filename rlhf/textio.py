@@ -126,6 +126,22 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, 
 """What a disk that cannot be written says (:func:`disk_errors` names the path for these only)."""
 
 
+def _nearly_full(path: Path) -> bool:
+    """Whether the file system holding `path` has (almost) no room left: what a C++ writer that
+    failed without an errno most likely met."""
+    import shutil
+
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            return shutil.disk_usage(p).free < 16 * 2**20
+    return False
+
+
+WRITER_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "basic_ios::clear", "iostream error")
+"""torch's writer failing on a full disk: with a Python file the OSError is its context; with a
+file name (DeepSpeed's engine checkpoints) no errno comes with it."""
+
+
 @contextlib.contextmanager
 def disk_errors(path: Path):
     """Writes under `path` whose disk fails (full, read-only, ...) raise an OSError with its errno
@@ -146,6 +162,8 @@ def disk_errors(path: Path):
             n = cause.errno if cause is not None else None
         found = re.search(r"\(os error (\d+)\)", str(e))  # safetensors
         n = n if n is not None else int(found.group(1)) if found else None
+        if n is None and any(k in str(e) for k in WRITER_FAILURES) and _nearly_full(path):
+            n = errno.ENOSPC  # (torch.save to a file name, as DeepSpeed's engine saves: C++'s stream says no more)
         if n not in DISK_ERRNOS:  # (anything else is a bug, or not the disk's: left as it is)
             raise
         raise OSError(n, os.strerror(n), str(path)) from e

@@ -426,3 +426,31 @@ def test_a_model_dtype_zero3_does_not_train_in_is_warned_of(tmp_path):
                 "--output_dir", tmp_path / "o")
     assert "model.dtype bfloat16 is not what ZeRO-3 trains in: DeepSpeed partitions the weights in float32" in \
         p.stderr and "set mixed_precision: bf16 for bfloat16 weights" in p.stderr
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_a_zero3_checkpoint_is_one_line_per_process(tmp_path):
+    """DeepSpeed's engine saves with torch.save to a file name: a full disk was "basic_ios::clear:
+    iostream error" on one process and a gloo "Connection closed by peer" traceback on the other,
+    with no resume advice. Now the process that met the disk names it, the other says it stopped
+    with it, and the run stays resumable (a 3 MB tmpfs; skipped where it cannot be mounted)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3000K", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "rlhf", "sft", "recipes/tiny/sft.yaml", "--train.max_steps", "4",
+               "--train.save_every", "1", "--train.save_total_limit", "5", "--gen_eval_samples", "4",
+               "--data.eval_split", "0.01", "--train.deepspeed", "recipes/deepspeed/zero3.json",
+               "--output_dir", str(small / "out")]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        err = [line for line in p.stderr.splitlines() if "rlhf sft: error:" in line]
+        assert p.returncode != 0 and "No space left on device (ENOSPC)" in p.stderr, p.stderr[-3000:]
+        assert "basic_ios" not in p.stderr and "Connection closed by peer" not in p.stderr, p.stderr[-3000:]
+        assert (small / ".out.staging" / "checkpoints" / "step-00000001").is_dir(), err  # (resumable from it)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)

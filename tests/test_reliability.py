@@ -316,6 +316,14 @@ def test_a_disk_that_cannot_be_written_is_one_line():
     # a bug raised while some handled OSError is its context is no disk error (it became "No such file")
     assert isinstance(raised(TypeError("a bug"), FileNotFoundError(errno.ENOENT, "gone")), TypeError)
     assert isinstance(raised(OSError(errno.ECONNRESET, "reset")), ConnectionResetError)
+    # torch.save to a file name (DeepSpeed's engine) fails with no errno: a disk error only where the disk is full
+    # (/d does not exist: its nearest folder, /, has room)
+    assert isinstance(raised(RuntimeError("basic_ios::clear: iostream error")), RuntimeError)
+    # another process's failure, met inside a collective (a gloo traceback beside that process's own line)
+    from rlhf.stages import peer_gone
+
+    assert peer_gone(RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:22415"))
+    assert not peer_gone(RuntimeError("a bug")) and not peer_gone(ValueError("Connection closed by peer"))
     if Path("/proc/self").is_dir():  # a file system that makes no folders: ENOENT though /proc exists
         with pytest.raises(RunError, match=r"^cannot create the folder /proc/x/y: No such file or directory at /proc/x"):
             make_folder(Path("/proc/x/y"))

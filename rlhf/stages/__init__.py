@@ -34,6 +34,9 @@ def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False,
         disk = unwritable(e)
         if disk:  # a full disk, a read-only file system, no permission: one line, not a traceback
             raise RunError(f"{disk}{note}") from None
+        if peer_gone(e):  # another process failed (and said why) inside a collective: not a second traceback
+            raise RunError(f"another process of this job stopped while this one waited for it in a collective "
+                           f"(its error is in its log){note}") from None
         if note and isinstance(e, user_errors()) and note not in str(e) and "resumable from" not in str(e):
             noted = type(e)(f"{e}{note}")
             noted.key = getattr(e, "key", None)  # (a ConfigError's key: the CLI locates it)
@@ -41,6 +44,17 @@ def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False,
         raise
     finally:
         restore_matmul_settings(caller)
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+"""What gloo (and torch.distributed's store) say when another process of the job has exited."""
+
+
+def peer_gone(e: BaseException) -> bool:
+    """Whether `e` is a collective that failed because another process of the job exited: that
+    process printed its own error (one line for bad input, a full disk, a reward function), and
+    this one printed a gloo traceback beside it."""
+    return isinstance(e, RuntimeError) and any(k in str(e) for k in PEER_GONE)
 
 
 def unwritable(e: BaseException) -> str | None:
