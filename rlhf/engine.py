@@ -138,6 +138,10 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
     mp = resolve_mixed_precision(mixed_precision)
     ds_path = deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    launcher_ds = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if deepspeed and launcher_ds and Path(deepspeed).resolve() != Path(launcher_ds).resolve() and \
+            os.environ.get("RANK", "0") == "0":
+        log.warning("the recipe's DeepSpeed config %s is used, not the launcher's %s", deepspeed, launcher_ds)
     if not ds_path:
         acc = Accelerator(mixed_precision=mp, kwargs_handlers=handlers)
         if distributed and acc.distributed_type == DistributedType.NO:  # (each rank would run alone, then fail)
@@ -326,6 +330,8 @@ def deepspeed_config(path: str, mixed_precision: str, micro_batch_size: int, gra
                      world_size: int) -> dict:
     """Read a ZeRO JSON and fill the fields the recipe decides (batch, accumulation, clipping, precision)."""
     cfg = read_deepspeed_json(path)
+    given = {k: cfg.get(k) for k in RECIPE_FILLS[:4]} | {k: cfg.get(k.split(".")[0], {}).get("enabled")
+                                                         for k in RECIPE_FILLS[4:]}
     cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
     cfg["gradient_accumulation_steps"] = grad_accum
     cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
@@ -339,7 +345,18 @@ def deepspeed_config(path: str, mixed_precision: str, micro_batch_size: int, gra
         cfg["bf16"].setdefault("check_grad_overflow", True)
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": mixed_precision == "fp16"}
     cfg.setdefault("steps_per_print", 10**9)
+    now = {k: cfg[k] for k in RECIPE_FILLS[:4]} | {k: cfg[k.split(".")[0]]["enabled"] for k in RECIPE_FILLS[4:]}
+    replaced = [f"{k} {given[k]!r} -> {now[k]!r}" for k in RECIPE_FILLS
+                if given[k] not in (None, "auto") and given[k] != now[k]]
+    if replaced and os.environ.get("RANK", "0") == "0":  # (said once per job)
+        log.warning("%s: the recipe sets %s (the batch, accumulation, clipping and precision come from the recipe: "
+                    "set them there)", path, ", ".join(replaced))
     return cfg
+
+
+RECIPE_FILLS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                "gradient_clipping", "bf16.enabled", "fp16.enabled")
+"""The DeepSpeed JSON fields the recipe decides (:func:`deepspeed_config`): a value given there is replaced."""
 
 
 GATHER_KEYS = ("stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save")

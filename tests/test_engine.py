@@ -203,7 +203,7 @@ def test_cpu_medium_attention_takes_the_math_path_in_every_pass():
         torch.set_float32_matmul_precision("highest")
 
 
-def test_a_deepspeed_json_is_checked_as_deepspeed_reads_it(tmp_path):
+def test_a_deepspeed_json_is_checked_as_deepspeed_reads_it(tmp_path, caplog):
     """A DeepSpeed `scheduler` replaced the recipe's schedule with lr 0: the run trained nothing and
     exited 0. An `optimizer` section, an unknown or mistyped `zero_optimization` key were
     tracebacks from accelerate's prepare once the models had loaded; a ZeRO-3 JSON without
@@ -258,6 +258,16 @@ def test_a_deepspeed_json_is_checked_as_deepspeed_reads_it(tmp_path):
     DeepSpeedZeroConfig(**old_name["zero_optimization"])
     with pytest.raises(RunError, match=r"'zero_optimization\.stage3_gather_fp16_weights_on_model_save' must be true"):
         config({"zero_optimization": {"stage": 3, "stage3_gather_fp16_weights_on_model_save": False}})
+    # the fields the recipe decides: a value given in the JSON is replaced, and said (it was silent)
+    caplog.clear()
+    filled = config({"zero_optimization": z2, "train_batch_size": 999, "gradient_accumulation_steps": "auto",
+                     "gradient_clipping": 1e-9, "bf16": {"enabled": True}})
+    assert filled["train_batch_size"] == 2 and filled["gradient_clipping"] == 1.0 and not filled["bf16"]["enabled"]
+    assert "ds.json: the recipe sets train_batch_size 999 -> 2, gradient_clipping 1e-09 -> 1.0, bf16.enabled True " \
+           "-> False" in caplog.text
+    caplog.clear()
+    config({"zero_optimization": z2, "train_batch_size": "auto", "train_micro_batch_size_per_gpu": 2})
+    assert "the recipe sets" not in caplog.text  # ("auto", or the recipe's own value: nothing replaced)
     for name in ("zero2.json", "zero3.json", "zero3_offload.json"):  # the shipped ones pass
         deepspeed_config(str(Path(__file__).parents[1] / "recipes" / "deepspeed" / name), "bf16", 2, 1, 1.0, 1)
 
