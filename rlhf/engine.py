@@ -186,7 +186,8 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
 def launcher_deepspeed() -> bool:
     """Whether the launcher asks for DeepSpeed (`accelerate launch` with a DeepSpeed config), as
     opposed to a recipe's JSON, for which rlhf sets accelerate's variable itself."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not _SET_DS_ENV
+    return bool(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")) or \
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not _SET_DS_ENV
 
 
 def _forget_deepspeed_process_type() -> None:
@@ -200,9 +201,10 @@ def _forget_deepspeed_process_type() -> None:
     st = PartialState._shared_state
     if st.get("distributed_type") != DistributedType.DEEPSPEED:
         return
-    device = st.get("device")
-    st["distributed_type"] = DistributedType.NO if st.get("num_processes", 1) == 1 else \
-        DistributedType.MULTI_GPU if device is not None and device.type == "cuda" else DistributedType.MULTI_CPU
+    kind = getattr(st.get("device"), "type", "cpu")  # (accelerate's own naming: MULTI_GPU, MULTI_XPU, MULTI_NPU, ...)
+    multi = DistributedType.MULTI_GPU if kind == "cuda" else getattr(DistributedType, f"MULTI_{kind.upper()}",
+                                                                       DistributedType.MULTI_CPU)
+    st["distributed_type"] = DistributedType.NO if st.get("num_processes", 1) == 1 else multi
 
 
 def _start_deepspeed_comm() -> None:
@@ -218,8 +220,7 @@ def _start_deepspeed_comm() -> None:
     import deepspeed.comm as ds_comm
 
     if not ds_comm.is_initialized():
-        ds_comm.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                 auto_mpi_discovery=False, verbose=False)
+        ds_comm.init_distributed(auto_mpi_discovery=False, verbose=False)  # (its accelerator's backend)
 
 
 def _cpu_grad_scaler_for_tests(acc, mp: str) -> None:
@@ -396,7 +397,8 @@ def check_deepspeed_json(cfg, path: str) -> None:
             raise RunError(f"{path}: '{key}': the recipe sets the optimizer (AdamW, train.lr) and the learning-rate "
                            f"schedule (train.lr_scheduler, warmup_ratio); remove the '{key}' section")
     _check_fields(cfg, path)
-    if cfg.get("communication_data_type") not in (None, "fp32", "fp16", "bf16"):
+    comm = cfg.get("communication_data_type")  # (DeepSpeed lower-cases it)
+    if comm is not None and (not isinstance(comm, str) or comm.lower() not in ("fp32", "fp16", "bf16")):
         raise RunError(f"{path}: 'communication_data_type' must be fp32, fp16 or bf16, got "
                        f"{cfg['communication_data_type']!r}")
     for key in ("offload_optimizer", "offload_param"):  # NVMe offload needs DeepSpeed's async_io op built here
@@ -424,13 +426,17 @@ def _check_fields(cfg: dict, path: str) -> None:
     """`zero_optimization`, `bf16` and `fp16` as the installed DeepSpeed reads them (its pydantic
     models refuse unknown keys and values of the wrong type): one line naming the key, at the
     start, not a traceback from inside accelerate's prepare once the models have loaded."""
+    models = {}
     try:
-        from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    except ImportError:  # (no DeepSpeed, or one of another layout: DeepSpeed says it itself)
-        return
-    for name, model in (("zero_optimization", DeepSpeedZeroConfig), ("bf16", DeepSpeedBF16Config),
-                        ("fp16", DeepSpeedFP16Config)):
+
+        models["zero_optimization"] = DeepSpeedZeroConfig
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config  # (DeepSpeed >= 0.17.1)
+
+        models.update(bf16=DeepSpeedBF16Config, fp16=DeepSpeedFP16Config)
+    except ImportError:  # (no DeepSpeed, or an older one: what it has is checked, DeepSpeed says the rest)
+        pass
+    for name, model in models.items():
         if name not in cfg:
             continue
         try:
@@ -1053,7 +1059,7 @@ def warn_zero3_dtype(acc, dtype: str) -> None:
     which mixed_precision fills), whatever model.dtype asks: a bf16 model.dtype trained and saved
     in fp32, at twice the weight memory, without a word."""
     wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype)
-    if wanted and zero_stage(acc) == 3 and _ds_precision(acc) != wanted:
+    if wanted and acc.is_main_process and zero_stage(acc) == 3 and _ds_precision(acc) != wanted:
         log.warning("model.dtype %s is not what ZeRO-3 trains in: DeepSpeed partitions the weights in %s (its "
                     "precision, from mixed_precision); set mixed_precision: %s for %s weights", dtype,
                     {"no": "float32"}.get(_ds_precision(acc), _ds_precision(acc)), wanted, dtype)

@@ -239,7 +239,8 @@ def test_a_deepspeed_json_is_checked_as_deepspeed_reads_it(tmp_path, caplog):
             ({"zero_optimization": z2, "fp16": {"loss_scale": "big"}}, r"'fp16\.loss_scale': fp16\.loss_scale must be"),
             ({"zero_optimization": z2, "communication_data_type": "bogus"},
              r"'communication_data_type' must be fp32, fp16 or bf16, got 'bogus'"),
-            ({"zero_optimization": {"stage": True}}, r"'zero_optimization\.stage' must be 0, 1, 2 or 3, got True")]:
+            ({"zero_optimization": {"stage": True}}, r"'zero_optimization\.stage' must be 0, 1, 2 or 3, got True"),
+            ({"zero_optimization": z2, "communication_data_type": "auto"}, r"must be fp32, fp16 or bf16, got 'auto'")]:
         with pytest.raises(RunError, match=pattern):
             config(doc)
     from deepspeed.ops.op_builder import AsyncIOBuilder
@@ -265,6 +266,14 @@ def test_a_deepspeed_json_is_checked_as_deepspeed_reads_it(tmp_path, caplog):
     assert filled["train_batch_size"] == 2 and filled["gradient_clipping"] == 1.0 and not filled["bf16"]["enabled"]
     assert "ds.json: the recipe sets train_batch_size 999 -> 2, gradient_clipping 1e-09 -> 1.0, bf16.enabled True " \
            "-> False" in caplog.text
+    config({"zero_optimization": z2, "communication_data_type": "BF16"})  # (DeepSpeed lower-cases it)
+    import sys
+
+    with pytest.MonkeyPatch.context() as mp:  # a DeepSpeed before 0.17.1 (no precision_config): zero still checked
+        mp.setitem(sys.modules, "deepspeed.runtime.precision_config", None)
+        with pytest.raises(RunError, match=r"'zero_optimization\.overlap_com': Extra inputs"):
+            config({"zero_optimization": {"stage": 2, "overlap_com": False}})
+        config({"zero_optimization": z2, "bf16": {"bogus": 1}})  # (its own check, at its own start)
     caplog.clear()
     config({"zero_optimization": z2, "train_batch_size": "auto", "train_micro_batch_size_per_gpu": 2})
     assert "the recipe sets" not in caplog.text  # ("auto", or the recipe's own value: nothing replaced)

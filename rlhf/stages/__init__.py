@@ -36,7 +36,7 @@ def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False,
             raise RunError(f"{disk}{note}") from None
         if peer_gone(e):  # another process failed (and said why) inside a collective: not a second traceback
             raise RunError(f"another process of this job stopped while this one waited for it in a collective "
-                           f"(its error is in its log){note}") from None
+                           f"(its error is in its log; here: {str(e).strip().splitlines()[0][:200]}){note}") from None
         if note and isinstance(e, user_errors()) and note not in str(e) and "resumable from" not in str(e):
             noted = type(e)(f"{e}{note}")
             noted.key = getattr(e, "key", None)  # (a ConfigError's key: the CLI locates it)
@@ -54,7 +54,12 @@ def peer_gone(e: BaseException) -> bool:
     """Whether `e` is a collective that failed because another process of the job exited: that
     process printed its own error (one line for bad input, a full disk, a reward function), and
     this one printed a gloo traceback beside it."""
-    return isinstance(e, RuntimeError) and any(k in str(e) for k in PEER_GONE)
+    import torch.distributed as dist
+
+    from ..engine import user_errors
+
+    return isinstance(e, RuntimeError) and not isinstance(e, user_errors()) and any(k in str(e) for k in PEER_GONE) \
+        and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def unwritable(e: BaseException) -> str | None:

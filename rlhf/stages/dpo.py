@@ -134,7 +134,7 @@ def check_dpo_engine(cfg: DPOConfig, section: str = "") -> None:
     shard failed at the first evaluation: "'weight' must be 2-D"). A launcher's DeepSpeed config
     (`accelerate launch --config_file recipes/accelerate/zero3.yaml`) is refused as the recipe's is."""
     what = f"recipe: '{section}train.deepspeed'" if cfg.train.deepspeed else \
-        "the launcher's DeepSpeed config (ACCELERATE_USE_DEEPSPEED=true)" if launcher_deepspeed() else None
+        "the launcher's DeepSpeed config (ACCELERATE_USE_DEEPSPEED / ACCELERATE_DEEPSPEED_CONFIG_FILE)" if launcher_deepspeed() else None
     if what:
         raise RunError(f"{what} is not supported by rlhf dpo yet; run it under DDP (torchrun, or accelerate launch "
                        f"without a DeepSpeed config)")
