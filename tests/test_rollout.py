@@ -263,7 +263,9 @@ def test_generation_in_one_autocast_region_casts_each_weight_once(tiny_lm, tok):
     run's own autocast) entered around the whole generation keeps one cast of each weight (autocast
     caches them until its outermost region exits): the same tokens and log-probs, far fewer casts."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state()  # (a stage run in-process before this test, in the same worker, set it up)
     acc = Accelerator(mixed_precision="bf16", cpu=True)
     model = acc.prepare_model(tiny_lm)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
