@@ -450,7 +450,10 @@ def test_a_disk_that_fills_during_a_zero3_checkpoint_is_one_line_per_process(tmp
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
         err = [line for line in p.stderr.splitlines() if "rlhf sft: error:" in line]
         assert p.returncode != 0 and "No space left on device (ENOSPC)" in p.stderr, p.stderr[-3000:]
-        assert "basic_ios" not in p.stderr and "Connection closed by peer" not in p.stderr, p.stderr[-3000:]
+        # (no traceback of ours: torch's writer error and gloo's are each read into one line; the launcher's own
+        # ChildFailedError traceback follows any failed worker)
+        assert not any(line.startswith(("RuntimeError", "torch.distributed.DistBackendError"))
+                       for line in p.stderr.splitlines()) and "basic_ios" not in p.stderr, p.stderr[-3000:]
         assert (small / ".out.staging" / "checkpoints" / "step-00000001").is_dir(), err  # (resumable from it)
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
