@@ -16,7 +16,9 @@ from conftest import ROOT
 @pytest.mark.slow
 def test_gpu_check_dry_run_passes_every_check(tmp_path):
     out = tmp_path / "gpu_check.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RLHF_NO_PROGRESS="1")
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED",
+                "ACCELERATE_DEEPSPEED_CONFIG_FILE")  # (what an earlier in-process test of this worker may have left)
+    env = {k: v for k, v in os.environ.items() if k not in launcher} | dict(PYTHONPATH=str(ROOT), RLHF_NO_PROGRESS="1")
     p = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--out", str(out), "--work",
                         str(tmp_path / "work")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

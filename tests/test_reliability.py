@@ -239,8 +239,30 @@ def test_a_run_folder_is_resumed_only_by_its_own_command(tmp_path, finished_run,
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "recipe.yaml"]
 
 
+def test_dpo_refuses_a_launchers_deepspeed_config(monkeypatch):
+    """`accelerate launch --config_file recipes/accelerate/zero3.yaml -m rlhf dpo` loaded the model
+    as ZeRO-3 shards and failed at the first evaluation; the launcher's DeepSpeed is refused as the
+    recipe's is (checked without building an accelerator: that would set up DeepSpeed in this process)."""
+    from rlhf.config import DPOConfig
+    from rlhf.engine import launcher_deepspeed
+    from rlhf.errors import RunError
+    from rlhf.stages.dpo import check_dpo_engine
+
+    for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(k, raising=False)
+    assert not launcher_deepspeed()
+    check_dpo_engine(DPOConfig())
+    for k, v in (("ACCELERATE_USE_DEEPSPEED", "true"), ("ACCELERATE_DEEPSPEED_CONFIG_FILE", "z3.json")):
+        with monkeypatch.context() as m:
+            m.setenv(k, v)
+            assert launcher_deepspeed()
+            with pytest.raises(RunError, match=r"^the launcher's DeepSpeed config \(ACCELERATE_USE_DEEPSPEED / "
+                                               r"ACCELERATE_DEEPSPEED_CONFIG_FILE\) is not supported by rlhf dpo"):
+                check_dpo_engine(DPOConfig())
+
+
 @pytest.mark.slow
-def test_a_pipeline_checks_its_later_stages_inputs_before_the_first_trains(tmp_path, capsys, monkeypatch):
+def test_a_pipeline_checks_its_later_stages_inputs_before_the_first_trains(tmp_path, capsys):
     """A typo in the ppo: or rm: section of a pipeline is one line before SFT trains (it was found
     when that stage started, after SFT and the RM had trained): nothing is left behind."""
     out, policy = tmp_path / "p", _model_folder(tmp_path, "sft", "LlamaForCausalLM")
@@ -262,20 +284,9 @@ def test_a_pipeline_checks_its_later_stages_inputs_before_the_first_trains(tmp_p
              (["--ppo.compile", "true", "--ppo.deepspeed", "recipes/deepspeed/zero3.json"],
               r"'ppo\.compile: true' is not supported under DeepSpeed"),
              (["--dpo.data.train", "recipes/tiny/data/prefs.jsonl", "--dpo.train.deepspeed",
-               "recipes/deepspeed/zero2.json"], r"'dpo\.train\.deepspeed' is not supported by rlhf dpo yet"),
-             (["--dpo.data.train", "recipes/tiny/data/prefs.jsonl", "ACCELERATE_USE_DEEPSPEED=true"],
-              r"the launcher's DeepSpeed config \(ACCELERATE_USE_DEEPSPEED / .*\) is not supported by rlhf dpo"),
-             (["--dpo.data.train", "recipes/tiny/data/prefs.jsonl",
-               "ACCELERATE_DEEPSPEED_CONFIG_FILE=recipes/deepspeed/zero3.json"],
-              r"the launcher's DeepSpeed config .* is not supported by rlhf dpo")]
+               "recipes/deepspeed/zero2.json"], r"'dpo\.train\.deepspeed' is not supported by rlhf dpo yet")]
     for args, pattern in cases:
-        env = [a for a in args if str(a).startswith("ACCELERATE_")]  # (as `accelerate launch` with a DeepSpeed config)
-        for a in env:
-            monkeypatch.setenv(*a.split("="))
-        args = [a for a in args if a not in env]
         rc, stderr = _rlhf_here(capsys, "pipeline", "recipes/tiny/pipeline.yaml", "--output_dir", out, *args)
-        for a in env:
-            monkeypatch.delenv(a.split("=")[0])
         err = [l for l in stderr.strip().splitlines() if "error:" in l]
         assert rc == 2 and len(err) == 1 and re.search(pattern, err[0]), (args, stderr[-1500:])
         assert not out.exists() and not staging_path(out).exists()
