@@ -543,9 +543,8 @@ def _score(args) -> int:
                 seqs.append(rm.encode(prompt, reply))
             except TemplateError as e:
                 raise DataError(f"{r.where(fld)}: {e}") from None
-            if rm.positions is not None and len(seqs[-1]) > rm.positions:
-                raise DataError(f"{r.where(fld)}: {len(seqs[-1])} tokens with the prompt, more than the reward "
-                                f"model's {rm.positions} learned positions")
+            if rm.too_long(seqs[-1]):
+                raise DataError(f"{r.where(fld)}: {rm.too_long(seqs[-1])}")
             targets.append((r.data, "score" if fld in ("response", "completion") else f"score_{fld}"))
     replaced = len({id(row) for row, key in targets if key in row})
     if replaced:

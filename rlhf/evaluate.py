@@ -219,10 +219,9 @@ def eval_reward_model(ckpt: str, cfg: EvalConfig, device) -> dict:
                               field_name="--pairs")
     enc = [([r.encode(g.prompt, x) for x in g.responses], g.pairs) for g in groups]
     for g, (seqs, _) in zip(groups, enc):
-        long = [i for i, s in enumerate(seqs) if r.positions is not None and len(s) > r.positions]
-        if long:
-            raise DataError(f"{g.source}: field '{g.fields[long[0]]}': {len(seqs[long[0]])} tokens with the prompt, "
-                            f"more than the reward model's {r.positions} learned positions")
+        for fld, seq in zip(g.fields, seqs):
+            if r.too_long(seq):
+                raise DataError(f"{g.source}: field '{fld}': {r.too_long(seq)}")
     c, rj = [], []
     for i in range(0, len(enc), cfg.batch_size):
         _, cc, rr = group_loss(r.model, enc[i : i + cfg.batch_size], r.tok.pad_token_id, device)

@@ -315,11 +315,17 @@ class RewardModel:
                         sum(cut), len(seqs), self.positions, self.positions - 1)
         return seqs, cut
 
+    def too_long(self, seq: list[int]) -> str | None:
+        """Why `seq` cannot be scored whole (longer than its learned positions: an IndexError, or a
+        device-side assert on a GPU), or None."""
+        if self.positions is None or len(seq) <= self.positions:
+            return None
+        return f"{len(seq)} tokens with the prompt, more than the reward model's {self.positions} learned positions"
+
     def score_ids(self, seqs: list[list[int]], normalized: bool = True, batch_size: int = 64) -> torch.Tensor:
-        over = [i for i, s in enumerate(seqs) if self.positions is not None and len(s) > self.positions]
-        if over:  # (past the table: an IndexError, or a device-side assert on a GPU)
-            raise RewardError(f"{self.path}: a sequence of {len(seqs[over[0]])} tokens to score, more than the reward "
-                              f"model's {self.positions} learned positions (max_position_embeddings / n_positions)")
+        why = next(filter(None, map(self.too_long, seqs)), None)
+        if why:
+            raise RewardError(f"{self.path}: a sequence to score of {why} (max_position_embeddings / n_positions)")
         raw = score_sequences(self.model, seqs, self.tok.pad_token_id, batch_size, self.device)
         return raw + self.bias if normalized else raw
 

@@ -365,8 +365,8 @@ def test_a_reward_model_cuts_sequences_past_its_positions_and_ppo_counts_them(to
     assert [len(x) for x in seqs] == [20, len(rm.encode(prompt, "3 2 1"))]
     assert torch.isfinite(group_loss(rm.model, [(seqs, pairs)], tok.pad_token_id, "cpu")[0]).all()
     # not asked to cut (`rlhf score`, a refresh's reference set): one line, not an IndexError from the table
-    with pytest.raises(RewardError, match=r"a sequence of \d+ tokens to score, more than the reward model's 20 "
-                                          r"learned positions"):
+    with pytest.raises(RewardError, match=r"a sequence to score of \d+ tokens with the prompt, more than the reward "
+                                          r"model's 20 learned positions"):
         rm.score_ids([seq])
     # PPO's text path: the share cut is logged with the RM's score
     gen = Generation(prompt_ids=torch.tensor([[5], [6]]), prompt_mask=torch.ones(2, 1, dtype=torch.long),
