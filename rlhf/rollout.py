@@ -9,13 +9,15 @@
 - Generation stops at EOS: tokens after a row's EOS are PAD and masked out.
 
 The decoding loop is deliberately lean: one model call per new token, no logits processors. On
-the CPU its linear layers run as (W xᵀ)ᵀ (:class:`FewRowsLinear`), which MKL computes faster for
-a decoding step's few rows.
+the CPUs where MKL runs its fp32 kernels below the cores' peak (AMD with AVX-512) the linear layers
+of a decoding step run as (W xᵀ)ᵀ (:class:`FewRowsLinear`), which MKL computes faster for a step's
+few rows; on Intel CPUs that costs time, and plain ``F.linear`` runs (:func:`few_rows_pays_here`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .algos.core import token_logprobs
+from .cpu_linear import mkl_below_peak_here
 from .models import eager_blocks
 
 
@@ -133,7 +136,7 @@ def cpu_exponentials(shape, generator: torch.Generator | None = None) -> torch.T
 class FewRowsLinear(TorchFunctionMode):
     """Inside, every ``F.linear`` (so every ``nn.Linear``) on a CPU fp32 input of 2 to
     `max_rows` rows runs as :func:`few_rows_linear`. :func:`generate` wraps its decoding steps in
-    it; anything else, and every other device or dtype, runs as before. So does everything under a
+    it where :func:`few_rows_pays_here`; anything else, and every other device or dtype, runs as before. So does everything under a
     CPU autocast (mixed_precision: bf16): the inputs still read fp32 here, but the product would run
     in bf16, where the transposed form is the slower one (SmolLM2, 16 rows, 32 tokens on an Intel
     Xeon with AMX: 3.6-4.1 s a rollout against 3.0-3.3 s)."""
@@ -153,6 +156,24 @@ class FewRowsLinear(TorchFunctionMode):
                     and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
                 return few_rows_linear(x, weight, bias)
         return func(*args, **kwargs)
+
+
+@functools.cache
+def _cpu_is_below_mkl_peak() -> bool:
+    return mkl_below_peak_here()
+
+
+def few_rows_pays_here(model, cpuinfo: str | None = None) -> bool:
+    """Whether :func:`generate` runs `model`'s decoding steps inside :class:`FewRowsLinear`: on a CPU
+    where MKL runs its fp32 kernels below the cores' peak (:func:`rlhf.cpu_linear.mkl_below_peak_here`:
+    x86 with AVX-512, not Intel; 1.09-1.17x a SmolLM2 rollout on an AMD EPYC), for a model with a
+    plain ``nn.Linear`` left (not switched to oneDNN by ``onednn_linear``). On an Intel Xeon the
+    transposed product is no faster and the mode's Python dispatch of every op, and the transposed
+    outputs the next ops read, made a rollout slower: SmolLM2, 16 x 32 tokens, 4.6 against 3.7 s
+    (docs/performance-history.md, "Decoding on Intel: plain products"). `cpuinfo`: /proc/cpuinfo's
+    text (read once per process when None)."""
+    below_peak = _cpu_is_below_mkl_peak() if cpuinfo is None else mkl_below_peak_here(cpuinfo)
+    return below_peak and any(type(m) is torch.nn.Linear for m in model.modules())
 
 
 @dataclass
@@ -239,7 +260,8 @@ def _generate(model, prompts, eos_token_id, pad_token_id, generator, device, syn
         raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use greedy decoding instead")
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 8
-    on_cpu = device.type == "cpu"  # (elsewhere FewRowsLinear would only add Python to every op)
+    # (elsewhere, and on Intel CPUs, FewRowsLinear would only add Python to every op)
+    few_rows = device.type == "cpu" and few_rows_pays_here(model)
     ids, mask = left_pad(prompts, pad_token_id, device)
     bsz = ids.shape[0]
     pos = position_ids_from_mask(mask)
@@ -268,7 +290,7 @@ def _generate(model, prompts, eos_token_id, pad_token_id, generator, device, syn
         if t == max_new_tokens - 1 or ((t + 1) % sync_every == 0 and bool(finished.all())):
             break
         mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=device)], dim=1)
-        with FewRowsLinear() if on_cpu else contextlib.nullcontext():  # one row per sequence: few_rows_linear
+        with FewRowsLinear() if few_rows else contextlib.nullcontext():  # one row per sequence: few_rows_linear
             out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
                         **{cache_kw: cache})
         cache, logits = _cache_of(out), out.logits[:, -1, :].float()

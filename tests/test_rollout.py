@@ -7,8 +7,8 @@ import torch
 from conftest import WeightCasts
 
 import rlhf.rollout
-from rlhf.rollout import (FewRowsLinear, cpu_exponentials, eos_mask, few_rows_linear, filter_logits, generate,
-                          left_pad, position_ids_from_mask, response_logprobs, sample_tokens)
+from rlhf.rollout import (FewRowsLinear, cpu_exponentials, eos_mask, few_rows_linear, few_rows_pays_here, filter_logits,
+                          generate, left_pad, position_ids_from_mask, response_logprobs, sample_tokens)
 
 
 def test_left_pad_and_positions():
@@ -199,19 +199,37 @@ def test_few_rows_linear_is_linear(bias, monkeypatch):
     assert calls == [(2, 1, 24), (16, 1, 24)] and y.dtype == torch.bfloat16
 
 
-def test_decoding_steps_use_few_rows_linear(tiny_lm, tok, monkeypatch):
-    """generate() runs its decoding steps through few_rows_linear (the prefill does not), and the
-    tokens and log-probs are those of plain F.linear."""
+def test_decoding_steps_use_few_rows_linear_where_it_pays(tiny_lm, tok, monkeypatch):
+    """Where few_rows_pays_here, generate() runs its decoding steps through few_rows_linear (the
+    prefill does not), and the tokens and log-probs are those of plain F.linear, which runs elsewhere."""
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]] * 4
     kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=8, return_logprobs=True)
     calls = []
     monkeypatch.setattr(rlhf.rollout, "few_rows_linear", lambda *a: calls.append(a[0].shape[:-1]) or few_rows_linear(*a))
+    monkeypatch.setattr(rlhf.rollout, "few_rows_pays_here", lambda model: True)
     fast = generate(tiny_lm, prompts, generator=torch.Generator().manual_seed(3), **kw)
     assert calls and set(calls) == {(12, 1)}
-    monkeypatch.setattr(FewRowsLinear, "__torch_function__", lambda self, f, t, a=(), k=None: f(*a, **(k or {})))
+    calls.clear()
+    monkeypatch.setattr(rlhf.rollout, "few_rows_pays_here", lambda model: False)
     plain = generate(tiny_lm, prompts, generator=torch.Generator().manual_seed(3), **kw)
+    assert not calls
     assert torch.equal(fast.response_ids, plain.response_ids)
     assert torch.allclose(fast.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+
+
+def test_few_rows_pays_on_amd_cpus_with_avx512_and_plain_linear_layers():
+    """The transposed product is for CPUs where MKL runs below its peak (AMD with AVX-512), and only
+    for models with a plain nn.Linear left (oneDNN's layers are not F.linear)."""
+    from rlhf.cpu_linear import use_onednn_linear
+
+    amd = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+    intel = "vendor_id\t: GenuineIntel\nflags\t\t: fpu sse avx2 avx512f avx512bw amx_tile\n"
+    amd_avx2 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx2\n"
+    model = torch.nn.Sequential(torch.nn.Linear(300, 300), torch.nn.ReLU())
+    assert few_rows_pays_here(model, amd)
+    assert not few_rows_pays_here(model, intel) and not few_rows_pays_here(model, amd_avx2)
+    if use_onednn_linear(model):
+        assert not few_rows_pays_here(model, amd)
 
 
 def test_cpu_exponentials_are_torchs_bit_for_bit():
