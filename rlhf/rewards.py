@@ -16,6 +16,7 @@ non-finite value stops the run with a :class:`RewardError` naming it and the sam
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import logging
@@ -123,16 +124,19 @@ def on_every_process(acc, fn: Callable, errors: tuple = (RewardError,), what: st
     return out
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: dict[str, list],
                    where: list[str] | None = None, timeout: float = 0.0) -> list[float]:
-    """Call a reward function and check what it returns (count, type, finiteness) and how long it
-    takes (`timeout` seconds, 0 = no limit). Errors name the function and, with `where` (each
+    """Call a reward function on copies of the prompts, completions and fields, and check what it
+    returns (count, type, finite in float32) and how long it takes (`timeout` seconds, 0 = no limit). Errors name the function and, with `where` (each
     sample's file:line), the data row of the sample at fault."""
     name = getattr(fn, "__rlhf_name__", getattr(fn, "__name__", repr(fn)))
     row = (lambda i: f" (row {where[i]})") if where else (lambda i: "")
     try:
-        with time_limit(timeout, name):
-            out = fn(prompts, completions, **fields)
+        with time_limit(timeout, name):  # (copies: a function that edits its arguments changes nothing of the run's)
+            out = fn(copy.deepcopy(prompts), list(completions), **copy.deepcopy(fields))
     except RewardError:
         raise
     except (Exception, SystemExit) as e:  # (a sys.exit in a reward function would end the run without a word)
@@ -162,8 +166,9 @@ def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: 
         except (TypeError, ValueError):
             raise RewardError(f"reward function '{name}' returned {v!r} for sample {i}{row(i)}, expected a float") \
                 from None
-        if not math.isfinite(v):
-            raise RewardError(f"reward function '{name}' returned {v} for sample {i}{row(i)} "
+        if not math.isfinite(v) or abs(v) > FLOAT32_MAX:  # (rewards are float32 tensors: 1e39 would be inf)
+            outside = "" if not math.isfinite(v) else ", outside float32's range"
+            raise RewardError(f"reward function '{name}' returned {v} for sample {i}{row(i)}{outside} "
                               f"(prompt: {_short(prompts[i])}, completion: {completions[i]!r})")
         values.append(v)
     return values

@@ -185,6 +185,52 @@ def test_imports_and_returns_a_reward_module_cannot_use_are_one_line(tmp_path, m
         call_reward_fn(lambda prompts, completions, **kw: [10**400], ["p"], ["c"], {})
 
 
+def test_a_reward_function_sees_copies_and_its_values_must_fit_float32(tok):
+    """A reward function that edits its arguments in place (normalises the completions, pops the
+    list, changes a prompt's messages or a field) changes nothing the run holds: before, later reward
+    functions, the gold check and samples.jsonl read the edited texts, and a consumed list read as a
+    wrong count. A value finite in float64 but not in float32 (1e39), or a weight x value that
+    overflows, is a RewardError naming it: before, the rewards became inf and every step was skipped."""
+    from rlhf.data.formats import PromptExample
+    from rlhf.errors import RewardError
+    from rlhf.rewards import call_reward_fn
+    from rlhf.rollout import Generation
+    from rlhf.stages.ppo import Rollout, sequence_scores
+
+    prompts = [[{"role": "user", "content": "q1"}], [{"role": "user", "content": "q2"}]]
+    completions, fields = ["a", "b"], {"answer": [["1"], ["2"]]}
+
+    def rude(prompts, completions, **kw):
+        completions[0] = "XX"
+        prompts[0][0]["content"] = "edited"
+        kw["answer"][1].append("3")
+        values = []
+        while completions:
+            values.append(float(len(completions.pop())))
+        return values
+
+    assert call_reward_fn(rude, prompts, completions, fields) == [1.0, 2.0]
+    assert completions == ["a", "b"] and prompts[0][0]["content"] == "q1" and fields["answer"][1] == ["2"]
+    with pytest.raises(RewardError, match=r"returned 1e\+39 for sample 1, outside float32's range"):
+        call_reward_fn(lambda p, c, **kw: [0.0, 1e39], prompts, completions, fields)
+
+    gen = Generation(prompt_ids=torch.tensor([[5], [6]]), prompt_mask=torch.ones(2, 1, dtype=torch.long),
+                     response_ids=torch.tensor([[8], [9]]), response_mask=torch.ones(2, 1, dtype=torch.long),
+                     has_eos=torch.tensor([False, False]))
+    ro = Rollout(gen, [PromptExample(p, {}, p[0]["content"]) for p in prompts], completions)
+
+    class Spec:
+        fn, weight = "big.py:r", 1e30
+
+    big = (Spec(), lambda p, c, **kw: [1.0, 1e10])
+    with pytest.raises(RewardError, match=r"the reward of sample 1 is inf, the weighted sum of reward_fn/big.py:r "
+                                          r"1e\+10 .*outside float32's range"):
+        sequence_scores(ro, tok, None, [big], 1.0, 0.0, "cpu")
+    Spec.weight = 1.0
+    score, parts = sequence_scores(ro, tok, None, [big], 1.0, 0.0, "cpu")
+    assert score.tolist() == [1.0, 1e10]
+
+
 def test_a_hub_dataset_that_cannot_load_is_one_line(tmp_path, monkeypatch):
     """A data spec that is no local file and no reachable hub dataset: one line, not datasets'
     traceback; a mistyped local path under a folder that is here is not looked up on the hub."""

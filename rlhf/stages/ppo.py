@@ -253,6 +253,14 @@ def sequence_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_f
                                            timeout=timeout), device=device)
         parts[f"reward_fn/{spec.fn}"] = vals
         score = score + spec.weight * vals
+    parts_finite = torch.stack([torch.isfinite(v) for v in parts.values()]).all(0) if parts else torch.isfinite(score)
+    bad = (~torch.isfinite(score) & parts_finite).nonzero()
+    if len(bad):  # each part is finite: a weight times a part, or their sum, overflowed float32
+        i = int(bad[0])
+        terms = ", ".join(f"{k} {float(v[i]):g}" for k, v in parts.items() if k != "rm_truncated")
+        raise RewardError(f"the reward of sample {i} is {float(score[i])}, the weighted sum of {terms} "
+                          f"(reward_model_weight {rm_weight:g}; reward_fns weights "
+                          f"{[spec.weight for spec, _ in reward_fns]}): outside float32's range")
     return score, parts
 
 
