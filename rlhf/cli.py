@@ -364,7 +364,8 @@ def _dispatch(args, rest: list[str]) -> int:
             message = locate_message(str(e), args.recipe, overrides, section, getattr(e, "key", None))
             # (rank 0 only: it alone opened the folder, and cleaned it up; another rank would see
             # this run's own staging folder and call it an interrupted run)
-            folder = _folder_problem(args) if process_rank() == 0 else None
+            # (rlhf compare reuses its folder by design: a folder holding its runs is no problem of it)
+            folder = _folder_problem(args) if process_rank() == 0 and args.command != "compare" else None
             if folder and folder not in message and "resumable from" not in message:
                 message = f"{message}; and {folder}"
             if message != str(e):

@@ -131,6 +131,11 @@ def test_compare_runs_methods_x_seeds_and_reuses_complete_runs(tmp_path, task_di
     stamp = (out / "runs" / "ppo" / "seed0" / "summary.json").stat().st_mtime_ns
     run_cli("compare", recipe, "--output_dir", out)  # complete runs are reused, not trained again
     assert (out / "runs" / "ppo" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
+    # a changed sft section is not answered with the SFT policy of the old one (before: reused without a word),
+    # and the folder it reuses by design is not called a problem ("pass --overwrite", which compare refuses)
+    p = run_cli("compare", recipe, "--output_dir", out, "--sft.train.lr", "1e-3", check=False)
+    assert p.returncode == 2 and f"{out / 'sft'}: made from another recipe than this comparison's sft section " \
+        "(train.lr: 0.003 -> 0.001)" in p.stderr and "--overwrite" not in p.stderr
     doc["methods"]["grpo"]["steps"] = 3  # an unequal sampling budget is refused before anything runs
     recipe.write_text(yaml.safe_dump(doc))
     p = run_cli("compare", recipe, "--output_dir", tmp_path / "cmp2", check=False)

@@ -28,7 +28,8 @@ import re
 import statistics
 from pathlib import Path
 
-from ..config import CompareConfig, ConfigError, DPOConfig, PPOConfig, apply_overrides, from_dict, to_dict
+from ..config import (CompareConfig, ConfigError, DPOConfig, PPOConfig, apply_overrides, from_dict, read_yaml,
+                      recipe_changes, to_dict)
 from ..engine import RunError, atomic_write_text, write_summary
 from ..rundir import staging_path
 from .pipeline import check_later_stages
@@ -129,6 +130,12 @@ def run_compare(cfg: CompareConfig, output_dir: str | None = None, overwrite: bo
 
     def once(stage: str, stage_cfg, folder: Path) -> dict:
         if (folder / "summary.json").exists():
+            changed = recipe_changes(read_yaml(folder / "recipe.yaml"), to_dict(stage_cfg)) \
+                if (folder / "recipe.yaml").exists() else []
+            if changed:  # (the methods would be compared from another SFT policy or RM than the recipe's)
+                raise RunError(f"{folder}: made from another recipe than this comparison's {stage} section "
+                               f"({'; '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}); remove it (and "
+                               f"the runs made from it) to run it again")
             return json.loads((folder / "summary.json").read_text())
         interrupted = staging_path(folder).exists()
         return run_stage(stage, stage_cfg, str(folder), overwrite=interrupted and not resume,
