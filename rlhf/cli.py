@@ -559,6 +559,7 @@ def _score(args) -> int:
 
 def _chat(args) -> int:
     from .data.formats import DataError
+    from .errors import ModelError
     from .evaluate import sample_texts
 
     if args.system and not _is_utf8(args.system):
@@ -588,9 +589,16 @@ def _chat(args) -> int:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": line})
-        (reply,), _ = sample_texts(model, tok, [history], max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, greedy=args.greedy, top_k=args.top_k,
-                                   top_p=args.top_p, seed=args.seed + len(history))
+        try:
+            (reply,), _ = sample_texts(model, tok, [history], max_new_tokens=args.max_new_tokens,
+                                       temperature=args.temperature, greedy=args.greedy, top_k=args.top_k,
+                                       top_p=args.top_p, seed=args.seed + len(history))
+        except ModelError as e:  # the conversation outgrew a model's learned positions: keep the session
+            history.pop()
+            msg = str(e).replace("prompt 1 (", "the conversation (").replace(
+                "or shorten the prompts", "or start over with /reset")
+            print(f"error: {msg}; message not sent", file=sys.stderr, flush=True)
+            continue
         history.append({"role": "assistant", "content": reply})
         print(f"assistant> {reply}" if interactive else reply, flush=True)
     return 0

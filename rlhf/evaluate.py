@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import tasks
-from .errors import DataError, RunError
+from .errors import DataError, ModelError, RunError
+from .models import position_limit
 from .rollout import Sampling, generate
 from .tokenization import decode_response, encode_prompt
 
@@ -25,6 +26,7 @@ def sample_texts(model, tok, prompts: list, *, batch_size: int = 64, seed: int =
     gen = torch.Generator(device=device).manual_seed(seed)  # on the model's device: CUDA sampling needs it
     texts, eos = [], []
     encoded = [encode_prompt(tok, p) for p in prompts]
+    check_sampling_positions(model, encoded, sampling.get("max_new_tokens", Sampling.max_new_tokens))
     starts = list(range(0, len(encoded), batch_size))
     for s in progress(starts, desc=progress_desc or "sampling", disable=progress_desc is None):
         g = generate(model, encoded[s : s + batch_size], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -34,6 +36,20 @@ def sample_texts(model, tok, prompts: list, *, batch_size: int = 64, seed: int =
             eos.append(e)
     model.train(was_training)
     return texts, eos
+
+
+def check_sampling_positions(model, encoded: list[list[int]], max_new_tokens: int) -> None:
+    """A one-line ModelError, before sampling, when the longest encoded prompt and `max_new_tokens`
+    run past a model's learned positions (GPT-2, OPT: an IndexError, on a GPU a device-side assert,
+    in the middle of sampling). Models with computed positions (RoPE) have no such limit."""
+    limit = position_limit(model)
+    if limit is None or not encoded:
+        return
+    i = max(range(len(encoded)), key=lambda k: len(encoded[k]))
+    if len(encoded[i]) + max_new_tokens > limit:
+        raise ModelError(f"prompt {i + 1} ({len(encoded[i])} tokens) with max_new_tokens {max_new_tokens}: "
+                         f"{len(encoded[i]) + max_new_tokens} tokens, but the model has learned positions for only "
+                         f"{limit} (max_position_embeddings / n_positions); lower max_new_tokens or shorten the prompts")
 
 
 def gold_accuracy(model, tok, examples: list, *, batch_size: int = 64, seed: int = 0, device=None,

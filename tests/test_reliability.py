@@ -858,7 +858,7 @@ def test_model_fields_that_fit_no_model_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_rows_longer_than_a_models_learned_positions_are_refused_before_training(tmp_path, capsys):
+def test_rows_longer_than_a_models_learned_positions_are_refused_before_training(tmp_path, capsys, monkeypatch):
     """A model with a learned position table (GPT-2's n_positions) indexes past it on a longer
     row: an IndexError at the first step, or after SFT's training at its gold evaluation, and in
     PPO at the first rollout. Each stage now refuses it before training, in one line."""
@@ -876,6 +876,26 @@ def test_rows_longer_than_a_models_learned_positions_are_refused_before_training
         assert not (tmp_path / str(i)).exists()
     policy = tmp_path / "policy"
     assert _rlhf_here(capsys, *sft, "--model.arch", gpt2 % 30, "--gen_eval_samples", "0", "--output_dir", policy)[0] == 0
+    # the commands that only sample (an IndexError traceback before; rlhf chat lost the conversation)
+    prompts = "recipes/tiny/data/eval_prompts.jsonl"
+    for args in (["generate", policy, "--prompts", prompts], ["eval", policy, "--prompts", prompts, "--max_samples", "4"],
+                 ["sample", policy, prompts, "--k", "2", "--max_prompts", "4", "--out", tmp_path / "s.jsonl"]):
+        rc, stderr = _rlhf_here(capsys, *args, "--max_new_tokens", "40")
+        assert rc == 2 and re.search(r"error: prompt \d+ \(\d+ tokens\) with max_new_tokens 40: \d+ tokens, but the "
+                                     r"model has learned positions for only 30 .*; lower max_new_tokens", stderr), \
+            (args[0], stderr[-2000:])
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Sort the digits: 12345 and then 67890 please\nhi\n/exit\n"))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    from rlhf.cli import main
+
+    capsys.readouterr()
+    rc = main(["chat", str(policy), "--max_new_tokens", "20"])  # 31 tokens + 20 > 30; then 4 + 20 fits
+    out, stderr = capsys.readouterr()
+    assert rc == 0 and re.search(r"error: the conversation \(31 tokens\) with max_new_tokens 20: 51 tokens, .*start "
+                                 r"over with /reset; message not sent", stderr) and "Traceback" not in stderr, stderr
+    assert "\n" in out  # the second message's reply: the session went on
     ppo = ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", policy, "--output_dir", tmp_path / "ppo"]
     rc, stderr = _rlhf_here(capsys, *ppo, "--max_new_tokens", "40")
     assert rc == 2 and re.search(r"error: the longest prompt with max_new_tokens: \d+ tokens, but the model has "
