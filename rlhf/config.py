@@ -959,6 +959,17 @@ def read_yaml(path: str | Path) -> dict:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys")
+    return unshared(doc)
+
+
+def unshared(doc):
+    """`doc` with every mapping and list its own: YAML gives an anchor and its aliases one shared
+    object, so an override of `sft.train.lr` would also set `rm.train.lr` where `rm.train: *train`
+    (copy.deepcopy keeps the sharing)."""
+    if isinstance(doc, dict):
+        return {k: unshared(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [unshared(v) for v in doc]
     return doc
 
 

@@ -15,6 +15,16 @@ def test_load_and_override(tmp_path):
     assert cfg.model.lora.enabled is True and cfg.model.name_or_path == "foo"
 
 
+def test_an_override_changes_only_the_section_it_names_when_yaml_anchors_share_a_block(tmp_path):
+    """`rm.train: *train` gives both sections one YAML object: an override of sft.train.lr set the RM's
+    too, and --rm.train.max_steps the SFT's (the SFT ran the RM's steps, and both recipe.yaml said so)."""
+    p = tmp_path / "pipeline.yaml"
+    p.write_text("sft:\n  train: &train {max_steps: 3, lr: 1.0e-3}\nrm:\n  train: *train\n")
+    cfg = load_stage_config("pipeline", p, parse_overrides(["--sft.train.lr", "3e-3", "--rm.train.max_steps", "2"]))
+    assert (cfg.sft.train.lr, cfg.sft.train.max_steps) == (3e-3, 3)
+    assert (cfg.rm.train.lr, cfg.rm.train.max_steps) == (1e-3, 2)
+
+
 def test_unknown_key_is_an_error_with_suggestion(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("train:\n  lrr: 1\n")
