@@ -754,6 +754,14 @@ class NonFiniteGuard:
             raise RunError(f"{self.streak} optimizer steps in a row had a non-finite loss or gradient (last at step "
                            f"{step}); lower the learning rate or check the data. The last checkpoint is intact.")
 
+    def check_trained(self, steps: int, fix: str = "lower the learning rate or check the data") -> None:
+        """At the end of a run of `steps` optimizer steps, before its model is saved as the result: a
+        RunError when every one was skipped as non-finite (fewer than `limit`, so the streak never
+        stopped the run): the "trained" model would be the initial one, reported as a success."""
+        if steps > 0 and self.skipped >= steps:
+            raise RunError(f"every one of this run's {steps} optimizer steps had a non-finite loss or gradient: "
+                           f"nothing was trained, and no model is saved as its result; {fix}")
+
     def summary(self) -> dict:
         """`skipped_overflow_steps` once an fp16 overflow happened (absent otherwise)."""
         return {"skipped_overflow_steps": self.overflows} if self.overflows else {}

@@ -1349,6 +1349,27 @@ def test_nonfinite_guard_stops_after_k_in_a_row():
     with pytest.raises(RunError, match="3 optimizer steps in a row"):
         g.update(False, 5)
     assert g.skipped == 4
+    # fewer steps than the streak limit, every one skipped: the run trained nothing (it ended as a success)
+    g = NonFiniteGuard(5)
+    g.update(False, 1)
+    g.update(False, 2)
+    g.check_trained(3)
+    g.update(False, 3)
+    with pytest.raises(RunError, match="every one of this run's 3 optimizer steps had a non-finite loss or gradient: "
+                                       "nothing was trained, and no model is saved as its result; lower"):
+        g.check_trained(3)
+
+
+@pytest.mark.slow
+def test_a_run_whose_every_step_was_skipped_is_no_result(tmp_path):
+    """An SFT run of one step, that step non-finite: before, exit 0 and the initial model saved as
+    the trained one; now one line, exit 2, and no run folder."""
+    out = tmp_path / "sft"
+    p = _rlhf("sft", "recipes/tiny/sft.yaml", "--output_dir", out, "--train.max_steps", "1", "--gen_eval_samples", "0",
+              env_extra={"RLHF_FAULT": "nan:1"}, check=False)
+    assert p.returncode == 2 and "error: every one of this run's 1 optimizer steps had a non-finite" in p.stderr, \
+        p.stderr[-2000:]
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
 
 
 @pytest.mark.slow
