@@ -794,6 +794,8 @@ def _coerce(value: Any, tp: Any, key: str, hints_ns: dict) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}", key)
         if not math.isfinite(number):  # (every range check is a comparison, and NaN passes them all)
             raise ConfigError(f"{key}: expected a finite number, got {value!r}", key)
+        if abs(number) > 3.4028234663852886e38:  # (weights and coefficients meet float32 tensors: inf there)
+            raise ConfigError(f"{key}: {value!r} is outside float32's range (|x| <= 3.4e38)", key)
         return number
     if tp is str:
         if isinstance(value, str):

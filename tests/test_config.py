@@ -25,6 +25,18 @@ def test_an_override_changes_only_the_section_it_names_when_yaml_anchors_share_a
     assert (cfg.rm.train.lr, cfg.rm.train.max_steps) == (1e-3, 2)
 
 
+def test_a_number_outside_float32s_range_is_refused(tmp_path):
+    """reward_model_weight -1e300 is finite in Python but -inf times any RM score in float32: the
+    run went on with NaN rewards."""
+    p = tmp_path / "ppo.yaml"
+    p.write_text("reward_model_weight: -1e300\n")
+    with pytest.raises(ConfigError, match=r"ppo.yaml:1: reward_model_weight: '-1e300' is outside float32's range"):
+        load_stage_config("ppo", p)
+    with pytest.raises(ConfigError, match=r"reward_fns\[0\]\.weight: '1e39' is outside float32's range"):
+        load_stage_config("ppo", None, parse_overrides(["--reward_fns", "[{fn: gold, weight: 1e39}]"]))
+    assert load_stage_config("ppo", None, parse_overrides(["--kl_coef", "3e38"])).kl_coef == 3e38
+
+
 def test_unknown_key_is_an_error_with_suggestion(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("train:\n  lrr: 1\n")
