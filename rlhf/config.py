@@ -79,7 +79,8 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the adapter input (0 keeps RL log-probs deterministic)."""
     target_modules: list[str] | None = None
-    """Module names to adapt; None lets peft choose for the architecture."""
+    """Module names to adapt; None lets peft choose for the architecture. Not a module whose weight
+    is tied to another's (the LM head and the input embeddings under tie_word_embeddings)."""
 
     def problems(self) -> list[tuple[str, str]]:
         return _problems(self, {"r": (1, None), "alpha": (">", 0), "dropout": (0.0, 0.99)})

@@ -431,6 +431,12 @@ def add_lora(model, cfg: ModelConfig):
     missing = [t for t in lc.target_modules or [] if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:  # (peft itself stops only when none matches)
         raise ModelError(f"recipe: 'model.lora.target_modules' names no module of this model: {', '.join(missing)}")
+    tied = tied_targets(model, lc.target_modules or [])
+    if tied:  # (the merged adapter would land in both: the saved model is not the one trained)
+        name, other = tied[0]
+        raise ModelError(f"recipe: 'model.lora.target_modules' names {name}, whose weight is tied to {other} "
+                         f"(tie_word_embeddings): merging its adapter when the model is saved would change both, and "
+                         f"the saved model would not be the one trained; adapt other modules")
     try:
         return get_peft_model(model, spec)
     except ValueError as e:  # peft's: a module it cannot adapt (a norm, an activation)
@@ -438,6 +444,25 @@ def add_lora(model, cfg: ModelConfig):
             raise
         raise ModelError(f"recipe: 'model.lora.target_modules' names modules peft cannot adapt "
                          f"({' '.join(str(e).split())[:200]})") from None
+
+
+def tied_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, str]]:
+    """(module, other module) for each module a LoRA target name matches (the name, or a name ending
+    in '.' + it) whose weight another module shares: the LM head and the input embeddings under
+    ``tie_word_embeddings``."""
+    owners: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), []).append(n)
+    out = []
+    for n, m in model.named_modules(remove_duplicate=False):
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and any(n == t or n.endswith("." + t) for t in targets):
+            others = [o for o in owners[id(w)] if o != n]
+            if others:
+                out.append((n, others[0]))
+    return out
 
 
 def disable_dropout(model: nn.Module) -> None:
