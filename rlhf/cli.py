@@ -418,7 +418,12 @@ def _dispatch(args, rest: list[str]) -> int:
                          reference_field=args.reference_field, max_samples=args.max_samples,
                          batch_size=args.batch_size, seed=args.seed, sampling=sampling)
         _check_out(args.out, args.overwrite)
-        result = run_eval(args.checkpoints, cfg, device=runtime_device())
+        try:
+            result = run_eval(args.checkpoints, cfg, device=runtime_device())
+        except Exception as e:
+            if getattr(e, "partial", None):  # what the checkpoints before the one at fault measured
+                print(format_table(e.partial))
+            raise
         if args.out:
             from .engine import atomic_write_text
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import tasks
-from .errors import DataError, ModelError, RunError
+from .errors import USER_ERRORS, DataError, ModelError, RunError
 from .models import position_limit
 from .rollout import Sampling, generate
 from .tokenization import decode_response, encode_prompt
@@ -195,10 +195,17 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
     judged: dict[str, list[float]] = {}
     labels = [c if checkpoints.index(c) == i else f"{c}#{i + 1}" for i, c in enumerate(checkpoints)]
     for label, ckpt, arch in zip(labels, checkpoints, archs):
-        if arch.endswith("ForSequenceClassification"):
-            result["checkpoints"][label] = eval_reward_model(ckpt, cfg, device) if cfg.pairs else {}
-            continue
-        result["checkpoints"][label], scores = eval_policy(ckpt, cfg, (prompts, demos), (rm, judge, fns), device)
+        try:
+            if arch.endswith("ForSequenceClassification"):
+                result["checkpoints"][label] = eval_reward_model(ckpt, cfg, device) if cfg.pairs else {}
+                continue
+            result["checkpoints"][label], scores = eval_policy(ckpt, cfg, (prompts, demos), (rm, judge, fns), device)
+        except USER_ERRORS as e:  # name the checkpoint, and keep what the ones before it measured
+            done = list(result["checkpoints"])
+            err = type(e)(f"{ckpt}: {e}" + (f" (the results of {', '.join(done)}, evaluated before it, are printed "
+                                            f"above)" if done else ""))
+            err.partial = result if done else None
+            raise err from None
         if scores is not None:
             judged[label] = scores
     if len(judged) >= 2:
@@ -275,8 +282,9 @@ def eval_policy(ckpt: str, cfg: EvalConfig, data: tuple, judges: tuple, device) 
     raw = [p.raw_prompt for p in prompts]
     if rm is not None:
         res["reward_model_score"] = rm.score([p.prompt for p in prompts], texts, fit=True).mean().item()
+    where = [getattr(p, "where", "?") for p in prompts]
     for spec, fn in fns:
-        vals = call_reward_fn(fn, raw, texts, fields)
+        vals = call_reward_fn(fn, raw, texts, fields, where=where)
         res[f"reward/{spec}"] = sum(vals) / len(vals)
     if tasks.has_gold([p.meta for p in prompts]):
         g = tasks.gold_reward(None, texts, task=fields["task"], input=fields["input"])
@@ -284,7 +292,7 @@ def eval_policy(ckpt: str, cfg: EvalConfig, data: tuple, judges: tuple, device) 
     if cfg.reference_field:
         res.update(bleu_chrf(texts, [p.meta[cfg.reference_field] for p in prompts]))
     if judge is not None:
-        return res, call_reward_fn(judge, raw, texts, fields)
+        return res, call_reward_fn(judge, raw, texts, fields, where=where)
     return res, rm.score([p.prompt for p in prompts], texts, fit=True).tolist() if rm is not None else None
 
 

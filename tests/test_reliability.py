@@ -231,6 +231,37 @@ def test_a_reward_function_sees_copies_and_its_values_must_fit_float32(tok):
     assert score.tolist() == [1.0, 1e10]
 
 
+@pytest.mark.slow
+def test_eval_names_the_checkpoint_a_reward_function_fails_on_and_keeps_the_ones_before(tmp_path, capsys,
+                                                                                        sft_checkpoint, task_dir):
+    """rlhf eval of two checkpoints, a reward function that raises on the second one's samples:
+    before, one line naming neither the checkpoint nor the row, and the first checkpoint's finished
+    evaluation thrown away. Now the checkpoint and the row are named and the first one's table is
+    printed."""
+    f = tmp_path / "r.py"
+    f.write_text("CALLS = []\n"
+                 "def r(prompts, completions, **kw):\n"
+                 "    CALLS.append(1)\n"
+                 "    if len(CALLS) > 2:  # the dry call, then the first checkpoint's samples\n"
+                 "        raise ValueError('cannot parse this completion')\n"
+                 "    return [0.0] * len(completions)\n")
+    second = tmp_path / "second"
+    import shutil
+
+    shutil.copytree(sft_checkpoint, second)
+    from rlhf.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in ("eval", sft_checkpoint, second, "--prompts", task_dir / "eval_prompts.jsonl",
+                                "--max_samples", "4", "--max_new_tokens", "4", "--reward_fn", f"{f}:r")])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in stderr
+    assert str(sft_checkpoint) in stdout and "eos_rate" in stdout and str(second) not in stdout, stdout
+    assert re.search(rf"error: {re.escape(str(second))}: reward function '.*r\.py:r' raised ValueError: cannot parse "
+                     rf"this completion on a batch of 4 samples \(first row .*eval_prompts\.jsonl:1\).*\(the results of "
+                     rf"{re.escape(str(sft_checkpoint))}, evaluated before it, are printed above\)", stderr), stderr
+
+
 def test_a_hub_dataset_that_cannot_load_is_one_line(tmp_path, monkeypatch):
     """A data spec that is no local file and no reachable hub dataset: one line, not datasets'
     traceback; a mistyped local path under a folder that is here is not looked up on the hub."""
