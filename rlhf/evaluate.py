@@ -261,7 +261,7 @@ def eval_policy(ckpt: str, cfg: EvalConfig, data: tuple, judges: tuple, device) 
     both read before any model loads. Returns (metrics, the judge's per-prompt scores for the win rate)."""
     from .config import ModelConfig
     from .models import disable_dropout, load_causal_lm, load_tokenizer
-    from .rewards import call_reward_fn
+    from .rewards import call_reward_fn, reward_fields
 
     prompts, demos = data
     rm, judge, fns = judges
@@ -278,7 +278,7 @@ def eval_policy(ckpt: str, cfg: EvalConfig, data: tuple, judges: tuple, device) 
                               device=device, **vars(cfg.sampling))
     res["eos_rate"] = sum(eos) / len(eos)
     res["response_chars"] = sum(len(t) for t in texts) / len(texts)
-    fields = {k: [p.meta.get(k) for p in prompts] for k in prompts[0].meta}
+    fields = reward_fields(prompts)
     raw = [p.raw_prompt for p in prompts]
     if rm is not None:
         res["reward_model_score"] = rm.score([p.prompt for p in prompts], texts, fit=True).mean().item()

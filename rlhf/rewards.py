@@ -98,11 +98,20 @@ def dry_call(fn: Callable, prompts: list, fields: dict[str, list], timeout: floa
         raise RewardError(f"{e} [at the check before the run, on {n} prompts with dummy completions]") from None
 
 
+def reward_fields(examples: list) -> dict[str, list]:
+    """The `fields` reward functions receive for `examples` (PromptExamples): every column any of
+    them has (in the order first met), one value per example, None where its row lacks the column.
+    (Taken from the first row's columns, a batch whose first row lacked `answer` passed no `answer`
+    for the rows that had one.)"""
+    keys = dict.fromkeys(k for e in examples for k in e.meta)
+    return {k: [e.meta.get(k) for e in examples] for k in keys}
+
+
 def dry_call_on(fns: list[Callable], prompts: list, timeout: float = 0.0) -> None:
     """:func:`dry_call` each of `fns` on the first 4 of `prompts` (PromptExamples), with their
     fields: every reward function and judge is called once before anything samples."""
     probe = prompts[:4]
-    fields = {k: [p.meta.get(k) for p in probe] for k in probe[0].meta} if probe else {}
+    fields = reward_fields(probe)
     for fn in fns if probe else []:
         dry_call(fn, [p.raw_prompt for p in probe], fields, timeout)
 

@@ -37,7 +37,7 @@ from .errors import DataError, RunError
 from .evaluate import sample_texts
 from .faults import fault_point
 from .algos.core import reward_bias
-from .rewards import BIAS_KEY, call_reward_fn, group_loss, load_reward_fn, on_every_process
+from .rewards import BIAS_KEY, call_reward_fn, group_loss, load_reward_fn, on_every_process, reward_fields
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class RMRefresher:
                                     seed=self.seed * 1009 + it * 7 + acc.process_index, batch_size=64)
         scores = None
         if self.judge is not None:
-            fields = {f: [p.meta.get(f) for p in expanded] for f in expanded[0].meta}
+            fields = reward_fields(expanded)
             raw = [p.raw_prompt for p in expanded]  # (a judge failing on one process stops them all)
             scores = on_every_process(acc, lambda: call_reward_fn(self.judge, raw, texts, fields))
         rows = []

@@ -10,7 +10,7 @@ from .data.formats import DataError, load_examples, parse_preference, parse_prom
 from .data.tasks import write_jsonl
 from .evaluate import sample_texts
 from .models import check_policy_model, disable_dropout, load_causal_lm, load_tokenizer, outside_zero3_init
-from .rewards import call_reward_fn, dry_call_on, load_reward_fn
+from .rewards import call_reward_fn, dry_call_on, load_reward_fn, reward_fields
 
 
 def check_sample_config(sc: SampleConfig, skip_bad_rows: bool = False) -> tuple[list, list]:
@@ -47,7 +47,7 @@ def sample_rankings(sc: SampleConfig, out_path: str | Path, seed: int = 0, devic
     texts, _ = sample_texts(policy, tok, [p.prompt for p in expanded], max_new_tokens=sc.max_new_tokens,
                             temperature=sc.temperature, batch_size=sc.batch_size, seed=seed, device=device,
                             progress_desc=f"sampling K={sc.k}")
-    fields = {k: [p.meta.get(k) for p in expanded] for k in expanded[0].meta}
+    fields = reward_fields(expanded)
     scores = call_reward_fn(judge, [p.raw_prompt for p in expanded], texts, fields) if judge else None
     rows = []
     for i, p in enumerate(prompts):

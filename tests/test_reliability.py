@@ -262,6 +262,30 @@ def test_eval_names_the_checkpoint_a_reward_function_fails_on_and_keeps_the_ones
                      rf"{re.escape(str(sft_checkpoint))}, evaluated before it, are printed above\)", stderr), stderr
 
 
+def test_reward_fields_are_every_rows_columns_whatever_row_comes_first(tok):
+    """fields were the columns of a batch's first row: a batch whose first row lacked `answer` gave
+    the rows that had one no `answer` (rewards decided by row order: 0.00 against 0.95 in rlhf eval)."""
+    from rlhf.data.formats import PromptExample
+    from rlhf.rewards import reward_fields
+    from rlhf.rollout import Generation
+    from rlhf.stages.ppo import Rollout, sequence_scores
+
+    rows = [PromptExample([{"role": "user", "content": "q"}], meta, "q")
+            for meta in ({}, {"answer": "1", "task": "sort"}, {"task": "sort", "answer": "2", "extra": 5})]
+    assert reward_fields(rows) == {"answer": [None, "1", "2"], "task": [None, "sort", "sort"], "extra": [None, None, 5]}
+    seen = []
+    gen = Generation(prompt_ids=torch.tensor([[5]] * 3), prompt_mask=torch.ones(3, 1, dtype=torch.long),
+                     response_ids=torch.tensor([[8]] * 3), response_mask=torch.ones(3, 1, dtype=torch.long),
+                     has_eos=torch.tensor([True] * 3))
+
+    class Spec:
+        fn, weight = "r.py:r", 1.0
+
+    fn = (Spec(), lambda p, c, answer=None, **kw: seen.append(answer) or [float(a is not None) for a in answer])
+    score, _ = sequence_scores(Rollout(gen, rows, ["1", "1", "2"]), tok, None, [fn], 1.0, 0.0, "cpu")
+    assert seen == [[None, "1", "2"]] and score.tolist() == [0.0, 1.0, 1.0]
+
+
 def test_a_hub_dataset_that_cannot_load_is_one_line(tmp_path, monkeypatch):
     """A data spec that is no local file and no reachable hub dataset: one line, not datasets'
     traceback; a mistyped local path under a folder that is here is not looked up on the hub."""

@@ -47,7 +47,8 @@ from ..models import (check_policy_model, check_positions, check_reward_model, c
                       load_tokenizer, save_model_files, unwrap)
 from ..ptx import PtxIterator
 from ..rm_refresh import Paused, RMRefresher
-from ..rewards import RewardError, RewardModel, call_reward_fn, dry_call_on, load_reward_fn, on_every_process
+from ..rewards import (RewardError, RewardModel, call_reward_fn, dry_call_on, load_reward_fn, on_every_process,
+                       reward_fields)
 from ..rollout import (Generation, generate, position_ids_from_mask, response_logprobs, row_extents,
                        trim_columns)
 from ..tokenization import decode_response, encode_prompt, encode_sft
@@ -247,7 +248,7 @@ def sequence_scores(ro: Rollout, tok, reward_model: RewardModel | None, reward_f
         parts["rm_score"] = rm_score
         score = score + rm_weight * rm_score
     for spec, fn in reward_fns:
-        fields = {k: [p.meta.get(k) for p in ro.prompts] for k in ro.prompts[0].meta}
+        fields = reward_fields(ro.prompts)
         vals = torch.tensor(call_reward_fn(fn, [p.raw_prompt for p in ro.prompts], ro.texts, fields,
                                            where=[getattr(p, "where", "?") for p in ro.prompts],
                                            timeout=timeout), device=device)
