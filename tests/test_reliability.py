@@ -531,6 +531,47 @@ def test_a_resume_with_another_recipe_names_each_changed_key(tmp_path, caplog):
     assert (tmp_path / "recipe.yaml").read_text() == written
 
 
+@pytest.mark.slow
+def test_a_ppo_resume_that_switches_on_ema_or_ptx_is_one_line(tmp_path, capsys, sft_checkpoint, task_dir):
+    """A PPO run interrupted after a checkpoint, resumed with ema_decay (or PPO-ptx) the run did not
+    have: before, a FileNotFoundError traceback for the checkpoint's ema.safetensors. Now one line,
+    and the run stays resumable with its own recipe."""
+    f = tmp_path / "r.py"
+    f.write_text("import os\n"
+                 "def r(prompts, completions, **kw):\n"
+                 "    if os.path.exists(os.environ['STOP_FILE']):\n"
+                 "        raise ValueError('stopped')\n"
+                 "    return [float(len(c) % 2) for c in completions]\n"
+                 "def stop_after(prompts, completions, **kw):\n"
+                 "    n = int(os.environ.get('CALLS', '0')) + 1\n"
+                 "    os.environ['CALLS'] = str(n)\n"
+                 "    if n == 4:  # the dry call, then iterations 1 and 2: iteration 3 stops the run\n"
+                 "        open(os.environ['STOP_FILE'], 'w').close()\n"
+                 "    return r(prompts, completions)\n")
+    stop = tmp_path / "stop"
+    out = tmp_path / "ppo"
+    base = ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", sft_checkpoint, "--output_dir", out,
+            "--data.train", task_dir / "rl_prompts.jsonl", "--data.eval", task_dir / "eval_prompts.jsonl",
+            "--steps", "3", "--save_every", "1", "--rollout_batch_size", "8", "--minibatch_size", "8",
+            "--micro_batch_size", "8", "--ppo_epochs", "1", "--eval_samples", "0", "--sample_every", "0"]
+    os.environ["STOP_FILE"] = str(stop)
+    try:
+        rc, stderr = _rlhf_here(capsys, *base, "--reward_fns", f"[{{fn: '{f}:stop_after'}}]")
+        assert rc == 2 and "resumable from step-00000002" in stderr, stderr[-2000:]
+        stop.unlink()
+        for extra, pattern in ((["--ema_decay", "0.9"], r"step-00000002: has no EMA of the policy \(the run was started "
+                                                         r"without ema_decay\); resume with the run's recipe"),
+                               (["--ptx_coef", "0.5", "--ptx_data", task_dir / "sft.jsonl"],
+                                r"step-00000002: has no PPO-ptx data position")):
+            rc, stderr = _rlhf_here(capsys, *base, "--reward_fns", f"[{{fn: '{f}:r'}}]", "--resume", *extra)
+            assert rc == 2 and re.search(pattern, stderr) and "Traceback" not in stderr, stderr[-2000:]
+        rc, stderr = _rlhf_here(capsys, *base, "--reward_fns", f"[{{fn: '{f}:r'}}]", "--resume")
+        assert rc == 0 and json.loads((out / "summary.json").read_text())["steps"] == 3, stderr[-2000:]
+    finally:
+        os.environ.pop("STOP_FILE", None)
+        os.environ.pop("CALLS", None)
+
+
 def test_a_missing_rng_file_is_damage_unless_more_processes_resume(tmp_path, caplog):
     """Each process's RNG file makes the resume exact: missing on the process count that wrote the
     checkpoint, the checkpoint is damaged; a plain checkpoint resumed on more processes has none for

@@ -630,10 +630,17 @@ class PPOState:
             self.summary["stopped_by_alarm"] = state["stopped_by_alarm"]
         if self.refresher is not None and state.get("rm_refresh"):
             self.refresher.load_state_dict(state["rm_refresh"])
+        # (the recipe switched on what the interrupted run did not have: nothing of it to resume)
+        if self.ptx is not None and state.get("ptx") is None:
+            raise RunError(f"{ckpt}: has no PPO-ptx data position (the run was started without ptx_coef / "
+                           f"ptx_data); resume with the run's recipe (its recipe.yaml), or start a new run")
         if self.ptx is not None:
             self.ptx.load_state_dict(state["ptx"])
         if self.ema is not None:
             name = f"ema-rank{rank}.safetensors" if self.ema.sharded else "ema.safetensors"
+            if not (ckpt / name).exists():
+                raise RunError(f"{ckpt}: has no EMA of the policy (the run was started without ema_decay); resume "
+                               f"with the run's recipe (its recipe.yaml), or start a new run")
             self.ema.load(load_tensors(ckpt / name))
 
 
