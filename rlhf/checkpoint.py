@@ -169,7 +169,7 @@ def save_checkpoint(acc, out: Path, step: int, parts: CheckpointParts, *, state:
         engines = sorted(name for name, model in models.items() if _is_engine(model))
         scaler = getattr(acc, "scaler", None)  # fp16: the loss scale and its growth tracker
         (tmp / "state.json").write_text(json.dumps({"step": step, **state, "num_processes": acc.num_processes,
-                                                    "deepspeed_engines": engines,
+                                                    "models": sorted(models), "deepspeed_engines": engines,
                                                     "deepspeed_zero": _zero_layout(models),
                                                     "grad_scaler": scaler.state_dict() if scaler else None}, indent=1))
     acc.wait_for_everyone()
@@ -185,6 +185,23 @@ def save_checkpoint(acc, out: Path, step: int, parts: CheckpointParts, *, state:
     return final
 
 
+def _check_same_models(ckpt: Path, state: dict, models: dict) -> None:
+    """A one-line RunError when the checkpoint lacks a model this run trains: the recipe
+    changed since it was written (a critic-free PPO run resumed with GAE, which adds the value model).
+    Its files are then intact, and deleting it (the advice for a damaged one) would lose the run.
+    Checkpoints written before state.json recorded its models: a model with neither weights nor an
+    optimizer state in the folder counts as absent, not as damage."""
+    saved = state.get("models")
+    if saved is None:
+        saved = [n for n in models if (ckpt / f"{n}.safetensors").exists() or (ckpt / f"{n}.optim.pt").exists()
+                 or (ckpt / n).is_dir()]
+    absent = [n for n in models if n not in saved]
+    if absent:  # (a model it holds that this run lacks is left unread: the recipe change is warned of)
+        raise RunError(f"{ckpt}: holds no {', '.join(absent)} model, which this run trains (the recipe changed since "
+                       f"it was written: advantage_estimator, value_init, ...); resume with the recipe that wrote it "
+                       f"(its recipe.yaml), or start a new run")
+
+
 def load_checkpoint(acc, ckpt: Path, parts: CheckpointParts) -> dict:
     """Restore everything `save_checkpoint` wrote into `parts`; returns state.json's content."""
     from safetensors.torch import load_model
@@ -197,6 +214,7 @@ def load_checkpoint(acc, ckpt: Path, parts: CheckpointParts) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool):
         raise DamagedCheckpoint("state.json holds no checkpoint state (an object with an integer 'step')")
     _check_compatible(acc, ckpt, state, models)
+    _check_same_models(ckpt, state, models)
     for name, model in models.items():
         if _is_engine(model):
             path, _ = model.load_checkpoint(str(ckpt), tag=name, load_optimizer_states=True,

@@ -572,6 +572,36 @@ def test_a_ppo_resume_that_switches_on_ema_or_ptx_is_one_line(tmp_path, capsys, 
         os.environ.pop("CALLS", None)
 
 
+def test_a_checkpoint_without_a_model_this_run_trains_is_a_recipe_change_not_damage(tmp_path):
+    """A critic-free PPO run's checkpoint resumed with GAE (which adds the value model): before, "damaged,
+    cannot be restored ... delete this checkpoint folder", and deleting it lost the run. Now the
+    recipe change is named; checkpoints from before state.json listed its models are judged by their
+    files (neither weights nor optimizer state of a model: absent); a missing file of a model the
+    checkpoint has is still damage."""
+    from types import SimpleNamespace
+
+    from rlhf.checkpoint import CheckpointParts, load_checkpoint, save_checkpoint
+    from rlhf.errors import RunError
+
+    acc = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True, wait_for_everyone=lambda: None)
+    policy, value = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    opts = {n: torch.optim.AdamW(m.parameters()) for n, m in (("policy", policy), ("value", value))}
+    ckpt = save_checkpoint(acc, tmp_path, 2, CheckpointParts({"policy": policy}, {"policy": opts["policy"]}), state={})
+    both = CheckpointParts({"policy": policy, "value": value}, opts)
+    with pytest.raises(RunError, match=r"step-00000002: holds no value model, which this run trains \(the recipe "
+                                       r"changed since it was written: advantage_estimator"):
+        load_checkpoint(acc, ckpt, both)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state.pop("models") == ["policy"]
+    (ckpt / "state.json").write_text(json.dumps(state))  # as written before the record
+    with pytest.raises(RunError, match=r"holds no value model"):
+        load_checkpoint(acc, ckpt, both)
+    full = save_checkpoint(acc, tmp_path / "full", 2, both, state={})
+    (full / "value.safetensors").unlink()
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(acc, full, both)
+
+
 def test_a_missing_rng_file_is_damage_unless_more_processes_resume(tmp_path, caplog):
     """Each process's RNG file makes the resume exact: missing on the process count that wrote the
     checkpoint, the checkpoint is damaged; a plain checkpoint resumed on more processes has none for
