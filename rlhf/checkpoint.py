@@ -357,12 +357,21 @@ def _unrestorable(e: Exception, ckpt: Path, out: Path) -> RunError | None:
     return None
 
 
-def resume_state(acc, out: Path, resume: bool, parts: CheckpointParts) -> tuple[int, dict]:
+def resume_state(acc, out: Path, resume: bool, parts: CheckpointParts, total: tuple[int, str] | None = None
+                 ) -> tuple[int, dict]:
     """(step to continue after, saved state) — (0, {}) for a new run or a run with no checkpoint yet.
-    Records logged after the checkpoint are dropped (the resumed run logs them again)."""
+    Records logged after the checkpoint are dropped (the resumed run logs them again). `total`: (the
+    run's last step, the recipe key that sets it); a checkpoint past it is refused in one line (the
+    run "finished" with the checkpoint's model, a summary that said fewer steps, and a step counter
+    that went backwards in metrics.jsonl)."""
     if not resume:
         return 0, {}
     ckpt = latest_checkpoint(out)
+    if ckpt is not None and total is not None and ckpt.name[len(PREFIX):].isdigit() \
+            and int(ckpt.name[len(PREFIX):]) > total[0]:
+        step = int(ckpt.name[len(PREFIX):])
+        raise RunError(f"{ckpt}: step {step} is past this run's last step, {total[0]} ({total[1]}); resume with "
+                       f"{total[1]} of at least {step}, or start a new run")
     if ckpt is None:
         if acc.is_main_process:  # nothing to keep: the run starts over, step 0 included
             truncate_jsonl(Path(out) / "metrics.jsonl", -1)

@@ -725,7 +725,7 @@ def prepare_training(acc, model, tc, total_steps: int, out: Path, resume: bool) 
     model, optimizer = acc.prepare(model, optimizer)
     scheduler = make_scheduler(optimizer, tc.lr_scheduler, total_steps, tc.warmup_ratio)
     parts = CheckpointParts({"model": model}, {"model": optimizer}, {"model": scheduler})
-    start, state = resume_state(acc, out, resume, parts)
+    start, state = resume_state(acc, out, resume, parts, total=(total_steps, "train.max_steps / train.epochs"))
     return Training(model, optimizer, scheduler, NonFiniteGuard(tc.max_nonfinite_steps), parts, start, state)
 
 

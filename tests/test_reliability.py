@@ -602,6 +602,23 @@ def test_a_checkpoint_without_a_model_this_run_trains_is_a_recipe_change_not_dam
         load_checkpoint(acc, full, both)
 
 
+def test_a_resume_whose_recipe_ends_before_the_checkpoint_is_one_line(tmp_path):
+    """--resume --steps 1 of a run checkpointed at step 2: before, exit 0 with the step-2 model, a
+    summary saying 1 step and metrics.jsonl's step counter going backwards."""
+    from types import SimpleNamespace
+
+    from rlhf.checkpoint import CheckpointParts, resume_state, save_checkpoint
+    from rlhf.errors import RunError
+
+    acc = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True, wait_for_everyone=lambda: None)
+    parts = CheckpointParts({"policy": torch.nn.Linear(2, 2)})
+    save_checkpoint(acc, tmp_path, 2, parts, state={})
+    with pytest.raises(RunError, match=r"step-00000002: step 2 is past this run's last step, 1 \(steps\); resume "
+                                       r"with steps of at least 2, or start a new run"):
+        resume_state(acc, tmp_path, True, parts, total=(1, "steps"))
+    assert resume_state(acc, tmp_path, True, parts, total=(2, "steps"))[0] == 2
+
+
 def test_a_missing_rng_file_is_damage_unless_more_processes_resume(tmp_path, caplog):
     """Each process's RNG file makes the resume exact: missing on the process count that wrote the
     checkpoint, the checkpoint is damaged; a plain checkpoint resumed on more processes has none for

@@ -755,7 +755,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
     peak = cfg.peak_tflops * 1e12 or measure_matmul_peak(dtype=peak_dtype, device=acc.device)
     log.info("MFU against %s %.3g TFLOP/s (%s matmul peak)", "a given" if cfg.peak_tflops else "a measured",
              peak / 1e12, str(peak_dtype).replace("torch.", ""))
-    start, state = resume_state(acc, out, resume, checkpoint_parts(m, st))
+    start, state = resume_state(acc, out, resume, checkpoint_parts(m, st), total=(cfg.steps, "steps"))
     if state:
         st.load(state, latest_checkpoint(out), acc.process_index)
     save_recipe(acc, cfg, out, resume)
