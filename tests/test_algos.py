@@ -219,6 +219,13 @@ def test_adaptive_kl_controller():
     fixed = core.FixedKLController(0.05)
     fixed.update(100.0, 10)
     assert fixed.value == 0.05
+    # resumed: beta from the checkpoint, a fixed controller's too (adaptive_kl switched on at a resume was a
+    # KeyError), target and horizon the recipe's (a changed kl_target was silently the checkpoint's)
+    resumed = core.AdaptiveKLController(0.15, target=3.0, horizon=500)
+    resumed.load_state_dict(fixed.state_dict())
+    assert (resumed.value, resumed.target, resumed.horizon) == (0.05, 3.0, 500)
+    resumed.load_state_dict(ctl.state_dict())
+    assert (resumed.value, resumed.target, resumed.horizon) == (ctl.value, 3.0, 500)
 
 
 def test_running_moments_matches_numpy():

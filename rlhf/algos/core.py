@@ -393,7 +393,9 @@ class AdaptiveKLController:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, d: dict) -> None:
-        self.value, self.target, self.horizon = d["value"], d["target"], d["horizon"]
+        """β from a checkpoint (a fixed controller's too: adaptive_kl switched on at a resume goes on
+        from its β); the target and horizon stay the recipe's, as a resume with a changed recipe says."""
+        self.value = d["value"]
 
 
 # ----------------------------------------------------------------------------- reward scaling
