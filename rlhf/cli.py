@@ -542,6 +542,8 @@ def _score(args) -> int:
     _check_out(args.out, args.overwrite)
     rm = RewardModel(args.checkpoint, device=runtime_device())
     rows = read_rows(args.file)
+    if not rows:  # (as eval, sample and generate say of an empty file; it wrote an empty --out)
+        raise DataError(f"{args.file}: no rows to score")
     seqs, targets = [], []  # one token sequence per response, and the (row, key) its score goes to
     for r in rows:
         for fld, prompt, reply in parse_scored(r):
@@ -592,6 +594,12 @@ def _chat(args) -> int:
             break
         if line.strip() == "/reset":
             history = history[:1] if args.system else []
+            continue
+        if not line.strip():  # (an empty line is no message)
+            continue
+        if line.strip().startswith("/") and " " not in line.strip():  # a mistyped command is not a message
+            print(f"error: unknown command {line.strip()}; the commands are /reset, /exit, /quit", file=sys.stderr,
+                  flush=True)
             continue
         history.append({"role": "user", "content": line})
         try:

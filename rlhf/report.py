@@ -124,6 +124,8 @@ def final_path_of(run: Path) -> Path:
 def build_report(run_dir: str | Path) -> str:
     """Write RUN_DIR/report/index.html (+ PNGs); returns the page's path."""
     run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise RunError(f"{run}: a file, not a run folder; give the folder a run wrote (or a pipeline's)")
     if not run.is_dir():
         raise RunError(f"{run}: no such run folder")
     if not any((d / f).exists() for d in [run] + [run / s for s in ("sft", "rm", "ppo", "dpo")]

@@ -84,9 +84,11 @@ def test_generate_chat_sample_score(tmp_path, pipeline_dir):
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), RLHF_NO_PROGRESS="1")
     chat = subprocess.run([sys.executable, "-m", "rlhf", "chat", str(sft), "--max_new_tokens", "8"],
-                          input="Sort the digits: 31415\nSort the digits: 27182\n/exit\n", capture_output=True,
+                          input="Sort the digits: 31415\n\n/exti\nSort the digits: 27182\n/exit\n", capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=300)
-    assert chat.returncode == 0 and len(chat.stdout.strip().splitlines()) == 2
+    # an empty line and a mistyped command are no messages to the model (both were sent as user turns)
+    assert chat.returncode == 0 and len(chat.stdout.strip().splitlines()) == 2, chat.stdout
+    assert "error: unknown command /exti; the commands are /reset, /exit, /quit" in chat.stderr
     out = tmp_path / "rank.jsonl"
     run_cli("sample", sft, prompts, "--k", "3", "--max_prompts", "5", "--max_new_tokens", "8", "--out", out)
     ranked = [json.loads(l) for l in open(out)]
@@ -106,6 +108,11 @@ def test_generate_chat_sample_score(tmp_path, pipeline_dir):
     assert all("score_chosen" in r and "score_rejected" in r for r in rows)
     acc = sum(r["score_chosen"] > r["score_rejected"] for r in rows) / len(rows)
     assert acc > 0.5
+    (tmp_path / "empty.jsonl").write_text("\n")  # (it wrote "0 scored rows" and an empty --out)
+    p = run_cli("score", rm, tmp_path / "empty.jsonl", "--out", tmp_path / "none.jsonl", check=False)
+    assert p.returncode == 2 and "empty.jsonl: no rows to score" in p.stderr and not (tmp_path / "none.jsonl").exists()
+    p = run_cli("report", scored, check=False)
+    assert p.returncode == 2 and "scored.jsonl: a file, not a run folder" in p.stderr
     ev = tmp_path / "ev.json"
     run_cli("eval", rm, "--pairs", ROOT / "recipes/tiny/data/prefs_eval.jsonl", "--max_samples", "50", "--out", ev)
     res = json.loads(ev.read_text())["checkpoints"][str(rm)]
