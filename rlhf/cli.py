@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -364,8 +365,10 @@ def _dispatch(args, rest: list[str]) -> int:
             message = locate_message(str(e), args.recipe, overrides, section, getattr(e, "key", None))
             # (rank 0 only: it alone opened the folder, and cleaned it up; another rank would see
             # this run's own staging folder and call it an interrupted run)
-            # (rlhf compare reuses its folder by design: a folder holding its runs is no problem of it)
-            folder = _folder_problem(args) if process_rank() == 0 and args.command != "compare" else None
+            # (rlhf compare reuses its own folder by design: one holding its runs is no problem of it)
+            own = args.command == "compare" and args.output_dir and any(
+                (Path(args.output_dir) / f).exists() for f in ("compare.json", "runs"))
+            folder = _folder_problem(args) if process_rank() == 0 and not own else None
             if folder and folder not in message and "resumable from" not in message:
                 message = f"{message}; and {folder}"
             if message != str(e):
@@ -597,7 +600,7 @@ def _chat(args) -> int:
             continue
         if not line.strip():  # (an empty line is no message)
             continue
-        if line.strip().startswith("/") and " " not in line.strip():  # a mistyped command is not a message
+        if re.fullmatch(r"/[A-Za-z]+", line.strip()):  # a mistyped command is not a message (/etc/hosts is one)
             print(f"error: unknown command {line.strip()}; the commands are /reset, /exit, /quit", file=sys.stderr,
                   flush=True)
             continue

@@ -46,10 +46,11 @@ def check_sampling_positions(model, encoded: list[list[int]], max_new_tokens: in
     if limit is None or not encoded:
         return
     i = max(range(len(encoded)), key=lambda k: len(encoded[k]))
-    if len(encoded[i]) + max_new_tokens > limit:
+    needed = len(encoded[i]) + max_new_tokens - 1  # (the last sampled token is never fed back)
+    if needed > limit:
         raise ModelError(f"prompt {i + 1} ({len(encoded[i])} tokens) with max_new_tokens {max_new_tokens}: "
-                         f"{len(encoded[i]) + max_new_tokens} tokens, but the model has learned positions for only "
-                         f"{limit} (max_position_embeddings / n_positions); lower max_new_tokens or shorten the prompts")
+                         f"{needed} positions, but the model has learned positions for only {limit} "
+                         f"(max_position_embeddings / n_positions); lower max_new_tokens or shorten the prompts")
 
 
 def gold_accuracy(model, tok, examples: list, *, batch_size: int = 64, seed: int = 0, device=None,
@@ -202,8 +203,9 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
             result["checkpoints"][label], scores = eval_policy(ckpt, cfg, (prompts, demos), (rm, judge, fns), device)
         except USER_ERRORS as e:  # name the checkpoint, and keep what the ones before it measured
             done = list(result["checkpoints"])
-            err = type(e)(f"{ckpt}: {e}" + (f" (the results of {', '.join(done)}, evaluated before it, are printed "
-                                            f"above)" if done else ""))
+            named = str(e) if str(e).startswith(str(ckpt)) else f"{ckpt}: {e}"
+            err = type(e)(named + (f" (the results of {', '.join(done)}, evaluated before it, are printed above)"
+                                   if done else ""))
             err.partial = result if done else None
             raise err from None
         if scores is not None:

@@ -111,7 +111,7 @@ def dry_call_on(fns: list[Callable], prompts: list, timeout: float = 0.0) -> Non
     """:func:`dry_call` each of `fns` on the first 4 of `prompts` (PromptExamples), with their
     fields: every reward function and judge is called once before anything samples."""
     probe = prompts[:4]
-    fields = reward_fields(probe)
+    fields = {k: v[:4] for k, v in reward_fields(prompts).items()}  # (every column a later batch may pass)
     for fn in fns if probe else []:
         dry_call(fn, [p.raw_prompt for p in probe], fields, timeout)
 

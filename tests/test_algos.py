@@ -226,6 +226,8 @@ def test_adaptive_kl_controller():
     assert (resumed.value, resumed.target, resumed.horizon) == (0.05, 3.0, 500)
     resumed.load_state_dict(ctl.state_dict())
     assert (resumed.value, resumed.target, resumed.horizon) == (ctl.value, 3.0, 500)
+    fixed.load_state_dict(ctl.state_dict())  # a fixed beta is the recipe's kl_coef, whatever was saved
+    assert fixed.value == 0.05
 
 
 def test_running_moments_matches_numpy():

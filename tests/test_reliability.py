@@ -1024,9 +1024,9 @@ def test_rows_longer_than_a_models_learned_positions_are_refused_before_training
     for args in (["generate", policy, "--prompts", prompts], ["eval", policy, "--prompts", prompts, "--max_samples", "4"],
                  ["sample", policy, prompts, "--k", "2", "--max_prompts", "4", "--out", tmp_path / "s.jsonl"]):
         rc, stderr = _rlhf_here(capsys, *args, "--max_new_tokens", "40")
-        assert rc == 2 and re.search(r"error: prompt \d+ \(\d+ tokens\) with max_new_tokens 40: \d+ tokens, but the "
-                                     r"model has learned positions for only 30 .*; lower max_new_tokens", stderr), \
-            (args[0], stderr[-2000:])
+        assert rc == 2 and re.search(r"error: (\S+: )?prompt \d+ \(\d+ tokens\) with max_new_tokens 40: \d+ positions, "
+                                     r"but the model has learned positions for only 30 .*; lower max_new_tokens",
+                                     stderr), (args[0], stderr[-2000:])
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Sort the digits: 12345 and then 67890 please\nhi\n/exit\n"))
@@ -1036,7 +1036,7 @@ def test_rows_longer_than_a_models_learned_positions_are_refused_before_training
     capsys.readouterr()
     rc = main(["chat", str(policy), "--max_new_tokens", "20"])  # 31 tokens + 20 > 30; then 4 + 20 fits
     out, stderr = capsys.readouterr()
-    assert rc == 0 and re.search(r"error: the conversation \(31 tokens\) with max_new_tokens 20: 51 tokens, .*start "
+    assert rc == 0 and re.search(r"error: the conversation \(31 tokens\) with max_new_tokens 20: 50 positions, .*start "
                                  r"over with /reset; message not sent", stderr) and "Traceback" not in stderr, stderr
     assert "\n" in out  # the second message's reply: the session went on
     ppo = ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", policy, "--output_dir", tmp_path / "ppo"]
@@ -1056,6 +1056,12 @@ def test_rows_longer_than_a_models_learned_positions_are_refused_before_training
                             tmp_path / "ppo2")
     assert rc == 2 and re.search(r"error: the longest prompt with max_new_tokens, as reward_model reads it: \d+ "
                                  r"tokens, but the model has learned positions for only 30", stderr), stderr[-2000:]
+    # rm_refresh samples with its own max_new_tokens: checked with the rest (found at its first refresh before)
+    rc, stderr = _rlhf_here(capsys, "ppo", "recipes/tiny/ppo.yaml", "--model.name_or_path", policy,
+                            "--reward_model", rm, "--value_init", "policy", "--max_new_tokens", "4", "--rm_refresh",
+                            "{every: 1, k: 2, max_new_tokens: 40}", "--output_dir", tmp_path / "ppo3")
+    assert rc == 2 and re.search(r"error: the longest prompt with rm_refresh\.max_new_tokens \(sampled\): \d+ tokens, "
+                                 r"but the model has learned positions for only 30", stderr), stderr[-2000:]
     # an RM that ranks its policy's samples: the longest sample prompt + sample.max_new_tokens must fit (it was
     # data.max_length, which refused a generous bound although the samples would fit)
     sample = ["rm", "recipes/tiny/rm.yaml", "--model.name_or_path", policy, "--sample.checkpoint", policy,
@@ -1509,9 +1515,10 @@ def test_a_run_whose_every_step_was_skipped_is_no_result(tmp_path):
     the trained one; now one line, exit 2, and no run folder."""
     out = tmp_path / "sft"
     p = _rlhf("sft", "recipes/tiny/sft.yaml", "--output_dir", out, "--train.max_steps", "1", "--gen_eval_samples", "0",
-              env_extra={"RLHF_FAULT": "nan:1"}, check=False)
+              "--train.save_every", "1", env_extra={"RLHF_FAULT": "nan:1"}, check=False)
     assert p.returncode == 2 and "error: every one of this run's 1 optimizer steps had a non-finite" in p.stderr, \
         p.stderr[-2000:]
+    assert "resumable" not in p.stderr  # (no last checkpoint to resume from: that resume could only fail again)
     assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
 
 

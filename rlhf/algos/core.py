@@ -375,7 +375,8 @@ class FixedKLController:
         return {"value": self.value}
 
     def load_state_dict(self, d: dict) -> None:
-        self.value = d["value"]
+        """Nothing to restore: β is the recipe's kl_coef (a resume that changes it, or switches
+        adaptive_kl off, goes on with the recipe's, as its warning says; it was the checkpoint's)."""
 
 
 class AdaptiveKLController:

@@ -130,8 +130,8 @@ def run_compare(cfg: CompareConfig, output_dir: str | None = None, overwrite: bo
 
     def once(stage: str, stage_cfg, folder: Path) -> dict:
         if (folder / "summary.json").exists():
-            changed = recipe_changes(read_yaml(folder / "recipe.yaml"), to_dict(stage_cfg)) \
-                if (folder / "recipe.yaml").exists() else []
+            saved = read_yaml(folder / "recipe.yaml") if (folder / "recipe.yaml").exists() else None
+            changed = recipe_changes(saved, keys_in(to_dict(stage_cfg), saved)) if saved is not None else []
             if changed:  # (the methods would be compared from another SFT policy or RM than the recipe's)
                 raise RunError(f"{folder}: made from another recipe than this comparison's {stage} section "
                                f"({'; '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}); remove it (and "
@@ -155,6 +155,13 @@ def run_compare(cfg: CompareConfig, output_dir: str | None = None, overwrite: bo
         results.append({"method": method, "seed": seed, "stage": stage,
                         **{k: summary.get(k) for k in ("initial_eval_gold_accuracy", *MEASURES)}})
     return write_comparison(root, cfg, results, runs)
+
+
+def keys_in(now: dict, saved: dict) -> dict:
+    """`now` without the keys `saved` lacks (a field a later rlhf added reads as None -> its default,
+    which is no change of recipe)."""
+    return {k: keys_in(v, saved[k]) if isinstance(v, dict) and isinstance(saved.get(k), dict) else v
+            for k, v in now.items() if k in saved}
 
 
 def run_apart(stage: str, run_cfg, folder: Path, resume: bool) -> dict:

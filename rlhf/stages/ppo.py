@@ -142,6 +142,11 @@ def _check_positions(m, data: PPOInputs, cfg: PPOConfig) -> None:
             longest = max(len(rm.encode(p.prompt, "")) for p in data.prompts + data.eval_prompts)
             check_positions(rm.model, longest + cfg.max_new_tokens, f"the longest prompt in {fld}'s own tokens "
                             f"with max_new_tokens", fix)
+    refresh = cfg.rm_refresh.max_new_tokens if cfg.rm_refresh is not None else None
+    if refresh and refresh > cfg.max_new_tokens:  # (rm_refresh samples longer; found at its first refresh before)
+        check_positions(m.policy, data.longest_rollout - cfg.max_new_tokens + refresh - 1,
+                        "the longest prompt with rm_refresh.max_new_tokens (sampled)",
+                        "lower rm_refresh.max_new_tokens or data.max_prompt_length")
     if data.ptx_feats:
         check_positions(m.policy, max(len(ids) for ids, _ in data.ptx_feats), "the longest ptx_data row",
                         "shorten those rows or use a model with more positions")
@@ -833,6 +838,8 @@ def ppo_iteration(run: PPORun, it: int) -> tuple[dict, bool]:
     if stop:  # recorded before the checkpoint below: a resume after a crash in finishing still stops here
         st.summary["stopped_by_alarm"] = it
     paused = refresh_rm(run, it) if not stop else None
+    if it == cfg.steps or stop:  # (before the last checkpoint: resuming from it could only fail again)
+        st.guard.check_trained(it * cfg.ppo_epochs * (run.split.rollouts // run.split.minibatch), TRAINED_FIX)
     if paused or (cfg.save_every and (it % cfg.save_every == 0 or it == cfg.steps or stop)):
         run.save(it)
     if paused:
@@ -899,14 +906,16 @@ def log_iteration(run: PPORun, it: int, batch: tuple, stats: dict, mean_kl: floa
     return m
 
 
+TRAINED_FIX = "lower the learning rate, or check the rewards and the loss coefficients (ptx_coef, vf_coef, kl_coef)"
+"""What to do about a PPO run whose every optimizer step was non-finite (NonFiniteGuard.check_trained)."""
+
+
 def finish_ppo(run: PPORun, t_start: float, peak_dtype: str) -> dict:
     """Final evaluation, summary, the policy (and its EMA) saved as HF folders; the run promoted."""
     cfg, acc, m, st, out = run.cfg, run.acc, run.m, run.st, run.out
     summary = st.summary
     last = summary.get("stopped_by_alarm", cfg.steps)
-    st.guard.check_trained(last * cfg.ppo_epochs * (run.split.rollouts // run.split.minibatch),
-                           "lower the learning rate, or check the rewards and the loss coefficients (ptx_coef, "
-                           "vf_coef, kl_coef)")
+    st.guard.check_trained(last * cfg.ppo_epochs * (run.split.rollouts // run.split.minibatch), TRAINED_FIX)
     final = run.evaluate()
     if final is not None:
         summary.update(final)

@@ -272,6 +272,8 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
             win = {"loss": 0.0, "acc": 0.0, "pairs": 0}
         if tc.eval_every and step % tc.eval_every == 0 and step != len(batches):
             logger.log(step, evaluate_pairs(model, eval_enc, tok.pad_token_id, micro_bs, acc))
+        if step == len(batches):  # (before the last checkpoint: resuming from it could only fail again)
+            guard.check_trained(len(batches))
         if tc.save_every and (step % tc.save_every == 0 or step == len(batches)):
             save_checkpoint(acc, out, step, parts, keep=tc.save_total_limit,
                             state={"guard": guard.state_dict()}, rank_state={"window": win})

@@ -261,6 +261,8 @@ def run_sft(cfg: SFTConfig, output_dir: str | None = None, overwrite: bool = Fal
             window_loss, window_tokens = 0.0, 0
         if tc.eval_every and step % tc.eval_every == 0 and step != len(batches):
             logger.log(step, {"eval_loss": evaluate_loss(model, eval_feats, tok.pad_token_id, micro_bs, acc)})
+        if step == len(batches):  # (before the last checkpoint: resuming from it could only fail again)
+            guard.check_trained(len(batches))
         if tc.save_every and (step % tc.save_every == 0 or step == len(batches)):
             save_checkpoint(acc, out, step, parts, keep=tc.save_total_limit,
                             state={"initial_eval_loss": initial_eval_loss, "window_tokens": window_tokens,
