@@ -198,8 +198,8 @@ def _check_same_models(ckpt: Path, state: dict, models: dict) -> None:
     absent = [n for n in models if n not in saved]
     if absent:  # (a model it holds that this run lacks is left unread: the recipe change is warned of)
         raise RunError(f"{ckpt}: holds no {', '.join(absent)} model, which this run trains (the recipe changed since "
-                       f"it was written: advantage_estimator, value_init, rm_refresh, ...); resume with the recipe that wrote it "
-                       f"(its recipe.yaml), or start a new run")
+                       f"it was written: advantage_estimator, value_init, rm_refresh, ...); resume with the recipe "
+                       f"that wrote it (its recipe.yaml), or start a new run")
 
 
 def load_checkpoint(acc, ckpt: Path, parts: CheckpointParts) -> dict:

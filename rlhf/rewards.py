@@ -139,7 +139,8 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 def call_reward_fn(fn: Callable, prompts: list, completions: list[str], fields: dict[str, list],
                    where: list[str] | None = None, timeout: float = 0.0) -> list[float]:
     """Call a reward function on copies of the prompts, completions and fields, and check what it
-    returns (count, type, finite in float32) and how long it takes (`timeout` seconds, 0 = no limit). Errors name the function and, with `where` (each
+    returns (count, type, finite in float32) and how long it takes (`timeout` seconds, 0 = no
+    limit). Errors name the function and, with `where` (each
     sample's file:line), the data row of the sample at fault."""
     name = getattr(fn, "__rlhf_name__", getattr(fn, "__name__", repr(fn)))
     row = (lambda i: f" (row {where[i]})") if where else (lambda i: "")

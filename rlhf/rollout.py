@@ -136,8 +136,8 @@ def cpu_exponentials(shape, generator: torch.Generator | None = None) -> torch.T
 class FewRowsLinear(TorchFunctionMode):
     """Inside, every ``F.linear`` (so every ``nn.Linear``) on a CPU fp32 input of 2 to
     `max_rows` rows runs as :func:`few_rows_linear`. :func:`generate` wraps its decoding steps in
-    it where :func:`few_rows_pays_here`; anything else, and every other device or dtype, runs as before. So does everything under a
-    CPU autocast (mixed_precision: bf16): the inputs still read fp32 here, but the product would run
+    it where :func:`few_rows_pays_here`; anything else, and every other device or dtype, runs as
+    before. So does everything under a CPU autocast (mixed_precision: bf16): the inputs still read fp32 here, but the product would run
     in bf16, where the transposed form is the slower one (SmolLM2, 16 rows, 32 tokens on an Intel
     Xeon with AMX: 3.6-4.1 s a rollout against 3.0-3.3 s)."""
 
