@@ -1001,6 +1001,9 @@ def where_set(key: str, recipe: str | Path | None, overrides: dict | None, secti
         for i in range(len(parts), 0, -1):
             if ".".join(parts[:i]) in overrides:
                 return f"command line --{'.'.join(parts[:i])}"
+        below = [o for o in overrides if o.startswith(name + ".")]  # (--nosuch.key: the unknown key is 'nosuch')
+        if below:
+            return f"command line --{below[0]}"
     lines = recipe_lines(recipe)
     for name in (full, key):
         parts = name.split(".")

@@ -44,6 +44,10 @@ def test_unknown_key_is_an_error_with_suggestion(tmp_path):
         load_stage_config("sft", p)
     with pytest.raises(ConfigError, match="unknown key 'kl_coeff'"):
         load_stage_config("ppo", None, {"kl_coeff": 0.1})
+    # an unknown key under which the override names a deeper one is placed at that override, as others are
+    from rlhf.config import where_set
+
+    assert where_set("nosuch", None, {"nosuch.key": 1}) == "command line --nosuch.key"
 
 
 @pytest.mark.parametrize("stage,key,meant", [
