@@ -306,6 +306,12 @@ def test_unknown_task():
     (["sort", "--wrong_share", "1.5"], r"error: wrong_share: must be in \[0, 1\], got 1.5"),
     (["sort", "--n_eval", "-1"], r"error: n_eval: must be >= 0, got -1"),
     (["sort", "--n_rank", "4", "--k", "1"], r"error: k: a ranking compares at least 2 responses, got 1"),
+    # (accepted before: the shares were recorded as given, not as used; an all-zero run wrote only task.json)
+    (["sort", "--systematic_share", "0.8", "--near_miss_share", "0.8"],
+     r"error: systematic_share \+ near_miss_share: must be <= 1 .*got 0.8 \+ 0.8"),
+    (["sort", "--n_sft", "0", "--n_pref", "0", "--n_rl", "0", "--n_eval", "0"],
+     r"error: nothing to write: n_sft, n_pref, n_rank, n_rl and n_eval are all 0"),
+    (["sort", "--seed", "-1"], r"error: seed: must be >= 0, got -1"),
 ])
 def test_data_make_refuses_bad_arguments_in_one_line(tmp_path, capsys, args, needle):
     """`rlhf data make` with a task or count it cannot use: exit 2, one line, nothing written."""

@@ -222,6 +222,13 @@ def make_task_data(tasks: list[str] | str, out: str | Path, spec: TaskDataSpec |
     for key, n in (("n_sft", n_sft), ("n_pref", n_pref), ("n_rank", n_rank), ("n_rl", n_rl), ("n_eval", n_eval)):
         if n < 0:
             raise ConfigError(f"{key}: must be >= 0, got {n}")
+    if systematic_share + near_miss_share > 1.0:  # (the rest are random edits: a share < 0 of them is no share)
+        raise ConfigError(f"systematic_share + near_miss_share: must be <= 1 (the rest of the rejected responses are "
+                          f"random edits), got {systematic_share} + {near_miss_share}")
+    if not any((n_sft, n_pref, n_rank, n_rl, n_eval)):
+        raise ConfigError("nothing to write: n_sft, n_pref, n_rank, n_rl and n_eval are all 0")
+    if seed < 0:
+        raise ConfigError(f"seed: must be >= 0, got {seed}")
     if n_rank and k < 2:
         raise ConfigError(f"k: a ranking compares at least 2 responses, got {k}")
     out = Path(out)
