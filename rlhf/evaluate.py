@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import tasks
-from .errors import USER_ERRORS, DataError, ModelError, RunError
-from .models import position_limit
+from .errors import USER_ERRORS, DataError, RunError
+from .models import check_positions
 from .rollout import Sampling, generate
 from .tokenization import decode_response, encode_prompt
 
@@ -39,18 +39,15 @@ def sample_texts(model, tok, prompts: list, *, batch_size: int = 64, seed: int =
 
 
 def check_sampling_positions(model, encoded: list[list[int]], max_new_tokens: int) -> None:
-    """A one-line ModelError, before sampling, when the longest encoded prompt and `max_new_tokens`
-    run past a model's learned positions (GPT-2, OPT: an IndexError, on a GPU a device-side assert,
-    in the middle of sampling). Models with computed positions (RoPE) have no such limit."""
-    limit = position_limit(model)
-    if limit is None or not encoded:
+    """:func:`rlhf.models.check_positions` before sampling: the longest encoded prompt and
+    `max_new_tokens` (less the last token, never fed back) within a model's learned positions (GPT-2,
+    OPT: an IndexError, on a GPU a device-side assert, in the middle of sampling)."""
+    if not encoded:
         return
     i = max(range(len(encoded)), key=lambda k: len(encoded[k]))
-    needed = len(encoded[i]) + max_new_tokens - 1  # (the last sampled token is never fed back)
-    if needed > limit:
-        raise ModelError(f"prompt {i + 1} ({len(encoded[i])} tokens) with max_new_tokens {max_new_tokens}: "
-                         f"{needed} positions, but the model has learned positions for only {limit} "
-                         f"(max_position_embeddings / n_positions); lower max_new_tokens or shorten the prompts")
+    check_positions(model, len(encoded[i]) + max_new_tokens - 1,
+                    f"prompt {i + 1} ({len(encoded[i])} tokens) with max_new_tokens {max_new_tokens}, less the last "
+                    f"token (never fed back)", "lower max_new_tokens or shorten the prompts")
 
 
 def gold_accuracy(model, tok, examples: list, *, batch_size: int = 64, seed: int = 0, device=None,

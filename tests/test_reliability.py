@@ -1024,9 +1024,9 @@ def test_rows_longer_than_a_models_learned_positions_are_refused_before_training
     for args in (["generate", policy, "--prompts", prompts], ["eval", policy, "--prompts", prompts, "--max_samples", "4"],
                  ["sample", policy, prompts, "--k", "2", "--max_prompts", "4", "--out", tmp_path / "s.jsonl"]):
         rc, stderr = _rlhf_here(capsys, *args, "--max_new_tokens", "40")
-        assert rc == 2 and re.search(r"error: (\S+: )?prompt \d+ \(\d+ tokens\) with max_new_tokens 40: \d+ positions, "
-                                     r"but the model has learned positions for only 30 .*; lower max_new_tokens",
-                                     stderr), (args[0], stderr[-2000:])
+        assert rc == 2 and re.search(r"error: (\S+: )?prompt \d+ \(\d+ tokens\) with max_new_tokens 40, less the last "
+                                     r"token \(never fed back\): \d+ tokens, but the model has learned positions for "
+                                     r"only 30 .*; lower max_new_tokens", stderr), (args[0], stderr[-2000:])
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Sort the digits: 12345 and then 67890 please\nhi\n/exit\n"))
@@ -1036,8 +1036,9 @@ def test_rows_longer_than_a_models_learned_positions_are_refused_before_training
     capsys.readouterr()
     rc = main(["chat", str(policy), "--max_new_tokens", "20"])  # 31 tokens + 20 > 30; then 4 + 20 fits
     out, stderr = capsys.readouterr()
-    assert rc == 0 and re.search(r"error: the conversation \(31 tokens\) with max_new_tokens 20: 50 positions, .*start "
-                                 r"over with /reset; message not sent", stderr) and "Traceback" not in stderr, stderr
+    assert rc == 0 and re.search(r"error: the conversation \(31 tokens\) with max_new_tokens 20, less the last token "
+                                 r"\(never fed back\): 50 tokens, .*start over with /reset; message not sent",
+                                 stderr) and "Traceback" not in stderr, stderr
     assert "\n" in out  # the second message's reply: the session went on
     ppo = ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", policy, "--output_dir", tmp_path / "ppo"]
     rc, stderr = _rlhf_here(capsys, *ppo, "--max_new_tokens", "40")
