@@ -422,7 +422,7 @@ class PPOConfig(OptimConfig, LoopConfig):
     reward_model: str | None = None
     """Reward-model checkpoint (the RM stage's output); None when only reward functions are used."""
     reward_model_weight: float = 1.0
-    """Weight of the RM's (normalised) score in the summed score."""
+    """Weight of the RM's (normalised) score in the summed score (a run whose every reward weighs 0 is refused)."""
     reward_fns: list[RewardSpec] = field(default_factory=list)
     """Python reward functions added to the score, each with a weight."""
     reward_timeout: float = 300.0

@@ -254,3 +254,23 @@ def test_commands_of_one_process_refuse_a_launcher(tmp_path, monkeypatch, capsys
     assert "rlhf data: error: rlhf data runs as one process, but WORLD_SIZE=2 says this process is one of several" \
         in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow  # (through rlhf.stages.run, which refuses before anything trains)
+def test_rewards_that_all_weigh_zero_are_refused_before_a_stage_runs(tmp_path, capsys):
+    """`--ppo.reward_model_weight 0` with no reward function (an ablation typed on the command line)
+    trained PPO on the KL penalty alone: every score 0, the policy pulled only toward the SFT one."""
+    from rlhf.cli import main
+    from rlhf.config import PPOConfig, RewardSpec
+    from rlhf.errors import RunError
+    from rlhf.stages.ppo import batch_split
+
+    rc = main(["pipeline", str(ROOT / "recipes/tiny/pipeline.yaml"), "--output_dir", str(tmp_path / "run"),
+               "--ppo.reward_model_weight", "0"])
+    assert rc == 2 and not (tmp_path / "run").exists()
+    assert "every reward has weight 0 (ppo.reward_model_weight 0)" in capsys.readouterr().err
+    fns = [RewardSpec(fn="gold", weight=0.0), RewardSpec(fn="a.py:f", weight=0.0)]
+    with pytest.raises(RunError, match=r"\(reward_fns\[0\]\.weight 0, reward_fns\[1\]\.weight 0\)"):
+        batch_split(PPOConfig(reward_fns=fns), 1)
+    batch_split(PPOConfig(reward_model="rm", reward_model_weight=0.0, reward_fns=fns[:1] + [RewardSpec(fn="g")]), 1)
+    batch_split(PPOConfig(reward_model="rm", reward_model_weight=-0.5), 1)  # a negative weight is a reward too

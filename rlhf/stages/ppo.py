@@ -184,6 +184,12 @@ def batch_split(cfg: PPOConfig, world: int, section: str = "") -> BatchSplit:
     `section`: where the keys are, for the error ('ppo.' in a pipeline)."""
     if cfg.reward_model is None and not cfg.reward_fns:
         raise RunError("recipe: PPO needs a reward: set 'reward_model' and/or 'reward_fns'")
+    weights = ([cfg.reward_model_weight] if cfg.reward_model is not None else []) + [s.weight for s in cfg.reward_fns]
+    if not any(weights):  # (the score would be 0 for every response: PPO would follow the KL penalty alone)
+        given = ([f"{section}reward_model_weight 0"] if cfg.reward_model is not None else []) + \
+            [f"{section}reward_fns[{i}].weight 0" for i in range(len(cfg.reward_fns))]
+        raise RunError(f"recipe: every reward has weight 0 ({', '.join(given)}): the score would be 0 for every "
+                       f"response and PPO would train on the KL penalty alone; give one a nonzero weight")
     if cfg.rm_refresh is not None and cfg.reward_model is None:
         raise RunError("recipe: 'rm_refresh' needs 'reward_model': the reward model it refreshes")
     for key in ("rollout_batch_size", "minibatch_size"):
