@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoints", nargs="+", help="policy (causal LM) and/or reward-model checkpoints")
     ev.add_argument("--perplexity", help="SFT-format file: perplexity of each policy on its assistant tokens")
     ev.add_argument("--pairs", help="preference file: accuracy and margin of each reward-model checkpoint")
-    ev.add_argument("--prompts", help="prompt file: sample each policy (reward, gold accuracy, BLEU, win rate)")
+    ev.add_argument("--prompts", help="prompt rows (.jsonl, .json, .parquet) or a text file, one prompt a line: "
+                                        "sample each policy (reward, gold accuracy, BLEU, win rate)")
     ev.add_argument("--reward_model", help="reward model scoring the samples (and judging the win rate)")
     ev.add_argument("--reward_fn", action="append", default=[], help="reward function 'file.py:f' (repeatable)")
     ev.add_argument("--judge", help="Python judge for the win rate (scores each completion; higher is better)")
@@ -470,21 +471,19 @@ def _load_policy(path: str):
 
 
 def _read_prompts(path: str | None) -> list:
-    from .data.formats import DataError, parse_prompt, read_rows
-    from .textio import decode_utf8, read_text
+    from .data.formats import DataError, load_prompts, parse_prompt, prompt_lines
+    from .textio import decode_utf8
 
     if path and path.endswith((".jsonl", ".json", ".parquet")):
-        prompts = [parse_prompt(r).prompt for r in read_rows(path)]
-        if not prompts:
-            raise DataError(f"{path}: no prompts in it")
-        return prompts
+        return [p.prompt for p in load_prompts(path)]
     if path and not Path(path).is_file():
         raise DataError(f"{path}: not a file (--prompts: .jsonl, .json or .parquet rows, or one prompt per line)")
-    text = read_text(path, DataError) if path else decode_utf8(_stdin_bytes(), "<stdin>", DataError)
-    prompts = [[{"role": "user", "content": ln}] for ln in text.splitlines() if ln.strip()]
-    if not prompts:
-        raise DataError(f"{path or '<stdin>'}: no prompts in it (one prompt per line)")
-    return prompts
+    if path:
+        return [p.prompt for p in load_prompts(path)]
+    rows = prompt_lines(decode_utf8(_stdin_bytes(), "<stdin>", DataError), "<stdin>")
+    if not rows:
+        raise DataError("<stdin>: no prompts in it (one prompt per line)")
+    return [parse_prompt(r).prompt for r in rows]
 
 
 def _generate(args) -> int:

@@ -164,7 +164,7 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
     others). Every model runs on `device` (default: the CPU). Returns a JSON-able dict."""
     from transformers import AutoConfig
 
-    from .data.formats import load_examples, parse_prompt, parse_sft
+    from .data.formats import load_examples, load_prompts, parse_sft
     from .models import read_model_config
     from .rewards import RewardModel, dry_call_on, load_reward_fn
 
@@ -183,8 +183,7 @@ def run_eval(checkpoints: list[str], cfg: EvalConfig, device=None) -> dict:
     rm = RewardModel(cfg.reward_model, device=device) if cfg.reward_model else None
     judge = load_reward_fn(cfg.judge) if cfg.judge else None
     fns = [(spec, load_reward_fn(spec)) for spec in cfg.reward_fns]  # every input checked before any model loads
-    prompts = load_examples(cfg.prompts, parse_prompt, max_samples=cfg.max_samples, what="prompts",
-                            field_name="--prompts")[0] if cfg.prompts else []
+    prompts = load_prompts(cfg.prompts, max_samples=cfg.max_samples) if cfg.prompts else []
     check_references(prompts, cfg.reference_field)
     demos = load_examples(cfg.perplexity_data, parse_sft, max_samples=cfg.max_samples, what="SFT rows",
                           field_name="--perplexity")[0] if cfg.perplexity_data else []

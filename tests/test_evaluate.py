@@ -65,6 +65,26 @@ def test_rlhf_eval_end_to_end(tmp_path, sft_checkpoint, task_dir):
     assert res["generation"]["max_new_tokens"] == 8 and "win rate" in p.stdout and "perplexity" in p.stdout
 
 
+@pytest.mark.slow
+def test_rlhf_eval_reads_a_plain_text_prompt_file_as_rlhf_generate_does(tmp_path, sft_checkpoint):
+    """`rlhf eval --prompts prompts.txt` (one prompt a line, blank lines skipped) samples what the same
+    prompts as chat-message rows give; it was refused ("unsupported file type") where `rlhf generate`
+    took the file."""
+    judge = tmp_path / "judge.py"
+    judge.write_text("def length(prompts, completions, **kw):\n    return [float(len(c)) for c in completions]\n")
+    texts = [f"Sort the digits: {n}" for n in ("04876", "59382", "19489", "7310")]
+    (tmp_path / "p.txt").write_text("\n".join(texts[:2]) + "\n\n  \n" + "\n".join(texts[2:]) + "\n")
+    rows = [{"prompt": [{"role": "user", "content": t}]} for t in texts[:3]]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = {}
+    for name in ("p.txt", "p.jsonl"):
+        run_cli("eval", sft_checkpoint, "--prompts", tmp_path / name, "--reward_fn", f"{judge}:length", "--max_samples",
+                "3", "--max_new_tokens", "8", "--out", tmp_path / f"{name}.json")
+        res[name] = json.loads((tmp_path / f"{name}.json").read_text())["checkpoints"][str(sft_checkpoint)]
+    assert res["p.txt"] == res["p.jsonl"] and res["p.txt"]["response_chars"] > 0, res
+    assert [k for k in res["p.txt"] if k.startswith("reward/")] == [f"reward/{judge}:length"]
+
+
 def test_format_table():
     t = format_table({"checkpoints": {"a": {"x": 1.0}, "b": {"x": 2.5}}, "generation": {"temperature": 1.0}})
     assert "2.5000" in t and "temperature=1.0" in t

@@ -626,6 +626,26 @@ def load_examples(spec: str | None, parser, *, split: str = "train", skip_bad_ro
     return parse_all(rows, parser, skip_bad_rows, what)
 
 
+def prompt_lines(text: str, source: str) -> list[Row]:
+    """A plain-text prompt file: one user message per non-blank line, each row keeping its line."""
+    return [Row({"prompt": [{"role": "user", "content": ln}]}, source, i)
+            for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+
+
+def load_prompts(spec: str, *, max_samples: int | None = None, field_name: str = "--prompts") -> list:
+    """Prompts (:func:`parse_prompt`) from data rows (.jsonl, .json, .parquet, a folder, a hub
+    dataset), or from a plain-text file of one prompt a line, as `rlhf generate` reads it."""
+    from ..textio import read_text
+
+    path = Path(spec)
+    if not (path.is_file() and path.suffix not in _EXTS):
+        return load_examples(spec, parse_prompt, max_samples=max_samples, what="prompts", field_name=field_name)[0]
+    rows = prompt_lines(read_text(path, DataError), str(path))
+    if not rows:
+        raise DataError(f"{path}: no prompts in it (one prompt per line)")
+    return parse_all(rows[:max_samples] if max_samples else rows, parse_prompt, what="prompts")[0]
+
+
 def split_train_eval(examples: list, eval_split: float, seed: int) -> tuple[list, list]:
     """Deterministic held-out split (same seed -> same split)."""
     import random
