@@ -692,8 +692,12 @@ def test_pipeline_resume_continues_the_stage_it_stopped_in(tmp_path):
     assert p.returncode == -9 and (staged / "sft" / "summary.json").exists()
     assert not (staged / "rm" / "summary.json").exists() and not out.exists()
     sft_before = (staged / "sft" / "model.safetensors").stat().st_mtime_ns
-    _rlhf("pipeline", "recipes/tiny/pipeline.yaml", "--output_dir", out, *small, "--resume")
+    p = _rlhf("pipeline", "recipes/tiny/pipeline.yaml", "--output_dir", out, *small[:-6], "--ppo.steps", "3",
+              *small[-4:], "--resume")
     assert (out / "sft" / "model.safetensors").stat().st_mtime_ns == sft_before  # the finished stage was kept
+    # the pipeline's recipe.yaml is kept as the run began, and the change named (it was kept silently)
+    assert f"resumed with a recipe that differs from {staged / 'recipe.yaml'}: ppo.steps: 2 -> 3" in p.stderr
+    assert json.loads((out / "ppo" / "summary.json").read_text())["steps"] == 3
     assert json.loads((out / "summary.json").read_text())["stages"] == ["sft", "rm", "ppo"]
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ..config import PipelineConfig, dump_yaml
+from ..config import PipelineConfig
 from ..engine import RunError, write_summary
 from ..rundir import KIND
 
@@ -107,7 +107,7 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
     """The whole pipeline is one run folder: a new pipeline is written into a staging folder and
     replaces the old one only when its last stage has finished (:mod:`rlhf.rundir`); its stages
     write in place inside it. `run_stage` runs one stage (:func:`rlhf.stages.run`, which calls this)."""
-    from ..engine import finish_folder, finished_summary, make_accelerator, open_run, prepare_output_dir
+    from ..engine import finish_folder, finished_summary, make_accelerator, open_run, prepare_output_dir, save_recipe
 
     run = run_stage
     todo = stages_to_run(cfg)
@@ -123,8 +123,7 @@ def run_pipeline(cfg: PipelineConfig, output_dir: str | None = None, overwrite: 
     if rf.problem:
         raise RunError(rf.problem)
     root = prepare_output_dir(acc, rf, overwrite, resume)
-    if acc.is_main_process and not (root / "recipe.yaml").exists():
-        dump_yaml(cfg, root / "recipe.yaml")
+    save_recipe(acc, cfg, root, resume)  # (resumed: kept, and each key the new recipe changes named, as a stage does)
 
     def started(stage_dir: Path) -> bool:  # --resume continues the stage it stopped in; later ones start anew
         return resume and any((stage_dir / f).exists() for f in ("recipe.yaml", KIND))
