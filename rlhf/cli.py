@@ -356,6 +356,9 @@ def _dispatch(args, rest: list[str]) -> int:
 
         overrides = {}
         try:
+            from .engine import world_size
+
+            world_size()  # (an empty or non-numeric WORLD_SIZE is one line, before anything reads it)
             overrides = parse_overrides(rest)
             cfg = load_stage_config(args.command, args.recipe, overrides)
             # stdout carries only the summary JSON; libraries that print (DeepSpeed's logger) go to stderr
@@ -366,10 +369,7 @@ def _dispatch(args, rest: list[str]) -> int:
             message = locate_message(str(e), args.recipe, overrides, section, getattr(e, "key", None))
             # (rank 0 only: it alone opened the folder, and cleaned it up; another rank would see
             # this run's own staging folder and call it an interrupted run)
-            # (rlhf compare reuses its own folder by design: one holding its runs is no problem of it)
-            own = args.command == "compare" and args.output_dir and any(
-                (Path(args.output_dir) / f).exists() for f in ("compare.json", "runs"))
-            folder = _folder_problem(args) if process_rank() == 0 and not own else None
+            folder = _folder_problem(args) if process_rank() == 0 else None
             if folder and folder not in message and "resumable from" not in message:
                 message = f"{message}; and {folder}"
             if message != str(e):
@@ -450,8 +450,10 @@ def _folder_problem(args) -> str | None:
     """What is wrong with --output_dir for this run, if anything (reads, touches nothing)."""
     if not args.output_dir:
         return None
-    from .rundir import busy, plan
+    from .rundir import busy, compare_folder_problem, plan
 
+    if args.command == "compare":  # (it reuses its own folder by design: one holding its runs is no problem of it)
+        return compare_folder_problem(Path(args.output_dir))
     return busy(args.output_dir) or plan(args.output_dir, args.overwrite, args.resume).problem
 
 

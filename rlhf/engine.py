@@ -134,7 +134,7 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
         _SET_DS_ENV = False
     _forget_deepspeed_process_type()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = world_size() > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
     mp = resolve_mixed_precision(mixed_precision)
     ds_path = deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
@@ -153,8 +153,7 @@ def make_accelerator(mixed_precision: str = "auto", deepspeed: str | None = None
         return acc
     from accelerate.utils import DeepSpeedPlugin
 
-    ds_config = deepspeed_config(ds_path, mp, micro_batch_size, grad_accum, max_grad_norm,
-                                 int(os.environ.get("WORLD_SIZE", "1")))
+    ds_config = deepspeed_config(ds_path, mp, micro_batch_size, grad_accum, max_grad_norm, world_size())
     mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE"))
     alone = "RANK" not in os.environ and not mpi  # one process, no launcher: a one-process group, not MPI discovery
     port = os.environ.get("MASTER_PORT")
@@ -572,8 +571,13 @@ def partition_sizes(model) -> tuple[int, int]:
 
 
 def world_size() -> int:
-    """Processes of this run, known from the launcher's environment before accelerate starts."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """Processes of this run, known from the launcher's environment before accelerate starts
+    (WORLD_SIZE, a whole number >= 1; unset: one process)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.strip().isdigit() or int(value) < 1:  # (int() raised a traceback at the first stage that read it)
+        raise ConfigError(f"environment variable WORLD_SIZE={value!r}: expected the number of processes (a "
+                          f"launcher sets it); unset it to run one process")
+    return int(value)
 
 
 def grad_accum_steps(batch_size: int, micro_batch_size: int, world_size: int, what: str = "train") -> tuple[int, int]:

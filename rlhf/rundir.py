@@ -343,6 +343,44 @@ def busy(path: str | Path | None) -> str | None:
     return None
 
 
+COMPARE_ENTRIES = frozenset({KIND, "summary.json", "compare.json", "compare.md", "compare.png", "runs", "sft", "rm",
+                             ".sft.staging", ".rm.staging"})
+"""What `rlhf compare` writes in its folder (which it reuses: it runs what is not complete there)."""
+
+
+def compare_folder_problem(root: Path) -> str | None:
+    """Why `rlhf compare` may not write into `root`: a live process writes it (or a run inside it),
+    or it holds another command's run, or files that are not a comparison's. None for a new or
+    empty folder, or a comparison's own (which compare continues)."""
+    problem = busy(root)
+    if problem or not root.is_dir() or not any(root.iterdir()):
+        return problem
+    try:
+        command = json.loads((root / KIND).read_text())["command"] if (root / KIND).is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        command = None
+    if command is None and (root / "summary.json").is_file():
+        command = run_command(root) or "unknown"
+    if command is not None:
+        return None if command == "compare" else (f"{root}: holds an rlhf {command} run, not a comparison; give "
+                                                  f"rlhf compare a new or empty --output_dir")
+    if {p.name for p in root.iterdir()} <= COMPARE_ENTRIES:  # (a comparison from before the KIND file)
+        return None
+    return (f"{root}: exists, is not empty and holds no comparison; give rlhf compare a new or empty --output_dir "
+            f"(it writes its runs into the folder it is given)")
+
+
+def hold_compare(root: Path) -> RunFolder:
+    """Mark `root` as a comparison's and lock it while this process runs the comparison (:func:`hold`):
+    a run given the same folder is refused, as for any run a live process writes. :func:`release` ends it."""
+    rf = RunFolder(root, root, command="compare")
+    make_folder(root)
+    if not (root / KIND).exists():
+        (root / KIND).write_text(json.dumps({"command": "compare"}) + "\n")
+    hold(rf)
+    return rf
+
+
 def promote(rf: RunFolder) -> None:
     """Move a finished staged run to its final path, replacing the old run there. Main process only."""
     if not rf.staged:

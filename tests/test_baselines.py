@@ -152,6 +152,65 @@ def test_compare_runs_methods_x_seeds_and_reuses_complete_runs(tmp_path, task_di
     assert p.returncode == 2 and "every method must be evaluated alike" in p.stderr
 
 
+def test_compare_writes_only_a_new_empty_or_comparison_folder_and_holds_it_while_it_runs(tmp_path):
+    """rlhf compare wrote into any folder: a finished SFT run's (its summary.json replaced), a folder
+    of the user's, or one a live run was writing, whose swap-in then deleted the comparison's runs;
+    and a run given the folder of a live comparison was accepted and deleted its finished stages."""
+    from rlhf.rundir import KIND, RunFolder, busy, compare_folder_problem, hold, hold_compare, release
+
+    assert compare_folder_problem(tmp_path / "new") is None
+    (tmp_path / "empty").mkdir()
+    assert compare_folder_problem(tmp_path / "empty") is None
+    sft = tmp_path / "sft_run"
+    sft.mkdir()
+    (sft / KIND).write_text('{"command": "sft"}\n')
+    (sft / "summary.json").write_text('{"stage": "sft"}')
+    assert compare_folder_problem(sft) == (f"{sft}: holds an rlhf sft run, not a comparison; give rlhf compare a new "
+                                           f"or empty --output_dir")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert "exists, is not empty and holds no comparison" in compare_folder_problem(mine)
+    old = tmp_path / "old_compare"  # a comparison from before the KIND file, interrupted in its runs
+    (old / "runs" / "ppo").mkdir(parents=True)
+    (old / "sft").mkdir()
+    assert compare_folder_problem(old) is None
+    live = tmp_path / "live"  # a run a live process writes (staged beside its folder)
+    (tmp_path / ".live.staging").mkdir()
+    (tmp_path / ".live.staging" / KIND).write_text('{"command": "ppo"}\n')
+    other = RunFolder(live, tmp_path / ".live.staging", command="ppo")
+    hold(other)
+    try:
+        assert "another running rlhf is writing this run" in compare_folder_problem(live)
+    finally:
+        release(other)
+    assert compare_folder_problem(live) is None
+    root = tmp_path / "cmp"
+    held = hold_compare(root)  # a live comparison: any other run into its folder is refused
+    try:
+        assert "another running rlhf is writing this run" in busy(root)
+        assert "another running rlhf is writing this run" in compare_folder_problem(root)
+    finally:
+        release(held)
+    assert busy(root) is None and compare_folder_problem(root) is None  # its own folder, to continue
+
+
+@pytest.mark.slow  # (through rlhf.stages.run; refused before anything trains)
+def test_compare_into_another_runs_folder_is_refused_in_one_line(tmp_path, capsys):
+    from rlhf.cli import main
+
+    sft = tmp_path / "sft_run"
+    sft.mkdir()
+    (sft / ".rlhf-run").write_text('{"command": "sft"}\n')
+    (sft / "summary.json").write_text('{"stage": "sft"}')
+    assert main(["compare", "recipes/tiny/compare.yaml", "--output_dir", str(sft)]) == 2
+    assert f"rlhf compare: error: {sft}: holds an rlhf sft run, not a comparison" in capsys.readouterr().err
+    assert sorted(p.name for p in sft.iterdir()) == [".rlhf-run", "summary.json"]
+    assert main(["compare", "recipes/tiny/compare.yaml", "--output_dir", str(sft), "--methods.ppo.lrr", "1"]) == 2
+    err = capsys.readouterr().err  # a bad input and the folder, named at once
+    assert "unknown key 'lrr'" in err and "; and " in err and "holds an rlhf sft run" in err
+
+
 def test_compare_gives_dpo_the_preferences_the_rm_learnt_from(tmp_path):
     """With `rm.sample`, the RM (and through it every PPO-family method) learns from rankings of
     the SFT policy's own samples: DPO trains on them too, besides its own pairs; every method is

@@ -274,3 +274,17 @@ def test_rewards_that_all_weigh_zero_are_refused_before_a_stage_runs(tmp_path, c
         batch_split(PPOConfig(reward_fns=fns), 1)
     batch_split(PPOConfig(reward_model="rm", reward_model_weight=0.0, reward_fns=fns[:1] + [RewardSpec(fn="g")]), 1)
     batch_split(PPOConfig(reward_model="rm", reward_model_weight=-0.5), 1)  # a negative weight is a reward too
+
+
+@pytest.mark.parametrize("value", ["", "abc", "0", "-2"])
+def test_a_world_size_that_is_no_process_count_is_one_line(monkeypatch, capsys, value):
+    """WORLD_SIZE='' or 'abc' (a job script's typo) was a ValueError traceback from int() in the
+    first stage that read it, for every training command; the one-process commands already said so."""
+    from rlhf.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", value)
+    for command in ("sft", "compare"):
+        assert main([command, str(ROOT / f"recipes/tiny/{command}.yaml"), "--output_dir", "/nonexistent/x"]) == 2
+        err = capsys.readouterr().err
+        assert f"rlhf {command}: error: environment variable WORLD_SIZE={value!r}: expected the number of processes " \
+               f"(a launcher sets it); unset it to run one process" in err and "Traceback" not in err

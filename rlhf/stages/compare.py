@@ -30,8 +30,8 @@ from pathlib import Path
 
 from ..config import (CompareConfig, ConfigError, DPOConfig, PPOConfig, apply_overrides, from_dict, read_yaml,
                       recipe_changes, to_dict)
-from ..engine import RunError, atomic_write_text, write_summary
-from ..rundir import staging_path
+from ..engine import RunError, atomic_write_text, world_size, write_summary
+from ..rundir import compare_folder_problem, hold_compare, release, staging_path
 from .pipeline import check_later_stages
 
 log = logging.getLogger(__name__)
@@ -109,12 +109,10 @@ def run_compare(cfg: CompareConfig, output_dir: str | None = None, overwrite: bo
                 run_stage=None) -> dict:
     """SFT and RM once, then every method x seed; reuses what is complete. `run_stage` runs one
     stage (:func:`rlhf.stages.run`, which calls this)."""
-    import os
-
     root = Path(output_dir or cfg.output_dir or "")
     if not str(root) or str(root) == ".":
         raise RunError("no output directory: pass --output_dir or set output_dir in the recipe")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         raise RunError("rlhf compare runs as one process (it starts each run in its own); to give the runs several "
                        "processes, launch the stages' recipes with torchrun / accelerate launch")
     sft_dir, rm_dir = root / "sft", root / "rm"
@@ -127,6 +125,20 @@ def run_compare(cfg: CompareConfig, output_dir: str | None = None, overwrite: bo
                              *sorted(to_run)])
     if overwrite:
         raise RunError("rlhf compare reuses the runs complete in its folder: remove the folder to start over")
+    problem = compare_folder_problem(root)  # (a live run's folder, another run's, or the user's own files)
+    if problem:
+        raise RunError(problem)
+    held = hold_compare(root)
+    try:
+        return _run_methods(cfg, root, runs, resume, run_stage)
+    finally:
+        release(held)
+
+
+def _run_methods(cfg: CompareConfig, root: Path, runs: dict, resume: bool, run_stage) -> dict:
+    """SFT and RM in this process (unless complete), then each method x seed in its own."""
+    sft_dir, rm_dir = root / "sft", root / "rm"
+    has_rm = bool(cfg.rm.data.train or cfg.rm.sample is not None)
 
     def once(stage: str, stage_cfg, folder: Path) -> dict:
         if (folder / "summary.json").exists():
