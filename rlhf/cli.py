@@ -15,9 +15,12 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
+
+from .errors import Terminated
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from .rm_refresh import Paused
 
+    previous = _stop_on_sigterm()
     try:
         from .engine import check_environment
 
@@ -202,11 +206,31 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:  # (under a launcher every process says its own: tagged as its log lines are)
         print(f"rlhf {args.command}: error: {f'[rank {rank}] ' if rank else ''}{e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated); a run's note says where it can resume
+        how = " (SIGTERM)" if isinstance(e, Terminated) else ""
+        print(f"rlhf {args.command}: {f'[rank {rank}] ' if rank else ''}interrupted{how}{e.args[0] if e.args else ''}",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         _close_process_group()
+
+
+def _stop_on_sigterm():
+    """SIGTERM raises :class:`Terminated` in the main thread (once: a second one ends the process
+    at once), so that a run stopped by its launcher or its cluster cleans up as on Ctrl-C. Returns
+    the handler it replaced (None off the main thread, where none can be set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def run() -> NoReturn:

@@ -35,5 +35,11 @@ class TemplateError(ValueError):
     """The chat template does not render a conversation as prefix + continuation."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a launcher stopping its workers after its own Ctrl-C or SIGTERM, a cluster job's
+    preemption or time limit) raised in the main thread: the run stops as on Ctrl-C, its folder
+    marked and resumable, where the signal's default action ended the process without a word."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, RunError, ModelError, RewardError,
                                                 TemplateError)

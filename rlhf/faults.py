@@ -1,6 +1,6 @@
 """Test hooks, inert unless RLHF_FAULT is set: kill the process at a chosen point, or make a loss NaN.
 
-- ``RLHF_FAULT=step:N``: SIGKILL right after optimizer step / PPO iteration N;
+- ``RLHF_FAULT=step:N``: SIGKILL right after optimizer step / PPO iteration N (``term:N``: SIGTERM there);
 - ``RLHF_FAULT=checkpoint:N``: SIGKILL in the middle of writing the N-th checkpoint;
 - ``RLHF_FAULT=promote:N``: SIGKILL between the halves of the N-th promotion of a staged run;
 - ``RLHF_FAULT=nan:N``: the loss of step N is NaN (the non-finite guard must skip it).
@@ -31,10 +31,10 @@ _FAULT_COUNT = 0
 def fault_point_step(step: int) -> None:
     """Test hook: RLHF_FAULT=step:N kills this process with SIGKILL right after optimizer step N."""
     spec = os.environ.get("RLHF_FAULT", "")
-    if spec == f"step:{step}":
+    if spec in (f"step:{step}", f"term:{step}"):
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL if spec.startswith("step") else signal.SIGTERM)
 
 
 

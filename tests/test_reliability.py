@@ -648,6 +648,25 @@ def test_a_missing_rng_file_is_damage_unless_more_processes_resume(tmp_path, cap
 
 
 @pytest.mark.slow
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_it_resumes_exactly(tmp_path):
+    """SIGTERM (torchrun passing on its own SIGTERM or Ctrl-C to its workers, a cluster's preemption)
+    ended the process by the signal's default action: no word, no FAILED mark. It now stops the run
+    as Ctrl-C does: one line saying where it resumes, exit 143, and --resume finishes it exactly."""
+    args = ["sft", "recipes/tiny/sft.yaml", "--train.max_steps", "6", "--train.save_every", "2",
+            "--train.log_every", "1", "--gen_eval_samples", "4"]
+    out = tmp_path / "run"
+    p = _rlhf(*args, "--output_dir", out, env_extra={"RLHF_FAULT": "term:3"}, check=False)
+    staged = staging_path(out)
+    assert p.returncode == 143, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == (f"rlhf sft: interrupted (SIGTERM) (the run stays resumable from "
+                                                 f"step-00000002 in {staged}: pass --resume to continue it)")
+    assert (staged / "FAILED").read_text().startswith("Terminated") and not out.exists()
+    _rlhf(*args, "--output_dir", out, "--resume")
+    _rlhf(*args, "--output_dir", tmp_path / "whole")
+    _assert_same_run(out, tmp_path / "whole")
+
+
+@pytest.mark.slow
 def test_resume_past_a_damaged_checkpoint_and_a_metrics_line_cut_short(tmp_path):
     """A metrics line cut short by the kill is dropped on resume; a checkpoint damaged on disk is a
     one-line error naming it and the checkpoint to fall back to (no traceback); without it the

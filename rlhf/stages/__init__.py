@@ -31,6 +31,8 @@ def run(stage: str, cfg, output_dir: str | None = None, overwrite: bool = False,
             note = fail_open_runs(e, main, since=opened)
         except OSError:  # (the folder cannot be written at all: the error below says so; nothing to clean up)
             note = ""
+        if isinstance(e, KeyboardInterrupt) and note and not e.args:  # (Ctrl-C, SIGTERM: where to resume)
+            e.args = (note.replace("fix the cause and pass --resume", "pass --resume to continue it"),)
         disk = unwritable(e)
         if disk:  # a full disk, a read-only file system, no permission: one line, not a traceback
             raise RunError(f"{disk}{note}") from None
