@@ -89,6 +89,35 @@ def test_sft_two_processes_agree_with_one(tmp_path, sft_one, engine):
 
 
 @pytest.mark.slow
+def test_dpo_two_processes_agree_with_one_when_the_pairs_leave_a_partial_batch(tmp_path, sft_one):
+    """67 pairs at a batch of 8: the last 3 pairs were a ninth step whose gradient depended on how
+    they split over the processes (loss 0.6885 on one, 0.6889 on two). DPO drops the partial batch
+    as SFT and RM do: 8 steps either way, the same losses; fewer pairs than one batch is one line."""
+    import yaml
+
+    rows = (ROOT / "recipes/tiny/data/prefs.jsonl").read_text().splitlines(keepends=True)[:67]
+    (tmp_path / "p67.jsonl").write_text("".join(rows))
+    (tmp_path / "p3.jsonl").write_text("".join(rows[:3]))
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(sft_one)}, "data": {"train": str(tmp_path / "p67.jsonl"), "max_length": 48},
+        "train": {"epochs": 1, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-4, "log_every": 1}}))
+    losses = {}
+    for n in (1, 2):
+        out = tmp_path / f"dpo{n}"
+        _launch(n, "dpo", recipe, "--output_dir", out)
+        s = json.loads((out / "summary.json").read_text())
+        assert s["steps"] == 8 and s["train_pairs"] == 67, s
+        losses[n] = [json.loads(l)["loss"] for l in open(out / "metrics.jsonl") if '"loss"' in l]
+    assert len(losses[1]) == 8 and losses[2] == pytest.approx(losses[1], rel=1e-5, abs=1e-7)
+    env = dict(os.environ, RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "rlhf", "dpo", str(recipe), "--data.train", str(tmp_path / "p3.jsonl"),
+                        "--output_dir", str(tmp_path / "few")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 2 and "'train.batch_size' (8) is more than the 3 preference pairs: not one full batch" \
+        in p.stderr and not (tmp_path / "few").exists(), p.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_held_out_evaluation_under_zero3_with_an_uneven_split(tmp_path):
     """9 held-out rows on 2 processes in micro-batches of 4: one process runs 2 forwards, the other
     1. Under ZeRO-3 every forward gathers the weights collectively (persistence threshold 0: the

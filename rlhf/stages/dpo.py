@@ -106,7 +106,8 @@ def dpo_trainer(cfg: DPOConfig, policy, ref, tok, rows: list[dict], out: Path, l
         bf16=mp == "bf16", fp16=mp == "fp16", use_cpu=not torch.cuda.is_available(), report_to="none",
         disable_tqdm=env_flag("RLHF_NO_PROGRESS"), deepspeed=tc.deepspeed, beta=cfg.beta,
         loss_type=[cfg.loss_type], max_length=None, gradient_checkpointing=cfg.model.gradient_checkpointing,
-        remove_unused_columns=False)
+        remove_unused_columns=False, dataloader_drop_last=True)  # (as SFT and RM: a last partial batch was split
+    # unevenly over the processes, and the run differed with their number)
     return Tokenized(model=policy, ref_model=ref, args=args, train_dataset=datasets.Dataset.from_list(rows),
                      processing_class=tok, callbacks=[LogMetrics()])
 
@@ -153,6 +154,9 @@ def run_dpo(cfg: DPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         check_policy_model(None if cfg.model.init != "pretrained" or cfg.model.gguf_file else cfg.model.name_or_path)
         tok = load_tokenizer(cfg.model)
         rows, stats = preference_rows(tok, cfg)
+        if len(rows) < cfg.train.batch_size:  # (the partial batch is dropped, as SFT and RM drop it)
+            raise RunError(f"recipe: 'train.batch_size' ({cfg.train.batch_size}) is more than the {len(rows)} "
+                           f"preference pairs: not one full batch (lower it, or add data)")
         prompts = load_examples(cfg.eval_prompts, parse_prompt, what="prompts", field_name="eval_prompts",
                                 max_samples=cfg.eval_samples)[0] if cfg.eval_prompts else []
     policy = load_causal_lm(cfg.model, tok)
