@@ -52,11 +52,19 @@ def load_reward_fn(spec: str) -> Callable:
             path = Path(target)
             if not path.is_file():
                 raise RewardError(f"reward function '{spec}': file {target} not found")
-            mod_name = f"rlhf_user_reward_{abs(hash(str(path.resolve())))}"
-            mod_spec = importlib.util.spec_from_file_location(mod_name, path)
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[mod_name] = module
-            mod_spec.loader.exec_module(module)
+            stat = path.stat()  # (imported once per version of the file: a judge that the checks dry-call and the
+            # run then calls keeps its module's state, a model it loads or a counter, as a module import does)
+            mod_name = f"rlhf_user_reward_{abs(hash(str(path.resolve())))}_{stat.st_mtime_ns}_{stat.st_size}"
+            module = sys.modules.get(mod_name)
+            if module is None:
+                mod_spec = importlib.util.spec_from_file_location(mod_name, path)
+                module = importlib.util.module_from_spec(mod_spec)
+                sys.modules[mod_name] = module
+                try:
+                    mod_spec.loader.exec_module(module)
+                except BaseException:  # (a failed import is tried again next time, as Python's own)
+                    del sys.modules[mod_name]
+                    raise
         else:
             module = importlib.import_module(target)
     except RewardError:

@@ -217,6 +217,26 @@ def test_ppo_two_processes_from_config_with_prompts_without_gold(tmp_path, sft_o
 
 
 @pytest.mark.slow
+def test_an_rm_judge_failing_in_the_sampling_stops_every_process_with_its_message(tmp_path, sft_one):
+    """The RM stage samples its rankings on process 0: a judge raising there left process 1 in a
+    collective, which then said only that a peer had gone. Now it points at process 0's error, as
+    PPO's reward functions do."""
+    (tmp_path / "j.py").write_text("def j(prompts, completions, **fields):\n"
+                                   "    if len(completions) > 4:  # (not in the 4-sample check before the run)\n"
+                                   "        raise ValueError('judge broke')\n"
+                                   "    return [float(len(c)) for c in completions]\n")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "rlhf", *map(str, RM_ARGS(sft_one)), "--sample.judge", f"{tmp_path / 'j.py'}:j", "--output_dir",
+           str(tmp_path / "rm")]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode != 0 and "raised ValueError: judge broke" in p.stderr, p.stderr[-3000:]
+    assert "[rank 1] the RM's sampling (sample:) failed on another process" in p.stderr, p.stderr[-3000:]
+    assert "Connection closed" not in p.stderr and not (tmp_path / "rm").exists()
+
+
+@pytest.mark.slow
 def test_a_gold_reward_failing_on_one_process_stops_every_process_with_its_message(tmp_path, sft_one):
     """A held-out gold reward that raises on process 1 only (its own rollouts): both processes stop
     at once with the error (process 0 pointing at process 1), not process 0 left in a collective

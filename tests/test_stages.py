@@ -361,6 +361,30 @@ def test_reward_fn_import_errors(tmp_path):
     assert load_reward_fn("gold").__name__ == "gold_reward"
 
 
+def test_a_reward_file_is_imported_once_per_version(tmp_path):
+    """The RM's sampling judge was imported twice (for the check before the run, then for the
+    sampling): state its module keeps (a loaded model, a cache, a counter) started over. A file is
+    now executed once per version; an edited file is imported again, a failed import retried."""
+    import os
+
+    from rlhf.rewards import RewardError, load_reward_fn
+
+    f = tmp_path / "judge.py"
+    f.write_text("CALLS = []\n\ndef j(prompts, completions, **kw):\n    CALLS.append(1)\n    return [float(len(CALLS))]"
+                 " * len(completions)\n")
+    a, b = load_reward_fn(f"{f}:j"), load_reward_fn(f"{f}:j")
+    assert a([""], ["x"]) == [1.0] and b([""], ["x"]) == [2.0]  # one module: the count goes on
+    f.write_text(f.read_text().replace("float(len(CALLS))", "-float(len(CALLS))"))
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # (an edit within the clock's tick)
+    assert load_reward_fn(f"{f}:j")([""], ["x"]) == [-1.0]  # edited: imported anew
+    g = tmp_path / "flaky.py"
+    g.write_text("raise ImportError('not yet')\n")
+    with pytest.raises(RewardError, match="not yet"):
+        load_reward_fn(f"{g}:h")
+    with pytest.raises(RewardError, match="not yet"):  # tried again, not a half-made module from the cache
+        load_reward_fn(f"{g}:h")
+
+
 @pytest.mark.slow
 def test_ppo_every_option_runs(tmp_path, sft_checkpoint, task_dir, rm_run):
     """RM + reward fn sum, value from the RM, k3, adaptive KL, running-std scaling, reward

@@ -32,10 +32,11 @@ from ..engine import (MetricsLogger, chunks, rank_chunks, global_batches, inputs
 from ..checkpoint import save_checkpoint
 from ..faults import fault_point_step, inject_fault
 from ..engine import (atomic_write_text, backpropagated_attention, backward, compute_dtype, finish_run,
-                      gathered_params, loss_scale, optimizer_step, prepare_training, start_run, zero_stage)
+                      gathered_params, loss_scale, optimizer_step, prepare_training, start_run, user_errors,
+                      zero_stage)
 from ..models import (ModelError, check_positions, count_parameters, disable_dropout, enable_gradient_checkpointing,
                       load_tokenizer, position_limit, save_model_files, torch_dtype, unwrap)
-from ..rewards import BIAS_KEY, group_loss, score_head, score_sequences
+from ..rewards import BIAS_KEY, group_loss, on_every_process, score_head, score_sequences
 from ..sampling import check_sample_config, sample_rankings
 from ..tokenization import encode_scored
 
@@ -199,9 +200,13 @@ def run_rm(cfg: RMConfig, output_dir: str | None = None, overwrite: bool = False
     summary: dict = {"stage": "rm"}
     if cfg.sample is not None:  # rankings of the policy's own samples, made before training
         path, stats_path = out / "sampled_rankings.jsonl", out / "sampled_rankings.summary.json"
-        if acc.is_main_process and not (resume and stats_path.exists()):  # a resumed run keeps its samples
-            atomic_write_text(stats_path, json.dumps(sample_rankings(cfg.sample, path, seed=cfg.seed,
-                                                                     device=acc.device)))
+        def sample() -> None:  # on the main process; a resumed run keeps its samples
+            if acc.is_main_process and not (resume and stats_path.exists()):
+                atomic_write_text(stats_path, json.dumps(sample_rankings(cfg.sample, path, seed=cfg.seed,
+                                                                         device=acc.device)))
+
+        # (a judge that fails stops every process with its message, not the others in a collective)
+        on_every_process(acc, sample, user_errors(), "the RM's sampling (sample:)")
         acc.wait_for_everyone()
         summary.update(json.loads(stats_path.read_text()))
         sampled, sstats = load_examples(str(path), parse_preference, skip_bad_rows=cfg.data.skip_bad_rows,
