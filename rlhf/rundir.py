@@ -352,6 +352,11 @@ def compare_folder_problem(root: Path) -> str | None:
     """Why `rlhf compare` may not write into `root`: a live process writes it (or a run inside it),
     or it holds another command's run, or files that are not a comparison's. None for a new or
     empty folder, or a comparison's own (which compare continues)."""
+    if root.exists() and not root.is_dir():
+        return f"{root}: exists and is not a folder"
+    blocked = file_in_the_way(root.parent)
+    if blocked is not None:
+        return f"{root}: {blocked} is a file, not a folder"
     problem = busy(root)
     if problem or not root.is_dir() or not any(root.iterdir()):
         return problem

@@ -159,6 +159,9 @@ def test_compare_writes_only_a_new_empty_or_comparison_folder_and_holds_it_while
     from rlhf.rundir import KIND, RunFolder, busy, compare_folder_problem, hold, hold_compare, release
 
     assert compare_folder_problem(tmp_path / "new") is None
+    (tmp_path / "f").write_text("")
+    assert compare_folder_problem(tmp_path / "f") == f"{tmp_path / 'f'}: exists and is not a folder"
+    assert compare_folder_problem(tmp_path / "f" / "x") == f"{tmp_path / 'f' / 'x'}: {tmp_path / 'f'} is a file, not a folder"
     (tmp_path / "empty").mkdir()
     assert compare_folder_problem(tmp_path / "empty") is None
     sft = tmp_path / "sft_run"
