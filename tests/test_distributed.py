@@ -216,6 +216,15 @@ def test_ppo_two_processes_from_config_with_prompts_without_gold(tmp_path, sft_o
     assert any("gold_accuracy" not in r for r in m)  # some rollout held a prompt without gold fields
 
 
+def _failing_on_two(*args) -> subprocess.CompletedProcess:
+    """`rlhf ARGS` on 2 CPU processes under torchrun, expected to fail: its exit status is not checked."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "rlhf", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
 @pytest.mark.slow
 def test_an_rm_judge_failing_in_the_sampling_stops_every_process_with_its_message(tmp_path, sft_one):
     """The RM stage samples its rankings on process 0: a judge raising there left process 1 in a
@@ -225,12 +234,7 @@ def test_an_rm_judge_failing_in_the_sampling_stops_every_process_with_its_messag
                                    "    if len(completions) > 4:  # (not in the 4-sample check before the run)\n"
                                    "        raise ValueError('judge broke')\n"
                                    "    return [float(len(c)) for c in completions]\n")
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "rlhf", *map(str, RM_ARGS(sft_one)), "--sample.judge", f"{tmp_path / 'j.py'}:j", "--output_dir",
-           str(tmp_path / "rm")]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    p = _failing_on_two(*RM_ARGS(sft_one), "--sample.judge", f"{tmp_path / 'j.py'}:j", "--output_dir", tmp_path / "rm")
     assert p.returncode != 0 and "raised ValueError: judge broke" in p.stderr, p.stderr[-3000:]
     assert "[rank 1] the RM's sampling (sample:) failed on another process" in p.stderr, p.stderr[-3000:]
     assert "Connection closed" not in p.stderr and not (tmp_path / "rm").exists()
@@ -246,13 +250,10 @@ def test_a_gold_reward_failing_on_one_process_stops_every_process_with_its_messa
         "    if os.environ.get('RANK') == '1' and len(completions) == 8:\n"
         "        raise ValueError('gold broke on rank 1')\n"
         "    return [0.0] * len(completions)\n")
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", RLHF_NO_PROGRESS="1", PYTHONPATH=str(ROOT))
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "rlhf", "ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", str(sft_one),
-           "--gold_reward_fns", f"[{{fn: '{tmp_path / 'gold.py'}:g'}}]", "--steps", "2", "--rollout_batch_size",
-           "16", "--minibatch_size", "8", "--eval_samples", "4", "--output_dir", str(tmp_path / "ppo")]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    args = ["ppo", "recipes/tiny/ppo_reward_fn.yaml", "--model.name_or_path", sft_one, "--gold_reward_fns",
+            f"[{{fn: '{tmp_path / 'gold.py'}:g'}}]", "--steps", "2", "--rollout_batch_size", "16", "--minibatch_size",
+            "8", "--eval_samples", "4", "--output_dir", tmp_path / "ppo"]
+    p = _failing_on_two(*args)
     assert p.returncode != 0
     assert "raised ValueError: gold broke on rank 1" in p.stderr
     assert "a reward function failed on another process" in p.stderr, p.stderr[-3000:]
@@ -263,8 +264,7 @@ def test_a_gold_reward_failing_on_one_process_stops_every_process_with_its_messa
         "    if os.environ.get('RANK') == '1':\n"
         "        raise ValueError('gold broke on rank 1')\n"
         "    return [0.0] * len(completions)\n")
-    p = subprocess.run([*cmd[:6], str(free_port()), *cmd[7:]], capture_output=True, text=True, cwd=ROOT, env=env,
-                       timeout=300)
+    p = _failing_on_two(*args)
     assert p.returncode != 0 and "[at the check before the run" in p.stderr
     assert "a reward function, or a check of the inputs, failed on another process" in p.stderr, p.stderr[-3000:]
     assert "Connection closed" not in p.stderr
