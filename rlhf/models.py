@@ -465,11 +465,28 @@ def tied_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+DROPOUT_NAMES = ("dropout", "layerdrop")
+"""Float attributes and config fields naming a rate of dropped activations or layers: OPT's
+`dropout` and `layerdrop`, the Llama family's `attention_dropout`, Falcon's `hidden_dropout`."""
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """Dropout off in policy, reference, value and reward models [N]."""
+    """Dropout off in policy, reference, value and reward models [N]: every `nn.Dropout`, and every
+    rate a module keeps as a float for functional dropout (OPT's `self.dropout`, the Llama family's
+    `self.attention_dropout`, read in training mode only) or its config holds, sub-configs too
+    (a module built later from it, a LoRA wrap, reads 0)."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if isinstance(value, float) and not isinstance(value, bool) and any(k in name for k in DROPOUT_NAMES):
+                setattr(m, name, 0.0)
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for cfg in [config, *(v for v in vars(config).values() if hasattr(v, "to_dict"))]:
+                for name, value in list(vars(cfg).items()):
+                    if isinstance(value, float) and any(k in name for k in DROPOUT_NAMES):
+                        setattr(cfg, name, 0.0)
 
 
 def position_limit(model) -> int | None:

@@ -111,3 +111,29 @@ def test_lora_on_a_tied_module_is_refused():
             add_lora(llama(True), cfg)
     add_lora(llama(False), ModelConfig(lora=LoraConfig(enabled=True, target_modules=["lm_head"])))
     add_lora(llama(True), ModelConfig(lora=LoraConfig(enabled=True, target_modules=["q_proj", "v_proj"])))
+
+
+@pytest.mark.parametrize("model_type,rates", [
+    ("opt", dict(ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.1, attention_dropout=0.1,
+                 layerdrop=0.5)),
+    ("llama", dict(intermediate_size=128, attention_dropout=0.2)),
+    ("falcon", dict(hidden_dropout=0.1, attention_dropout=0.1))])
+def test_dropout_is_off_also_where_a_model_applies_it_as_a_function(model_type, rates):
+    """OPT keeps its rates as floats for F.dropout (and drops whole layers by `layerdrop`), the
+    Llama family its `attention_dropout`, Falcon its `hidden_dropout`: zeroing nn.Dropout modules
+    left them on, and PPO's first ratio on unchanged weights was not 1 (OPT: approx_kl 5.6e-4), DPO's
+    first loss not log 2. Two forwards in training mode now agree exactly."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf.models import disable_dropout
+
+    cfg = AutoConfig.for_model(model_type, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                               **rates)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).train()
+    x = torch.randint(0, 100, (2, 10))
+    assert not torch.equal(model(x).logits, model(x).logits)  # (the rates are in use)
+    disable_dropout(model)
+    assert torch.equal(model(x).logits, model(x).logits)
+    assert all(v == 0.0 for k, v in model.config.to_dict().items() if "dropout" in k or k == "layerdrop")
