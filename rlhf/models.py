@@ -274,6 +274,45 @@ def _for_model(model_type: str, arch: dict, name: str):
             from None
 
 
+def is_bidirectional(config) -> bool:
+    """Whether a model of this config attends to later tokens: an encoder-decoder, or an encoder
+    (a model type transformers has a masked-LM class for: BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa,
+    ...) not configured as a decoder (`is_decoder`)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        return True
+    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES and \
+        not getattr(config, "is_decoder", False)
+
+
+def causal_lm_problem(config) -> str | None:
+    """Why a model of this config cannot be a policy here, or None: an encoder-decoder or an
+    encoder (it would read the tokens it predicts: a low loss, and garbage when sampled), no causal
+    LM class, or a recurrent state in place of a KV cache (Mamba: sampling, which
+    hands each step the last one's cache, would run each step without the state)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    kind = f"model type '{getattr(config, 'model_type', '?')}'"
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{kind} is an encoder-decoder; rlhf trains decoder-only causal LMs"
+    if is_bidirectional(config):
+        return (f"{kind} is a bidirectional encoder: as a causal LM it would see the tokens it predicts; use a "
+                f"decoder (or give its config is_decoder: true)")
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return f"{kind} has no causal LM class in transformers (AutoModelForCausalLM)"
+    if getattr(config, "model_type", None) in RECURRENT_TYPES:
+        return (f"{kind} keeps a recurrent state instead of a KV cache, which rlhf's sampling does not carry (each "
+                f"step would start without it: garbage samples); use a transformer decoder")
+    return None
+
+
+RECURRENT_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma"})
+"""State-space and recurrent causal LMs: rlhf's decoding loop hands each step the cache the last
+one returned, which for these (transformers 5.25) does not carry the state: a cached step's logits
+differ from a full forward's by ~0.8 on a random Mamba, against 3e-8 for Llama."""
+
+
 def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
     """The policy: from_pretrained (local/hub/GGUF) or from_config (random init, seeded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -288,6 +327,9 @@ def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
         hf_cfg = arch_config(model_type, arch)
         hf_cfg.pad_token_id, hf_cfg.eos_token_id = tok.pad_token_id, tok.eos_token_id
         hf_cfg.bos_token_id = tok.bos_token_id
+        problem = causal_lm_problem(hf_cfg)
+        if problem:
+            raise ModelError(f"recipe: 'model.arch.model_type': {problem}")
         if seed is not None:
             torch.manual_seed(seed)
         with outside_zero3_init():  # the same initial weights on 1 process, DDP and ZeRO-3
@@ -299,6 +341,10 @@ def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
         kwargs = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, dtype=dtype)
         if cfg.gguf_file:
             kwargs["gguf_file"] = cfg.gguf_file
+        elif not cfg.trust_remote_code:  # (a remote-code class is not in transformers' mappings)
+            problem = causal_lm_problem(AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision))
+            if problem:
+                raise ModelError(f"{cfg.name_or_path}: {problem}")
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
         except OSError as e:
@@ -440,8 +486,11 @@ def add_lora(model, cfg: ModelConfig):
     try:
         return get_peft_model(model, spec)
     except ValueError as e:  # peft's: a module it cannot adapt (a norm, an activation)
-        if lc.target_modules is None:
-            raise
+        if lc.target_modules is None:  # (peft has no default targets for this model type: Phi-3's fused qkv_proj)
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ModelError(f"recipe: 'model.lora.target_modules': peft knows no default modules to adapt in model "
+                             f"type '{getattr(model.config, 'model_type', '?')}'; name them (its linear layers: "
+                             f"{', '.join(linear)})") from None
         raise ModelError(f"recipe: 'model.lora.target_modules' names modules peft cannot adapt "
                          f"({' '.join(str(e).split())[:200]})") from None
 

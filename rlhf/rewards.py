@@ -283,9 +283,11 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int =
 
 def forward_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) scores; position ids from the mask so left or right padding give the same score."""
+    from .models import is_bidirectional
+
     kwargs = {}
-    if getattr(getattr(model, "config", None), "model_type", None) not in ("bert", "roberta", "distilbert", "deberta-v2"):
-        kwargs["position_ids"] = position_ids_from_mask(mask)
+    if not is_bidirectional(getattr(model, "config", None)):  # (an encoder numbers its positions its own way: XLM-R
+        kwargs["position_ids"] = position_ids_from_mask(mask)  # from padding_idx + 1, as it was pretrained)
         kwargs["use_cache"] = False  # (a decoder: no KV cache for a full-sequence pass)
     return model(input_ids=ids, attention_mask=mask, **kwargs).logits[:, 0].float()
 

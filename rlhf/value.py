@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .algos.registry import Registry
-from .models import ModelError, disable_dropout, enable_gradient_checkpointing, load_causal_lm, rng_fork
+from .models import ModelError, disable_dropout, enable_gradient_checkpointing, is_bidirectional, load_causal_lm, rng_fork
 from .rollout import position_ids_from_mask
 
 VALUE_INITS = Registry("value_init", "where the value model's weights come from")
@@ -69,7 +69,7 @@ def from_reward_model(cfg, policy_tok, reward_model) -> tuple[nn.Module, nn.Modu
     if not reward_model.same_tokenizer(policy_tok):
         raise ModelError("recipe: the reward model's tokenizer differs from the policy's; use 'value_init: policy'")
     rm = AutoModelForSequenceClassification.from_pretrained(reward_model.path)
-    if getattr(rm.config, "is_encoder_decoder", False) or rm.config.model_type in ("bert", "roberta", "distilbert"):
+    if is_bidirectional(rm.config):  # (it would read the rest of the response: no value of a prefix)
         raise ModelError("recipe: a bidirectional encoder cannot give per-token values; use 'value_init: policy'")
     return backbone_of(rm, reward_model.path), score_head(rm)
 

@@ -137,3 +137,68 @@ def test_dropout_is_off_also_where_a_model_applies_it_as_a_function(model_type, 
     disable_dropout(model)
     assert torch.equal(model(x).logits, model(x).logits)
     assert all(v == 0.0 for k, v in model.config.to_dict().items() if "dropout" in k or k == "layerdrop")
+
+
+def test_architectures_a_policy_cannot_be_are_refused_in_one_line(tmp_path, tok):
+    """An encoder-decoder (T5) was a traceback listing hundreds of classes; a BERT masked LM trained
+    as a causal LM with bidirectional attention (eval loss 0.04, greedy gold accuracy 0); Mamba
+    sampled without its recurrent state (PPO's first KL 27). Decoders, and BERT made a decoder, load."""
+    from transformers import AutoConfig
+
+    from rlhf.config import ModelConfig
+    from rlhf.models import ModelError, causal_lm_problem, is_bidirectional, load_causal_lm
+
+    small = dict(hidden_size=32, num_hidden_layers=2)
+    refused = {"t5": ("is an encoder-decoder", dict(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64)),
+               "bert": ("is a bidirectional encoder", dict(small, num_attention_heads=2, intermediate_size=64)),
+               "mamba": ("keeps a recurrent state instead of a KV cache", dict(small, state_size=8))}
+    for model_type, (says, arch) in refused.items():
+        with pytest.raises(ModelError, match=f"recipe: 'model.arch.model_type': model type '{model_type}' {says}"):
+            load_causal_lm(ModelConfig(init="from_config", arch={"model_type": model_type, **arch}), tok)
+    AutoConfig.for_model("t5", **refused["t5"][1]).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ModelError, match=f"{tmp_path / 't5'}: model type 't5' is an encoder-decoder"):
+        load_causal_lm(ModelConfig(name_or_path=str(tmp_path / "t5")), tok)
+    AutoConfig.for_model("mamba", **refused["mamba"][1]).save_pretrained(tmp_path / "mamba")
+    from rlhf.stages.rm import load_reward_backbone  # (an RM needs a sequence-classification class: a traceback)
+
+    with pytest.raises(ModelError, match="model type 'mamba' has no sequence-classification class in transformers"):
+        load_reward_backbone(ModelConfig(name_or_path=str(tmp_path / "mamba")), tok, 0)
+    assert causal_lm_problem(AutoConfig.for_model("bert", is_decoder=True)) is None
+    for model_type in ("llama", "gpt2", "opt", "qwen2"):
+        assert causal_lm_problem(AutoConfig.for_model(model_type)) is None and \
+            not is_bidirectional(AutoConfig.for_model(model_type))
+    for model_type in ("bert", "xlm-roberta", "electra", "deberta-v2", "distilbert"):  # (no per-token values)
+        assert is_bidirectional(AutoConfig.for_model(model_type)), model_type
+
+
+def test_an_xlm_roberta_reward_model_scores_as_plain_transformers_does():
+    """rlhf passed 0-based position ids to every model but BERT, RoBERTa, DistilBERT and DeBERTa-v2;
+    XLM-R numbers its positions from padding_idx + 1, so its scores were not its own (-0.0216
+    against 0.0008). An encoder now numbers its positions itself."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from rlhf.rewards import forward_scores
+
+    cfg = AutoConfig.for_model("xlm-roberta", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, vocab_size=100, num_labels=1, pad_token_id=1)
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(cfg).eval()
+    ids = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 9, 2, 1]])
+    mask = (ids != 1).long()
+    assert torch.equal(forward_scores(rm, ids, mask), rm(input_ids=ids, attention_mask=mask).logits[:, 0])
+
+
+def test_lora_without_targets_on_a_model_peft_has_no_defaults_for_names_its_linear_layers():
+    """Phi-3 (its fused qkv_proj) has no peft defaults: a peft traceback before."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf.config import ModelConfig
+    from rlhf.models import ModelError, add_lora
+
+    cfg = AutoConfig.for_model("phi3", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, vocab_size=50, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    mc = ModelConfig()
+    mc.lora.enabled = True
+    with pytest.raises(ModelError, match=r"peft knows no default modules to adapt in model type 'phi3'; name them "
+                                         r"\(its linear layers: down_proj, gate_up_proj, lm_head, o_proj, qkv_proj\)"):
+        add_lora(AutoModelForCausalLM.from_config(cfg), mc)

@@ -56,6 +56,11 @@ def load_reward_backbone(cfg: ModelConfig, tok, seed: int):
         raise ModelError(f"recipe: 'model.name_or_path' points at a missing checkpoint: {cfg.name_or_path}")
     hf_cfg = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code,
                                         revision=cfg.revision)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    if not cfg.trust_remote_code and type(hf_cfg) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:  # (Mamba)
+        raise ModelError(f"{cfg.name_or_path}: model type '{hf_cfg.model_type}' has no sequence-classification class "
+                         f"in transformers (AutoModelForSequenceClassification): it cannot be a reward model")
     fresh_head = not any(a.endswith("ForSequenceClassification") for a in (hf_cfg.architectures or [])) \
         or getattr(hf_cfg, "num_labels", 1) != 1
     torch.manual_seed(seed)
