@@ -989,12 +989,16 @@ def test_malformed_input_one_line_exit_2_earlier_run_untouched(tmp_path, case, o
     out = tmp_path / "out"
     shutil.copytree(finished_run, out)
     before = _tree(out)
-    rc, stderr = _rlhf_here(capsys, *build(tmp_path), "--output_dir", out, *(["--overwrite"] if overwrite else []))
+    args = build(tmp_path)
+    rc, stderr = _rlhf_here(capsys, *args, "--output_dir", out, *(["--overwrite"] if overwrite else []))
     err = [l for l in stderr.strip().splitlines() if "error:" in l]
     assert rc == 2, stderr[-2000:]
     assert len(err) == 1 and re.search(pattern, err[0]), stderr[-2000:]
     assert "Traceback" not in stderr
-    assert ("already holds a run" in err[0]) == (not overwrite), err[0]
+    if args[0] == "compare":  # (compare never replaces a run: another one's folder is named either way)
+        assert "holds an rlhf sft run, not a comparison" in err[0], err[0]
+    else:
+        assert ("already holds a run" in err[0]) == (not overwrite), err[0]
     assert _tree(out) == before  # nothing already written was lost
     assert not staging_path(out).exists()  # and nothing half-made was left beside it
 
