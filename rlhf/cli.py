@@ -500,11 +500,9 @@ def _read_prompts(path: str | None) -> list:
     from .data.formats import DataError, load_prompts, parse_prompt, prompt_lines
     from .textio import decode_utf8
 
-    if path and path.endswith((".jsonl", ".json", ".parquet")):
-        return [p.prompt for p in load_prompts(path)]
-    if path and not Path(path).is_file():
-        raise DataError(f"{path}: not a file (--prompts: .jsonl, .json or .parquet rows, or one prompt per line)")
     if path:
+        if not path.endswith((".jsonl", ".json", ".parquet")) and not Path(path).is_file():
+            raise DataError(f"{path}: not a file (--prompts: .jsonl, .json or .parquet rows, or one prompt per line)")
         return [p.prompt for p in load_prompts(path)]
     rows = prompt_lines(decode_utf8(_stdin_bytes(), "<stdin>", DataError), "<stdin>")
     if not rows:

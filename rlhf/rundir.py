@@ -360,12 +360,8 @@ def compare_folder_problem(root: Path) -> str | None:
     problem = busy(root)
     if problem or not root.is_dir() or not any(root.iterdir()):
         return problem
-    try:
-        command = json.loads((root / KIND).read_text())["command"] if (root / KIND).is_file() else None
-    except (OSError, ValueError, KeyError, TypeError):
-        command = None
-    if command is None and (root / "summary.json").is_file():
-        command = run_command(root) or "unknown"
+    marked = (root / KIND).is_file() or (root / "summary.json").is_file()  # (not a folder of stage folders alone:
+    command = (run_command(root) or "unknown") if marked else None     # an old comparison has sft/ and rm/ too)
     if command is not None:
         return None if command == "compare" else (f"{root}: holds an rlhf {command} run, not a comparison; give "
                                                   f"rlhf compare a new or empty --output_dir")
