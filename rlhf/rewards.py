@@ -363,10 +363,12 @@ class RewardModel:
     def same_tokenizer(self, tok) -> bool:
         """The policy's sampled ids are exactly what this RM's tokenizer makes of the same text: the
         same vocabulary, template and special tokens (else PPO re-encodes the text for the RM)."""
+        from .tokenization import adds_bos
+
         special = ("eos_token_id", "bos_token_id", "cls_token_id")
         return self.tok.get_vocab() == tok.get_vocab() and self.tok.chat_template == tok.chat_template and \
             all(getattr(self.tok, k, None) == getattr(tok, k, None) for k in special) and \
-            getattr(self.tok, "add_bos_token", False) == getattr(tok, "add_bos_token", False)
+            adds_bos(self.tok) == adds_bos(tok)
 
 
 def group_loss(model, groups: list[tuple[list[list[int]], list[tuple[int, int, float]]]], pad_id: int, device,

@@ -7,6 +7,11 @@ and the RM reads the same ``prompt + response + EOS`` in training and in PPO [N]
 
 Raw-text prompts (implicit-prompt transcripts such as Anthropic HH) skip the template: the
 sequence is ``prompt + response + EOS`` as text.
+
+Text is encoded with ``add_special_tokens=False`` (a template writes its own special tokens), so
+a tokenizer that puts BOS before every encoding (Llama-2, Mistral) would lose it wherever the
+template does not write it (the default template, a raw-text prompt): :func:`encode_prompt`
+puts it back, once, as ``tok(text)`` would.
 """
 
 from __future__ import annotations
@@ -25,14 +30,27 @@ def _ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def adds_bos(tok) -> bool:
+    """Whether `tok` puts its BOS token before an encoding of plain text (``tok(text)``), as Llama-2's
+    and Mistral's tokenizers do; asked of the tokenizer's own post-processing, not of an attribute
+    (transformers' fast tokenizers do not all carry ``add_bos_token``)."""
+    bos = tok.bos_token_id
+    if bos is None:
+        return False
+    try:
+        with_special = tok("a")["input_ids"]
+    except (TypeError, ValueError):
+        return False
+    return with_special[:1] == [bos] and _ids(tok, "a")[:1] != [bos]
+
+
 def encode_prompt(tok, prompt: Messages | str) -> list[int]:
-    """Token ids of the prompt up to where the assistant starts writing."""
-    if isinstance(prompt, str):
-        ids = _ids(tok, prompt)
-        if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
-            ids = [tok.bos_token_id] + ids
-        return ids
-    return _ids(tok, _render(tok, prompt, add_generation_prompt=True))
+    """Token ids of the prompt up to where the assistant starts writing, behind BOS when the
+    tokenizer puts BOS before every encoding and the template (or raw text) did not write it."""
+    ids = _ids(tok, prompt) if isinstance(prompt, str) else _ids(tok, _render(tok, prompt, add_generation_prompt=True))
+    if ids[:1] != [tok.bos_token_id] and adds_bos(tok):
+        ids = [tok.bos_token_id] + ids
+    return ids
 
 
 def _cut_after_eos(ids: list[int], eos: int) -> list[int]:

@@ -84,3 +84,52 @@ def test_a_template_ending_turns_without_eos_gets_eos_after_the_last_reply_only(
     assert ids.count(t.eos_token_id) == 1 and ids[-1] == t.eos_token_id
     history = prompt + completion[:2]  # the second reply's context, as a PPO prompt would render it
     assert ids[: len(encode_prompt(t, history))] == encode_prompt(t, history)
+
+
+def _bos_tokenizer(template: str | None = None):
+    """A Llama-2-style tokenizer: its post-processor puts <s> before every encoding, and it has no
+    `add_bos_token` attribute set (as transformers' fast tokenizers built from a tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["hello world 123"], trainer=trainer)
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", 0)])
+    return prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>"), template)
+
+
+def test_a_tokenizer_that_adds_bos_keeps_it_once_in_every_encoding():
+    """Encoding with add_special_tokens=False dropped the BOS that Llama-2/Mistral tokenizers put
+    before every text when the template does not write it (the default template, raw text)."""
+    from rlhf.tokenization import adds_bos, encode_scored
+
+    t = _bos_tokenizer()
+    bos = t.bos_token_id
+    assert adds_bos(t) and t("hi")["input_ids"][0] == bos
+    prompt, reply = [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "yo"}]
+    p = encode_prompt(t, prompt)
+    assert p[0] == bos and p.count(bos) == 1
+    assert p == t(t.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))["input_ids"]
+    ids, labels = encode_sft(t, prompt, reply)
+    assert ids[: len(p)] == p and ids.count(bos) == 1 and labels[0] == IGNORE_INDEX
+    assert encode_scored(t, prompt, "yo")[: len(p)] == p
+    raw = encode_prompt(t, "hello")
+    assert raw == t("hello")["input_ids"] and raw[0] == bos
+    # a template that writes BOS itself (Llama-3, Gemma, Mistral's): still exactly one
+    own = _bos_tokenizer("{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE)
+    q = encode_prompt(own, prompt)
+    assert q[0] == bos and q.count(bos) == 1 and q == p
+
+
+def test_tokenizers_without_bos_on_encode_are_left_as_they_were(tok):
+    from rlhf.tokenization import adds_bos
+
+    assert not adds_bos(tok)
+    prompt = [{"role": "user", "content": "hi"}]
+    assert encode_prompt(tok, prompt) == tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                                             add_special_tokens=False)["input_ids"]
