@@ -403,3 +403,49 @@ def test_a_reward_model_cuts_sequences_past_its_positions_and_ppo_counts_them(to
             return torch.zeros(len(seqs))
 
     assert list(sequence_scores(Rollout(gen, prompts, texts), tok, SpyRM(), [], 1.0, 0.0, "cpu")[1]) == ["rm_score"]
+
+
+@pytest.mark.skipif(not __import__("rlhf.cpu_linear").cpu_linear.mkl_packed_available(), reason="no MKL in this torch")
+def test_decoding_with_packed_weights_is_bit_for_bit_plain_decoding(tiny_lm, tok, monkeypatch):
+    """Where FewRowsLinear does not run (Intel CPUs), generate() packs each fp32 nn.Linear's weight
+    once for its decoding steps (PackedLinears): the same tokens and the same log-probs, bit for bit,
+    and every layer's own forward is back afterwards."""
+    from rlhf.cpu_linear import PackedLinears
+
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]] * 4
+    kw = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=10, return_logprobs=True)
+    monkeypatch.setattr(rlhf.rollout, "few_rows_pays_here", lambda model: False)
+    entered, enter = [], PackedLinears.__enter__
+
+    def counted_enter(self):
+        entered.append(len(enter(self).layers))
+        return self
+
+    monkeypatch.setattr(PackedLinears, "__enter__", counted_enter)
+    packed = generate(tiny_lm, prompts, generator=torch.Generator().manual_seed(3), **kw)
+    linears = sum(type(m) is torch.nn.Linear for m in tiny_lm.modules())
+    assert entered == [linears] and linears > 0
+    assert not any("forward" in m.__dict__ for m in tiny_lm.modules())
+    monkeypatch.setattr(rlhf.rollout, "PACK_MIN_TOKENS", 10**9)
+    plain = generate(tiny_lm, prompts, generator=torch.Generator().manual_seed(3), **kw)
+    assert len(entered) == 1
+    assert torch.equal(packed.response_ids, plain.response_ids) and torch.equal(packed.logprobs, plain.logprobs)
+
+
+@pytest.mark.skipif(not __import__("rlhf.cpu_linear").cpu_linear.mkl_packed_available(), reason="no MKL in this torch")
+def test_packed_linears_are_f_linear_bit_for_bit_at_any_row_count():
+    from rlhf.cpu_linear import PackedLinears
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 200), torch.nn.Linear(200, 40, bias=False))
+    x = torch.randn(33, 96)
+    with torch.no_grad():
+        want = [model(x[:n]) for n in (16, 1, 33)]
+        with PackedLinears(model, 16) as p:
+            assert len(p.layers) == 2 and all("forward" in m.__dict__ for m in model)
+            got = [model(x[:n]) for n in (16, 1, 33)]
+            got.append(model(x[:16].view(4, 4, 96)).view(16, 40))
+        with torch.autocast("cpu", dtype=torch.bfloat16), PackedLinears(model, 16) as p:
+            assert p.layers == []  # autocast: F.linear's own bf16 path
+    assert all(torch.equal(a, b) for a, b in zip(want + want[:1], got))
+    assert not any("forward" in m.__dict__ for m in model)
