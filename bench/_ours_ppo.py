@@ -22,7 +22,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peak_tflops", type=float, default=0.0,
                     help="the MFU denominator; default: the matmul peak this process measures just before the run")
-    ap.add_argument("--old_logprobs", default="recompute", choices=["recompute", "sampling"])
+    ap.add_argument("--old_logprobs", default="auto", choices=["auto", "recompute", "sampling"],
+                    help="the recipe's old_logprobs (default: rlhf's own default, auto)")
     ap.add_argument("--compile", action="store_true", help="compile: true (regional torch.compile)")
     ap.add_argument("--onednn", action="store_true",
                     help="onednn_linear: true (rlhf.cpu_linear); without it the default, auto")
@@ -53,14 +54,14 @@ def main():
     steps: dict[int, int] = {}  # optimizer steps actually taken, per optimizer (torch's global step hook)
     register_optimizer_step_post_hook(
         lambda opt, args, kwargs: steps.__setitem__(id(opt), steps.get(id(opt), 0) + 1))
-    run("ppo", cfg, out)
+    summary = run("ppo", cfg, out)
     peak_end = measure_matmul_peak(2048, 10, peak_dtype) / 1e12
     m = [json.loads(l) for l in open(out + "/metrics.jsonl") if '"pg_loss"' in l]
     stamps = [r["time"] for r in m]
     phases = ("time_generate", "time_score", "time_experience", "time_train", "tokens_per_s_generate",
               "tokens_per_s_train", "mfu_generate", "mfu_experience", "mfu_train")
     first = sum(v for k, v in m[0].items() if k.startswith("time_"))  # with compile: includes compiling
-    print(json.dumps({"impl": "rlhf", "bf16": a.bf16, "matmul_precision": a.matmul_precision, "old_logprobs": a.old_logprobs, "compile": a.compile,
+    print(json.dumps({"impl": "rlhf", "bf16": a.bf16, "matmul_precision": a.matmul_precision, "old_logprobs": summary.get("old_logprobs", a.old_logprobs), "compile": a.compile,
                       "optimizer_steps_per_iteration": max(steps.values(), default=0) / a.iters,
                       "onednn_linear": True if a.onednn else "auto", "mkl_below_peak_here": mkl_below_peak_here(),
                       "first_iter_phase_seconds": first, "mfu_peak_tflops": mfu_peak,

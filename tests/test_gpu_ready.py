@@ -205,6 +205,7 @@ def test_every_stage_in_bf16_on_the_cpu(sft_checkpoint, task_dir, tmp_path, monk
     s = run("ppo", ppo, str(tmp_path / "ppo"))
     assert s["initial_eval_kl"] == 0.0 and s["initial_eval_kl_k3"] == 0.0
     assert s["mfu_peak_dtype"] == "bfloat16" and math.isfinite(s["eval_reward"])
+    assert s["old_logprobs"] == "recompute"  # (auto: bf16 sampling log-probs are too far from a recompute)
     assert len(in_region) >= 4 and all(in_region)  # 2 rollouts, 2+ evaluations
     assert {n for n, grad, _ in flash if grad} == {"lm_loss_sum", "group_loss", "policy_micro_loss",
                                                    "value_micro_loss"}

@@ -442,6 +442,24 @@ def test_compiled_blocks_give_the_eager_numbers(tmp_path, sft_checkpoint, task_d
     assert [r["score"] for r in first[1]] == pytest.approx([r["score"] for r in first[0]], rel=1e-4)
     if precision == "bf16":  # (the runs really were in bf16)
         assert json.load(open(tmp_path / "True" / "summary.json"))["mfu_peak_dtype"] == "bfloat16"
+    # old_logprobs: auto read them from sampling in fp32 only; the recipe saved keeps 'auto'
+    assert json.load(open(tmp_path / "True" / "summary.json"))["old_logprobs"] == \
+        ("sampling" if precision == "no" else "recompute")
+    assert "old_logprobs: auto" in (tmp_path / "True" / "recipe.yaml").read_text()
+
+
+def test_old_logprobs_auto_reads_sampling_log_probs_only_where_every_product_is_full_fp32():
+    from rlhf.engine import set_matmul_precision
+    from rlhf.stages.ppo import resolve_old_logprobs
+
+    assert resolve_old_logprobs(torch.float32) == "sampling"
+    assert resolve_old_logprobs(torch.bfloat16) == resolve_old_logprobs(torch.float16) == "recompute"
+    for precision in ("high", "medium"):  # TF32 / bf16 products
+        set_matmul_precision(precision)
+        try:
+            assert resolve_old_logprobs(torch.float32) == "recompute"
+        finally:
+            set_matmul_precision("highest")
 
 
 @pytest.mark.slow

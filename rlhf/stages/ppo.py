@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -771,6 +771,9 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
         st.load(state, latest_checkpoint(out), acc.process_index)
     save_recipe(acc, cfg, out, resume)
     logger = MetricsLogger(out, enabled=acc.is_main_process, wandb_project=cfg.wandb_project, config=to_dict(cfg))
+    if cfg.old_logprobs == "auto":  # (resolved after the recipe is saved: a resumed run resolves it again)
+        cfg = replace(cfg, old_logprobs=resolve_old_logprobs(peak_dtype))
+        log.info("old_logprobs: auto -> %s", cfg.old_logprobs)
     run = PPORun(cfg, acc, m, data, st, split, out, logger, peak)
     log.info("PPO: %d prompts, %d held out, %d iterations x %d rollouts, %s advantages, policy %.2fM params%s",
              len(data.prompts), len(data.eval_prompts), cfg.steps, cfg.rollout_batch_size, cfg.advantage_estimator,
@@ -791,6 +794,17 @@ def run_ppo(cfg: PPOConfig, output_dir: str | None = None, overwrite: bool = Fal
             break
     bar.close()
     return finish_ppo(run, t_start, str(peak_dtype).replace("torch.", ""))
+
+
+def resolve_old_logprobs(compute: torch.dtype) -> str:
+    """What ``old_logprobs: auto`` means for a run whose products compute in `compute`: 'sampling'
+    when every product is full fp32 (`compute` float32 and torch's fp32 matmul precision 'highest'),
+    where the log-probs kept while sampling equal a recompute's to float rounding (2.3e-5 nats at
+    most on SmolLM2-135M: the KV-cached pass adds up in another order; bench/old_logprobs_agreement.py),
+    so the recompute would only cost a policy pass; 'recompute' otherwise (bf16/fp16, TF32 or bf16
+    products), where they differ by up to 0.26 nats and ~1% of tokens would start the update clipped."""
+    exact = compute == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return "sampling" if exact else "recompute"
 
 
 def ppo_iteration(run: PPORun, it: int) -> tuple[dict, bool]:
@@ -933,6 +947,7 @@ def finish_ppo(run: PPORun, t_start: float, peak_dtype: str) -> dict:
     n_updates = last * cfg.ppo_epochs * (run.split.rollouts // run.split.minibatch)
     summary.update({"steps": last, "optimizer_steps": n_updates, "skipped_nonfinite_steps": st.guard.skipped,
                     **st.guard.summary(), "train_prompts": len(run.data.prompts), "mfu_peak_dtype": peak_dtype,
+                    "old_logprobs": run.cfg.old_logprobs,
                     "skipped_bad_rows": run.data.skipped_bad_rows,
                     "eval_prompts": len(run.data.eval_prompts), "kl_coef_final": st.kl_ctl.value,
                     "train_seconds": round(time.time() - t_start, 1), "num_processes": acc.num_processes})
