@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .algos.core import token_logprobs
-from .cpu_linear import PackedLinears, mkl_below_peak_here
+from .cpu_linear import mkl_below_peak_here
 from .models import eager_blocks
 
 
@@ -176,11 +176,6 @@ def few_rows_pays_here(model, cpuinfo: str | None = None) -> bool:
     return below_peak and any(type(m) is torch.nn.Linear for m in model.modules())
 
 
-PACK_MIN_TOKENS = 8
-"""Decoding packs the weights (:class:`rlhf.cpu_linear.PackedLinears`) for at least this many new
-tokens: packing SmolLM2's weights costs about what 6 steps save."""
-
-
 @dataclass
 class Generation:
     prompt_ids: torch.Tensor
@@ -278,31 +273,28 @@ def _generate(model, prompts, eos_token_id, pad_token_id, generator, device, syn
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
     next_pos = pos[:, -1:] + 1
     steps = 0
-    # elsewhere on the CPU, each step's products read weights packed once (bit for bit F.linear's)
-    packed = device.type == "cpu" and not few_rows and max_new_tokens >= PACK_MIN_TOKENS
-    with PackedLinears(model, bsz) if packed else contextlib.nullcontext():
-        for t in range(max_new_tokens):
-            if greedy:
-                token = logits.argmax(-1)
-            else:
-                probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-                token = sample_tokens(probs, generator)  # (torch.multinomial's tokens, faster on the CPU)
-            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-            responses[:, t] = token
-            if logprobs is not None:  # the same formula as response_logprobs, 0 after EOS
-                scaled = logits / temperature if temperature != 1.0 else logits
-                lp = token_logprobs(scaled[:, None], token[:, None], with_entropy=False)[0][:, 0]
-                logprobs[:, t] = torch.where(finished, torch.zeros_like(lp), lp)
-            finished |= token == eos_token_id
-            steps = t + 1
-            if t == max_new_tokens - 1 or ((t + 1) % sync_every == 0 and bool(finished.all())):
-                break
-            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=device)], dim=1)
-            with FewRowsLinear() if few_rows else contextlib.nullcontext():  # one row per sequence: few_rows_linear
-                out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
-                            **{cache_kw: cache})
-            cache, logits = _cache_of(out), out.logits[:, -1, :].float()
-            next_pos = next_pos + 1
+    for t in range(max_new_tokens):
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            token = sample_tokens(probs, generator)  # (torch.multinomial's tokens, faster on the CPU)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        responses[:, t] = token
+        if logprobs is not None:  # the same formula as response_logprobs, 0 after EOS
+            scaled = logits / temperature if temperature != 1.0 else logits
+            lp = token_logprobs(scaled[:, None], token[:, None], with_entropy=False)[0][:, 0]
+            logprobs[:, t] = torch.where(finished, torch.zeros_like(lp), lp)
+        finished |= token == eos_token_id
+        steps = t + 1
+        if t == max_new_tokens - 1 or ((t + 1) % sync_every == 0 and bool(finished.all())):
+            break
+        mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=device)], dim=1)
+        with FewRowsLinear() if few_rows else contextlib.nullcontext():  # one row per sequence: few_rows_linear
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                        **{cache_kw: cache})
+        cache, logits = _cache_of(out), out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
     responses = responses[:, :steps]
     logprobs = logprobs[:, :steps] if logprobs is not None else None
     response_mask, has_eos = eos_mask(responses, eos_token_id)
