@@ -25,6 +25,9 @@ def main():
     ap.add_argument("--old_logprobs", default="auto", choices=["auto", "recompute", "sampling"],
                     help="the recipe's old_logprobs (default: rlhf's own default, auto)")
     ap.add_argument("--compile", action="store_true", help="compile: true (regional torch.compile)")
+    ap.add_argument("--no_compile", action="store_true",
+                    help="compile: false (without either flag: rlhf's default, auto, which compiles a CPU "
+                         "run's policy of >= 100M parameters)")
     ap.add_argument("--onednn", action="store_true",
                     help="onednn_linear: true (rlhf.cpu_linear); without it the default, auto")
     ap.add_argument("--bf16", action="store_true",
@@ -49,7 +52,7 @@ def main():
         "minibatch_size": a.minibatch, "micro_batch_size": a.micro, "ppo_epochs": a.epochs,
         "max_new_tokens": a.response, "lr": a.lr, "kl_coef": a.kl_coef, "seed": a.seed, "sample_every": 0,
         "peak_tflops": mfu_peak, "old_logprobs": a.old_logprobs,
-        "compile": a.compile, "onednn_linear": True if a.onednn else "auto",
+        "compile": True if a.compile else False if a.no_compile else "auto", "onednn_linear": True if a.onednn else "auto",
         "mixed_precision": "bf16" if a.bf16 else "auto", "matmul_precision": a.matmul_precision})
     steps: dict[int, int] = {}  # optimizer steps actually taken, per optimizer (torch's global step hook)
     register_optimizer_step_post_hook(
@@ -61,7 +64,7 @@ def main():
     phases = ("time_generate", "time_score", "time_experience", "time_train", "tokens_per_s_generate",
               "tokens_per_s_train", "mfu_generate", "mfu_experience", "mfu_train")
     first = sum(v for k, v in m[0].items() if k.startswith("time_"))  # with compile: includes compiling
-    print(json.dumps({"impl": "rlhf", "bf16": a.bf16, "matmul_precision": a.matmul_precision, "old_logprobs": summary.get("old_logprobs", a.old_logprobs), "compile": a.compile,
+    print(json.dumps({"impl": "rlhf", "bf16": a.bf16, "matmul_precision": a.matmul_precision, "old_logprobs": summary.get("old_logprobs", a.old_logprobs), "compile": summary.get("compiled", a.compile),
                       "optimizer_steps_per_iteration": max(steps.values(), default=0) / a.iters,
                       "onednn_linear": True if a.onednn else "auto", "mkl_below_peak_here": mkl_below_peak_here(),
                       "first_iter_phase_seconds": first, "mfu_peak_tflops": mfu_peak,

@@ -149,6 +149,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also run ours with compile: true (regional torch.compile) as 'ours+compile', and "
                          "with --sampling_logprobs 'ours+samplelp+compile' too")
+    ap.add_argument("--eager", action="store_true",
+                    help="also run ours with compile: false as 'ours+eager' (rlhf's default, compile: auto, "
+                         "compiles the training passes of a CPU run's policy of >= 100M parameters: SmolLM2)")
     ap.add_argument("--onednn", action="store_true",
                     help="also run every 'ours' side with onednn_linear: true (fp32 linear layers through oneDNN "
                          "instead of MKL, rlhf.cpu_linear) as '<side>+onednn', and TRL with the same layers as "
@@ -189,6 +192,8 @@ def main() -> None:
         variants["ours+samplelp"] = sides["ours"] + ["--old_logprobs", "sampling"]
     if a.compile:
         variants.update({name + "+compile": cmd + ["--compile"] for name, cmd in variants.items()})
+    if a.eager:
+        variants["ours+eager"] = sides["ours"] + ["--no_compile"]
     if a.onednn:
         variants.update({name + "+onednn": cmd + ["--onednn"] for name, cmd in variants.items()})
     if a.trl_ga_spans_minibatches:

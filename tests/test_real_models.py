@@ -54,6 +54,12 @@ def test_smollm2_rm_and_ppo(smol):
             "--ppo_epochs", "1", "--eval_samples", "4")
     s = json.loads((d / "ppo" / "summary.json").read_text())
     assert "eval_kl" in s and s["steps"] == 1
+    # the defaults at a real model's size on a CPU: old log-probs from sampling (fp32), compiled training
+    # blocks (compile: auto) wherever inductor finds a C++ compiler
+    import shutil
+
+    assert s["old_logprobs"] == "sampling"
+    assert s["compiled"] is bool(shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"))
 
 
 @pytest.mark.slow

@@ -446,6 +446,7 @@ def test_compiled_blocks_give_the_eager_numbers(tmp_path, sft_checkpoint, task_d
     assert json.load(open(tmp_path / "True" / "summary.json"))["old_logprobs"] == \
         ("sampling" if precision == "no" else "recompute")
     assert "old_logprobs: auto" in (tmp_path / "True" / "recipe.yaml").read_text()
+    assert [json.load(open(tmp_path / str(c) / "summary.json"))["compiled"] for c in (False, True)] == [False, True]
 
 
 def test_old_logprobs_auto_reads_sampling_log_probs_only_where_every_product_is_full_fp32():
@@ -668,3 +669,34 @@ def test_packing_is_refused_for_a_model_that_lets_packed_examples_mix(tiny_lm):
         check_packed_attention(IgnoresPacking(tiny_lm), feats, 0, "cpu")
 
 
+
+
+def test_compile_auto_compiles_only_cpu_runs_of_policies_of_100m_parameters_or_more(monkeypatch):
+    """compile: auto: where compiling was measured to pay (a CPU run, SmolLM2-135M's size), never under
+    DeepSpeed or LoRA, on a GPU (not measured yet) or where torch cannot compile (no C++ compiler)."""
+    import types
+
+    from accelerate.utils import DistributedType
+
+    import torch._inductor.cpp_builder as cpp_builder
+    from rlhf.config import load_stage_config
+    from rlhf.stages.ppo_setup import AUTO_COMPILE_MIN_PARAMS, compile_pays_here
+
+    cfg = load_stage_config("ppo", None, {"model.name_or_path": "x", "data.train": "x"})
+    assert cfg.compile == "auto"
+    cpu = types.SimpleNamespace(device=torch.device("cpu"), distributed_type=DistributedType.NO)
+    big = torch.nn.Linear(AUTO_COMPILE_MIN_PARAMS // 1000, 1000, bias=False, device="meta")
+    small = torch.nn.Linear(AUTO_COMPILE_MIN_PARAMS // 1000 - 1, 1000, bias=False, device="meta")
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
+    assert compile_pays_here(cfg, cpu, big) and not compile_pays_here(cfg, cpu, small)
+    ds = types.SimpleNamespace(device=torch.device("cpu"), distributed_type=DistributedType.DEEPSPEED)
+    gpu = types.SimpleNamespace(device=torch.device("cuda"), distributed_type=DistributedType.NO)
+    assert not compile_pays_here(cfg, ds, big) and not compile_pays_here(cfg, gpu, big)
+    lora = load_stage_config("ppo", None, {"model.name_or_path": "x", "data.train": "x", "model.lora.enabled": True})
+    assert not compile_pays_here(lora, cpu, big)
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    assert not compile_pays_here(cfg, cpu, big)

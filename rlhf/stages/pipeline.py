@@ -96,7 +96,7 @@ def _check_later_batches(cfg: PipelineConfig, todo: list[str]) -> None:
         batch_split(dataclasses.replace(cfg.ppo, reward_model=cfg.ppo.reward_model or "rm/"), world, "ppo.")
         if cfg.ppo.deepspeed:
             read_deepspeed_json(cfg.ppo.deepspeed, "ppo.deepspeed")
-        if cfg.ppo.compile and (cfg.ppo.deepspeed or launcher_deepspeed()):
+        if cfg.ppo.compile is True and (cfg.ppo.deepspeed or launcher_deepspeed()):
             raise RunError(COMPILE_DEEPSPEED.replace("'compile", "'ppo.compile"))
     if "dpo" in todo[1:]:  # (DDP only)
         check_dpo_engine(cfg.dpo, "dpo.")

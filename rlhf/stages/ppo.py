@@ -947,7 +947,7 @@ def finish_ppo(run: PPORun, t_start: float, peak_dtype: str) -> dict:
     n_updates = last * cfg.ppo_epochs * (run.split.rollouts // run.split.minibatch)
     summary.update({"steps": last, "optimizer_steps": n_updates, "skipped_nonfinite_steps": st.guard.skipped,
                     **st.guard.summary(), "train_prompts": len(run.data.prompts), "mfu_peak_dtype": peak_dtype,
-                    "old_logprobs": run.cfg.old_logprobs,
+                    "old_logprobs": run.cfg.old_logprobs, "compiled": run.m.compiled,
                     "skipped_bad_rows": run.data.skipped_bad_rows,
                     "eval_prompts": len(run.data.eval_prompts), "kl_coef_final": st.kl_ctl.value,
                     "train_seconds": round(time.time() - t_start, 1), "num_processes": acc.num_processes})

@@ -81,6 +81,8 @@ class PPOModels:
     """Context in which the policy's full weights are present (ZeRO-3: gathered once per generation)."""
     gold_reward_model: RewardModel | None = None
     """A held-out reward model that measures (gold), never trains."""
+    compiled: bool = False
+    """The policy's and value model's blocks are compiled for training (PPOConfig.compile)."""
     autocast: Callable = contextlib.nullcontext
     """The run's mixed-precision autocast (accelerate's; a no-op in fp32 and under DeepSpeed, which
     casts the weights itself), entered once around a whole generation. The prepared models enter
@@ -125,9 +127,31 @@ class PPOModels:
 COMPILE_DEEPSPEED = "recipe: 'compile: true' is not supported under DeepSpeed yet (run without it, or with DDP)"
 
 
+AUTO_COMPILE_MIN_PARAMS = 100_000_000
+"""``compile: auto`` compiles policies of at least this many parameters: SmolLM2-135M's training
+phase ran ~10% faster compiled (docs/performance.md); smaller models were not measured to gain."""
+
+
+def compile_pays_here(cfg: PPOConfig, acc, policy: nn.Module) -> bool:
+    """What ``compile: auto`` decides for this run: a CPU run without DeepSpeed or LoRA, a policy of
+    at least :data:`AUTO_COMPILE_MIN_PARAMS` parameters, and a torch that can compile here (dynamo
+    supported, inductor's C++ compiler found)."""
+    if acc.device.type != "cpu" or is_deepspeed(acc) or cfg.model.lora.enabled:
+        return False
+    if sum(p.numel() for p in unwrap(policy).parameters()) < AUTO_COMPILE_MIN_PARAMS:
+        return False
+    try:
+        import torch._dynamo
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return torch._dynamo.is_dynamo_supported() and bool(get_cpp_compiler())
+    except Exception:  # (no compiler: inductor raises its own error types)
+        return False
+
+
 def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     """Load, place and prepare every model of the run; build the optimizers and schedules."""
-    if cfg.compile and is_deepspeed(acc):
+    if cfg.compile is True and is_deepspeed(acc):
         raise RunError(COMPILE_DEEPSPEED)
     if cfg.onednn_linear is True:
         check_onednn_linear(acc)
@@ -193,10 +217,15 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
     n = apply_onednn_linear(cfg.onednn_linear, acc, [unwrap(x) for x in models if x is not None])
     if n:
         log.info("onednn_linear (%s): %d linear layers run through oneDNN", cfg.onednn_linear, n)
-    if cfg.compile:
+    if cfg.compile is True or (cfg.compile == "auto" and compile_pays_here(cfg, acc, m.policy)):
+        if cfg.compile == "auto":  # (a block inductor cannot compile runs eagerly, with a warning)
+            import torch._dynamo
+
+            torch._dynamo.config.suppress_errors = True
         n = sum(compile_blocks(unwrap(x)) for x in (m.policy, m.value) if x is not None)  # the trained ones
-        log.info("compile: %d transformer blocks of the policy and value model compiled for the training "
-                 "passes (the first iteration pays for it)", n)
+        m.compiled = n > 0
+        log.info("compile (%s): %d transformer blocks of the policy and value model compiled for the training "
+                 "passes (the first iteration pays for it)", cfg.compile, n)
     head = count_head_params(unwrap(m.policy))  # counted only where logits are read (rlhf.flops)
     m.flop_params = {"policy": count_flop_params(unwrap(m.policy)) - head, "policy_head": head, **flops,
                      "value": count_flop_params(unwrap(m.value).backbone) + 1 if m.value is not None else 0}
