@@ -476,11 +476,11 @@ class PPOConfig(OptimConfig, LoopConfig):
     """torch.compile every transformer block of the policy and value model for the training passes
     (regional: the blocks share compiled graphs, so compiling all costs about one block's compile).
     Sampling, experience and evaluation passes stay eager. The PPO ratio starts at 1 to float rounding
-    then. Not with DeepSpeed yet. auto: only where it is known to pay, a CPU run without DeepSpeed
-    or LoRA, of a policy of >= 100M parameters (SmolLM2-135M: the training phase ~10% faster and
-    ~0.3 GB lighter, for ~7 s of compiling in the first iteration), where torch can compile (a C++
-    compiler found); a block that fails to compile then runs eagerly. summary.json's `compiled`
-    says whether it did. Measured in docs/performance.md."""
+    then. Not with DeepSpeed yet. auto: only where it is known to pay, a CPU run without DeepSpeed,
+    LoRA or gradient checkpointing, of a policy of >= 100M parameters (SmolLM2-135M: the training
+    phase ~10% faster and ~0.3 GB lighter, for ~7 s of compiling in the first iteration), where
+    torch can compile (a C++ compiler found); a block that fails to compile then runs eagerly.
+    summary.json's `compiled` says whether it did. Measured in docs/performance.md."""
     onednn_linear: bool | Literal["auto"] = "auto"
     """CPU fp32 runs: nn.Linear layers of the policy, reference, value model and RMs run through oneDNN
     instead of MKL (rlhf.cpu_linear), forward and backward: the same products to float rounding, ~2x as

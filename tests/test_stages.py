@@ -694,6 +694,9 @@ def test_compile_auto_compiles_only_cpu_runs_of_policies_of_100m_parameters_or_m
     assert not compile_pays_here(cfg, ds, big) and not compile_pays_here(cfg, gpu, big)
     lora = load_stage_config("ppo", None, {"model.name_or_path": "x", "data.train": "x", "model.lora.enabled": True})
     assert not compile_pays_here(lora, cpu, big)
+    ckpt = load_stage_config("ppo", None, {"model.name_or_path": "x", "data.train": "x",
+                                           "model.gradient_checkpointing": True})
+    assert not compile_pays_here(ckpt, cpu, big)
 
     def no_compiler():
         raise RuntimeError("no C++ compiler")

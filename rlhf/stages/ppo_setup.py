@@ -133,10 +133,11 @@ phase ran ~10% faster compiled (docs/performance.md); smaller models were not me
 
 
 def compile_pays_here(cfg: PPOConfig, acc, policy: nn.Module) -> bool:
-    """What ``compile: auto`` decides for this run: a CPU run without DeepSpeed or LoRA, a policy of
+    """What ``compile: auto`` decides for this run: a CPU run without DeepSpeed, LoRA or gradient
+    checkpointing (combinations not measured), a policy of
     at least :data:`AUTO_COMPILE_MIN_PARAMS` parameters, and a torch that can compile here (dynamo
     supported, inductor's C++ compiler found)."""
-    if acc.device.type != "cpu" or is_deepspeed(acc) or cfg.model.lora.enabled:
+    if acc.device.type != "cpu" or is_deepspeed(acc) or cfg.model.lora.enabled or cfg.model.gradient_checkpointing:
         return False
     if sum(p.numel() for p in unwrap(policy).parameters()) < AUTO_COMPILE_MIN_PARAMS:
         return False
