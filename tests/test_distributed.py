@@ -209,6 +209,7 @@ def test_ppo_two_processes_from_config_with_prompts_without_gold(tmp_path, sft_o
             "--reward_model", "null", "--reward_fns", f"[{{fn: '{tmp_path / 'reward.py'}:length'}}]",
             "--value_init", "policy", "--data.train", tmp_path / "train.jsonl", "--steps", "4",
             "--rollout_batch_size", "16", "--minibatch_size", "8", "--eval_samples", "8", "--whiten_rewards", "true",
+            "--old_logprobs", "recompute",  # (old log-probs from the same pass as the reference's: KL exactly 0)
             "--output_dir", out, timeout=300)
     m = [json.loads(l) for l in open(out / "metrics.jsonl") if '"pg_loss"' in l]
     assert len(m) == 4 and m[0]["kl"] == 0.0

@@ -134,9 +134,8 @@ phase ran ~10% faster compiled (docs/performance.md); smaller models were not me
 
 def compile_pays_here(cfg: PPOConfig, acc, policy: nn.Module) -> bool:
     """What ``compile: auto`` decides for this run: a CPU run without DeepSpeed, LoRA or gradient
-    checkpointing (combinations not measured), a policy of
-    at least :data:`AUTO_COMPILE_MIN_PARAMS` parameters, and a torch that can compile here (dynamo
-    supported, inductor's C++ compiler found)."""
+    checkpointing (combinations not measured), a policy of at least :data:`AUTO_COMPILE_MIN_PARAMS`
+    parameters, and a torch that can compile here (dynamo supported, inductor's C++ compiler found)."""
     if acc.device.type != "cpu" or is_deepspeed(acc) or cfg.model.lora.enabled or cfg.model.gradient_checkpointing:
         return False
     if sum(p.numel() for p in unwrap(policy).parameters()) < AUTO_COMPILE_MIN_PARAMS:
@@ -220,9 +219,9 @@ def setup_models(cfg: PPOConfig, acc, tok, split: BatchSplit) -> PPOModels:
         log.info("onednn_linear (%s): %d linear layers run through oneDNN", cfg.onednn_linear, n)
     if cfg.compile is True or (cfg.compile == "auto" and compile_pays_here(cfg, acc, m.policy)):
         if cfg.compile == "auto":  # (a block inductor cannot compile runs eagerly, with a warning)
-            import torch._dynamo
+            import torch._dynamo as dynamo
 
-            torch._dynamo.config.suppress_errors = True
+            dynamo.config.suppress_errors = True
         n = sum(compile_blocks(unwrap(x)) for x in (m.policy, m.value) if x is not None)  # the trained ones
         m.compiled = n > 0
         log.info("compile (%s): %d transformer blocks of the policy and value model compiled for the training "
