@@ -242,3 +242,33 @@ def test_compare_table_shows_the_rm_score_for_every_method_and_ppos_reward_apart
             for line in comparison_markdown(out).splitlines() if line.startswith("| ppo") or line.startswith("| dpo")}
     assert rows["ppo"][:3] == ["0.900 ± 0.000", "1.250 ± 0.000", "0.750 ± 0.000"]
     assert rows["dpo"][:3] == ["0.800 ± 0.000", "1.500 ± 0.000", "–"]
+
+
+def test_an_interrupted_comparison_lets_its_current_run_stop_as_itself(tmp_path):
+    """Ctrl-C or SIGTERM on rlhf compare: its current run, a child process, is given time to stop by
+    itself (it usually got the same signal), then one SIGTERM (rlhf's runs mark their folder on it),
+    and is killed only if it still has not exited; subprocess.run killed it at once, unmarked."""
+    import subprocess
+    import sys
+    import time
+
+    from rlhf.stages.compare import stop_child
+
+    marked = tmp_path / "marked"
+    child = ("import signal, sys, time\n"
+             "def stop(*_):\n"
+             f"    open({str(marked)!r}, 'w').write('FAILED')\n"
+             "    sys.exit(143)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
+             "print('x' * 200000, file=sys.stderr)\n"  # (more than a pipe holds: it must be read meanwhile)
+             "print('ready', flush=True)\n"
+             "time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t = time.monotonic()
+    stop_child(p, grace=1.0, patience=30.0)
+    assert p.returncode == 143 and marked.read_text() == "FAILED" and time.monotonic() - t < 20
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stop_child(stubborn, grace=0.5, patience=0.5)
+    assert stubborn.returncode == -9  # killed, after its SIGTERM was ignored

@@ -198,12 +198,34 @@ def run_apart(stage: str, run_cfg, folder: Path, resume: bool) -> dict:
     flags = (["--resume"] if resume else ["--overwrite"]) if interrupted else []
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                              "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    p = subprocess.run([sys.executable, "-m", "rlhf", stage, str(recipe), "--output_dir", str(folder), *flags],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with subprocess.Popen([sys.executable, "-m", "rlhf", stage, str(recipe), "--output_dir", str(folder), *flags],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as p:
+        try:
+            _, err = p.communicate()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM here: the run stops as itself, its folder marked
+            stop_child(p)
+            raise
     if p.returncode != 0:
-        last = [line for line in p.stderr.splitlines() if line.strip()][-1:] or ["(no output)"]
+        last = [line for line in err.splitlines() if line.strip()][-1:] or ["(no output)"]
         raise RunError(f"{folder}: the {stage} run failed (exit {p.returncode}): {last[0]}")
     return json.loads((folder / "summary.json").read_text())
+
+
+def stop_child(p, grace: float = 10.0, patience: float = 60.0) -> None:
+    """Stop a run's process `p` the way it can clean up after: it usually got the same signal (a
+    terminal's Ctrl-C, a job's SIGTERM to its process group) and is given `grace` seconds to stop by
+    itself; otherwise it gets one SIGTERM (a second would end it at once: rlhf.cli) and `patience`
+    seconds to mark its folder and exit, and is killed only after that. (subprocess.run killed it
+    outright, leaving its folder unmarked.)"""
+    import subprocess
+
+    for wait, then in ((grace, p.terminate), (patience, p.kill)):
+        try:
+            p.communicate(timeout=wait)  # (reads its pipes: a child blocked writing to them stops too)
+            return
+        except subprocess.TimeoutExpired:
+            then()
+    p.communicate()
 
 
 def write_comparison(root: Path, cfg: CompareConfig, results: list[dict], runs: dict) -> dict:
