@@ -33,7 +33,8 @@ from ..errors import RunError
 from ..engine import (compute_dtype, frozen_placement, gathered_params, is_deepspeed, make_optimizer, make_scheduler,
                       prepare_frozen, run_autocast, zero_stage)
 from ..flops import count_flop_params, count_head_params
-from ..models import compile_blocks, disable_dropout, load_causal_lm, outside_zero3_init, rng_fork, unwrap
+from ..models import (compile_blocks, count_parameters, disable_dropout, load_causal_lm, outside_zero3_init, rng_fork,
+                      unwrap)
 from ..rewards import RewardModel
 from ..value import load_value_model
 
@@ -138,7 +139,7 @@ def compile_pays_here(cfg: PPOConfig, acc, policy: nn.Module) -> bool:
     parameters, and a torch that can compile here (dynamo supported, inductor's C++ compiler found)."""
     if acc.device.type != "cpu" or is_deepspeed(acc) or cfg.model.lora.enabled or cfg.model.gradient_checkpointing:
         return False
-    if sum(p.numel() for p in unwrap(policy).parameters()) < AUTO_COMPILE_MIN_PARAMS:
+    if count_parameters(unwrap(policy)) < AUTO_COMPILE_MIN_PARAMS:
         return False
     try:
         import torch._dynamo
