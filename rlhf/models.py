@@ -289,8 +289,8 @@ def is_bidirectional(config) -> bool:
 def causal_lm_problem(config) -> str | None:
     """Why a model of this config cannot be a policy here, or None: an encoder-decoder or an
     encoder (it would read the tokens it predicts: a low loss, and garbage when sampled), no causal
-    LM class, or a recurrent state in place of a KV cache (Mamba: sampling, which
-    hands each step the last one's cache, would run each step without the state)."""
+    LM class, or a recurrent state that rlhf's sampling does not carry (:data:`RECURRENT_TYPES`: Mamba;
+    each step would run without the state)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     kind = f"model type '{getattr(config, 'model_type', '?')}'"
@@ -307,10 +307,14 @@ def causal_lm_problem(config) -> str | None:
     return None
 
 
-RECURRENT_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma"})
-"""State-space and recurrent causal LMs: rlhf's decoding loop hands each step the cache the last
-one returned, which for these (transformers 5.25) does not carry the state: a cached step's logits
-differ from a full forward's by ~0.8 on a random Mamba, against 3e-8 for Llama."""
+RECURRENT_TYPES = frozenset({"mamba", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma"})
+"""Recurrent causal LMs whose state rlhf's decoding loop does not carry (transformers 5.25). The loop
+hands each step the cache the last one returned and the whole attention mask so far; Mamba's and
+Falcon-Mamba's decoding step reads that mask as its own (transformers' generate passes none after
+the first step), and a cached step's log-probs differ from a full forward's by 0.1-0.4 on a random
+model, against 5e-7 for Llama. RWKV, xLSTM and RecurrentGemma are not verified. Hybrid
+attention/state-space decoders (Jamba, Bamba, Zamba, Falcon-H1, Granite 4, Nemotron-H, LFM2,
+Qwen3-Next) and Mamba-2 decode as a full forward reads (tests/test_models.py)."""
 
 
 def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):

@@ -202,3 +202,65 @@ def test_lora_without_targets_on_a_model_peft_has_no_defaults_for_names_its_line
     with pytest.raises(ModelError, match=r"peft knows no default modules to adapt in model type 'phi3'; name them "
                                          r"\(its linear layers: down_proj, gate_up_proj, lm_head, o_proj, qkv_proj\)"):
         add_lora(AutoModelForCausalLM.from_config(cfg), mc)
+
+
+HYBRID_ARCHS = {  # (small configs; chunk_size < the 13 tokens sampled, so the SSMs' chunked scans cross chunks)
+    "jamba": dict(num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=1, num_experts=2, mamba_dt_rank=4, mamba_d_state=8),
+    "bamba": dict(num_hidden_layers=2, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8,
+                  mamba_chunk_size=4),
+    "falcon_h1": dict(num_hidden_layers=2, head_dim=16, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16,
+                      mamba_d_state=8, mamba_chunk_size=4),
+    "granitemoehybrid": dict(num_hidden_layers=2, layer_types=["mamba", "attention"], mamba_n_heads=8,
+                             mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4, num_local_experts=2,
+                             num_experts_per_tok=1, shared_intermediate_size=32),
+    "nemotron_h": dict(layers_block_type=["linear_attention", "full_attention", "mlp"], head_dim=16, mamba_num_heads=8,
+                       mamba_head_dim=16, n_groups=1, ssm_state_size=8, chunk_size=4),
+    "zamba": dict(num_hidden_layers=6, attention_hidden_size=128, attention_head_dim=32, n_mamba_heads=2, mamba_dt_rank=4, attn_layer_period=3, attn_layer_offset=2),
+    "lfm2": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]),
+    "qwen3_next": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], head_dim=16,
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                       linear_value_head_dim=16, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32),
+    "mamba2": dict(num_hidden_layers=2, num_heads=8, head_dim=16, state_size=8, n_groups=1, chunk_size=4),
+}
+
+
+REFUSED_RECURRENT_ARCHS = {"mamba": dict(num_hidden_layers=2, state_size=8),
+                           "falcon_mamba": dict(num_hidden_layers=2, state_size=8)}
+
+
+@pytest.mark.parametrize("model_type", sorted(HYBRID_ARCHS) + sorted(REFUSED_RECURRENT_ARCHS))
+def test_hybrid_and_state_space_decoders_sample_what_a_full_forward_reads(model_type):
+    """Hybrid attention / state-space decoders (Jamba, Bamba, Zamba, Falcon-H1, Granite 4, Nemotron-H,
+    LFM2's short convolutions, Qwen3-Next's gated DeltaNet) and Mamba-2 carry their recurrent state in
+    transformers' cache: rlhf's cached sampling gives each token the log-prob a full forward gives it,
+    and a left-padded row decodes as it does alone. Plain Mamba and Falcon-Mamba do not (their
+    decoding step reads the whole attention mask as the step's own; transformers' own generate passes
+    none): they stay refused (models.RECURRENT_TYPES), and this test says when that can be lifted."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf.models import causal_lm_problem
+    from rlhf.rollout import generate, response_logprobs
+
+    refused = model_type in REFUSED_RECURRENT_ARCHS
+    arch = (REFUSED_RECURRENT_ARCHS if refused else HYBRID_ARCHS)[model_type]
+    cfg = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, intermediate_size=128,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               pad_token_id=0, eos_token_id=1, bos_token_id=2, **arch)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    kw = dict(eos_token_id=10**6, pad_token_id=0, max_new_tokens=6, greedy=True, return_logprobs=True)  # (no EOS)
+    g = generate(model, prompts, **kw)
+    ids = torch.cat([g.prompt_ids, g.response_ids], 1)
+    full = response_logprobs(model, ids, torch.cat([g.prompt_mask, g.response_mask], 1), 6)
+    gap = (full - g.logprobs).abs().max()
+    if refused:
+        assert causal_lm_problem(cfg) is not None and gap > 1e-2, f"{model_type} now decodes right: lift its refusal"
+        return
+    assert causal_lm_problem(cfg) is None
+    assert gap < 1e-4, f"{model_type}: a cached step's log-prob differs from a full forward's by {gap:.3g}"
+    alone = generate(model, prompts[1:], **kw)  # (the short row, left-padded in the batch)
+    assert torch.equal(alone.response_ids, g.response_ids[1:])
+    assert torch.allclose(alone.logprobs, g.logprobs[1:], atol=1e-5)
