@@ -310,9 +310,10 @@ def causal_lm_problem(config) -> str | None:
 RECURRENT_TYPES = frozenset({"mamba", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma"})
 """Recurrent causal LMs whose state rlhf's decoding loop does not carry (transformers 5.25). The loop
 hands each step the cache the last one returned and the whole attention mask so far; Mamba's and
-Falcon-Mamba's decoding step reads that mask as its own (transformers' generate passes none after
-the first step), and a cached step's log-probs differ from a full forward's by 0.1-0.4 on a random
-model, against 5e-7 for Llama. RWKV, xLSTM and RecurrentGemma are not verified. Hybrid
+Falcon-Mamba's decoding step reads that mask as its own, and a cached step's log-probs differ from
+a full forward's by 0.1-0.4 on a random model, against 5e-7 for Llama. (transformers' generate
+passes them no mask after the first step, and so given they decode right, to 5e-7: lifting their
+refusal would take that special case in rollout.generate.) RWKV, xLSTM and RecurrentGemma are not verified. Hybrid
 attention/state-space decoders (Jamba, Bamba, Zamba, Falcon-H1, Granite 4, Nemotron-H, LFM2,
 Qwen3-Next) and Mamba-2 decode as a full forward reads (tests/test_models.py)."""
 
