@@ -289,8 +289,8 @@ def is_bidirectional(config) -> bool:
 def causal_lm_problem(config) -> str | None:
     """Why a model of this config cannot be a policy here, or None: an encoder-decoder or an
     encoder (it would read the tokens it predicts: a low loss, and garbage when sampled), no causal
-    LM class, or a recurrent state that rlhf's sampling does not carry (:data:`RECURRENT_TYPES`: Mamba;
-    each step would run without the state)."""
+    LM class, or a recurrent model not verified to decode right with rlhf's sampling
+    (:data:`RECURRENT_TYPES`: RWKV, xLSTM, RecurrentGemma)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     kind = f"model type '{getattr(config, 'model_type', '?')}'"
@@ -302,20 +302,18 @@ def causal_lm_problem(config) -> str | None:
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         return f"{kind} has no causal LM class in transformers (AutoModelForCausalLM)"
     if getattr(config, "model_type", None) in RECURRENT_TYPES:
-        return (f"{kind} keeps a recurrent state instead of a KV cache, which rlhf's sampling does not carry (each "
-                f"step would start without it: garbage samples); use a transformer decoder")
+        return (f"{kind} keeps a recurrent state that rlhf's sampling is not verified to carry (each step could "
+                f"start without it: garbage samples); use a transformer, hybrid or Mamba decoder")
     return None
 
 
-RECURRENT_TYPES = frozenset({"mamba", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma"})
-"""Recurrent causal LMs whose state rlhf's decoding loop does not carry (transformers 5.25). The loop
-hands each step the cache the last one returned and the whole attention mask so far; Mamba's and
-Falcon-Mamba's decoding step reads that mask as its own, and a cached step's log-probs differ from
-a full forward's by 0.1-0.4 on a random model, against 5e-7 for Llama. (transformers' generate
-passes them no mask after the first step, and so given they decode right, to 5e-7: lifting their
-refusal would take that special case in rollout.generate.) RWKV, xLSTM and RecurrentGemma are not verified. Hybrid
+RECURRENT_TYPES = frozenset({"rwkv", "xlstm", "recurrent_gemma"})
+"""Recurrent causal LMs not verified to decode right with rlhf's loop, which hands each step the
+cache the last one returned (transformers 5.25). Verified (tests/test_models.py: each sampled
+token's log-prob equals a full forward's, left-padded rows decode as alone): Mamba, Falcon-Mamba
+(given no mask at a decoding step, rollout.MASKLESS_DECODE_TYPES), Mamba-2, and the hybrid
 attention/state-space decoders (Jamba, Bamba, Zamba, Falcon-H1, Granite 4, Nemotron-H, LFM2,
-Qwen3-Next) and Mamba-2 decode as a full forward reads (tests/test_models.py)."""
+Qwen3-Next)."""
 
 
 def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):

@@ -206,6 +206,21 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+MASKLESS_DECODE_TYPES = frozenset({"mamba", "falcon_mamba"})
+"""Model types whose cached decoding step must get no attention mask: they multiply the step's
+input by the mask, so the whole mask so far turns one token into many (a cached step's log-probs
+then differ from a full forward's by 0.1-0.4 nats). transformers' own generate passes them none
+after the first step. Left padding needs none there: the prefill masks it out of the state."""
+
+
+def decodes_without_mask(model) -> bool:
+    """Whether `model` (DDP / DeepSpeed / peft wrappers allowed) is of :data:`MASKLESS_DECODE_TYPES`."""
+    from .models import unwrap
+
+    config = getattr(unwrap(model), "config", None)
+    return getattr(config, "model_type", None) in MASKLESS_DECODE_TYPES
+
+
 def _cache_of(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
@@ -266,6 +281,7 @@ def _generate(model, prompts, eos_token_id, pad_token_id, generator, device, syn
     bsz = ids.shape[0]
     pos = position_ids_from_mask(mask)
     cache_kw = _cache_kwarg(model)
+    maskless = decodes_without_mask(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache, logits = _cache_of(out), out.logits[:, -1, :].float()
     responses = torch.full((bsz, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -291,8 +307,8 @@ def _generate(model, prompts, eos_token_id, pad_token_id, generator, device, syn
             break
         mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=device)], dim=1)
         with FewRowsLinear() if few_rows else contextlib.nullcontext():  # one row per sequence: few_rows_linear
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
-                        **{cache_kw: cache})
+            out = model(input_ids=token[:, None], attention_mask=None if maskless else mask, position_ids=next_pos,
+                        use_cache=True, **{cache_kw: cache})
         cache, logits = _cache_of(out), out.logits[:, -1, :].float()
         next_pos = next_pos + 1
     responses = responses[:, :steps]
