@@ -667,6 +667,13 @@ def test_packing_is_refused_for_a_model_that_lets_packed_examples_mix(tiny_lm):
     feats = [([5, 6, 7, 8], [-100, 6, 7, 8]), ([9, 10, 11], [-100, 10, 11]), ([12, 13], [-100, 13])]
     with pytest.raises(RunError, match="packing: true.*set packing: false"):
         check_packed_attention(IgnoresPacking(tiny_lm), feats, 0, "cpu")
+    from transformers import AutoConfig, AutoModelForCausalLM  # a state-space model carries its state across
+
+    torch.manual_seed(0)
+    mamba = AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", vocab_size=32, hidden_size=32,
+                                                                  num_hidden_layers=2, state_size=8))
+    with pytest.raises(RunError, match="state-space layers carry their state"):
+        check_packed_attention(mamba, feats, 0, "cpu")
 
 
 

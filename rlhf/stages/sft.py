@@ -86,8 +86,9 @@ def pack(feats: list[tuple[list[int], list[int]]], max_length: int) -> list[tupl
 @torch.no_grad()
 def check_packed_attention(model, feats: list[tuple[list[int], list[int]]], pad_id: int, device,
                            flatten: bool = False) -> None:
-    """Refuse `packing: true` for a model whose attention does not keep packed examples apart
-    (an attention implementation or remote code that ignores packed position ids). Run on the
+    """Refuse `packing: true` for a model that does not keep packed examples apart (an attention
+    implementation or remote code that ignores packed position ids; state-space layers, Mamba and
+    the hybrids, whose state runs on from one example into the next). Run on the
     prepared model, on the training device, through the training path (:func:`sft_inputs`): a
     micro-batch of two rows, the first packing two examples, the second padded; the logits of the
     second example must be those of it alone, to rounding: closer to them by 10x than the logits
@@ -104,9 +105,10 @@ def check_packed_attention(model, feats: list[tuple[list[int], list[int]]], pad_
     model.train(was_training)
     err, leak = (packed - alone).abs().max().item(), (crossed - alone).abs().max().item()
     if not err <= 0.1 * leak:
-        raise RunError(f"recipe: packing: true, but this model's attention lets packed examples see each other "
-                       f"(logits of a packed example off by {err:.3g}; {leak:.3g} with no boundary at all): its "
-                       f"attention implementation ignores packed position ids; set packing: false")
+        raise RunError(f"recipe: packing: true, but this model lets packed examples see each other (logits of a "
+                       f"packed example off by {err:.3g}; {leak:.3g} with no boundary at all): its attention "
+                       f"implementation ignores packed position ids, or its state-space layers carry their state "
+                       f"from one example into the next; set packing: false")
 
 
 def flash_attention(model) -> bool:
