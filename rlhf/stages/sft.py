@@ -87,14 +87,18 @@ def pack(feats: list[tuple[list[int], list[int]]], max_length: int) -> list[tupl
 def check_packed_attention(model, feats: list[tuple[list[int], list[int]]], pad_id: int, device,
                            flatten: bool = False) -> None:
     """Refuse `packing: true` for a model that does not keep packed examples apart (an attention
-    implementation or remote code that ignores packed position ids; state-space layers whose state
-    runs on from one example into the next: Mamba, Mamba-2, Bamba, Zamba, Granite 4, Nemotron-H,
-    Qwen3-Next). Jamba, Falcon-H1 and LFM2 pass it although their state leaks (~1e-3 of the logits
-    on a random model, against ~0.3 with no boundary): do not pack for those. Run on the
+    implementation or remote code that ignores packed position ids), or one with convolution or
+    state-space layers (:func:`mixes_tokens_by_convolution`: their state runs on from one example
+    into the next; in Jamba, Falcon-H1 and LFM2 by only ~1e-3 of the logits on a random model,
+    which the comparison below would let through). Run on the
     prepared model, on the training device, through the training path (:func:`sft_inputs`): a
     micro-batch of two rows, the first packing two examples, the second padded; the logits of the
     second example must be those of it alone, to rounding: closer to them by 10x than the logits
     with the boundary ignored (an all-ones mask)."""
+    if mixes_tokens_by_convolution(model):
+        raise RunError("recipe: packing: true, but this model has convolution / state-space layers (Mamba, hybrid "
+                       "or short-convolution decoders), which carry their state from one packed example into the "
+                       "next; set packing: false")
     a, b = feats[0][0], feats[1][0]
     rows = pack(feats[:2], len(a) + len(b)) + pack(feats[2:3] or feats[:1], len(a) + len(b))
     inputs, _ = sft_inputs(rows, pad_id, device, flatten)
@@ -111,6 +115,13 @@ def check_packed_attention(model, feats: list[tuple[list[int], list[int]]], pad_
                        f"packed example off by {err:.3g}; {leak:.3g} with no boundary at all): its attention "
                        f"implementation ignores packed position ids, or its state-space layers carry their state "
                        f"from one example into the next; set packing: false")
+
+
+def mixes_tokens_by_convolution(model) -> bool:
+    """Whether `model` has a 1-D convolution over the sequence (``nn.Conv1d``: the causal convolution
+    of Mamba, Mamba-2 and the hybrids' state-space layers, LFM2's short convolutions, Qwen3-Next's
+    gated DeltaNet). GPT-2's ``Conv1D`` is a linear layer, not one of these."""
+    return any(isinstance(m, torch.nn.Conv1d) for m in model.modules())
 
 
 def flash_attention(model) -> bool:
