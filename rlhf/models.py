@@ -316,6 +316,13 @@ attention/state-space decoders (Jamba, Bamba, Zamba, Falcon-H1, Granite 4, Nemot
 Qwen3-Next)."""
 
 
+def mixes_tokens_by_convolution(model) -> bool:
+    """Whether `model` has a 1-D convolution over the sequence (``nn.Conv1d``: the causal convolution
+    of Mamba, Mamba-2 and the hybrids' state-space layers, LFM2's short convolutions, Qwen3-Next's
+    gated DeltaNet). GPT-2's ``Conv1D`` is a linear layer, not one of these."""
+    return any(isinstance(m, torch.nn.Conv1d) for m in model.modules())
+
+
 def load_causal_lm(cfg: ModelConfig, tok, seed: int | None = None):
     """The policy: from_pretrained (local/hub/GGUF) or from_config (random init, seeded)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -33,7 +33,7 @@ from ..faults import fault_point_step, inject_fault
 from ..evaluate import gold_accuracy, gold_examples
 from ..cpu_linear import apply_onednn_linear, check_onednn_linear
 from ..models import (check_policy_model, check_positions, count_parameters, load_causal_lm, load_tokenizer,
-                      save_model_files, unwrap)
+                      mixes_tokens_by_convolution, save_model_files, unwrap)
 from ..rollout import right_pad
 from ..tokenization import IGNORE_INDEX, collate_sft, encode_prompt, encode_sft
 
@@ -88,10 +88,10 @@ def check_packed_attention(model, feats: list[tuple[list[int], list[int]]], pad_
                            flatten: bool = False) -> None:
     """Refuse `packing: true` for a model that does not keep packed examples apart (an attention
     implementation or remote code that ignores packed position ids), or one with convolution or
-    state-space layers (:func:`mixes_tokens_by_convolution`: their state runs on from one example
-    into the next; in Jamba, Falcon-H1 and LFM2 by only ~1e-3 of the logits on a random model,
-    which the comparison below would let through). Run on the
-    prepared model, on the training device, through the training path (:func:`sft_inputs`): a
+    state-space layers (:func:`rlhf.models.mixes_tokens_by_convolution`: their state runs on from
+    one example into the next; in Jamba, Falcon-H1 and LFM2 by only ~1e-3 of the logits on a random
+    model, which the comparison below would let through). Run on the prepared model, on the
+    training device, through the training path (:func:`sft_inputs`): a
     micro-batch of two rows, the first packing two examples, the second padded; the logits of the
     second example must be those of it alone, to rounding: closer to them by 10x than the logits
     with the boundary ignored (an all-ones mask)."""
@@ -115,13 +115,6 @@ def check_packed_attention(model, feats: list[tuple[list[int], list[int]]], pad_
                        f"packed example off by {err:.3g}; {leak:.3g} with no boundary at all): its attention "
                        f"implementation ignores packed position ids, or its state-space layers carry their state "
                        f"from one example into the next; set packing: false")
-
-
-def mixes_tokens_by_convolution(model) -> bool:
-    """Whether `model` has a 1-D convolution over the sequence (``nn.Conv1d``: the causal convolution
-    of Mamba, Mamba-2 and the hybrids' state-space layers, LFM2's short convolutions, Qwen3-Next's
-    gated DeltaNet). GPT-2's ``Conv1D`` is a linear layer, not one of these."""
-    return any(isinstance(m, torch.nn.Conv1d) for m in model.modules())
 
 
 def flash_attention(model) -> bool:
