@@ -677,6 +677,14 @@ def test_packing_is_refused_for_a_model_that_lets_packed_examples_mix(tiny_lm):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **small, **arch))
         with pytest.raises(RunError, match="convolution / state-space layers.*set packing: false"):
             check_packed_attention(model, feats, 0, "cpu")
+    # MiniMax's lightning (linear) attention has no convolution, and carries its state across too: the
+    # logit comparison refuses it (a packed example off by 0.0103 against 0.0128 with no boundary)
+    cfg = AutoConfig.for_model("minimax", **small, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                               layer_types=["linear_attention", "full_attention"])
+    torch.manual_seed(0)
+    with pytest.raises(RunError, match="lets packed examples see each other.*set packing: false"):
+        check_packed_attention(AutoModelForCausalLM.from_config(cfg), feats, 0, "cpu")
 
 
 

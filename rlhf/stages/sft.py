@@ -113,8 +113,8 @@ def check_packed_attention(model, feats: list[tuple[list[int], list[int]]], pad_
     if not err <= 0.1 * leak:
         raise RunError(f"recipe: packing: true, but this model lets packed examples see each other (logits of a "
                        f"packed example off by {err:.3g}; {leak:.3g} with no boundary at all): its attention "
-                       f"implementation ignores packed position ids, or its state-space layers carry their state "
-                       f"from one example into the next; set packing: false")
+                       f"implementation ignores packed position ids, or its state-space / linear-attention layers "
+                       f"carry their state from one example into the next; set packing: false")
 
 
 def flash_attention(model) -> bool:
