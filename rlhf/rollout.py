@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from .algos.core import token_logprobs
 from .cpu_linear import mkl_below_peak_here
-from .models import eager_blocks
+from .models import eager_blocks, unwrap
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,8 +197,6 @@ def _cache_kwarg(model) -> str:
     """transformers >= 5.x names the KV cache argument `cache`; older releases `past_key_values`."""
     import inspect
 
-    from .models import unwrap
-
     model = unwrap(model)
     if hasattr(model, "get_base_model"):  # peft wraps forward(**kwargs)
         model = model.get_base_model()
@@ -215,8 +213,6 @@ after the first step. Left padding needs none there: the prefill masks it out of
 
 def decodes_without_mask(model) -> bool:
     """Whether `model` (DDP / DeepSpeed / peft wrappers allowed) is of :data:`MASKLESS_DECODE_TYPES`."""
-    from .models import unwrap
-
     config = getattr(unwrap(model), "config", None)
     return getattr(config, "model_type", None) in MASKLESS_DECODE_TYPES
 
